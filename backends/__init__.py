@@ -1,0 +1,1 @@
+"""Built-in storage and clock plugins."""

@@ -1,0 +1,376 @@
+"""Storage in a local or shared directory: ``/path``, ``~/path`` or ``file:///path``.
+
+Key ``a/b/c`` is the file ``<root>/a/b/c``. Every write goes to a temp file in
+the key's directory, is fsynced, renamed over the key, and then the directory is
+fsynced so that the rename survives a crash too. All the blocking work of one
+call runs in one worker thread: chaining async file calls costs a thread hop per
+call, several times the price of a small durable write.
+
+``put_if_absent`` links a finished temp file to the key (``link`` fails if the
+key exists, atomically, in every process). ``compare_and_set`` holds an
+exclusive ``flock`` on a per-key lock file while it reads and replaces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import os
+import secrets
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
+
+from ray_workflows.exceptions import StorageError
+from ray_workflows.storage import Storage, check_key, check_prefix
+
+_T = TypeVar("_T")
+
+# Names the backend keeps for itself: temp files and the lock directory. ``list``
+# skips them and keys may not use them, so no user key can ever collide with one.
+_RESERVED = ".rwf-"
+_TMP = _RESERVED + "tmp-"
+_LOCKS = _RESERVED + "locks"
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+# A concurrent delete_prefix may remove an empty directory between our mkdir and
+# our open; the writer recreates it a few times before giving up.
+_DIR_RETRIES = 5
+# Errors that mean "a key is also used as the directory of other keys".
+_LAYOUT_ERRORS = (NotADirectoryError, IsADirectoryError, FileExistsError)
+
+
+def _root_path(uri: str) -> str:
+    path = uri
+    if uri.startswith("file:"):
+        parts = urlsplit(uri)
+        if parts.netloc not in ("", "localhost"):
+            raise StorageError(
+                f"File storage URI {uri!r} names the host {parts.netloc!r}; use "
+                "'file:///absolute/path' (three slashes) or a bare path.",
+                uri=uri,
+            )
+        path = unquote(parts.path)
+        if not path:
+            raise StorageError(f"File storage URI {uri!r} has no path.", uri=uri)
+    # The registry caches instances by the URI as given, so a relative path is
+    # resolved once, against the working directory at open time.
+    return os.path.abspath(os.path.expanduser(path))
+
+
+class FileStorage(Storage):
+    scheme = "file"
+    shared = True
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(uri)
+        self._root = _root_path(uri)
+        self._lock_dir = os.path.join(self._root, _LOCKS)
+
+    @property
+    def root(self) -> str:
+        """The absolute directory that holds the keys."""
+        return self._root
+
+    async def get(self, key: str) -> bytes | None:
+        return await self._run("get", repr(key), _read, self._path(key))
+
+    async def put(self, key: str, data: bytes) -> None:
+        await self._run("put", repr(key), _replace, self._path(key), data)
+
+    async def put_many(self, items: Mapping[str, bytes]) -> None:
+        pairs = [(self._path(key), data) for key, data in items.items()]
+        if pairs:
+            what = f"of {len(pairs)} keys, the first {next(iter(items))!r}"
+            await self._run("put_many", what, _replace_many, pairs)
+
+    async def put_if_absent(self, key: str, data: bytes) -> bool:
+        return await self._run("put_if_absent", repr(key), _create, self._path(key), data)
+
+    async def compare_and_set(self, key: str, expected: bytes | None, data: bytes) -> bool:
+        path = self._path(key)
+        digest = hashlib.sha1(key.encode(), usedforsecurity=False).hexdigest()
+        lock = os.path.join(self._lock_dir, digest)
+        return await self._run(
+            "compare_and_set", repr(key), _compare_and_set, path, lock, expected, data
+        )
+
+    async def delete(self, key: str) -> bool:
+        return await self._run("delete", repr(key), _delete, self._path(key))
+
+    async def delete_prefix(self, prefix: str) -> int:
+        check_prefix(prefix)
+        return await self._run("delete_prefix", repr(prefix), _delete_prefix, self._root, prefix)
+
+    async def list(self, prefix: str = "") -> list[str]:
+        check_prefix(prefix)
+        return await self._run("list", repr(prefix), _list, self._root, prefix)
+
+    async def exists(self, key: str) -> bool:
+        return await self._run("exists", repr(key), os.path.isfile, self._path(key))
+
+    async def check(self) -> None:
+        try:
+            await asyncio.to_thread(_probe, self._root)
+        except OSError as exc:
+            raise StorageError(
+                f"File storage directory {self._root!r} cannot be created or written: {exc}",
+                uri=self._uri,
+                root=self._root,
+            ) from exc
+
+    def _path(self, key: str) -> str:
+        check_key(key)
+        if _RESERVED in key and any(part.startswith(_RESERVED) for part in key.split("/")):
+            raise ValueError(
+                f"storage key {key!r} has a segment starting with {_RESERVED!r}, "
+                "which the file storage reserves for its temp and lock files"
+            )
+        return os.path.join(self._root, key)
+
+    async def _run(self, op: str, what: str, fn: Callable[..., _T], *args: Any) -> _T:
+        # If the awaiting task is canceled the thread still finishes: a put that
+        # was started may land. Every write is atomic, so it lands whole or not at all.
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except OSError as exc:
+            hint = ""
+            if isinstance(exc, _LAYOUT_ERRORS):
+                hint = (
+                    " (in a file storage a key cannot also be a directory of other keys, "
+                    "such as 'a' and 'a/b')"
+                )
+            raise StorageError(
+                f"File storage {self._root!r}: {op} {what} failed: {exc}{hint}",
+                uri=self._uri,
+                root=self._root,
+                operation=op,
+            ) from exc
+
+
+# Everything below runs in a worker thread.
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return  # removed by a concurrent delete_prefix: nothing left to make durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _ensure_dir(path: str) -> None:
+    # New directory entries must be durable too, or a crash could lose a whole
+    # directory of files that were each fsynced.
+    missing: list[str] = []
+    head = path
+    while not os.path.isdir(head):
+        missing.append(head)
+        parent = os.path.dirname(head)
+        if parent == head:
+            break
+        head = parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory)
+        except FileExistsError:
+            if not os.path.isdir(directory):
+                raise
+        # Also when another writer won the mkdir: we must not return before the
+        # entry is durable, and we cannot know whether that writer got that far.
+        _fsync_dir(os.path.dirname(directory))
+
+
+def _open_temp(directory: str) -> tuple[int, str]:
+    # The directory is created on demand: the first write into it fails to open.
+    for attempt in range(_DIR_RETRIES):
+        tmp = os.path.join(directory, _TMP + secrets.token_hex(8))
+        try:
+            return os.open(tmp, _CREATE_FLAGS, 0o666), tmp
+        except FileNotFoundError:
+            if attempt == _DIR_RETRIES - 1:
+                raise
+        with contextlib.suppress(FileNotFoundError):
+            _ensure_dir(directory)
+    raise AssertionError("unreachable")
+
+
+def _write_temp(directory: str, data: bytes) -> str:
+    fd, tmp = _open_temp(directory)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        _unlink_quietly(tmp)
+        raise
+    os.close(fd)
+    return tmp
+
+
+def _unlink_quietly(path: str) -> None:
+    # Best effort: a leftover temp file is invisible to readers and listings.
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def _read(path: str) -> bytes | None:
+    try:
+        with open(path, "rb", buffering=0) as f:
+            return f.read()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+
+
+def _replace(path: str, data: bytes) -> None:
+    directory = os.path.dirname(path)
+    tmp = _write_temp(directory, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def _replace_many(pairs: list[tuple[str, bytes]]) -> None:
+    temps: list[str] = []
+    renamed = 0
+    try:
+        for path, data in pairs:
+            temps.append(_write_temp(os.path.dirname(path), data))
+        for tmp, (path, _) in zip(temps, pairs):
+            os.replace(tmp, path)
+            renamed += 1
+    finally:
+        for tmp in temps[renamed:]:
+            _unlink_quietly(tmp)
+    for directory in dict.fromkeys(os.path.dirname(path) for path, _ in pairs):
+        _fsync_dir(directory)
+
+
+def _create(path: str, data: bytes) -> bool:
+    # A cheap early answer for the common losing case; link() below decides.
+    if os.path.lexists(path):
+        return False
+    directory = os.path.dirname(path)
+    tmp = _write_temp(directory, data)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        _unlink_quietly(tmp)
+    _fsync_dir(directory)
+    return True
+
+
+@contextlib.contextmanager
+def _flocked(path: str) -> Iterator[None]:
+    # Lock files are never removed: unlinking one while another process waits
+    # on it would let a third process lock a fresh file and run concurrently.
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _compare_and_set(path: str, lock: str, expected: bytes | None, data: bytes) -> bool:
+    with _flocked(lock):
+        if expected is None:
+            # put_if_absent does not take the lock, so "absent" is decided by link().
+            return _create(path, data)
+        if _read(path) != expected:
+            return False
+        _replace(path, data)
+        return True
+
+
+def _delete(path: str) -> bool:
+    try:
+        os.unlink(path)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return False
+    _fsync_dir(os.path.dirname(path))
+    return True
+
+
+def _list(root: str, prefix: str) -> list[str]:
+    # Read only the deepest directory the prefix names: "w1/" opens w1 and never
+    # w10; "workflows/w" opens workflows and keeps the entries starting with "w".
+    head, _, tail = prefix.rpartition("/")
+    base = os.path.join(root, head) if head else root
+    try:
+        with os.scandir(base) as it:
+            entries = [e for e in it if e.name.startswith(tail)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    keys: list[str] = []
+    for entry in entries:
+        if not entry.name.startswith(_RESERVED):
+            _collect(entry, f"{head}/{entry.name}" if head else entry.name, keys)
+    keys.sort()
+    return keys
+
+
+def _collect(entry: os.DirEntry[str], key: str, keys: list[str]) -> None:
+    if entry.is_dir(follow_symlinks=False):
+        try:
+            with os.scandir(entry.path) as it:
+                children = list(it)
+        except (FileNotFoundError, NotADirectoryError):
+            return  # removed while we walked
+        for child in children:
+            if not child.name.startswith(_RESERVED):
+                _collect(child, f"{key}/{child.name}", keys)
+    elif entry.is_file():
+        keys.append(key)
+
+
+def _delete_prefix(root: str, prefix: str) -> int:
+    removed = 0
+    directories: set[str] = set()
+    for key in _list(root, prefix):
+        path = os.path.join(root, key)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            continue  # a concurrent delete got there first
+        removed += 1
+        directories.add(os.path.dirname(path))
+    # Remove directories left empty, deepest first; one that is not empty (a
+    # concurrent writer, a stray temp file) stops the climb and is kept.
+    kept: set[str] = set()
+    for directory in sorted(directories, key=len, reverse=True):
+        while directory != root:
+            try:
+                os.rmdir(directory)
+            except OSError:
+                break
+            directory = os.path.dirname(directory)
+        kept.add(directory)
+    for directory in kept:
+        _fsync_dir(directory)
+    return removed
+
+
+def _probe(root: str) -> None:
+    _ensure_dir(root)
+    fd, tmp = _open_temp(root)
+    os.close(fd)
+    os.unlink(tmp)
+
+
+__all__ = ["FileStorage"]

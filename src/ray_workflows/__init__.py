@@ -1,0 +1,90 @@
+"""ray-workflows: durable task graphs for Ray.
+
+A drop-in for the ``ray.workflow`` module that Ray removed after 2.47::
+
+    import ray
+    import ray_workflows as workflow
+
+    @ray.remote
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    assert workflow.run(add.bind(100, add.bind(1, 0)), workflow_id="w1") == 101
+
+Every finished task's output is checkpointed; after a crash the workflow resumes
+from storage and no finished task runs again. Every call has an awaitable twin
+in :mod:`ray_workflows.aio`.
+"""
+
+from ray_workflows import aio, exceptions
+from ray_workflows.api import (
+    continuation,
+    create,
+    get_metadata,
+    get_output,
+    get_output_async,
+    get_status,
+    init,
+    list_all,
+    resume,
+    resume_async,
+    run,
+    run_async,
+)
+from ray_workflows.context import get_current_task_id, get_current_workflow_id
+from ray_workflows.exceptions import (
+    WorkflowCancellationError,
+    WorkflowError,
+    WorkflowExecutionError,
+    WorkflowNotFoundError,
+    WorkflowNotResumableError,
+    WorkflowStillActiveError,
+)
+from ray_workflows.options import options
+from ray_workflows.status import WorkflowStatus
+from ray_workflows.storage import Storage
+
+NONE = WorkflowStatus.NONE
+RUNNING = WorkflowStatus.RUNNING
+PENDING = WorkflowStatus.PENDING
+SUCCESSFUL = WorkflowStatus.SUCCESSFUL
+FAILED = WorkflowStatus.FAILED
+RESUMABLE = WorkflowStatus.RESUMABLE
+CANCELED = WorkflowStatus.CANCELED
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CANCELED",
+    "FAILED",
+    "NONE",
+    "PENDING",
+    "RESUMABLE",
+    "RUNNING",
+    "SUCCESSFUL",
+    "Storage",
+    "WorkflowCancellationError",
+    "WorkflowError",
+    "WorkflowExecutionError",
+    "WorkflowNotFoundError",
+    "WorkflowNotResumableError",
+    "WorkflowStatus",
+    "WorkflowStillActiveError",
+    "aio",
+    "continuation",
+    "create",
+    "exceptions",
+    "get_current_task_id",
+    "get_current_workflow_id",
+    "get_metadata",
+    "get_output",
+    "get_output_async",
+    "get_status",
+    "init",
+    "list_all",
+    "options",
+    "resume",
+    "resume_async",
+    "run",
+    "run_async",
+]

@@ -1,0 +1,161 @@
+"""Awaitable twins of the workflow API, for asyncio applications.
+
+Each function has the name and arguments of its blocking twin in
+``ray_workflows``; none of them blocks the event loop::
+
+    import ray_workflows as workflow
+
+    async def handler():
+        ref = await workflow.aio.run_async(dag, workflow_id="order-1")
+        status = await workflow.aio.get_status("order-1")
+        return await ref
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any
+
+from ray.exceptions import RayTaskError
+
+from ray_workflows import config
+from ray_workflows.ids import check_id, new_workflow_id
+from ray_workflows.options import check_metadata
+from ray_workflows.plan import Plan, compile_dag
+from ray_workflows.status import WorkflowStatus
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The workflow error inside Ray's ``RayTaskError`` wrapper, if there is one."""
+    if isinstance(exc, RayTaskError) and isinstance(exc.cause, BaseException):
+        return exc.cause
+    return exc
+
+
+async def get(ref: Any) -> Any:
+    """Await an ObjectRef from this API, raising workflow errors unwrapped."""
+    try:
+        return await ref
+    except RayTaskError as exc:
+        inner = unwrap(exc)
+        if inner is exc:
+            raise
+        raise inner from inner.__cause__
+
+
+def prepare(dag: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+            workflow_id: str | None, metadata: dict[str, Any] | None) -> tuple[str, Plan, dict[str, Any]]:
+    """Validate and compile a run request; raises before anything is stored."""
+    from ray.dag import DAGNode
+
+    if not isinstance(dag, DAGNode):
+        raise TypeError(
+            f"workflow.run() needs a Ray DAG built with .bind(), got {type(dag).__name__}: "
+            f"{dag!r:.80}. Replace fn.remote(...) with fn.bind(...)."
+        )
+    wid = new_workflow_id() if workflow_id is None else check_id(workflow_id)
+    return wid, compile_dag(dag, args, kwargs), check_metadata(metadata)
+
+
+async def run_async(dag: Any, *args: Any, workflow_id: str | None = None,
+                    metadata: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+    """Start a workflow; return the ``ray.ObjectRef`` of its output."""
+    wid, plan, md = await asyncio.to_thread(prepare, dag, args, kwargs, workflow_id, metadata)
+    handle = await config.manager()
+    return handle.run.remote(wid, plan, md)
+
+
+async def run(dag: Any, *args: Any, workflow_id: str | None = None,
+              metadata: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+    """Run a workflow to completion and return its output."""
+    ref = await run_async(dag, *args, workflow_id=workflow_id, metadata=metadata, **kwargs)
+    return await get(ref)
+
+
+async def resume_async(workflow_id: str) -> Any:
+    """Resume a stored workflow; return the ``ray.ObjectRef`` of its output."""
+    check_id(workflow_id)
+    handle = await config.manager()
+    return handle.resume.remote(workflow_id)
+
+
+async def resume(workflow_id: str) -> Any:
+    """Resume a stored workflow from its checkpoints and return its output."""
+    return await get(await resume_async(workflow_id))
+
+
+async def get_output_async(workflow_id: str, *, task_id: str | None = None,
+                           name: str | None = None) -> Any:
+    """The ``ray.ObjectRef`` of a workflow's output, or of one task's (``task_id``)."""
+    check_id(workflow_id)
+    task_id = task_id if task_id is not None else name
+    handle = await config.manager()
+    return handle.get_output.remote(workflow_id, task_id)
+
+
+async def get_output(workflow_id: str, *, task_id: str | None = None,
+                     name: str | None = None) -> Any:
+    """A workflow's output (waits while it runs), or one task's with ``task_id``."""
+    return await get(await get_output_async(workflow_id, task_id=task_id, name=name))
+
+
+async def get_status(workflow_id: str) -> WorkflowStatus:
+    """The workflow's status; raises ``WorkflowNotFoundError`` for an unknown id."""
+    check_id(workflow_id)
+    handle = await config.manager()
+    status: WorkflowStatus = await get(handle.get_status.remote(workflow_id))
+    return status
+
+
+async def get_metadata(workflow_id: str, task_id: str | None = None, *,
+                       name: str | None = None) -> dict[str, Any]:
+    """Metadata of a workflow (status, user_metadata, stats) or of one of its tasks."""
+    check_id(workflow_id)
+    task_id = task_id if task_id is not None else name
+    handle = await config.manager()
+    result: dict[str, Any] = await get(handle.get_metadata.remote(workflow_id, task_id))
+    return result
+
+
+def status_filter(value: Any) -> set[WorkflowStatus] | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, WorkflowStatus)):
+        value = {value}
+    if not isinstance(value, Iterable):
+        raise TypeError(f"status_filter must be a status, a str or a set of them, got {value!r}")
+    statuses = set()
+    for item in value:
+        try:
+            statuses.add(WorkflowStatus(item))
+        except ValueError:
+            raise ValueError(
+                f"Unknown workflow status {item!r}; valid ones are "
+                f"{[s.value for s in WorkflowStatus if s is not WorkflowStatus.NONE]}."
+            ) from None
+    if WorkflowStatus.NONE in statuses:
+        raise ValueError("list_all cannot filter on NONE: such workflows do not exist.")
+    return statuses
+
+
+async def list_all(status_filter: Any = None) -> list[tuple[str, WorkflowStatus]]:
+    """``(workflow_id, status)`` of every stored workflow, optionally filtered by status."""
+    statuses = globals()["status_filter"](status_filter)
+    handle = await config.manager()
+    result: list[tuple[str, WorkflowStatus]] = await get(handle.list_all.remote(statuses))
+    return result
+
+
+__all__ = [
+    "get",
+    "get_metadata",
+    "get_output",
+    "get_output_async",
+    "get_status",
+    "list_all",
+    "resume",
+    "resume_async",
+    "run",
+    "run_async",
+]

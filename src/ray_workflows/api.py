@@ -1,0 +1,173 @@
+"""The blocking workflow API; each call drives its twin in :mod:`ray_workflows.aio`
+through the bridge loop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+from ray.dag import DAGNode, FunctionNode
+
+from ray_workflows import aio, bridge, config
+from ray_workflows.status import WorkflowStatus
+from ray_workflows.worker import in_task
+
+
+def init(storage: str | None = None, *, max_running_workflows: int | None = None,
+         max_pending_workflows: int | None = None) -> None:
+    """Choose the storage (a path, ``file://``, ``memory://``, ``s3://...``) and start the
+    manager. Optional: the first workflow call initialises with the defaults.
+
+    >>> workflow.init("/mnt/shared/workflows")
+    """
+    for name, value, low in (("max_running_workflows", max_running_workflows, 1),
+                             ("max_pending_workflows", max_pending_workflows, 0)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise TypeError(f"{name} must be an int or None, got {value!r}")
+        if value is not None and value != -1 and value < low:
+            raise ValueError(f"{name} must be -1 (unlimited) or at least {low}, got {value}")
+    cfg = config.configure(storage, max_running_workflows=max_running_workflows,
+                           max_pending_workflows=max_pending_workflows)
+    bridge.run(config.manager(cfg))
+
+
+def run(dag: Any, *args: Any, workflow_id: str | None = None,
+        metadata: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+    """Run a workflow to completion and return its output.
+
+    ``args``/``kwargs`` feed the DAG's ``InputNode``. An id that is already stored
+    resumes that workflow (its stored DAG, not this one).
+
+    >>> workflow.run(add.bind(1, 2), workflow_id="sum-1")
+    3
+    """
+    return bridge.run(aio.run(dag, *args, workflow_id=workflow_id, metadata=metadata, **kwargs))
+
+
+def run_async(dag: Any, *args: Any, workflow_id: str | None = None,
+              metadata: dict[str, Any] | None = None, **kwargs: Any) -> ray.ObjectRef:
+    """Start a workflow and return a ``ray.ObjectRef`` of its output: ``ray.get(ref)``
+    or ``await ref``. Errors in the DAG or arguments raise here; failures while
+    running raise from the ref."""
+    ref: ray.ObjectRef = bridge.run(
+        aio.run_async(dag, *args, workflow_id=workflow_id, metadata=metadata, **kwargs))
+    return ref
+
+
+def resume(workflow_id: str) -> Any:
+    """Resume a stored workflow from its checkpoints and return its output."""
+    return bridge.run(aio.resume(workflow_id))
+
+
+def resume_async(workflow_id: str) -> ray.ObjectRef:
+    """Resume a stored workflow; return a ``ray.ObjectRef`` of its output."""
+    ref: ray.ObjectRef = bridge.run(aio.resume_async(workflow_id))
+    return ref
+
+
+def get_output(workflow_id: str, *, task_id: str | None = None, name: str | None = None) -> Any:
+    """The workflow's output (waits while it runs), or one task's with ``task_id``."""
+    return bridge.run(aio.get_output(workflow_id, task_id=task_id, name=name))
+
+
+def get_output_async(workflow_id: str, *, task_id: str | None = None,
+                     name: str | None = None) -> ray.ObjectRef:
+    """A ``ray.ObjectRef`` of the workflow's (or one task's) output."""
+    ref: ray.ObjectRef = bridge.run(aio.get_output_async(workflow_id, task_id=task_id, name=name))
+    return ref
+
+
+def get_status(workflow_id: str) -> WorkflowStatus:
+    """The workflow's status; ``WorkflowNotFoundError`` for an unknown id."""
+    return bridge.run(aio.get_status(workflow_id))
+
+
+def get_metadata(workflow_id: str, task_id: str | None = None, *,
+                 name: str | None = None) -> dict[str, Any]:
+    """Metadata of the workflow (``status``, ``user_metadata``, ``stats``) or of one task
+    (``task_options``, ``user_metadata``, ``stats``)."""
+    return bridge.run(aio.get_metadata(workflow_id, task_id, name=name))
+
+
+def list_all(status_filter: Any = None) -> list[tuple[str, WorkflowStatus]]:
+    """``(workflow_id, status)`` pairs, optionally only those with the given status(es)."""
+    return bridge.run(aio.list_all(status_filter))
+
+
+def continuation(dag_node: Any) -> Any:
+    """Return ``dag_node`` from a task to make it the task's result (a dynamic workflow).
+
+    Inside a workflow task it returns the DAG, which the engine runs in place of the
+    task. Anywhere else it runs the DAG with plain Ray and returns its value, so the
+    same function also works outside workflows.
+    """
+    if not isinstance(dag_node, DAGNode):
+        raise TypeError(f"continuation() needs a Ray DAG built with .bind(), got {dag_node!r}")
+    if in_task.get():
+        return dag_node
+    return ray.get(_execute_plain(dag_node))
+
+
+def _execute_plain(root: DAGNode) -> Any:
+    """Execute a DAG of FunctionNodes as plain Ray tasks (no durability)."""
+    refs: dict[str, Any] = {}
+    remotes: dict[int, Any] = {}
+    stack: list[tuple[DAGNode, bool]] = [(root, False)]
+    while stack:
+        node, ready = stack.pop()
+        uid = node.get_stable_uuid()
+        if uid in refs:
+            continue
+        if not isinstance(node, FunctionNode):
+            raise TypeError(f"continuation() outside a workflow supports function nodes only, "
+                            f"got {type(node).__name__}")
+        children = node._get_all_child_nodes()
+        if not ready:
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if c.get_stable_uuid() not in refs)
+            continue
+
+        def sub(value: Any) -> Any:
+            if isinstance(value, DAGNode):
+                return refs[value.get_stable_uuid()]
+            if isinstance(value, list):
+                return [sub(v) for v in value]
+            if isinstance(value, tuple):
+                return tuple(sub(v) for v in value)
+            if isinstance(value, dict):
+                return {k: sub(v) for k, v in value.items()}
+            return value
+
+        remote = remotes.get(id(node._body))
+        if remote is None:
+            remote = remotes[id(node._body)] = ray.remote(node._body)
+        opts = {k: v for k, v in node.get_options().items() if k != "_labels"}
+        call = remote.options(**opts) if opts else remote
+        refs[uid] = call.remote(*[sub(a) for a in node.get_args()],
+                                **{k: sub(v) for k, v in node.get_kwargs().items()})
+    return refs[root.get_stable_uuid()]
+
+
+class Workflow:
+    """``workflow.create(dag, *args, **kwargs)``: the 2.0-era handle with ``run``/``run_async``."""
+
+    def __init__(self, dag: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._dag, self._args, self._kwargs = dag, args, kwargs
+
+    def run(self, workflow_id: str | None = None, metadata: dict[str, Any] | None = None) -> Any:
+        return run(self._dag, *self._args, workflow_id=workflow_id, metadata=metadata,
+                   **self._kwargs)
+
+    def run_async(self, workflow_id: str | None = None,
+                  metadata: dict[str, Any] | None = None) -> ray.ObjectRef:
+        return run_async(self._dag, *self._args, workflow_id=workflow_id, metadata=metadata,
+                         **self._kwargs)
+
+
+def create(dag: Any, *args: Any, **kwargs: Any) -> Workflow:
+    """Wrap a DAG (and its inputs) as a runnable workflow: ``create(dag).run(workflow_id)``."""
+    return Workflow(dag, args, kwargs)
+
+
+__all__ = ["continuation", "create", "get_metadata", "get_output", "get_output_async",
+           "get_status", "init", "list_all", "resume", "resume_async", "run", "run_async"]

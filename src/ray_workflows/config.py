@@ -1,0 +1,118 @@
+"""Configuration: which storage, which Ray, which manager.
+
+The one place where environment variables are merged under explicit arguments:
+
+1. ``workflow.init(storage=...)``;
+2. else ``RAY_WORKFLOWS_STORAGE`` (or the older ``RAY_WORKFLOW_STORAGE``);
+3. else the local default, ``$XDG_DATA_HOME/ray-workflows`` (usually
+   ``~/.local/share/ray-workflows``): a directory that survives reboots, unlike
+   ``/tmp``. It only works on one machine; a multi-node cluster needs a shared
+   directory or S3.
+
+If Ray is not initialised, the first call starts a local Ray
+(``ray.init(address="local")``), or joins ``RAY_ADDRESS`` when that is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import threading
+from typing import Any
+
+import ray
+
+from ray_workflows.log import get_logger
+from ray_workflows.manager import NAMESPACE, actor_class, manager_name
+from ray_workflows.plugins import open_storage, storage_scheme
+
+ENV_STORAGE = "RAY_WORKFLOWS_STORAGE"
+LEGACY_ENV_STORAGE = "RAY_WORKFLOW_STORAGE"
+
+log = get_logger()
+
+
+def default_storage() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local",
+                                                            "share")
+    return os.path.join(base, "ray-workflows")
+
+
+def normalise_storage(uri: str) -> str:
+    """Absolute paths for file storage, so every process resolves the same directory."""
+    if storage_scheme(uri) == "file" and "://" not in uri:
+        return os.path.abspath(os.path.expanduser(uri))
+    return uri
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    storage: str
+    max_running_workflows: int | None = None
+    max_pending_workflows: int | None = None
+
+
+_lock = threading.Lock()
+_config: Config | None = None
+_managers: dict[str, Any] = {}
+
+
+def resolve_storage(storage: str | None) -> str:
+    if storage is None:
+        storage = (os.environ.get(ENV_STORAGE) or os.environ.get(LEGACY_ENV_STORAGE)
+                   or default_storage())
+    return normalise_storage(storage)
+
+
+def configure(storage: str | None = None, **limits: Any) -> Config:
+    """Set this process's configuration (``workflow.init``)."""
+    global _config
+    uri = resolve_storage(storage)
+    open_storage(uri)  # an unknown scheme fails here, before anything else happens
+    with _lock:
+        _config = Config(uri, **limits)
+        return _config
+
+
+def current() -> Config:
+    with _lock:
+        config = _config
+    return config if config is not None else configure()
+
+
+def ensure_ray() -> None:
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS") or "local"
+        log.info("ray.starting", address=address)
+        ray.init(address=address)
+
+
+async def manager(config: Config | None = None) -> Any:
+    """The manager actor for the configured storage, created on first use."""
+    config = config or current()
+    handle = _managers.get(config.storage)
+    if handle is not None:
+        return handle
+    await asyncio.to_thread(ensure_ray)
+    handle = actor_class().options(
+        name=manager_name(config.storage),
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        num_cpus=0,
+        max_concurrency=100_000,
+        max_restarts=-1,
+    ).remote(config.storage)
+    await handle.ready.remote()
+    _managers[config.storage] = handle
+    return handle
+
+
+def forget_managers() -> None:
+    """Drop cached manager handles (after ``ray.shutdown``, or in tests)."""
+    _managers.clear()
+
+
+__all__ = ["ENV_STORAGE", "Config", "configure", "current", "default_storage", "ensure_ray",
+           "forget_managers", "manager", "normalise_storage", "resolve_storage"]

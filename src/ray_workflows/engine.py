@@ -1,0 +1,425 @@
+"""The Engine: every workflow of one storage, driven on one event loop.
+
+The Engine is plain asyncio over a :class:`WorkflowStore` and an
+:class:`Executor`. It does not know where it lives: the manager actor hosts one
+(so workflows outlive the driver that started them), and tests or an asyncio web
+service can run one in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from typing import Any
+
+import ray
+
+from ray_workflows import serialization
+from ray_workflows.exceptions import (
+    CheckpointError,
+    TaskNotFoundError,
+    WorkflowAlreadyRunningError,
+    WorkflowCancellationError,
+    WorkflowError,
+    WorkflowExecutionError,
+    WorkflowNotFoundError,
+    WorkflowNotResumableError,
+)
+from ray_workflows.ids import IdAllocator
+from ray_workflows.log import get_logger
+from ray_workflows.options import check_metadata
+from ray_workflows.plan import Plan, TaskSpec
+from ray_workflows.scheduler import WorkflowRun
+from ray_workflows.status import WorkflowStatus
+from ray_workflows.storage import Storage
+from ray_workflows.store import WorkflowStore, task_key
+from ray_workflows.worker import execute_task, load_output, save_objects
+
+log = get_logger()
+
+
+class Executor:
+    """Submits task attempts and helper tasks to Ray."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self._execute = ray.remote(num_returns=2, max_retries=0)(execute_task)
+        self._load = ray.remote(num_cpus=0, max_retries=3)(load_output)
+        self._save = ray.remote(num_cpus=0, max_retries=3)(save_objects)
+        self._records: dict[str, bytes] = {}
+
+    def submit(self, call: Any, func_ref: Any, values: list[Any], ray_options: dict[str, Any]
+               ) -> tuple[Any, Any]:
+        remote = self._execute.options(**ray_options) if ray_options else self._execute
+        receipt, value = remote.remote(call, func_ref, *values)
+        return receipt, value
+
+    def preload(self, key: str, record: bytes) -> None:
+        """Hand over a record for a storage the helper tasks cannot read themselves."""
+        self._records[key] = record
+
+    def load(self, workflow_id: str, key: str) -> Any:
+        record = None if self.storage.shared else self._records.get(key)
+        return self._load.remote(self.storage, workflow_id, record, key)
+
+    async def save_objects(self, workflow_id: str, refs: list[Any]) -> list[str]:
+        keys, writes = await self._save.remote(self.storage, workflow_id, refs)
+        if writes:
+            await self.storage.put_many(writes)
+        return list(keys)
+
+
+class Engine:
+    """Runs and tracks the workflows of one storage."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self.store = WorkflowStore(storage)
+        self.executor = Executor(storage)
+        self.runs: dict[str, WorkflowRun] = {}
+        self._finished: dict[str, asyncio.Future[Any]] = {}
+        self._drivers: set[asyncio.Task[None]] = set()
+
+    # -- starting ---------------------------------------------------------------
+    async def start(self, workflow_id: str, plan: Plan, metadata: dict[str, Any] | None = None
+                    ) -> asyncio.Future[Any]:
+        """Store and start a new workflow, or resume the stored one of that id.
+
+        Returns a future of the output's ObjectRef. Raises before anything is
+        stored if the workflow is live here.
+        """
+        if workflow_id in self.runs:
+            raise WorkflowAlreadyRunningError(
+                f"Workflow {workflow_id!r} is already running; use workflow.get_output("
+                f"{workflow_id!r}) to wait for it.", workflow_id=workflow_id)
+        user_metadata = check_metadata(metadata)
+        stored = plan
+        if any(spec.arg_refs for spec in plan.tasks.values()):
+            stored = await self._checkpoint_args(workflow_id, plan)
+        if not await self.store.create(workflow_id, stored):
+            log.info("workflow.exists_resuming", workflow_id=workflow_id,
+                     note="a workflow with this id is stored; resuming it, not the new DAG")
+            return await self.resume(workflow_id, existing_ok=True)
+        meta = {
+            "status": WorkflowStatus.RUNNING.value,
+            "user_metadata": user_metadata,
+            "output_task_id": plan.output_task_id,
+            "start_time": time.time(),
+        }
+        await self.store.write_meta(workflow_id, meta, None)
+        run = WorkflowRun(workflow_id, self.store, self.executor, plan.output_task_id,
+                          IdAllocator(plan.counters))
+        run.add_plan(plan)
+        log.info("workflow.started", workflow_id=workflow_id, tasks=len(plan.tasks))
+        return self._launch(run, meta)
+
+    async def _checkpoint_args(self, workflow_id: str, plan: Plan) -> Plan:
+        specs = list(plan.tasks.values())
+        refs = [ref for spec in specs for ref in spec.arg_refs]
+        keys = iter(await self.executor.save_objects(workflow_id, refs))
+        tasks = {}
+        for spec in specs:
+            spec.arg_keys = [next(keys) for _ in spec.arg_refs]
+            tasks[spec.task_id] = dataclasses.replace(spec, arg_refs=spec.arg_keys, arg_keys=None)
+        return Plan(tasks, plan.output_task_id, plan.functions, plan.counters)
+
+    def _launch(self, run: WorkflowRun, meta: dict[str, Any]) -> asyncio.Future[Any]:
+        wid = run.workflow_id
+        self.runs[wid] = run
+        finished: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._finished[wid] = finished
+        driver = asyncio.get_running_loop().create_task(self._drive(run, meta, finished))
+        self._drivers.add(driver)
+        driver.add_done_callback(self._drivers.discard)
+        return finished
+
+    async def _drive(self, run: WorkflowRun, meta: dict[str, Any],
+                     finished: asyncio.Future[Any]) -> None:
+        wid = run.workflow_id
+        old = meta["status"]
+        outcome: Any
+        try:
+            outcome = await run.run()
+            meta.update(status=WorkflowStatus.SUCCESSFUL.value, end_time=time.time(),
+                        output_key=run.output_key)
+            meta.pop("error", None)
+            log.info("workflow.succeeded", workflow_id=wid)
+        except WorkflowCancellationError as exc:
+            outcome = exc
+            meta.update(status=WorkflowStatus.CANCELED.value, end_time=time.time())
+        except WorkflowExecutionError as exc:
+            outcome = exc
+            meta.update(status=WorkflowStatus.FAILED.value, end_time=time.time(), error=str(exc))
+            log.warning("workflow.failed", workflow_id=wid, error=str(exc))
+        except Exception as exc:
+            outcome = WorkflowExecutionError(f"Workflow {wid!r} failed inside the engine: {exc}",
+                                             workflow_id=wid)
+            outcome.__cause__ = exc
+            meta.update(status=WorkflowStatus.FAILED.value, end_time=time.time(), error=str(exc))
+            log.exception("workflow.engine_error", workflow_id=wid)
+        try:
+            await self.store.write_meta(wid, meta, old)
+        except Exception as exc:  # the status could not be stored: it stays resumable
+            log.exception("workflow.status_write_failed", workflow_id=wid)
+            if not isinstance(outcome, BaseException):
+                outcome = WorkflowError(
+                    f"Workflow {wid!r} finished, but its status could not be stored ({exc}); "
+                    "it is RESUMABLE.", workflow_id=wid)
+        self.runs.pop(wid, None)
+        self._finished.pop(wid, None)
+        if isinstance(outcome, BaseException):
+            run.fail_waiters(outcome)
+            finished.set_exception(outcome)
+        else:
+            finished.set_result(outcome)
+
+    # -- resuming ------------------------------------------------------------------
+    async def resume(self, workflow_id: str, *, existing_ok: bool = False) -> asyncio.Future[Any]:
+        """Continue a stored workflow from its checkpoints; finished tasks never re-run."""
+        if workflow_id in self.runs:
+            if existing_ok:
+                return self._finished[workflow_id]
+            raise WorkflowAlreadyRunningError(
+                f"Workflow {workflow_id!r} is already running.", workflow_id=workflow_id)
+        meta = await self.store.read_meta(workflow_id)
+        plan = await self.store.load_plan(workflow_id)
+        if plan is None:
+            raise WorkflowNotFoundError.of(workflow_id, self.storage.uri)
+        if meta is None:  # stored, but the engine stopped before its first status write
+            meta = {"status": WorkflowStatus.RUNNING.value, "user_metadata": {},
+                    "output_task_id": plan.output_task_id}
+        if meta["status"] == WorkflowStatus.CANCELED.value:
+            raise WorkflowNotResumableError(
+                f"Workflow {workflow_id!r} was canceled; a canceled workflow cannot be resumed. "
+                "Delete it and run it again to start over.", workflow_id=workflow_id)
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if meta["status"] == WorkflowStatus.SUCCESSFUL.value and meta.get("output_key"):
+            await self._preload(meta["output_key"])
+            done.set_result(self._load(workflow_id, meta["output_key"]))
+            return done
+        run = await self._recover(workflow_id, plan)
+        old = meta["status"]
+        meta.update(status=WorkflowStatus.RUNNING.value, start_time=time.time())
+        meta.pop("end_time", None)
+        await self.store.write_meta(workflow_id, meta, old)
+        meta["status"] = WorkflowStatus.RUNNING.value
+        log.info("workflow.resumed", workflow_id=workflow_id, pending=len(run.specs))
+        return self._launch(run, meta)
+
+    async def _preload(self, key: str) -> None:
+        if not self.storage.shared:
+            record = await self.storage.get(key)
+            if record is not None:
+                self.executor.preload(key, record)
+
+    def _load(self, workflow_id: str, key: str) -> Any:
+        return self.executor.load(workflow_id, key)
+
+    async def _recover(self, workflow_id: str, plan: Plan) -> WorkflowRun:
+        records = await self.store.task_records(workflow_id)
+        counters = dict(plan.counters)
+        for base, n in (await self.store.load_ids(workflow_id)).items():
+            counters[base] = max(n, counters.get(base, 0))
+        run = WorkflowRun(workflow_id, self.store, self.executor, plan.output_task_id,
+                          IdAllocator(counters))
+        specs: dict[str, TaskSpec] = dict(plan.tasks)
+        functions = dict(plan.functions)
+        needed: dict[str, TaskSpec] = {}
+        stack = [plan.output_task_id]
+        visited: set[str] = set()
+        while stack:
+            tid = stack.pop()
+            if tid in visited:
+                continue
+            visited.add(tid)
+            recs = records.get(tid, set())
+            if "out" in recs:
+                await self._mark_stored(run, tid, tid)
+                continue
+            if "cont" in recs:
+                output = await self._follow_chain(workflow_id, tid, records, specs, functions)
+                if "out" in records.get(output, set()):
+                    await self._mark_stored(run, tid, output)
+                else:
+                    run.link(output, tid)
+                    stack.append(output)
+                continue
+            spec = specs.get(tid)
+            if spec is None:
+                raise WorkflowNotResumableError(
+                    f"Workflow {workflow_id!r} cannot resume: task {tid!r} is neither finished "
+                    "nor stored in its plan (the storage is incomplete).",
+                    workflow_id=workflow_id, task_id=tid)
+            needed[tid] = spec
+            stack.extend(spec.upstream)
+        run.add_plan(Plan({}, plan.output_task_id, functions))
+        for spec in needed.values():
+            run.add_task(spec)
+        return run
+
+    async def _mark_stored(self, run: WorkflowRun, tid: str, record_tid: str) -> None:
+        run.mark_stored(tid, record_tid)
+        await self._preload(task_key(run.workflow_id, record_tid, "out"))
+
+    async def _follow_chain(self, workflow_id: str, root: str, records: dict[str, set[str]],
+                            specs: dict[str, TaskSpec], functions: dict[str, bytes]) -> str:
+        """The newest task of the continuation chain rooted at ``root``; loads its plan."""
+        parent = root
+        if "latest" in records.get(root, set()):
+            data = await self.store.read(task_key(workflow_id, root, "latest"))
+            if data is not None:
+                parent = serialization.peek_header(data, "latest")["task"]
+        while True:
+            key = task_key(workflow_id, parent, "cont")
+            data = await self.store.read(key)
+            if data is None:
+                raise CheckpointError(f"Continuation record {key!r} is missing.", key=key)
+            sub = WorkflowStore.decode_plan(data, key)
+            specs.update(sub.tasks)
+            functions.update(sub.functions)
+            output = sub.output_task_id
+            if "cont" not in records.get(output, set()):
+                return output
+            parent = output
+
+    # -- queries -------------------------------------------------------------------
+    async def status(self, workflow_id: str) -> WorkflowStatus:
+        if workflow_id in self.runs:
+            return WorkflowStatus.RUNNING
+        meta = await self.store.read_meta(workflow_id)
+        if meta is None:
+            if await self.store.exists(workflow_id):
+                return WorkflowStatus.RESUMABLE
+            raise WorkflowNotFoundError.of(workflow_id, self.storage.uri)
+        return self._derive(workflow_id, meta["status"])
+
+    def _derive(self, workflow_id: str, stored: str) -> WorkflowStatus:
+        if workflow_id in self.runs:
+            return WorkflowStatus.RUNNING
+        if stored in (WorkflowStatus.RUNNING.value, WorkflowStatus.PENDING.value):
+            return WorkflowStatus.RESUMABLE
+        return WorkflowStatus(stored)
+
+    async def list_all(self, statuses: set[WorkflowStatus] | None = None
+                       ) -> list[tuple[str, WorkflowStatus]]:
+        found = {wid: self._derive(wid, s) for wid, s in (await self.store.indexed()).items()}
+        for wid in self.runs:
+            found[wid] = WorkflowStatus.RUNNING
+        return sorted(
+            (wid, s) for wid, s in found.items() if statuses is None or s in statuses
+        )
+
+    async def output(self, workflow_id: str, task_id: str | None = None) -> Any:
+        """The ObjectRef of a workflow's (or one task's) output; waits while it runs."""
+        run = self.runs.get(workflow_id)
+        if run is not None:
+            if task_id is None:
+                return await asyncio.shield(self._finished[workflow_id])
+            return await run.task_output(task_id)
+        meta = await self.store.read_meta(workflow_id)
+        if meta is None and not await self.store.exists(workflow_id):
+            raise WorkflowNotFoundError.of(workflow_id, self.storage.uri)
+        status = self._derive(workflow_id, meta["status"] if meta else "RUNNING")
+        if task_id is None:
+            if status == WorkflowStatus.SUCCESSFUL and meta and meta.get("output_key"):
+                await self._preload(meta["output_key"])
+                return self._load(workflow_id, meta["output_key"])
+            task_id = meta["output_task_id"] if meta else None
+            if status != WorkflowStatus.SUCCESSFUL:
+                raise WorkflowError(
+                    f"Workflow {workflow_id!r} is {status.value}; it has no output. "
+                    + ("Resume it with workflow.resume(...) to finish it."
+                       if status in (WorkflowStatus.FAILED, WorkflowStatus.RESUMABLE) else ""),
+                    workflow_id=workflow_id, status=status.value)
+        assert task_id is not None
+        key = await self._locate(workflow_id, task_id)
+        await self._preload(key)
+        return self._load(workflow_id, key)
+
+    async def _locate(self, workflow_id: str, task_id: str) -> str:
+        records = await self.store.task_records(workflow_id)
+        recs = records.get(task_id)
+        if recs and "out" in recs:
+            return task_key(workflow_id, task_id, "out")
+        if recs and "cont" in recs:
+            output = await self._follow_chain(workflow_id, task_id, records, {}, {})
+            if "out" in records.get(output, set()):
+                return task_key(workflow_id, output, "out")
+        raise TaskNotFoundError(
+            f"Task {task_id!r} of workflow {workflow_id!r} has no stored output (it has not "
+            "finished, does not exist, or ran with checkpoint=False).",
+            workflow_id=workflow_id, task_id=task_id)
+
+    async def metadata(self, workflow_id: str, task_id: str | None = None) -> dict[str, Any]:
+        meta = await self.store.read_meta(workflow_id)
+        if meta is None:
+            if not await self.store.exists(workflow_id):
+                raise WorkflowNotFoundError.of(workflow_id, self.storage.uri)
+            meta = {"status": "RUNNING", "user_metadata": {}}
+        if task_id is None:
+            stats = {k: meta[k] for k in ("start_time", "end_time") if k in meta}
+            result = {
+                "workflow_id": workflow_id,
+                "status": self._derive(workflow_id, meta["status"]).value,
+                "user_metadata": meta.get("user_metadata", {}),
+                "stats": stats,
+            }
+            if "error" in meta:
+                result["error"] = meta["error"]
+            return result
+        return await self._task_metadata(workflow_id, task_id)
+
+    async def _task_metadata(self, workflow_id: str, task_id: str) -> dict[str, Any]:
+        spec = await self._find_spec(workflow_id, task_id)
+        if spec is None:
+            raise TaskNotFoundError(
+                f"Workflow {workflow_id!r} has no task {task_id!r}.",
+                workflow_id=workflow_id, task_id=task_id)
+        stats: dict[str, Any] = {}
+        data = await self.store.read(task_key(workflow_id, task_id, "out"))
+        if data is not None:
+            header = serialization.peek_header(data, task_id)
+            stats = {k: header[k] for k in ("start_time", "end_time") if k in header}
+        run = self.runs.get(workflow_id)
+        if not stats and run is not None and task_id in run.started:
+            stats = {"start_time": run.started[task_id]}
+        return {
+            "task_id": task_id,
+            "task_name": spec.name,
+            "task_type": "FUNCTION",
+            "task_options": spec.options.to_json(),
+            "user_metadata": spec.options.metadata,
+            "upstream": list(spec.upstream),
+            "stats": stats,
+        }
+
+    async def _find_spec(self, workflow_id: str, task_id: str) -> TaskSpec | None:
+        run = self.runs.get(workflow_id)
+        if run is not None and task_id in run.specs:
+            return run.specs[task_id]
+        plan = await self.store.load_plan(workflow_id)
+        if plan is None:
+            raise WorkflowNotFoundError.of(workflow_id, self.storage.uri)
+        if task_id in plan.tasks:
+            return plan.tasks[task_id]
+        records = await self.store.task_records(workflow_id)
+        for tid, recs in records.items():
+            if "cont" in recs:
+                key = task_key(workflow_id, tid, "cont")
+                data = await self.store.read(key)
+                if data is not None:
+                    sub = WorkflowStore.decode_plan(data, key)
+                    if task_id in sub.tasks:
+                        return sub.tasks[task_id]
+        return None
+
+    async def close(self) -> None:
+        for run in list(self.runs.values()):
+            run.cancel()
+        for driver in list(self._drivers):
+            driver.cancel()
+        await self.storage.close()
+
+
+__all__ = ["Engine", "Executor"]

@@ -1,0 +1,163 @@
+"""The exception tree of ray-workflows.
+
+Every error a user can act on has its own class; all of them derive from
+:class:`WorkflowError`::
+
+    WorkflowError
+    ├── WorkflowExecutionError          the workflow failed (``__cause__`` is the task's error)
+    ├── WorkflowCancellationError       the workflow was canceled while it was awaited
+    ├── WorkflowNotFoundError           no workflow with that id in the storage
+    ├── WorkflowNotResumableError       resume was asked of a workflow that cannot resume
+    ├── WorkflowStillActiveError        the operation needs a workflow that is not running
+    ├── WorkflowAlreadyRunningError     run/resume of a workflow that is live
+    ├── TaskNotFoundError               no task with that id in the workflow
+    ├── TaskIdCollisionError            two tasks of one workflow would share an id
+    ├── CheckpointError                 a stored checkpoint is missing, torn or unreadable
+    └── StorageError                    the storage backend failed
+        └── UnknownStorageError         no plugin for that storage URI scheme
+
+Exceptions cross process boundaries intact: each one pickles with its
+arguments, and the chained ``__cause__`` travels with it.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+
+class WorkflowWarning(UserWarning):
+    """Warnings emitted by ray-workflows."""
+
+
+class WorkflowError(Exception):
+    """Base class of every ray-workflows error."""
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+        for key, value in details.items():
+            setattr(self, key, value)
+
+    def __reduce__(self) -> Any:
+        # Rebuild with the same message and details, then restore the chain,
+        # so that errors raised in an actor or a worker keep their cause.
+        state = {"__cause__": self.__cause__, "__context__": self.__context__}
+        return (_rebuild, (type(self), self.message, self.details, state))
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _rebuild(
+    cls: type[WorkflowError], message: str, details: dict[str, Any], state: dict[str, Any]
+) -> WorkflowError:
+    exc = cls.__new__(cls)
+    WorkflowError.__init__(exc, message, **details)
+    exc.__cause__ = state.get("__cause__")
+    exc.__context__ = state.get("__context__")
+    cause_bytes = details.get("cause_bytes")
+    if exc.__cause__ is None and cause_bytes:
+        # The task's own exception travels pickled, so that the engine never needs
+        # the user's classes; it is unpickled here, in the caller, where they exist.
+        try:
+            exc.__cause__ = pickle.loads(cause_bytes)
+        except Exception as load_error:
+            exc.__cause__ = RuntimeError(f"the task's exception could not be unpickled: {load_error}")
+    return exc
+
+
+class WorkflowExecutionError(WorkflowError):
+    """The workflow failed: a task raised and no task caught the error."""
+
+    @classmethod
+    def of(cls, workflow_id: str, task_id: str, cause: BaseException) -> WorkflowExecutionError:
+        exc = cls(
+            f"Workflow {workflow_id!r} failed: task {task_id!r} raised "
+            f"{type(cause).__name__}: {cause}",
+            workflow_id=workflow_id,
+            task_id=task_id,
+        )
+        exc.__cause__ = cause
+        return exc
+
+
+class WorkflowCancellationError(WorkflowError):
+    """The workflow was canceled."""
+
+    @classmethod
+    def of(cls, workflow_id: str) -> WorkflowCancellationError:
+        return cls(f"Workflow {workflow_id!r} was canceled.", workflow_id=workflow_id)
+
+
+class WorkflowNotFoundError(WorkflowError):
+    """No workflow with this id exists in the configured storage."""
+
+    @classmethod
+    def of(cls, workflow_id: str, storage: str = "") -> WorkflowNotFoundError:
+        where = f" in storage {storage!r}" if storage else ""
+        return cls(
+            f"No workflow {workflow_id!r}{where}. Check the id, or the storage that "
+            "workflow.init(storage=...) or RAY_WORKFLOWS_STORAGE points at; "
+            "workflow.list_all() lists the known ones.",
+            workflow_id=workflow_id,
+        )
+
+
+class WorkflowNotResumableError(WorkflowError):
+    """The workflow cannot be resumed (canceled, or its stored plan is incomplete)."""
+
+
+class WorkflowStillActiveError(WorkflowError):
+    """The operation needs a workflow that is not running or pending."""
+
+    @classmethod
+    def of(cls, operation: str, workflow_id: str) -> WorkflowStillActiveError:
+        return cls(
+            f"Cannot {operation} workflow {workflow_id!r}: it is still running or pending. "
+            f"Cancel it first with workflow.cancel({workflow_id!r}).",
+            workflow_id=workflow_id,
+            operation=operation,
+        )
+
+
+class WorkflowAlreadyRunningError(WorkflowError):
+    """A workflow with this id is already running or pending in this cluster."""
+
+
+class TaskNotFoundError(WorkflowError):
+    """The workflow has no task with this id."""
+
+
+class TaskIdCollisionError(WorkflowError, ValueError):
+    """Two tasks of one workflow would get the same task id."""
+
+
+class CheckpointError(WorkflowError):
+    """A checkpoint is missing, torn or cannot be read."""
+
+
+class StorageError(WorkflowError):
+    """The storage backend failed; the message names the storage URI (without secrets)."""
+
+
+class UnknownStorageError(StorageError, ValueError):
+    """No storage plugin is registered for a URI scheme."""
+
+
+__all__ = [
+    "CheckpointError",
+    "StorageError",
+    "TaskIdCollisionError",
+    "TaskNotFoundError",
+    "UnknownStorageError",
+    "WorkflowAlreadyRunningError",
+    "WorkflowCancellationError",
+    "WorkflowError",
+    "WorkflowExecutionError",
+    "WorkflowNotFoundError",
+    "WorkflowNotResumableError",
+    "WorkflowStillActiveError",
+    "WorkflowWarning",
+]

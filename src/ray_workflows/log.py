@@ -1,0 +1,32 @@
+"""Structured logging: structlog on top of the standard ``logging`` module.
+
+The library never configures logging globally: its events go to the stdlib
+logger ``ray_workflows`` (silent below WARNING unless the application turns it
+up), rendered as ``event key=value ...`` with ``workflow_id``/``task_id`` bound.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import structlog
+
+_processors: list[Any] = [
+    structlog.processors.add_log_level,
+    structlog.processors.format_exc_info,
+    structlog.processors.KeyValueRenderer(key_order=["event"], drop_missing=True),
+]
+
+
+def get_logger(name: str = "ray_workflows", **bound: Any) -> Any:
+    """A structlog logger writing to the stdlib logger ``name``."""
+    return structlog.wrap_logger(
+        logging.getLogger(name),
+        processors=_processors,
+        wrapper_class=structlog.stdlib.BoundLogger,
+        **bound,
+    )
+
+
+__all__ = ["get_logger"]

@@ -1,0 +1,84 @@
+"""The manager: a detached, named, async Ray actor hosting an Engine.
+
+One manager per storage URI (its name carries a hash of the URI), so two
+storages can be used side by side in one cluster. ``num_cpus=0``: it schedules,
+it does not compute. Detached, so workflows outlive the driver that started them
+(on a cluster started with ``ray start``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from typing import Any
+
+import ray
+
+from ray_workflows.engine import Engine
+from ray_workflows.plan import Plan
+from ray_workflows.plugins import open_storage
+from ray_workflows.status import WorkflowStatus
+
+NAMESPACE = "ray_workflows"
+
+
+def manager_name(storage_uri: str) -> str:
+    return "manager-" + hashlib.sha1(storage_uri.encode()).hexdigest()[:16]
+
+
+class ResolvingRef:
+    """Returned by the manager in place of a value: unpickling it fetches the value
+    behind the ref, so one ``ray.get`` (or ``await``) of the manager's reply yields
+    the workflow's output in any process, without the output passing through the
+    manager."""
+
+    def __init__(self, ref: Any) -> None:
+        self.ref = ref
+
+    def __reduce__(self) -> Any:
+        return (ray.get, (self.ref,))
+
+
+async def resolving(ref: Any) -> ResolvingRef:
+    """Wrap ``ref`` once its value exists. Unpickling a ResolvingRef calls ``ray.get``
+    inside Ray's own deserialisation, which deadlocks if the value is still being
+    computed; waiting here (without fetching the value into the manager) avoids it."""
+    await asyncio.to_thread(ray.wait, [ref], num_returns=1, fetch_local=False)
+    return ResolvingRef(ref)
+
+
+class WorkflowManager:
+    def __init__(self, storage_uri: str) -> None:
+        self.engine = Engine(open_storage(storage_uri))
+
+    async def ready(self) -> str:
+        await self.engine.storage.check()
+        return self.engine.storage.uri
+
+    async def run(self, workflow_id: str, plan: Plan, metadata: dict[str, Any]) -> ResolvingRef:
+        finished = await self.engine.start(workflow_id, plan, metadata)
+        return await resolving(await finished)
+
+    async def resume(self, workflow_id: str) -> ResolvingRef:
+        finished = await self.engine.resume(workflow_id)
+        return await resolving(await finished)
+
+    async def get_output(self, workflow_id: str, task_id: str | None) -> ResolvingRef:
+        return await resolving(await self.engine.output(workflow_id, task_id))
+
+    async def get_status(self, workflow_id: str) -> WorkflowStatus:
+        return await self.engine.status(workflow_id)
+
+    async def list_all(self, statuses: set[WorkflowStatus] | None
+                       ) -> list[tuple[str, WorkflowStatus]]:
+        return await self.engine.list_all(statuses)
+
+    async def get_metadata(self, workflow_id: str, task_id: str | None) -> dict[str, Any]:
+        return await self.engine.metadata(workflow_id, task_id)
+
+
+def actor_class() -> Any:
+    return ray.remote(WorkflowManager)
+
+
+__all__ = ["NAMESPACE", "ResolvingRef", "WorkflowManager", "actor_class", "manager_name"]

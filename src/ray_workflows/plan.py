@@ -1,0 +1,281 @@
+"""DAG -> plan: compile a Ray DAG into the tasks the engine schedules.
+
+A :class:`Plan` holds no live user objects the engine must understand: each
+task's function and arguments are pickled here, once, in the process that
+built the DAG (the driver, or the worker that returned a continuation). The
+engine only reads task ids, dependencies and options, so it never imports user
+code.
+
+Arguments keep Ray's semantics: an upstream node or ObjectRef passed directly
+as an argument arrives as its value; one nested in a list or dict arrives as
+an ``ObjectRef``. This holds for fresh runs and after recovery alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import ray
+from ray import cloudpickle
+from ray.dag import DAGNode, FunctionNode
+from ray.dag.input_node import InputAttributeNode, InputNode
+
+from ray_workflows import serialization
+from ray_workflows.ids import IdAllocator, check_id, default_task_name
+from ray_workflows.options import TaskOptions
+
+
+@dataclasses.dataclass(frozen=True)
+class Up:
+    """Placeholder for an upstream task's output, directly in a task's arguments."""
+
+    index: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Deref:
+    """An ObjectRef passed directly as an argument: the task receives its value."""
+
+    ref: Any
+
+
+@dataclasses.dataclass
+class TaskSpec:
+    task_id: str
+    base: str  # the name repeats are numbered from
+    name: str  # the function's qualified name, for logs
+    func_key: str
+    args: bytes  # pickled (args, kwargs) with Up/("up", i) placeholders, refs out of band
+    arg_refs: list[Any]  # live ObjectRefs, or storage keys once checkpointed
+    upstream: list[str]  # de-duplicated upstream task ids, first-use order
+    direct: list[bool]  # per upstream: passed directly (needs the value)
+    nested: list[bool]  # per upstream: nested in a container (needs an ObjectRef)
+    options: TaskOptions
+    creator: str = ""  # the task whose continuation created this one ("" at top level)
+    kind: str = "function"
+    arg_keys: list[str] | None = None  # storage keys of arg_refs' values, once checkpointed
+
+    @property
+    def checkpoint(self) -> bool:
+        return self.options.checkpoint is not False
+
+    @property
+    def catch_exceptions(self) -> bool:
+        return bool(self.options.catch_exceptions)
+
+
+@dataclasses.dataclass
+class Plan:
+    tasks: dict[str, TaskSpec]  # topological: every task after its upstream tasks
+    output_task_id: str
+    functions: dict[str, bytes]
+    counters: dict[str, int] = dataclasses.field(default_factory=dict)  # id allocator state
+
+    def renamed(self, allocator: IdAllocator, creator: str) -> Plan:
+        """The same plan with ids from the workflow's allocator (continuations are
+        compiled in a worker with local ids; the engine gives them their final ids)."""
+        mapping: dict[str, str] = {}
+        tasks: dict[str, TaskSpec] = {}
+        for local_id, spec in self.tasks.items():
+            new_id = allocator.allocate(spec.base)
+            mapping[local_id] = new_id
+            tasks[new_id] = dataclasses.replace(
+                spec,
+                task_id=new_id,
+                upstream=[mapping[u] for u in spec.upstream],
+                creator=creator,
+            )
+        return Plan(tasks, mapping[self.output_task_id], self.functions)
+
+
+def _input_value(node: DAGNode, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if isinstance(node, InputAttributeNode):
+        key = node._key
+        try:
+            return args[key] if isinstance(key, int) else kwargs[key]
+        except (IndexError, KeyError):
+            raise TypeError(
+                f"The DAG reads input {key!r}, but workflow.run() got positional inputs "
+                f"{len(args)} and keyword inputs {sorted(kwargs)}."
+            ) from None
+    if len(args) == 1 and not kwargs:
+        return args[0]
+    raise TypeError(
+        "InputNode is passed directly to a task, so workflow.run() needs exactly one "
+        f"positional input (got {len(args)} positional, {len(kwargs)} keyword); "
+        "use inp[0], inp[1] or inp.name to pass several."
+    )
+
+
+def _substitute_inputs(value: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if isinstance(value, (InputNode, InputAttributeNode)):
+        return _input_value(value, args, kwargs)
+    if isinstance(value, list):
+        return [_substitute_inputs(v, args, kwargs) for v in value]
+    if isinstance(value, tuple) and type(value) is tuple:
+        return tuple(_substitute_inputs(v, args, kwargs) for v in value)
+    if isinstance(value, dict) and type(value) is dict:
+        return {k: _substitute_inputs(v, args, kwargs) for k, v in value.items()}
+    return value
+
+
+class _Compiler:
+    def __init__(
+        self,
+        allocator: IdAllocator,
+        inputs: tuple[tuple[Any, ...], dict[str, Any]],
+        checkpoint: bool,
+        catch_exceptions: bool,
+        creator: str,
+    ) -> None:
+        self.allocator = allocator
+        self.inputs = inputs
+        self.checkpoint = checkpoint
+        self.catch_exceptions = catch_exceptions
+        self.creator = creator
+        self.functions: dict[str, bytes] = {}
+        self._func_keys: dict[int, str] = {}
+
+    def func_key(self, func: Callable[..., Any]) -> str:
+        key = self._func_keys.get(id(func))
+        if key is None:
+            data = cloudpickle.dumps(func)
+            key = hashlib.sha1(data).hexdigest()[:20]
+            self.functions[key] = data
+            self._func_keys[id(func)] = key
+        return key
+
+    def compile(self, root: DAGNode) -> Plan:
+        if not isinstance(root, DAGNode):
+            raise TypeError(f"workflow.run() needs a Ray DAG (fn.bind(...)), got {root!r}")
+        prepared: dict[str, tuple[DAGNode, bytes, list[Any], list[DAGNode], list[bool], list[bool]]]
+        prepared = {}
+        order: list[str] = []
+        stack: list[tuple[DAGNode, bool]] = [(root, False)]
+        while stack:
+            node, expanded = stack.pop()
+            uid = node.get_stable_uuid()
+            if expanded:
+                order.append(uid)
+                continue
+            if uid in prepared:
+                continue
+            prepared[uid] = self._prepare(node)
+            stack.append((node, True))
+            stack.extend((child, False) for child in reversed(prepared[uid][3]))
+        task_ids: dict[str, str] = {}
+        tasks: dict[str, TaskSpec] = {}
+        root_uid = root.get_stable_uuid()
+        for uid in order:
+            node, args, refs, children, direct, nested = prepared[uid]
+            is_output = uid == root_uid
+            opts, explicit = TaskOptions.from_ray_options(node.get_options())
+            func = node._body
+            base = explicit or default_task_name(func)
+            task_id = self.allocator.allocate(base)
+            task_ids[uid] = task_id
+            if opts.checkpoint is None:
+                opts = dataclasses.replace(opts, checkpoint=self.checkpoint)
+            if opts.catch_exceptions is None:
+                catch = self.catch_exceptions if is_output else False
+                opts = dataclasses.replace(opts, catch_exceptions=catch)
+            tasks[task_id] = TaskSpec(
+                task_id=task_id,
+                base=base,
+                name=getattr(func, "__qualname__", base),
+                func_key=self.func_key(func),
+                args=args,
+                arg_refs=refs,
+                upstream=[task_ids[c.get_stable_uuid()] for c in children],
+                direct=direct,
+                nested=nested,
+                options=opts,
+                creator=self.creator,
+            )
+        return Plan(tasks, task_ids[root_uid], self.functions, dict(self.allocator.counters))
+
+    def _prepare(
+        self, node: DAGNode
+    ) -> tuple[DAGNode, bytes, list[Any], list[DAGNode], list[bool], list[bool]]:
+        if not isinstance(node, FunctionNode):
+            raise TypeError(
+                f"Unsupported DAG node {type(node).__name__}: a workflow is built from Ray "
+                "remote functions (fn.bind(...)); actors and class nodes are not supported."
+            )
+        func = node._body
+        name = default_task_name(func)
+        in_args, in_kwargs = self.inputs
+        args = [_substitute_inputs(a, in_args, in_kwargs) for a in node.get_args()]
+        kwargs = {k: _substitute_inputs(v, in_args, in_kwargs) for k, v in node.get_kwargs().items()}
+        try:
+            inspect.signature(func).bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"Task {name!r}: the bound arguments do not match {func.__name__}"
+                            f"{inspect.signature(func)}: {exc}") from None
+        except ValueError:  # builtins without a signature
+            pass
+        children: list[DAGNode] = []
+        index: dict[str, int] = {}
+        direct: list[bool] = []
+        nested: list[bool] = []
+
+        def upstream(child: DAGNode, is_direct: bool) -> int:
+            uid = child.get_stable_uuid()
+            i = index.get(uid)
+            if i is None:
+                i = index[uid] = len(children)
+                children.append(child)
+                direct.append(False)
+                nested.append(False)
+            if is_direct:
+                direct[i] = True
+            else:
+                nested[i] = True
+            return i
+
+        def top(value: Any) -> Any:
+            if isinstance(value, DAGNode):
+                return Up(upstream(value, True))
+            if isinstance(value, ray.ObjectRef):
+                return Deref(value)
+            return value
+
+        def hook(obj: Any) -> Any:
+            if isinstance(obj, DAGNode):
+                return ("up", upstream(obj, False))
+            return None
+
+        payload = (tuple(top(a) for a in args), {k: top(v) for k, v in kwargs.items()})
+        try:
+            data, refs = serialization.dumps(payload, hook)
+        except Exception as exc:
+            raise TypeError(
+                f"Task {name!r}: an argument cannot be pickled ({type(exc).__name__}: {exc}). "
+                "Workflow task arguments are checkpointed, so they must be picklable."
+            ) from exc
+        return node, data, refs, children, direct, nested
+
+
+def compile_dag(
+    dag: Any,
+    args: tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+    *,
+    allocator: IdAllocator | None = None,
+    checkpoint: bool = True,
+    catch_exceptions: bool = False,
+    creator: str = "",
+) -> Plan:
+    """Compile ``dag`` (fed by ``args``/``kwargs`` for its InputNode) into a :class:`Plan`."""
+    compiler = _Compiler(
+        allocator or IdAllocator(), (tuple(args), dict(kwargs or {})), checkpoint,
+        catch_exceptions, creator,
+    )
+    return compiler.compile(dag)
+
+
+__all__ = ["Deref", "Plan", "TaskSpec", "Up", "check_id", "compile_dag"]

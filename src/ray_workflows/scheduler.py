@@ -1,0 +1,323 @@
+"""The scheduler: one coroutine runs one workflow to completion.
+
+It submits every task whose inputs are ready as a Ray task, awaits the task's
+receipt, and reacts: a value makes its consumers ready, a continuation splices
+a new sub-plan in place of the task, an error is retried (with backoff) or
+fails the workflow. All state changes happen on one event loop, so no locks.
+
+State stays proportional to the *live* part of the workflow: a finished task's
+spec is dropped at once, and its output ref as soon as its last consumer has
+finished. A chain of 10,000 tail continuations therefore holds one task at a
+time, and nothing here recurses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import random
+import time
+from typing import TYPE_CHECKING, Any
+
+import ray
+
+from ray_workflows import serialization
+from ray_workflows.exceptions import WorkflowCancellationError, WorkflowExecutionError
+from ray_workflows.ids import IdAllocator
+from ray_workflows.log import get_logger
+from ray_workflows.plan import Plan, TaskSpec
+from ray_workflows.store import WorkflowStore, task_key
+from ray_workflows.worker import Receipt, TaskCall
+
+if TYPE_CHECKING:
+    from ray_workflows.engine import Executor
+
+# Backoff between retries: 50 ms doubling to at most 5 s, with jitter.
+_BACKOFF_BASE, _BACKOFF_CAP = 0.05, 5.0
+
+
+@dataclasses.dataclass
+class TaskFailure:
+    task_id: str
+    error: bytes | None
+    text: str
+
+
+class WorkflowRun:
+    """The live state of one running workflow."""
+
+    def __init__(
+        self,
+        workflow_id: str,
+        store: WorkflowStore,
+        executor: Executor,
+        output_task_id: str,
+        allocator: IdAllocator,
+    ) -> None:
+        self.workflow_id = workflow_id
+        self.store = store
+        self.executor = executor
+        self.output_task_id = output_task_id
+        self.allocator = allocator
+        self.log = get_logger(workflow_id=workflow_id)
+        self.specs: dict[str, TaskSpec] = {}
+        self.funcs: dict[str, Any] = {}  # func key -> ObjectRef of the pickled function
+        self.values: dict[str, Any] = {}  # task -> ObjectRef of its output
+        self.stored: dict[str, str] = {}  # task -> key of the record holding its output
+        self.done: set[str] = set()
+        self.waiting: dict[str, set[str]] = {}
+        self.consumers: dict[str, list[str]] = collections.defaultdict(list)
+        self.needed: collections.Counter[str] = collections.Counter()
+        self.root_of: dict[str, str] = {}  # continuation output -> root of its chain
+        self.running: dict[str, tuple[asyncio.Task[None], Any]] = {}
+        self.attempts: collections.Counter[str] = collections.Counter()
+        self.started: dict[str, float] = {}
+        self.output_key: str | None = None
+        self.result: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiters: dict[str, list[asyncio.Future[Any]]] = collections.defaultdict(list)
+        self._pending_submit: list[str] = []
+
+    # -- building the graph -----------------------------------------------------
+    def add_plan(self, plan: Plan) -> None:
+        for key, data in plan.functions.items():
+            if key not in self.funcs:
+                self.funcs[key] = ray.put(data)
+        for spec in plan.tasks.values():
+            self.add_task(spec)
+
+    def add_task(self, spec: TaskSpec) -> None:
+        tid = spec.task_id
+        self.specs[tid] = spec
+        pending = {u for u in spec.upstream if u not in self.done}
+        self.waiting[tid] = pending
+        for u in spec.upstream:
+            self.needed[u] += 1
+            if u in pending:
+                self.consumers[u].append(tid)
+        if not pending:
+            self._pending_submit.append(tid)
+
+    def mark_stored(self, tid: str, record_tid: str) -> None:
+        """Recovery: ``tid``'s output is the committed record of ``record_tid``."""
+        self.done.add(tid)
+        self.stored[tid] = task_key(self.workflow_id, record_tid, "out")
+
+    def link(self, output: str, root: str) -> None:
+        self.root_of[output] = root
+
+    # -- running -----------------------------------------------------------------
+    async def run(self) -> Any:
+        """Run until the output task is done; return the output's ObjectRef."""
+        if self.output_task_id in self.done:
+            self._resolve_output()
+        self._flush_submits()
+        try:
+            return await self.result
+        finally:
+            for task, ref in self.running.values():
+                task.cancel()
+                _cancel_ray_task(ref)
+
+    def _flush_submits(self) -> None:
+        pending, self._pending_submit = self._pending_submit, []
+        for tid in pending:
+            if tid in self.specs and tid not in self.running:
+                self._submit(tid)
+
+    def _value_ref(self, tid: str) -> Any:
+        ref = self.values.get(tid)
+        if ref is None:
+            ref = self.values[tid] = self.executor.load(self.workflow_id, self.stored[tid])
+        return ref
+
+    def _submit(self, tid: str) -> None:
+        spec = self.specs[tid]
+        direct_values: list[Any] = []
+        slots: list[int | None] = []
+        nested: list[Any] = []
+        for u, is_direct, is_nested in zip(spec.upstream, spec.direct, spec.nested):
+            ref = self._value_ref(u)
+            slots.append(len(direct_values) if is_direct else None)
+            if is_direct:
+                direct_values.append(ref)
+            nested.append(ref if is_nested else None)
+        arg_refs = spec.arg_refs
+        call = TaskCall(
+            workflow_id=self.workflow_id,
+            task_id=tid,
+            storage=self.store.storage,
+            func_key=spec.func_key,
+            args=spec.args,
+            arg_refs=arg_refs,
+            direct_slots=slots,
+            nested_refs=nested,
+            attempt=self.attempts[tid],
+            options=spec.options,
+        )
+        receipt_ref, value_ref = self.executor.submit(
+            call, self.funcs[spec.func_key], direct_values, spec.options.ray_options
+        )
+        self.started.setdefault(tid, time.time())
+        task = asyncio.get_running_loop().create_task(self._await(tid, receipt_ref, value_ref))
+        self.running[tid] = (task, receipt_ref)
+        self.log.debug("task.submitted", task_id=tid, attempt=self.attempts[tid])
+
+    async def _await(self, tid: str, receipt_ref: Any, value_ref: Any) -> None:
+        try:
+            try:
+                receipt: Receipt = await receipt_ref
+            except ray.exceptions.RayError as exc:  # the worker or its node died
+                self.running.pop(tid, None)
+                await self._failed(tid, TaskFailure(tid, None, f"{type(exc).__name__}: {exc}"),
+                                   system=True)
+                return
+            if receipt.writes:
+                await self.store.storage.put_many(receipt.writes)
+            self.running.pop(tid, None)
+            if receipt.kind == "value":
+                self._finished(tid, value_ref, receipt)
+            elif receipt.kind == "continuation":
+                assert receipt.plan is not None
+                await self._continued(tid, receipt.plan)
+            else:
+                await self._failed(tid, TaskFailure(tid, receipt.error, receipt.error_text),
+                                   system=False, retryable=receipt.retryable)
+            self._flush_submits()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug or a storage failure: fail the workflow loudly
+            self.log.exception("scheduler.error", task_id=tid)
+            self._fail(TaskFailure(tid, None, f"{type(exc).__name__}: {exc}"), exc)
+
+    def _finished(self, tid: str, value_ref: Any, receipt: Receipt) -> None:
+        spec = self.specs.pop(tid)
+        self.log.debug("task.succeeded", task_id=tid, seconds=receipt.end_time - receipt.start_time)
+        target = self.root_of.pop(tid, tid)
+        self.done.add(target)
+        self.values[target] = value_ref
+        if spec.checkpoint:
+            self.stored[target] = task_key(self.workflow_id, tid, "out")
+        self._release_inputs(spec)
+        for waiter in self._waiters.pop(target, []):
+            if not waiter.done():
+                waiter.set_result(value_ref)
+        if target == self.output_task_id:
+            self._resolve_output()
+            return
+        for consumer in self.consumers.pop(target, []):
+            pending = self.waiting.get(consumer)
+            if pending is not None:
+                pending.discard(target)
+                if not pending:
+                    self._pending_submit.append(consumer)
+
+    def _release_inputs(self, spec: TaskSpec) -> None:
+        for u in spec.upstream:
+            self.needed[u] -= 1
+            if self.needed[u] <= 0:
+                del self.needed[u]
+                if u != self.output_task_id:
+                    self.values.pop(u, None)
+        self.waiting.pop(spec.task_id, None)
+
+    async def _continued(self, tid: str, sub: Plan) -> None:
+        spec = self.specs.pop(tid)
+        plan = sub.renamed(self.allocator, creator=tid)
+        root = self.root_of.pop(tid, tid)
+        self.root_of[plan.output_task_id] = root
+        if spec.checkpoint:
+            stored = Plan(
+                {t: dataclasses.replace(s, arg_refs=s.arg_keys or [], arg_keys=None)
+                 for t, s in plan.tasks.items()},
+                plan.output_task_id,
+                plan.functions,
+            )
+            writes = [
+                self.store.save_ids(self.workflow_id, dict(self.allocator.counters)),
+                self.store.put(task_key(self.workflow_id, tid, "cont"),
+                               WorkflowStore.encode_plan(stored, "continuation")),
+            ]
+            if root != tid:
+                writes.append(self.store.put(
+                    task_key(self.workflow_id, root, "latest"),
+                    serialization.encode("latest", b"", task=tid),
+                ))
+            await asyncio.gather(*writes)
+        self.log.debug("task.continued", task_id=tid, output=plan.output_task_id,
+                       tasks=len(plan.tasks))
+        self._release_inputs(spec)
+        moved = self._waiters.pop(plan.output_task_id, [])
+        self._waiters[root].extend(moved)
+        self.add_plan(plan)
+
+    async def _failed(self, tid: str, failure: TaskFailure, *, system: bool,
+                      retryable: bool = True) -> None:
+        spec = self.specs.get(tid)
+        if spec is None:
+            return
+        attempts = self.attempts[tid]
+        max_retries = spec.options.max_retries
+        if (system or retryable) and (max_retries == -1 or attempts < max_retries):
+            self.attempts[tid] += 1
+            delay = min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempts) * (0.5 + random.random() / 2)
+            self.log.info("task.retrying", task_id=tid, attempt=attempts + 1, delay=round(delay, 3),
+                          error=failure.text.strip().splitlines()[-1:] or "")
+            await asyncio.sleep(delay)
+            if tid in self.specs and not self.result.done():
+                self._submit(tid)
+            return
+        self.log.warning("task.failed", task_id=tid, attempts=attempts + 1,
+                         error=(failure.text.strip().splitlines() or [""])[-1])
+        self._fail(failure, None)
+
+    def _fail(self, failure: TaskFailure, internal: BaseException | None) -> None:
+        if self.result.done():
+            return
+        error = WorkflowExecutionError(
+            f"Workflow {self.workflow_id!r} failed: task {failure.task_id!r} raised "
+            f"{(failure.text.strip().splitlines() or ['an error'])[-1]}",
+            workflow_id=self.workflow_id,
+            task_id=failure.task_id,
+            cause_bytes=failure.error,
+        )
+        error.__cause__ = internal
+        self.failure = failure
+        self.result.set_exception(error)
+
+    def cancel(self) -> None:
+        if not self.result.done():
+            self.result.set_exception(WorkflowCancellationError.of(self.workflow_id))
+
+    def _resolve_output(self) -> None:
+        if not self.result.done():
+            self.output_key = self.stored.get(self.output_task_id)
+            self.result.set_result(self._value_ref(self.output_task_id))
+
+    # -- queries -------------------------------------------------------------------
+    def task_output(self, tid: str) -> asyncio.Future[Any]:
+        """A future of the ObjectRef of ``tid``'s output (waits if it is not done yet)."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        root = self.root_of.get(tid, tid)
+        if root in self.done:
+            fut.set_result(self._value_ref(root))
+        else:
+            self._waiters[root].append(fut)
+        return fut
+
+    def fail_waiters(self, exc: BaseException) -> None:
+        for waiters in self._waiters.values():
+            for w in waiters:
+                if not w.done():
+                    w.set_exception(exc)
+        self._waiters.clear()
+
+
+def _cancel_ray_task(ref: Any) -> None:
+    try:
+        ray.cancel(ref, force=True)
+    except Exception:  # already finished, or its worker is gone
+        pass
+
+
+__all__ = ["TaskFailure", "WorkflowRun"]

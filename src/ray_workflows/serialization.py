@@ -1,0 +1,178 @@
+"""Pickling for checkpoints: ObjectRefs out of band, every record checksummed.
+
+* :func:`dumps` pickles a value with cloudpickle but lifts every ``ray.ObjectRef``
+  out into a list, so the refs can be passed to Ray alive (in memory) or replaced
+  by the storage keys of their checkpointed values (on disk).
+* Every stored record is an *envelope*: magic, a JSON header (kind, length,
+  CRC32 of the payload, the object keys of its refs) and the payload. A torn,
+  truncated or foreign file fails :func:`decode` with ``CheckpointError``; it is
+  never read as a valid output.
+* :class:`ObjectStore` checkpoints the values behind ObjectRefs, content-addressed
+  (``sha256`` of the envelope), so one object is written once per workflow however
+  often it is referenced, and before any record that references it.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import json
+import pickle
+import struct
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import ray
+from ray import cloudpickle
+
+from ray_workflows.exceptions import CheckpointError
+
+MAGIC = b"RWF\x01"
+_HEADER_LEN = struct.Struct(">I")
+
+
+class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+    def __init__(self, file: io.BytesIO, refs: list[Any], hook: Callable[[Any], Any] | None):
+        super().__init__(file, protocol=5)
+        self._refs = refs
+        self._seen: dict[bytes, int] = {}
+        self._hook = hook
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, ray.ObjectRef):
+            key = obj.binary()
+            index = self._seen.get(key)
+            if index is None:
+                index = self._seen[key] = len(self._refs)
+                self._refs.append(obj)
+            return ("ref", index)
+        if self._hook is not None:
+            return self._hook(obj)
+        return None
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, refs: list[Any], hook: Callable[[Any], Any] | None):
+        super().__init__(file)
+        self._refs = refs
+        self._hook = hook
+
+    def persistent_load(self, pid: Any) -> Any:
+        if pid[0] == "ref":
+            return self._refs[pid[1]]
+        if self._hook is not None:
+            return self._hook(pid)
+        raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+
+
+def dumps(value: Any, hook: Callable[[Any], Any] | None = None) -> tuple[bytes, list[Any]]:
+    """Pickle ``value``; return the bytes and the ObjectRefs found in it, in order.
+
+    ``hook(obj)`` may return a persistent id for other objects (DAG nodes when
+    compiling a plan); :func:`loads` then needs the matching hook.
+    """
+    buffer = io.BytesIO()
+    refs: list[Any] = []
+    _Pickler(buffer, refs, hook).dump(value)
+    return buffer.getvalue(), refs
+
+
+def loads(data: bytes, refs: list[Any], hook: Callable[[Any], Any] | None = None) -> Any:
+    """Unpickle bytes from :func:`dumps`, putting ``refs[i]`` where the i-th ref was."""
+    return _Unpickler(io.BytesIO(data), refs, hook).load()
+
+
+def encode(kind: str, payload: bytes, refs: list[str] | None = None, **meta: Any) -> bytes:
+    """Wrap a payload in a checksummed envelope."""
+    header = {"kind": kind, "len": len(payload), "crc": zlib.crc32(payload), "refs": refs or []}
+    header.update(meta)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return b"".join((MAGIC, _HEADER_LEN.pack(len(head)), head, payload))
+
+
+def decode(data: bytes, where: str = "") -> tuple[dict[str, Any], bytes]:
+    """Check an envelope; return (header, payload). Raises ``CheckpointError`` if torn."""
+    try:
+        if data[:4] != MAGIC:
+            raise ValueError("bad magic")
+        (head_len,) = _HEADER_LEN.unpack_from(data, 4)
+        header: dict[str, Any] = json.loads(data[8 : 8 + head_len])
+        payload = data[8 + head_len :]
+        if len(payload) != header["len"] or zlib.crc32(payload) != header["crc"]:
+            raise ValueError(f"payload is {len(payload)} bytes, header says {header['len']}")
+    except (ValueError, KeyError, struct.error) as exc:
+        raise CheckpointError(
+            f"Checkpoint {where or '(record)'} is torn or not a ray-workflows record ({exc}); "
+            "it is ignored and the task that wrote it runs again.",
+            key=where,
+        ) from None
+    return header, payload
+
+
+def peek_header(data: bytes, where: str = "") -> dict[str, Any]:
+    return decode(data, where)[0]
+
+
+class ObjectStore:
+    """Checkpoints and loads the values of ObjectRefs for one workflow (sync; runs in
+    Ray workers and helper tasks, never on the engine's event loop).
+
+    ``write(key, data)`` stores a record if absent; for a storage that only the
+    engine can write (``memory://``), pass a ``write`` that collects the records
+    so the engine writes them.
+    """
+
+    _CACHE_SIZE = 256
+
+    def __init__(
+        self,
+        prefix: str,
+        read: Callable[[str], bytes | None],
+        write: Callable[[str, bytes], None],
+    ) -> None:
+        self._prefix = prefix
+        self._read = read
+        self._write = write
+        self._saved: dict[bytes, str] = {}
+        self._loaded: collections.OrderedDict[str, Any] = collections.OrderedDict()
+
+    def save(self, refs: list[Any]) -> list[str]:
+        """Checkpoint the value behind each ref (depth first); return their keys."""
+        keys = []
+        for ref in refs:
+            key = self._saved.get(ref.binary())
+            if key is None:
+                value = ray.get(ref)
+                if isinstance(value, ray.ObjectRef):
+                    value = ray.get(value)
+                payload, inner = dumps(value)
+                record = encode("object", payload, self.save(inner))
+                key = self._prefix + hashlib.sha256(record).hexdigest()
+                self._write(key, record)
+                self._saved[ref.binary()] = key
+            keys.append(key)
+        return keys
+
+    def load_value(self, key: str) -> Any:
+        data = self._read(key)
+        if data is None:
+            raise CheckpointError(f"Checkpointed object {key!r} is missing from storage.", key=key)
+        header, payload = decode(data, key)
+        return loads(payload, [self.load_ref(k) for k in header["refs"]])
+
+    def load_ref(self, key: str) -> Any:
+        """An ObjectRef holding the checkpointed object (cached: each key loads once)."""
+        ref = self._loaded.get(key)
+        if ref is None:
+            ref = ray.put(self.load_value(key))
+            self._loaded[key] = ref
+            if len(self._loaded) > self._CACHE_SIZE:
+                self._loaded.popitem(last=False)
+        else:
+            self._loaded.move_to_end(key)
+        return ref
+
+
+__all__ = ["MAGIC", "ObjectStore", "decode", "dumps", "encode", "loads", "peek_header"]

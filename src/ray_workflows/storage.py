@@ -1,0 +1,132 @@
+"""The storage contract: a small async key/value store of bytes.
+
+A storage plugin implements :class:`Storage` and registers its class under a
+URI scheme in the ``ray_workflows.storage`` entry-point group::
+
+    [project.entry-points."ray_workflows.storage"]
+    mystore = "my_package.module:MyStorage"
+
+Everything above this contract (key layout, pickling, the status index,
+metadata JSON) lives in the core, once. A backend only moves bytes.
+
+Keys are relative, ``/``-separated paths such as ``workflows/w1/meta.json``;
+they never start with ``/`` and never contain ``..`` or empty segments.
+:func:`check_key` enforces that, and backends call it.
+
+The conformance suite in :mod:`ray_workflows.testing` checks every rule below;
+a plugin author subclasses it to test a new backend.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+
+class Storage(abc.ABC):
+    """An async key/value store of bytes, selected by URI.
+
+    Rules every backend keeps:
+
+    * ``put`` is all or nothing: a reader sees the old bytes or the new bytes,
+      never a prefix (temp file + fsync + rename on a filesystem, one PUT on S3).
+      Once ``put`` returns, the bytes survive a crash of the process and the machine.
+    * ``put_if_absent`` and ``compare_and_set`` are atomic against every other
+      writer of the same storage, in any process: of racing callers exactly one wins.
+    * ``get`` of a missing key returns ``None``; ``delete`` of one returns ``False``.
+    * ``list(prefix)`` returns every key that starts with ``prefix`` (not only
+      direct children), sorted.
+    * Instances pickle to their URI, so a storage can be handed to Ray workers.
+    """
+
+    #: The URI scheme this class serves, e.g. ``"file"``.
+    scheme: ClassVar[str]
+    #: True if every process of the cluster sees the same data (files on a shared
+    #: directory, S3). False for per-process stores such as ``memory://``; then the
+    #: engine, not the worker, writes task checkpoints.
+    shared: ClassVar[bool] = True
+
+    def __init__(self, uri: str) -> None:
+        self._uri = uri
+
+    @property
+    def uri(self) -> str:
+        """The URI this storage was opened from, without secrets."""
+        return self._uri
+
+    def __reduce__(self) -> Any:
+        from ray_workflows.plugins import open_storage
+
+        return (open_storage, (self._uri,))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._uri!r})"
+
+    @abc.abstractmethod
+    async def get(self, key: str) -> bytes | None:
+        """Return the bytes stored under ``key``, or ``None`` if there are none."""
+
+    @abc.abstractmethod
+    async def put(self, key: str, data: bytes) -> None:
+        """Store ``data`` under ``key`` atomically and durably, replacing any old value."""
+
+    async def put_many(self, items: Mapping[str, bytes]) -> None:
+        """Store several keys; each one atomically. Backends may batch the durability
+        work (one fsync for the batch); the default stores them one after another."""
+        for key, data in items.items():
+            await self.put(key, data)
+
+    @abc.abstractmethod
+    async def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Store ``data`` only if ``key`` has no value. True if this call stored it."""
+
+    @abc.abstractmethod
+    async def compare_and_set(self, key: str, expected: bytes | None, data: bytes) -> bool:
+        """Replace the value of ``key`` with ``data`` only if it currently equals
+        ``expected`` (``None``: only if absent). True if this call replaced it."""
+
+    @abc.abstractmethod
+    async def delete(self, key: str) -> bool:
+        """Remove ``key``. True if it existed."""
+
+    @abc.abstractmethod
+    async def delete_prefix(self, prefix: str) -> int:
+        """Remove every key starting with ``prefix``; return how many were removed."""
+
+    @abc.abstractmethod
+    async def list(self, prefix: str = "") -> list[str]:
+        """Every key that starts with ``prefix``, sorted."""
+
+    async def exists(self, key: str) -> bool:
+        """True if ``key`` has a value."""
+        return await self.get(key) is not None
+
+    async def check(self) -> None:
+        """Raise :class:`~ray_workflows.exceptions.StorageError` with a clear message if
+        the storage cannot be used (unreachable, no permission). Called by ``init``."""
+        await self.list("__probe__/")
+
+    async def close(self) -> None:
+        """Release connections and threads. The storage is not used afterwards."""
+
+
+def check_key(key: str) -> str:
+    """Validate a storage key; return it unchanged."""
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"storage key must be a non-empty string, got {key!r}")
+    if key.startswith("/") or "\\" in key or "\x00" in key:
+        raise ValueError(f"storage key must be a relative '/'-separated path, got {key!r}")
+    if any(part in ("", ".", "..") for part in key.split("/")):
+        raise ValueError(f"storage key has an empty, '.' or '..' segment: {key!r}")
+    return key
+
+
+def check_prefix(prefix: str) -> str:
+    """Validate a listing prefix: empty, or a key that may end with ``/``."""
+    if prefix:
+        check_key(prefix[:-1] if prefix.endswith("/") else prefix)
+    return prefix
+
+
+__all__ = ["Storage", "check_key", "check_prefix"]

@@ -1,0 +1,286 @@
+"""The storage conformance suite: every rule of :class:`~ray_workflows.storage.Storage`.
+
+A plugin author subclasses :class:`StorageConformance` in a test module and
+provides a ``storage`` fixture that yields a fresh, empty storage::
+
+    import pytest
+    from ray_workflows.testing import StorageConformance
+
+    class TestMyStorage(StorageConformance):
+        @pytest.fixture
+        async def storage(self, tmp_path):
+            yield MyStorage(f"my://{tmp_path}")
+
+The tests are ``async def`` and need pytest-asyncio in auto mode
+(``asyncio_mode = "auto"``). For a ``shared`` backend the suite also races eight
+processes that open the storage through the plugin registry by its URI, so the
+plugin's entry point must be installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import pickle
+import traceback
+from typing import Any
+
+import pytest
+
+from ray_workflows.plugins import forget_storage
+from ray_workflows.storage import Storage
+
+#: Keys that :func:`~ray_workflows.storage.check_key` refuses.
+INVALID_KEYS = ["", "/abs", "a/../b", "a//b", "a/", "./a", "a/./b", "a\\b"]
+
+_RACERS = 20
+_PROCESSES = 8
+_INCREMENTS_PER_PROCESS = 5
+
+
+async def increment(storage: Storage, key: str) -> int:
+    """Add one to the decimal counter at ``key`` with compare-and-set; return the new value."""
+    while True:
+        current = await storage.get(key)
+        new = int(current or b"0") + 1
+        if await storage.compare_and_set(key, current, str(new).encode()):
+            return new
+
+
+class StorageConformance:
+    """Tests every storage backend passes. Subclasses provide a ``storage`` fixture."""
+
+    async def test_get_missing_returns_none(self, storage: Storage) -> None:
+        assert await storage.get("missing") is None
+        assert await storage.get("no/such/key") is None
+        assert not await storage.exists("missing")
+
+    @pytest.mark.parametrize("size", [0, 1, 1000, 5 * 1024 * 1024])
+    async def test_put_get_round_trip(self, storage: Storage, size: int) -> None:
+        data = os.urandom(size)
+        await storage.put("blobs/one", data)
+        assert await storage.get("blobs/one") == data
+        assert await storage.exists("blobs/one")
+
+    async def test_put_overwrites(self, storage: Storage) -> None:
+        await storage.put("k", b"old value, longer than the new one")
+        await storage.put("k", b"new")
+        assert await storage.get("k") == b"new"
+        assert await storage.list() == ["k"]
+
+    async def test_put_many(self, storage: Storage) -> None:
+        await storage.put("w/a", b"old")
+        items = {f"w/{name}": name.encode() * 3 for name in ["a", "b", "c/d", "c/e"]}
+        items["top"] = b""
+        await storage.put_many(items)
+        for key, data in items.items():
+            assert await storage.get(key) == data
+        assert await storage.list() == sorted(items)
+        await storage.put_many({})
+        assert await storage.list() == sorted(items)
+
+    async def test_put_if_absent(self, storage: Storage) -> None:
+        assert await storage.put_if_absent("lease/w1", b"first")
+        assert not await storage.put_if_absent("lease/w1", b"second")
+        assert await storage.get("lease/w1") == b"first"
+        await storage.put("lease/w2", b"")
+        assert not await storage.put_if_absent("lease/w2", b"x")
+        assert await storage.get("lease/w2") == b""
+
+    async def test_compare_and_set_expecting_absent(self, storage: Storage) -> None:
+        assert await storage.compare_and_set("cas", None, b"one")
+        assert await storage.get("cas") == b"one"
+        assert not await storage.compare_and_set("cas", None, b"two")
+        assert await storage.get("cas") == b"one"
+
+    async def test_compare_and_set_wrong_expected(self, storage: Storage) -> None:
+        assert not await storage.compare_and_set("cas", b"anything", b"x")
+        assert await storage.get("cas") is None
+        await storage.put("cas", b"one")
+        assert not await storage.compare_and_set("cas", b"on", b"x")
+        assert not await storage.compare_and_set("cas", b"", b"x")
+        assert await storage.get("cas") == b"one"
+
+    async def test_compare_and_set_right_expected(self, storage: Storage) -> None:
+        await storage.put("cas", b"one")
+        assert await storage.compare_and_set("cas", b"one", b"two")
+        assert await storage.get("cas") == b"two"
+        assert await storage.compare_and_set("cas", b"two", b"")
+        assert await storage.compare_and_set("cas", b"", b"three")
+        assert await storage.get("cas") == b"three"
+
+    async def test_concurrent_put_if_absent_has_one_winner(self, storage: Storage) -> None:
+        results = await asyncio.gather(
+            *(storage.put_if_absent("lease", f"racer {i}".encode()) for i in range(_RACERS))
+        )
+        assert results.count(True) == 1
+        assert await storage.get("lease") == f"racer {results.index(True)}".encode()
+
+    async def test_concurrent_compare_and_set_counter(self, storage: Storage) -> None:
+        # The counter starts absent, so the first round also races compare_and_set(None).
+        await asyncio.gather(*(increment(storage, "counter") for _ in range(_RACERS)))
+        assert await storage.get("counter") == str(_RACERS).encode()
+
+    async def test_delete(self, storage: Storage) -> None:
+        await storage.put("a/b", b"x")
+        assert await storage.delete("a/b")
+        assert await storage.get("a/b") is None
+        assert not await storage.exists("a/b")
+        assert not await storage.delete("a/b")
+        assert not await storage.delete("never/there")
+        assert await storage.list() == []
+
+    async def test_delete_prefix_subtree(self, storage: Storage) -> None:
+        for key in ["a/x", "a/y/z", "a/y/w", "ab/1", "b"]:
+            await storage.put(key, b"v")
+        assert await storage.delete_prefix("a/") == 3
+        assert await storage.list() == ["ab/1", "b"]
+        assert await storage.delete_prefix("a/") == 0
+        await storage.put("a/y/z", b"again")
+        assert await storage.get("a/y/z") == b"again"
+
+    async def test_delete_prefix_is_a_string_prefix(self, storage: Storage) -> None:
+        # On a filesystem "a/b" cannot be both a key and a directory, hence "a/bd/x".
+        for key in ["a/b", "a/bc", "a/bd/x", "a/c", "a/c2/b", "b"]:
+            await storage.put(key, b"v")
+        assert await storage.delete_prefix("a/b") == 3
+        assert await storage.list() == ["a/c", "a/c2/b", "b"]
+        assert await storage.delete_prefix("nothing/") == 0
+        assert await storage.delete_prefix("") == 3
+        assert await storage.list() == []
+
+    async def test_list_is_sorted_and_recursive(self, storage: Storage) -> None:
+        keys = ["z", "b/c/d", "a", "b/a", "b/c/a", "a0/x", "B"]
+        for key in keys:
+            await storage.put(key, b"v")
+        assert await storage.list() == sorted(keys)
+        assert await storage.list("") == sorted(keys)
+        assert await storage.list("b/") == ["b/a", "b/c/a", "b/c/d"]
+        assert await storage.list("b/c/") == ["b/c/a", "b/c/d"]
+
+    async def test_list_filters_by_prefix(self, storage: Storage) -> None:
+        keys = ["w1/a", "w1/b/c", "w10/a", "w2/a", "x"]
+        for key in keys:
+            await storage.put(key, b"v")
+        assert await storage.list("w1/") == ["w1/a", "w1/b/c"]
+        assert await storage.list("w1") == ["w1/a", "w1/b/c", "w10/a"]
+        assert await storage.list("w") == ["w1/a", "w1/b/c", "w10/a", "w2/a"]
+        assert await storage.list("w1/b") == ["w1/b/c"]
+        assert await storage.list("w1/a") == ["w1/a"]
+        assert await storage.list("w3/") == []
+        assert await storage.list("w1/a/") == []
+        assert await storage.list("no/such/dir/") == []
+
+    async def test_list_never_shows_internal_files(self, storage: Storage) -> None:
+        await storage.put("d/put", b"1")
+        await storage.put_many({"d/many1": b"1", "d/many2": b"2"})
+        assert await storage.put_if_absent("d/pia", b"1")
+        assert not await storage.put_if_absent("d/pia", b"2")
+        assert await storage.compare_and_set("d/cas", None, b"1")
+        assert await storage.compare_and_set("d/cas", b"1", b"2")
+        assert not await storage.compare_and_set("d/cas", b"1", b"3")
+        assert not await storage.compare_and_set("d/absent", b"1", b"3")
+        expected = ["d/cas", "d/many1", "d/many2", "d/pia", "d/put"]
+        assert await storage.list() == expected
+        assert await storage.list("d/") == expected
+        assert await storage.list("d") == expected
+
+    @pytest.mark.parametrize("key", INVALID_KEYS)
+    async def test_invalid_keys_are_refused(self, storage: Storage, key: str) -> None:
+        with pytest.raises(ValueError):
+            await storage.get(key)
+        with pytest.raises(ValueError):
+            await storage.put(key, b"x")
+        with pytest.raises(ValueError):
+            await storage.put_many({key: b"x"})
+        with pytest.raises(ValueError):
+            await storage.put_if_absent(key, b"x")
+        with pytest.raises(ValueError):
+            await storage.compare_and_set(key, None, b"x")
+        with pytest.raises(ValueError):
+            await storage.delete(key)
+        with pytest.raises(ValueError):
+            await storage.exists(key)
+        assert await storage.list() == []
+
+    @pytest.mark.parametrize("prefix", ["/abs", "a//", "a/../", "//"])
+    async def test_invalid_prefixes_are_refused(self, storage: Storage, prefix: str) -> None:
+        with pytest.raises(ValueError):
+            await storage.list(prefix)
+        with pytest.raises(ValueError):
+            await storage.delete_prefix(prefix)
+
+    async def test_check_passes(self, storage: Storage) -> None:
+        await storage.check()
+
+    async def test_pickles_to_its_uri(self, storage: Storage) -> None:
+        await storage.put("p/k", b"pickled")
+        try:
+            clone = pickle.loads(pickle.dumps(storage))
+            assert type(clone) is type(storage)
+            assert clone.uri == storage.uri
+            if storage.shared:
+                assert await clone.get("p/k") == b"pickled"
+                await clone.put("p/k2", b"from the clone")
+                assert await storage.get("p/k2") == b"from the clone"
+        finally:
+            forget_storage(storage.uri)
+
+    async def test_processes_race_with_one_winner(self, storage: Storage) -> None:
+        if not storage.shared:
+            pytest.skip("a per-process storage is not shared between processes")
+        results = await asyncio.to_thread(_race_processes, storage.uri)
+        winners = [pid for pid, won in results if won]
+        assert len(winners) == 1, results
+        assert await storage.get("race/lease") == str(winners[0]).encode()
+        expected = _PROCESSES * _INCREMENTS_PER_PROCESS
+        assert await storage.get("race/counter") == str(expected).encode()
+
+
+def _race_processes(uri: str) -> list[tuple[int, bool]]:
+    # Each racer must be a fresh interpreter that opens the storage from its URI, as
+    # a Ray worker would, not a fork of this one. A forkserver that has imported
+    # this module once starts them in milliseconds; 'spawn' pays the import (Ray
+    # included) in every racer, seconds each.
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx: Any = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])
+    else:
+        ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(_PROCESSES)
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_racer, args=(uri, barrier, queue)) for _ in range(_PROCESSES)]
+    for proc in procs:
+        proc.start()
+    try:
+        results = [queue.get(timeout=120) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    errors = [result for result in results if isinstance(result, str)]
+    assert not errors, "\n".join(errors)
+    return [(int(pid), bool(won)) for pid, won in results]
+
+
+def _racer(uri: str, barrier: Any, queue: Any) -> None:
+    try:
+        from ray_workflows.plugins import open_storage
+
+        storage = open_storage(uri)
+
+        async def race() -> bool:
+            won = await storage.put_if_absent("race/lease", str(os.getpid()).encode())
+            for _ in range(_INCREMENTS_PER_PROCESS):
+                await increment(storage, "race/counter")
+            return won
+
+        barrier.wait(timeout=120)
+        queue.put((os.getpid(), asyncio.run(race())))
+    except BaseException:
+        queue.put(f"racer {os.getpid()} failed:\n{traceback.format_exc()}")
+
+
+__all__ = ["INVALID_KEYS", "StorageConformance", "increment"]

@@ -1,0 +1,245 @@
+"""What one task attempt does inside a Ray worker.
+
+The engine submits :func:`execute_task` as an ordinary Ray task (with the
+task's own Ray options, Ray's retries off). The worker resolves the arguments,
+runs the user function, and, for a value, writes the output checkpoint itself
+before it reports back, so big outputs never travel through the engine. It
+returns two things: a small :class:`Receipt` for the engine and the output value,
+which downstream tasks receive through Ray's object store.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextvars
+import dataclasses
+import pickle
+import time
+import traceback
+from typing import Any
+
+import ray
+from ray import cloudpickle
+from ray.dag import DAGNode, FunctionNode
+
+from ray_workflows import bridge, context, serialization
+from ray_workflows.options import TaskOptions, resolve_exceptions
+from ray_workflows.plan import Deref, Plan, Up, compile_dag
+from ray_workflows.storage import Storage
+from ray_workflows.store import objects_prefix, task_key
+
+# True while a workflow task's user function runs: `workflow.continuation` then
+# returns the DAG instead of executing it.
+in_task: contextvars.ContextVar[bool] = contextvars.ContextVar("in_workflow_task", default=False)
+
+
+@dataclasses.dataclass
+class TaskCall:
+    """Everything a worker needs for one attempt, apart from the function and values."""
+
+    workflow_id: str
+    task_id: str
+    storage: Storage
+    func_key: str
+    args: bytes
+    arg_refs: list[Any]  # ObjectRef, or the storage key of a checkpointed object
+    direct_slots: list[int | None]  # per upstream: its position in the values
+    nested_refs: list[Any]  # per upstream: an ObjectRef of its output, if used nested
+    attempt: int
+    options: TaskOptions
+
+
+@dataclasses.dataclass
+class Receipt:
+    kind: str  # "value" | "continuation" | "error"
+    start_time: float
+    end_time: float
+    writes: dict[str, bytes] = dataclasses.field(default_factory=dict)
+    plan: Plan | None = None
+    error: bytes | None = None  # the pickled exception
+    error_text: str = ""
+    retryable: bool = False
+
+
+class Continuation:
+    """Returned by ``workflow.continuation(dag)`` inside a task: the DAG replaces the result."""
+
+    def __init__(self, dag: DAGNode) -> None:
+        self.dag = dag
+
+
+_functions: collections.OrderedDict[str, Any] = collections.OrderedDict()
+
+
+def _function(key: str, data: bytes) -> Any:
+    func = _functions.get(key)
+    if func is None:
+        func = _functions[key] = cloudpickle.loads(data)
+        if len(_functions) > 256:
+            _functions.popitem(last=False)
+    return func
+
+
+def _objects(call: TaskCall, writes: dict[str, bytes]) -> serialization.ObjectStore:
+    storage = call.storage
+
+    def read(key: str) -> bytes | None:
+        if key in writes:
+            return writes[key]
+        return bridge.run(storage.get(key))
+
+    def write(key: str, data: bytes) -> None:
+        if storage.shared:
+            bridge.run(storage.put_if_absent(key, data))
+        else:
+            writes[key] = data
+
+    return serialization.ObjectStore(objects_prefix(call.workflow_id), read, write)
+
+
+def _arguments(call: TaskCall, values: tuple[Any, ...], objects: serialization.ObjectStore
+               ) -> tuple[list[Any], dict[str, Any]]:
+    refs = [objects.load_ref(r) if isinstance(r, str) else r for r in call.arg_refs]
+
+    def hook(pid: Any) -> Any:
+        return call.nested_refs[pid[1]]
+
+    args, kwargs = serialization.loads(call.args, refs, hook)
+
+    def resolve(value: Any) -> Any:
+        if isinstance(value, Up):
+            slot = call.direct_slots[value.index]
+            assert slot is not None
+            return values[slot]
+        if isinstance(value, Deref):
+            return ray.get(value.ref)
+        return value
+
+    return [resolve(a) for a in args], {k: resolve(v) for k, v in kwargs.items()}
+
+
+def _inline(node: FunctionNode) -> Any:
+    """Run an ``allow_inplace`` continuation task right here, in this worker."""
+    args = [ray.get(a) if isinstance(a, ray.ObjectRef) else a for a in node.get_args()]
+    kwargs = {
+        k: ray.get(v) if isinstance(v, ray.ObjectRef) else v for k, v in node.get_kwargs().items()
+    }
+    return node._body(*args, **kwargs)
+
+
+def _call_user(func: Any, args: list[Any], kwargs: dict[str, Any]) -> Any:
+    token = in_task.set(True)
+    try:
+        result = func(*args, **kwargs)
+        # Tail calls marked allow_inplace run in this process, without a Ray task,
+        # and without growing the stack.
+        while True:
+            dag = result.dag if isinstance(result, Continuation) else result
+            if not (isinstance(dag, FunctionNode) and not dag._get_all_child_nodes()):
+                return result
+            opts, _ = TaskOptions.from_ray_options(dag.get_options())
+            if not opts.allow_inplace:
+                return result
+            result = _inline(dag)
+    finally:
+        in_task.reset(token)
+
+
+def _pickled_error(exc: BaseException) -> bytes:
+    try:
+        return cloudpickle.dumps(exc)
+    except Exception:  # an exception that cannot pickle still reaches the user, as text
+        return pickle.dumps(RuntimeError(f"{type(exc).__qualname__}: {exc}"))
+
+
+def execute_task(call: TaskCall, func_data: bytes, *values: Any) -> tuple[Receipt, Any]:
+    start = time.time()
+    opts = call.options
+    writes: dict[str, bytes] = {}
+    objects = _objects(call, writes)
+    func = _function(call.func_key, func_data)
+    ctx = context.TaskContext(call.workflow_id, call.task_id, call.attempt)
+    with context.running(ctx):
+        try:
+            args, kwargs = _arguments(call, values, objects)
+            result = _call_user(func, args, kwargs)
+        except Exception as exc:
+            retry = resolve_exceptions(opts.retry_exceptions)
+            retryable = retry is True or (isinstance(retry, tuple) and isinstance(exc, retry))
+            final = not retryable or (opts.max_retries != -1 and call.attempt >= opts.max_retries)
+            if not (final and opts.catch_exceptions):
+                return Receipt(
+                    "error", start, time.time(), writes,
+                    error=_pickled_error(exc),
+                    error_text="".join(traceback.format_exception(exc)),
+                    retryable=retryable,
+                ), None
+            result = (None, exc)
+        else:
+            if isinstance(result, (DAGNode, Continuation)):
+                dag = result.dag if isinstance(result, Continuation) else result
+                plan = compile_dag(
+                    dag,
+                    checkpoint=opts.checkpoint is not False,
+                    catch_exceptions=bool(opts.catch_exceptions),
+                    creator=call.task_id,
+                )
+                if opts.checkpoint is not False:
+                    for spec in plan.tasks.values():
+                        spec.arg_keys = objects.save(spec.arg_refs)
+                return Receipt("continuation", start, time.time(), writes, plan=plan), None
+            if isinstance(result, ray.ObjectRef):
+                result = ray.get(result)
+            if opts.catch_exceptions:
+                result = (result, None)
+    end = time.time()
+    if opts.checkpoint is not False:
+        payload, refs = serialization.dumps(result)
+        record = serialization.encode(
+            "value", payload, objects.save(refs), start_time=start, end_time=end
+        )
+        key = task_key(call.workflow_id, call.task_id, "out")
+        if call.storage.shared:
+            bridge.run(call.storage.put(key, record))
+        else:
+            writes[key] = record
+    return Receipt("value", start, end, writes), result
+
+
+def load_output(storage: Storage, workflow_id: str, record: bytes | None, key: str) -> Any:
+    """Read a task's checkpointed output (a helper task; ``record`` is given for a
+    storage only the engine can read)."""
+    writes: dict[str, bytes] = {}
+    call_storage = storage
+    data = record if record is not None else bridge.run(call_storage.get(key))
+    if data is None:
+        from ray_workflows.exceptions import CheckpointError
+
+        raise CheckpointError(f"Checkpoint {key!r} is missing from {storage.uri}.", key=key)
+    header, payload = serialization.decode(data, key)
+    objects = serialization.ObjectStore(
+        objects_prefix(workflow_id), lambda k: bridge.run(storage.get(k)), writes.__setitem__
+    )
+    return serialization.loads(payload, [objects.load_ref(k) for k in header["refs"]])
+
+
+def save_objects(storage: Storage, workflow_id: str, refs: list[Any]
+                 ) -> tuple[list[str], dict[str, bytes]]:
+    """Checkpoint ObjectRef values (a helper task); return their keys, and the records
+    the engine must write itself when the storage is not shared."""
+    writes: dict[str, bytes] = {}
+
+    def write(key: str, data: bytes) -> None:
+        if storage.shared:
+            bridge.run(storage.put_if_absent(key, data))
+        else:
+            writes[key] = data
+
+    objects = serialization.ObjectStore(
+        objects_prefix(workflow_id), lambda k: writes.get(k) or bridge.run(storage.get(k)), write
+    )
+    return objects.save(refs), writes
+
+
+__all__ = ["Continuation", "Receipt", "TaskCall", "execute_task", "in_task", "load_output",
+           "save_objects"]
