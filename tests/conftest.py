@@ -1,0 +1,82 @@
+"""Shared fixtures: one real local Ray for the whole session, real storage directories."""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray workers import the functions defined in test modules by name: let them find them.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+
+import ray  # noqa: E402
+
+import ray_workflows as workflow  # noqa: E402
+from ray_workflows import config  # noqa: E402
+from ray_workflows.manager import NAMESPACE, manager_name  # noqa: E402
+
+NUM_CPUS = 4
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ray_session() -> Iterator[None]:
+    """A real local Ray, started once (``address="local"`` never joins a stray cluster)."""
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=NUM_CPUS, include_dashboard=False,
+                 log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def session_storage(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("storage"))
+
+
+@pytest.fixture
+def storage(session_storage: str) -> str:
+    """The session's storage, selected for this test (one manager serves many tests)."""
+    workflow.init(session_storage)
+    return session_storage
+
+
+@pytest.fixture
+def fresh_storage(tmp_path: Path) -> Iterator[str]:
+    """A storage of this test's own (its own manager, removed afterwards)."""
+    uri = str(tmp_path / "storage")
+    workflow.init(uri)
+    yield uri
+    kill_manager(uri)
+
+
+def kill_manager(uri: str, *, no_restart: bool = True) -> None:
+    try:
+        handle = ray.get_actor(manager_name(config.normalise_storage(uri)), namespace=NAMESPACE)
+    except ValueError:
+        return
+    ray.kill(handle, no_restart=no_restart)
+    config.forget_managers()
+
+
+@pytest.fixture
+def wid(request: pytest.FixtureRequest) -> str:
+    """A workflow id unique to this test."""
+    return f"{request.node.name[:120]}-{uuid.uuid4().hex[:8]}".replace("/", "_").replace("[", "_").replace("]", "_")
+
+
+@pytest.fixture
+def counter_dir(tmp_path: Path) -> Path:
+    """A directory where tasks record each execution (one file per run) for counting."""
+    path = tmp_path / "runs"
+    path.mkdir()
+    return path
+
+
+
