@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Set up a virtual environment and run the quickstart example or the tests.
+#   ./dev.sh example   run examples/quickstart.py on the embedded default (local Ray, local dir)
+#   ./dev.sh test      run the test suite (pytest arguments may follow)
+# Needs only Python >= 3.10 with pip; installs uv into .venv for fast installs.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+export RAY_USAGE_STATS_ENABLED=${RAY_USAGE_STATS_ENABLED:-0}
+
+setup() {
+  local extras=$1
+  if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+  fi
+  if [ ! -x .venv/bin/uv ]; then
+    .venv/bin/python -m pip install -q --disable-pip-version-check uv
+  fi
+  .venv/bin/uv pip install -q -p .venv/bin/python -e ".[$extras]"
+}
+
+cmd=${1:-}
+shift || true
+case "$cmd" in
+  example)
+    setup test
+    exec .venv/bin/python examples/quickstart.py "$@"
+    ;;
+  test)
+    setup test
+    exec .venv/bin/python -m pytest "$@"
+    ;;
+  *)
+    echo "usage: ./dev.sh example | test [pytest args]" >&2
+    exit 2
+    ;;
+esac
