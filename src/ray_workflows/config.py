@@ -103,6 +103,9 @@ async def manager(config: Config | None = None) -> Any:
         num_cpus=0,
         max_concurrency=100_000,
         max_restarts=-1,
+        # Calls made while the manager restarts are replayed on the new one; they are
+        # idempotent by workflow id (a stored workflow is resumed, not restarted).
+        max_task_retries=-1,
     ).remote(config.storage)
     await handle.ready.remote()
     _managers[config.storage] = handle

@@ -234,16 +234,15 @@ class Engine:
                 continue
             visited.add(tid)
             recs = records.get(tid, set())
-            if "out" in recs:
-                await self._mark_stored(run, tid, tid)
+            if "out" in recs and await self._mark_stored(run, tid, tid):
                 continue
             if "cont" in recs:
                 output = await self._follow_chain(workflow_id, tid, records, specs, functions)
-                if "out" in records.get(output, set()):
-                    await self._mark_stored(run, tid, output)
-                else:
-                    run.link(output, tid)
-                    stack.append(output)
+                if "out" in records.get(output, set()) and await self._mark_stored(
+                        run, tid, output):
+                    continue
+                run.link(output, tid)
+                stack.append(output)
                 continue
             spec = specs.get(tid)
             if spec is None:
@@ -258,9 +257,22 @@ class Engine:
             run.add_task(spec)
         return run
 
-    async def _mark_stored(self, run: WorkflowRun, tid: str, record_tid: str) -> None:
+    async def _mark_stored(self, run: WorkflowRun, tid: str, record_tid: str) -> bool:
+        """Mark ``tid`` done by the output record of ``record_tid``, if that record is
+        intact. A torn record is removed and the task that wrote it runs again."""
+        key = task_key(run.workflow_id, record_tid, "out")
+        data = await self.storage.get(key)
+        try:
+            serialization.decode(data or b"", key)
+        except CheckpointError as exc:
+            log.warning("checkpoint.torn", workflow_id=run.workflow_id, task_id=record_tid,
+                        error=str(exc))
+            await self.storage.delete(key)
+            return False
         run.mark_stored(tid, record_tid)
-        await self._preload(task_key(run.workflow_id, record_tid, "out"))
+        if not self.storage.shared and data is not None:
+            self.executor.preload(key, data)
+        return True
 
     async def _follow_chain(self, workflow_id: str, root: str, records: dict[str, set[str]],
                             specs: dict[str, TaskSpec], functions: dict[str, bytes]) -> str:

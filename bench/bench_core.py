@@ -1,0 +1,544 @@
+"""Core overhead benchmark: each workload as a durable workflow and as plain Ray tasks.
+
+Run from the repository root::
+
+    RAY_USAGE_STATS_ENABLED=0 python bench/bench_core.py [--quick] [--only chain,fib] [--repeat 3]
+
+It starts one local Ray (2 CPUs, no dashboard), warms it up, then runs every selected
+workload as plain Ray tasks and as a workflow doing the same work, and prints one
+table: plain seconds, workflow seconds, their ratio, and notes. The issue's target
+is a ratio of at most 2.0 on 2 cores. See bench/README.md.
+
+The task functions live at module level and workers import this module by name
+(``bench_core`` on PYTHONPATH), so both sides ship functions by reference, as a
+library or application package would; nothing is pickled by value from ``__main__``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import ray  # noqa: E402
+from ray import ObjectRef  # noqa: E402
+
+import ray_workflows as workflow  # noqa: E402
+
+TARGET = 2.0
+# Ratios (workflow / plain Ray) the issue measured with Ray 2.47's ray.workflow.
+RAY_247 = {"chain": 13.6, "fanout": 20.8, "many": 24.6}
+
+FULL = {"chain": 200, "fanout": 1000, "fib": 12, "many": 100, "bigfanout": 20_000}
+QUICK = {"chain": 50, "fanout": 200, "fib": 8, "many": 20, "bigfanout": 2_000}
+ORDER = ["chain", "fanout", "fib", "many", "bigfanout"]
+
+
+# --------------------------------------------------------------------------- tasks
+@ray.remote
+def inc(x: int) -> int:
+    return x + 1
+
+
+@ray.remote
+def leaf(i: int) -> int:
+    return i
+
+
+@ray.remote
+def gather(*values: int) -> int:
+    return sum(values)
+
+
+@ray.remote
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+@ray.remote
+def wf_fib(n: int) -> Any:
+    if n <= 1:
+        return n
+    return workflow.continuation(add.bind(wf_fib.bind(n - 1), wf_fib.bind(n - 2)))
+
+
+@ray.remote
+def plain_fib(n: int) -> Any:
+    """Never blocks: returns the ref of ``add(fib(n-1), fib(n-2))``."""
+    if n <= 1:
+        return n
+    return plain_add.remote(plain_fib.remote(n - 1), plain_fib.remote(n - 2))
+
+
+@ray.remote
+def plain_add(a: Any, b: Any) -> Any:
+    """``a``/``b`` are ints or refs (a fib value is a ref to an add). Never blocks: while
+    an input is still a ref, resubmit; Ray resolves one level of top-level refs per hop."""
+    if isinstance(a, ObjectRef) or isinstance(b, ObjectRef):
+        return plain_add.remote(a, b)
+    return a + b
+
+
+def fib_value(n: int) -> int:
+    a, b = 0, 1
+    for _ in range(n):
+        a, b = b, a + b
+    return a
+
+
+def fib_plain_task_count(n: int) -> int:
+    """Tasks plain fib(n) runs: every fib call, plus n-1 hops of add for each fib(n>=2)."""
+    calls: dict[int, int] = {}
+
+    def count(k: int, c: int) -> None:
+        calls[k] = calls.get(k, 0) + c
+
+    todo = {n: 1}
+    while todo:
+        k = max(todo)
+        c = todo.pop(k)
+        count(k, c)
+        if k >= 2:
+            todo[k - 1] = todo.get(k - 1, 0) + c
+            todo[k - 2] = todo.get(k - 2, 0) + c
+    return sum(calls.values()) + sum(c * (k - 1) for k, c in calls.items() if k >= 2)
+
+
+def fib_wf_task_count(n: int) -> int:
+    calls = 2 * fib_value(n + 1) - 1
+    return calls + (calls - 1) // 2
+
+
+# --------------------------------------------------------------------------- helpers
+class Timeout(Exception):
+    pass
+
+
+class Deadline:
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise Timeout()
+        return left
+
+
+def get(refs: Any, deadline: Deadline) -> Any:
+    try:
+        return ray.get(refs, timeout=deadline.left())
+    except ray.exceptions.GetTimeoutError:
+        raise Timeout() from None
+
+
+def read_rss_kib(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class RssSampler:
+    """Samples VmRSS of ``pid`` every ``interval`` seconds in a background thread."""
+
+    def __init__(self, pid: int, interval: float = 0.1) -> None:
+        self.pid, self.interval = pid, interval
+        self.peak_kib = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name=f"rss-{pid}")
+
+    def _loop(self) -> None:
+        while True:
+            rss = read_rss_kib(self.pid)
+            if rss is not None:
+                self.peak_kib = max(self.peak_kib, rss)
+                self.samples += 1
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def manager_pid() -> int | None:
+    """PID of the WorkflowManager actor: the state API if it answers (it needs the
+    dashboard), else the GCS actor table, else the process title."""
+    try:
+        from ray.util.state import list_actors
+
+        alive = [a for a in list_actors(filters=[("class_name", "=", "WorkflowManager")])
+                 if a.state == "ALIVE"]
+        if len(alive) == 1 and alive[0].pid:
+            return int(alive[0].pid)
+    except Exception:
+        pass
+    try:
+        from ray._private import state
+
+        pids = [int(a["Pid"]) for a in state.actors().values()
+                if a.get("ActorClassName") == "WorkflowManager" and a.get("State") == "ALIVE"
+                and a.get("Pid")]
+        if len(pids) == 1:
+            return pids[0]
+    except Exception:
+        pass
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if f.read().startswith(b"ray::WorkflowManager"):
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found[0] if len(found) == 1 else None
+
+
+def mib(kib: int | None) -> str:
+    return "?" if kib is None else f"{kib / 1024:.0f}"
+
+
+# --------------------------------------------------------------------------- workloads
+@dataclass
+class Sample:
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Workload:
+    name: str
+    label: str
+    plain: Callable[[Deadline], Sample]
+    flow: Callable[[str, Deadline], Sample]
+    expected: Any = None
+
+
+def check(name: str, got: Any, expected: Any) -> None:
+    if got != expected:
+        raise AssertionError(f"{name}: wrong result {got!r:.80}, expected {expected!r:.80}")
+
+
+def make_workloads(sizes: dict[str, int]) -> dict[str, Workload]:
+    n_chain, n_fan, n_fib, n_many, n_big = (sizes[k] for k in ORDER)
+
+    # (1) chain ------------------------------------------------------------
+    def chain_plain(dl: Deadline) -> Sample:
+        t0 = time.perf_counter()
+        ref: Any = 0
+        for _ in range(n_chain):
+            ref = inc.remote(ref)
+        value = get(ref, dl)
+        t = time.perf_counter() - t0
+        check("chain", value, n_chain)
+        return Sample(t)
+
+    def chain_flow(wid: str, dl: Deadline) -> Sample:
+        t0 = time.perf_counter()
+        dag: Any = 0
+        for _ in range(n_chain):
+            dag = inc.bind(dag)
+        ref = workflow.run_async(dag, workflow_id=wid)
+        t_submit = time.perf_counter() - t0
+        value = get(ref, dl)
+        t = time.perf_counter() - t0
+        check("chain", value, n_chain)
+        return Sample(t, [f"submit {t_submit:.2f}s"])
+
+    # (2)/(5) fan-out --------------------------------------------------------
+    def fan_plain(n: int) -> Callable[[Deadline], Sample]:
+        def run(dl: Deadline) -> Sample:
+            t0 = time.perf_counter()
+            refs = [leaf.remote(i) for i in range(n)]
+            value = get(gather.remote(*refs), dl)
+            t = time.perf_counter() - t0
+            check("fanout", value, n * (n - 1) // 2)
+            return Sample(t)
+        return run
+
+    def fan_flow(n: int, memory: bool) -> Callable[[str, Deadline], Sample]:
+        def run(wid: str, dl: Deadline) -> Sample:
+            pid = manager_pid() if memory else None
+            base = read_rss_kib(pid) if pid else None
+            driver_base = read_rss_kib(os.getpid())
+            sampler = RssSampler(pid) if pid else None
+            driver = RssSampler(os.getpid())
+            with driver:
+                if sampler:
+                    sampler.__enter__()
+                try:
+                    t0 = time.perf_counter()
+                    nodes = [leaf.bind(i) for i in range(n)]
+                    dag = gather.bind(*nodes)
+                    t_bind = time.perf_counter() - t0
+                    ref = workflow.run_async(dag, workflow_id=wid)
+                    t_submit = time.perf_counter() - t0
+                    value = get(ref, dl)
+                    t = time.perf_counter() - t0
+                finally:
+                    if sampler:
+                        sampler.__exit__()
+            check("fanout", value, n * (n - 1) // 2)
+            notes = [f"bind {t_bind:.2f}s", f"submit {t_submit:.2f}s"]
+            if memory:
+                if sampler:
+                    notes.append(f"manager RSS base {mib(base)} MiB peak {mib(sampler.peak_kib)}"
+                                 f" MiB (pid {pid}, {sampler.samples} samples)")
+                else:
+                    notes.append("manager pid not found: no RSS")
+                notes.append(f"driver RSS base {mib(driver_base)} peak {mib(driver.peak_kib)} MiB")
+            return Sample(t, notes)
+        return run
+
+    # (3) fib by continuations ----------------------------------------------
+    def fib_plain(dl: Deadline) -> Sample:
+        t0 = time.perf_counter()
+        value: Any = plain_fib.remote(n_fib)
+        hops = 0
+        while isinstance(value, ObjectRef):
+            value = get(value, dl)
+            hops += 1
+        t = time.perf_counter() - t0
+        check("fib", value, fib_value(n_fib))
+        return Sample(t, [f"{fib_plain_task_count(n_fib)} tasks, {hops} driver gets"])
+
+    def fib_flow(wid: str, dl: Deadline) -> Sample:
+        t0 = time.perf_counter()
+        ref = workflow.run_async(wf_fib.bind(n_fib), workflow_id=wid)
+        value = get(ref, dl)
+        t = time.perf_counter() - t0
+        check("fib", value, fib_value(n_fib))
+        return Sample(t, [f"{fib_wf_task_count(n_fib)} tasks"])
+
+    # (4) many small workflows started at once ---------------------------------
+    def many_plain(dl: Deadline) -> Sample:
+        t0 = time.perf_counter()
+        refs = [add.remote(inc.remote(i), 1) for i in range(n_many)]
+        values = get(refs, dl)
+        t = time.perf_counter() - t0
+        check("many", values, [i + 2 for i in range(n_many)])
+        return Sample(t)
+
+    def many_flow(wid: str, dl: Deadline) -> Sample:
+        t0 = time.perf_counter()
+        refs = [workflow.run_async(add.bind(inc.bind(i), 1), workflow_id=f"{wid}-{i}")
+                for i in range(n_many)]
+        t_submit = time.perf_counter() - t0
+        values = get(refs, dl)
+        t = time.perf_counter() - t0
+        check("many", values, [i + 2 for i in range(n_many)])
+        return Sample(t, [f"submit {t_submit:.2f}s ({t_submit / n_many * 1000:.1f} ms/run_async)"])
+
+    return {
+        "chain": Workload("chain", f"chain {n_chain}", chain_plain, chain_flow),
+        "fanout": Workload("fanout", f"fan-out {n_fan}", fan_plain(n_fan),
+                           fan_flow(n_fan, memory=False)),
+        "fib": Workload("fib", f"fib({n_fib}) cont.", fib_plain, fib_flow),
+        "many": Workload("many", f"{n_many} workflows x2", many_plain, many_flow),
+        "bigfanout": Workload("bigfanout", f"fan-out {n_big}", fan_plain(n_big),
+                              fan_flow(n_big, memory=True)),
+    }
+
+
+# --------------------------------------------------------------------------- running
+def guarded(fn: Callable[[], Sample], timeout: float) -> Sample | str:
+    """Run ``fn`` in a thread; a Sample, or "TIMEOUT"/"ERROR ..." (the script always ends)."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["sample"] = fn()
+        except Timeout:
+            box["error"] = "TIMEOUT"
+        except BaseException as exc:  # noqa: BLE001 - reported in the table
+            box["error"] = f"ERROR {type(exc).__name__}: {exc}"
+            box["trace"] = traceback.format_exc()
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout + 30)  # ray.get timeouts fire first; this catches a hung submit
+    if thread.is_alive():
+        return "TIMEOUT (hung outside ray.get)"
+    if "trace" in box:
+        print(box["trace"], file=sys.stderr)
+    return box.get("sample") or box["error"]
+
+
+def restart_manager() -> None:
+    """After a workflow timed out: restart the manager so the hung run stops using it."""
+    from ray_workflows import config
+    from ray_workflows.manager import NAMESPACE, manager_name
+
+    try:
+        handle = ray.get_actor(manager_name(config.current().storage), namespace=NAMESPACE)
+        ray.kill(handle, no_restart=False)
+        ray.get(handle.ready.remote(), timeout=120)
+        print("  (manager restarted after a timeout)", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001
+        print(f"  (could not restart the manager: {exc})", file=sys.stderr)
+
+
+def warm_up(run_tag: str) -> float:
+    t0 = time.perf_counter()
+    assert workflow.run(add.bind(inc.bind(1), 1), workflow_id=f"bench-warmup-{run_tag}") == 3
+    assert ray.get([inc.remote(i) for i in range(4)]) == [1, 2, 3, 4]
+    assert ray.get(gather.remote(*[leaf.remote(i) for i in range(4)])) == 6
+    assert ray.get(add.remote(inc.remote(1), 1)) == 3
+    value: Any = plain_fib.remote(3)
+    while isinstance(value, ObjectRef):
+        value = ray.get(value)
+    assert value == 2
+    assert workflow.run(wf_fib.bind(3), workflow_id=f"bench-warmup-fib-{run_tag}") == 2
+    return time.perf_counter() - t0
+
+
+def fs_type(path: str) -> str:
+    try:
+        out = subprocess.run(["df", "-T", path], capture_output=True, text=True, timeout=10)
+        return out.stdout.splitlines()[1].split()[1]
+    except Exception:  # noqa: BLE001
+        return "?"
+
+
+def fmt_seconds(values: list[float]) -> str:
+    if not values:
+        return "-"
+    return f"{statistics.median(values):.3f}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--storage", help="workflow storage (default: a fresh temp dir, removed "
+                        "afterwards)")
+    parser.add_argument("--only", help=f"comma-separated workloads: {','.join(ORDER)}")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per side; the median is shown")
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--timeout", type=float, default=300.0,
+                        help="seconds allowed per measurement (default 300)")
+    parser.add_argument("--keep-storage", action="store_true", help="keep the temp storage")
+    parser.add_argument("--log-to-driver", action="store_true", help="show worker/manager logs")
+    args = parser.parse_args()
+
+    names = ORDER if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ORDER]
+    if unknown:
+        parser.error(f"unknown workload(s) {unknown}; choose from {ORDER}")
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+
+    sizes = QUICK if args.quick else FULL
+    temp_storage = args.storage is None
+    storage = args.storage or tempfile.mkdtemp(prefix="rwf-bench-")
+    run_tag = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+    # Workers import this module by name, so functions are shipped by reference.
+    here = os.path.dirname(os.path.abspath(__file__))
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [here, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+
+    t0 = time.perf_counter()
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             log_to_driver=args.log_to_driver)
+    t_init = time.perf_counter() - t0
+    workflow.init(storage)
+    t_warm = warm_up(run_tag)
+
+    print()
+    print(f"ray-workflows {workflow.__version__} core benchmark | Ray {ray.__version__} | Python "
+          f"{platform.python_version()} | num_cpus=2 (machine: {os.cpu_count()} cores)")
+    print(f"storage {storage} ({fs_type(storage)}) | sizes {'quick' if args.quick else 'full'} "
+          f"| repeat {args.repeat} (median) | timeout {args.timeout:.0f}s/measurement")
+    print(f"ray.init {t_init:.1f}s, warm-up {t_warm:.1f}s | ratio = workflow / plain Ray | "
+          f"target <= {TARGET:.1f} (rows above it marked '!!')")
+    print("Ray 2.47 reference ratios: chain 13.6x, fan-out 20.8x, 100 workflows 24.6x")
+    print()
+
+    workloads = make_workloads(sizes)
+    header = (f"{'workload':<20} {'plain s':>9} {'workflow s':>11} {'ratio':>7} {'':2} "
+              f"{'2.47':>6}  notes")
+    print(header)
+    print("-" * len(header))
+    worst: tuple[float, str] | None = None
+    for name in names:
+        w = workloads[name]
+        plain_times: list[float] = []
+        flow_times: list[float] = []
+        plain_notes: list[str] = []
+        flow_notes: list[str] = []
+        failures: list[str] = []
+        for rep in range(args.repeat):
+            res = guarded(lambda: w.plain(Deadline(args.timeout)), args.timeout)
+            if isinstance(res, str):
+                failures.append(f"plain: {res}")
+            else:
+                plain_times.append(res.seconds)
+                plain_notes = res.notes
+            wid = f"bench-{name}-{run_tag}-{rep}"
+            res = guarded(lambda: w.flow(wid, Deadline(args.timeout)), args.timeout)
+            if isinstance(res, str):
+                failures.append(f"workflow: {res}")
+                if res.startswith("TIMEOUT"):
+                    restart_manager()
+            else:
+                flow_times.append(res.seconds)
+                flow_notes = res.notes
+        notes = plain_notes + flow_notes  # from the last successful run of each side
+        ratio_s, mark = "-", ""
+        if plain_times and flow_times:
+            ratio = statistics.median(flow_times) / statistics.median(plain_times)
+            ratio_s, mark = f"{ratio:.1f}x", ("!!" if ratio > TARGET else "ok")
+            if worst is None or ratio > worst[0]:
+                worst = (ratio, w.label)
+        if args.repeat > 1:
+            spread = []
+            if plain_times:
+                spread.append(f"plain {min(plain_times):.3f}-{max(plain_times):.3f}")
+            if flow_times:
+                spread.append(f"wf {min(flow_times):.3f}-{max(flow_times):.3f}")
+            notes.insert(0, "range " + ", ".join(spread))
+        ref = f"{RAY_247[name]:.1f}x" if name in RAY_247 else "-"
+        print(f"{w.label:<20} {fmt_seconds(plain_times):>9} {fmt_seconds(flow_times):>11} "
+              f"{ratio_s:>7} {mark:2} {ref:>6}  {'; '.join(failures + notes)}", flush=True)
+    print()
+    if worst:
+        print(f"worst ratio: {worst[1]} {worst[0]:.1f}x "
+              f"({'meets' if worst[0] <= TARGET else 'misses'} the target <= {TARGET:.1f})")
+
+    ray.shutdown()
+    if temp_storage and not args.keep_storage:
+        shutil.rmtree(storage, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    # Re-enter through the module name so that the task functions are `bench_core.*`
+    # (importable by workers, pickled by reference), not `__main__.*`.
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_core
+
+    sys.exit(bench_core.main())

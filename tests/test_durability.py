@@ -1,0 +1,99 @@
+"""Finished tasks never run again: real kills, counted through files."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from helpers import count_runs, record_run
+
+import ray_workflows as workflow
+from ray_workflows import config, serialization
+from ray_workflows.manager import NAMESPACE, manager_name
+
+
+@ray.remote
+def step(x: int, i: int, runs: str, delay: float) -> int:
+    time.sleep(delay)
+    record_run(runs, f"step{i}")
+    return x + 1
+
+
+@ray.remote
+def slow_victim(x: int, runs: str, pid_file: str) -> int:
+    record_run(runs, "victim-start")
+    Path(pid_file).write_text(str(os.getpid()))
+    time.sleep(30 if count_runs(runs, "victim-start") == 1 else 0)
+    record_run(runs, "victim")
+    return x * 10
+
+
+def _chain(n: int, runs: Path, delay: float) -> object:
+    node: object = 0
+    for i in range(n):
+        node = step.bind(node, i, str(runs), delay)
+    return node
+
+
+def _wait_for(predicate, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.05)
+
+
+def test_worker_killed_mid_task_is_retried_and_finished_tasks_do_not_rerun(
+        storage: str, wid: str, counter_dir: Path, tmp_path: Path) -> None:
+    pid_file = tmp_path / "victim.pid"
+    dag = slow_victim.bind(_chain(3, counter_dir, 0.0), str(counter_dir), str(pid_file))
+    ref = workflow.run_async(dag, workflow_id=wid)
+    _wait_for(pid_file.exists)
+    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    assert ray.get(ref, timeout=120) == 30
+    assert count_runs(counter_dir, "victim-start") == 2
+    assert count_runs(counter_dir, "victim") == 1
+    for i in range(3):
+        assert count_runs(counter_dir, f"step{i}") == 1
+
+
+def test_manager_killed_mid_workflow_resumes_without_rerunning(
+        fresh_storage: str, wid: str, counter_dir: Path) -> None:
+    n = 30
+    ref = workflow.run_async(_chain(n, counter_dir, 0.1), workflow_id=wid)
+    _wait_for(lambda: count_runs(counter_dir, "step9") == 1)
+    manager = ray.get_actor(manager_name(config.normalise_storage(fresh_storage)),
+                            namespace=NAMESPACE)
+    ray.kill(manager, no_restart=False)  # the actor restarts, with no memory of the run
+    # Ray replays the in-flight `run` call on the restarted manager, which finds the
+    # workflow in storage and resumes it from its checkpoints.
+    assert ray.get(ref, timeout=120) == n
+    assert workflow.get_status(wid) == workflow.SUCCESSFUL
+    assert workflow.resume(wid) == n  # resuming a finished workflow re-runs nothing
+    counts = [count_runs(counter_dir, f"step{i}") for i in range(n)]
+    # A task may have been cut off between writing its checkpoint and reporting it;
+    # it still ran once. Only a task killed before its checkpoint runs twice, and it
+    # never recorded its first run (it records right before returning).
+    assert counts == [1] * n
+
+
+def test_torn_checkpoint_is_never_read_as_an_output(
+        storage: str, wid: str, counter_dir: Path) -> None:
+    assert workflow.run(_chain(3, counter_dir, 0.0), workflow_id=wid) == 3
+    out = Path(storage, "workflows", wid, "tasks", "test_durability.step_2", "out")
+    record = out.read_bytes()
+    assert serialization.decode(record)[0]["kind"] == "value"
+    out.write_bytes(record[: len(record) - 3])  # as a torn, non-atomic write would leave it
+    with pytest.raises(workflow.exceptions.CheckpointError):
+        serialization.decode(out.read_bytes(), str(out))
+    # Make the stored workflow look interrupted, as after a crash of its manager.
+    meta = Path(storage, "workflows", wid, "meta.json")
+    meta.write_text(meta.read_text().replace('"SUCCESSFUL"', '"RUNNING"'))
+    assert workflow.resume(wid) == 3
+    # The torn output was discarded and its task ran again; its inputs came from
+    # their intact checkpoints.
+    assert [count_runs(counter_dir, f"step{i}") for i in range(3)] == [1, 1, 2]
