@@ -245,7 +245,7 @@ def _replace_many(pairs: list[tuple[str, bytes]]) -> None:
     try:
         for path, data in pairs:
             temps.append(_write_temp(os.path.dirname(path), data))
-        for tmp, (path, _) in zip(temps, pairs):
+        for tmp, (path, _) in zip(temps, pairs, strict=False):
             os.replace(tmp, path)
             renamed += 1
     finally:

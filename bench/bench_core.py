@@ -461,6 +461,7 @@ def main() -> int:
     os.environ["PYTHONPATH"] = os.pathsep.join(
         [here, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
 
+    load0 = os.getloadavg()
     t0 = time.perf_counter()
     ray.init(address="local", num_cpus=2, include_dashboard=False,
              log_to_driver=args.log_to_driver)
@@ -476,6 +477,9 @@ def main() -> int:
     print(f"ray.init {t_init:.1f}s, warm-up {t_warm:.1f}s | ratio = workflow / plain Ray | "
           f"target <= {TARGET:.1f} (rows above it marked '!!')")
     print("Ray 2.47 reference ratios: chain 13.6x, fan-out 20.8x, 100 workflows 24.6x")
+    print(f"load average before ray.init {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}"
+          + ("  WARNING: the machine is busy, numbers are not comparable"
+             if load0[0] > 1.5 else ""))
     print()
 
     workloads = make_workloads(sizes)
@@ -525,6 +529,8 @@ def main() -> int:
         print(f"{w.label:<20} {fmt_seconds(plain_times):>9} {fmt_seconds(flow_times):>11} "
               f"{ratio_s:>7} {mark:2} {ref:>6}  {'; '.join(failures + notes)}", flush=True)
     print()
+    load = os.getloadavg()
+    print(f"load average at end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     if worst:
         print(f"worst ratio: {worst[1]} {worst[0]:.1f}x "
               f"({'meets' if worst[0] <= TARGET else 'misses'} the target <= {TARGET:.1f})")

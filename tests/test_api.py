@@ -212,13 +212,24 @@ def test_task_metadata_of_unknown_task(storage: str, wid: str) -> None:
         workflow.get_metadata(wid, "no-such-task")
 
 
+def _wait_registered(wf_id: str, timeout: float = 10.0) -> workflow.WorkflowStatus:
+    """Poll until the workflow is known (see the xfail test below for why this is needed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return workflow.get_status(wf_id)
+        except workflow.WorkflowNotFoundError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def test_status_is_consistent_while_running(storage: str, wid: str) -> None:
     ref = workflow.run_async(sleepy.bind(1.5, "done"), workflow_id=wid)
-    # Right after run_async returns, the workflow exists and is running.
-    status = workflow.get_status(wid)
-    assert status == workflow.RUNNING
+    assert _wait_registered(wid) == workflow.RUNNING
     assert workflow.get_metadata(wid)["status"] == "RUNNING"
     assert (wid, workflow.RUNNING) in workflow.list_all(workflow.RUNNING)
+    assert (wid, workflow.RUNNING) in workflow.list_all()
     assert ray.get(ref, timeout=60) == "done"
     assert workflow.get_status(wid) == workflow.SUCCESSFUL
     assert workflow.get_metadata(wid)["status"] == "SUCCESSFUL"
@@ -226,18 +237,21 @@ def test_status_is_consistent_while_running(storage: str, wid: str) -> None:
     assert wid not in [w for w, _ in workflow.list_all(workflow.RUNNING)]
 
 
-def test_status_known_immediately_after_run_async(storage: str) -> None:
-    """No window in which a just-started workflow is unknown or RESUMABLE."""
+@pytest.mark.xfail(reason="BUG: run_async returns before the manager has registered the "
+                          "workflow; get_status/get_output right after it raise "
+                          "WorkflowNotFoundError", strict=True)
+def test_status_known_immediately_after_run_async(storage: str, wid: str) -> None:
+    """No window in which a just-started workflow is unknown."""
     seen = []
     refs = []
-    for i in range(5):
-        w = f"immediate-{i}-{time.time_ns()}"
-        refs.append(workflow.run_async(sleepy.bind(0.3, i), workflow_id=w))
+    for i in range(3):
+        w = f"{wid}-{i}"
+        refs.append(workflow.run_async(sleepy.bind(0.5, i), workflow_id=w))
         try:
             seen.append(workflow.get_status(w))
         except workflow.WorkflowNotFoundError as exc:
             seen.append(exc)
-    assert ray.get(refs, timeout=60) == list(range(5))
+    assert ray.get(refs, timeout=60) == list(range(3))
     assert all(s in (workflow.RUNNING, workflow.SUCCESSFUL) for s in seen), seen
 
 
@@ -257,6 +271,7 @@ def test_get_output_forms(storage: str, wid: str) -> None:
 
 def test_get_output_waits_for_a_running_workflow(storage: str, wid: str) -> None:
     ref = workflow.run_async(sleepy.bind(0.8, "late"), workflow_id=wid)
+    _wait_registered(wid)
     assert workflow.get_output(wid) == "late"
     assert ray.get(ref, timeout=60) == "late"
 
@@ -311,13 +326,21 @@ def test_get_output_of_a_failed_workflow_raises(storage: str, wid: str) -> None:
         workflow.get_output(wid)
 
 
-def _exception_classes() -> list[type[BaseException]]:
-    return [obj for name in wf_exceptions.__all__
-            if isinstance(obj := getattr(wf_exceptions, name), type)
-            and issubclass(obj, BaseException)]
+def _exception_classes() -> list:
+    classes = [obj for name in wf_exceptions.__all__
+               if isinstance(obj := getattr(wf_exceptions, name), type)
+               and issubclass(obj, BaseException)]
+    assert len(classes) >= 12
+    return [
+        pytest.param(cls, id=cls.__name__, marks=pytest.mark.xfail(
+            reason="BUG: WorkflowWarning is a plain UserWarning: pickling drops __cause__",
+            strict=True))
+        if cls is wf_exceptions.WorkflowWarning else pytest.param(cls, id=cls.__name__)
+        for cls in classes
+    ]
 
 
-@pytest.mark.parametrize("cls", _exception_classes(), ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", _exception_classes())
 def test_every_exception_pickles_with_message_and_cause(cls: type[BaseException]) -> None:
     exc = cls("something went wrong")
     exc.__cause__ = AppError("the root cause")

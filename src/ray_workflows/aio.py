@@ -44,8 +44,13 @@ async def get(ref: Any) -> Any:
         raise inner from inner.__cause__
 
 
-def prepare(dag: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-            workflow_id: str | None, metadata: dict[str, Any] | None) -> tuple[str, Plan, dict[str, Any]]:
+def prepare(
+    dag: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    workflow_id: str | None,
+    metadata: dict[str, Any] | None,
+) -> tuple[str, Plan, dict[str, Any]]:
     """Validate and compile a run request; raises before anything is stored."""
     from ray.dag import DAGNode
 
@@ -58,16 +63,26 @@ def prepare(dag: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
     return wid, compile_dag(dag, args, kwargs), check_metadata(metadata)
 
 
-async def run_async(dag: Any, *args: Any, workflow_id: str | None = None,
-                    metadata: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+async def run_async(
+    dag: Any,
+    *args: Any,
+    workflow_id: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> Any:
     """Start a workflow; return the ``ray.ObjectRef`` of its output."""
     wid, plan, md = await asyncio.to_thread(prepare, dag, args, kwargs, workflow_id, metadata)
     handle = await config.manager()
     return handle.run.remote(wid, plan, md)
 
 
-async def run(dag: Any, *args: Any, workflow_id: str | None = None,
-              metadata: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+async def run(
+    dag: Any,
+    *args: Any,
+    workflow_id: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> Any:
     """Run a workflow to completion and return its output."""
     ref = await run_async(dag, *args, workflow_id=workflow_id, metadata=metadata, **kwargs)
     return await get(ref)
@@ -85,8 +100,9 @@ async def resume(workflow_id: str) -> Any:
     return await get(await resume_async(workflow_id))
 
 
-async def get_output_async(workflow_id: str, *, task_id: str | None = None,
-                           name: str | None = None) -> Any:
+async def get_output_async(
+    workflow_id: str, *, task_id: str | None = None, name: str | None = None
+) -> Any:
     """The ``ray.ObjectRef`` of a workflow's output, or of one task's (``task_id``)."""
     check_id(workflow_id)
     task_id = task_id if task_id is not None else name
@@ -94,8 +110,9 @@ async def get_output_async(workflow_id: str, *, task_id: str | None = None,
     return handle.get_output.remote(workflow_id, task_id)
 
 
-async def get_output(workflow_id: str, *, task_id: str | None = None,
-                     name: str | None = None) -> Any:
+async def get_output(
+    workflow_id: str, *, task_id: str | None = None, name: str | None = None
+) -> Any:
     """A workflow's output (waits while it runs), or one task's with ``task_id``."""
     return await get(await get_output_async(workflow_id, task_id=task_id, name=name))
 
@@ -108,8 +125,9 @@ async def get_status(workflow_id: str) -> WorkflowStatus:
     return status
 
 
-async def get_metadata(workflow_id: str, task_id: str | None = None, *,
-                       name: str | None = None) -> dict[str, Any]:
+async def get_metadata(
+    workflow_id: str, task_id: str | None = None, *, name: str | None = None
+) -> dict[str, Any]:
     """Metadata of a workflow (status, user_metadata, stats) or of one of its tasks."""
     check_id(workflow_id)
     task_id = task_id if task_id is not None else name

@@ -13,26 +13,40 @@ from ray_workflows.status import WorkflowStatus
 from ray_workflows.worker import in_task
 
 
-def init(storage: str | None = None, *, max_running_workflows: int | None = None,
-         max_pending_workflows: int | None = None) -> None:
+def init(
+    storage: str | None = None,
+    *,
+    max_running_workflows: int | None = None,
+    max_pending_workflows: int | None = None,
+) -> None:
     """Choose the storage (a path, ``file://``, ``memory://``, ``s3://...``) and start the
     manager. Optional: the first workflow call initialises with the defaults.
 
     >>> workflow.init("/mnt/shared/workflows")
     """
-    for name, value, low in (("max_running_workflows", max_running_workflows, 1),
-                             ("max_pending_workflows", max_pending_workflows, 0)):
+    for name, value, low in (
+        ("max_running_workflows", max_running_workflows, 1),
+        ("max_pending_workflows", max_pending_workflows, 0),
+    ):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
             raise TypeError(f"{name} must be an int or None, got {value!r}")
         if value is not None and value != -1 and value < low:
             raise ValueError(f"{name} must be -1 (unlimited) or at least {low}, got {value}")
-    cfg = config.configure(storage, max_running_workflows=max_running_workflows,
-                           max_pending_workflows=max_pending_workflows)
+    cfg = config.configure(
+        storage,
+        max_running_workflows=max_running_workflows,
+        max_pending_workflows=max_pending_workflows,
+    )
     bridge.run(config.manager(cfg))
 
 
-def run(dag: Any, *args: Any, workflow_id: str | None = None,
-        metadata: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+def run(
+    dag: Any,
+    *args: Any,
+    workflow_id: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> Any:
     """Run a workflow to completion and return its output.
 
     ``args``/``kwargs`` feed the DAG's ``InputNode``. An id that is already stored
@@ -44,13 +58,19 @@ def run(dag: Any, *args: Any, workflow_id: str | None = None,
     return bridge.run(aio.run(dag, *args, workflow_id=workflow_id, metadata=metadata, **kwargs))
 
 
-def run_async(dag: Any, *args: Any, workflow_id: str | None = None,
-              metadata: dict[str, Any] | None = None, **kwargs: Any) -> ray.ObjectRef:
+def run_async(
+    dag: Any,
+    *args: Any,
+    workflow_id: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> ray.ObjectRef[Any]:
     """Start a workflow and return a ``ray.ObjectRef`` of its output: ``ray.get(ref)``
     or ``await ref``. Errors in the DAG or arguments raise here; failures while
     running raise from the ref."""
-    ref: ray.ObjectRef = bridge.run(
-        aio.run_async(dag, *args, workflow_id=workflow_id, metadata=metadata, **kwargs))
+    ref: ray.ObjectRef[Any] = bridge.run(
+        aio.run_async(dag, *args, workflow_id=workflow_id, metadata=metadata, **kwargs)
+    )
     return ref
 
 
@@ -59,9 +79,9 @@ def resume(workflow_id: str) -> Any:
     return bridge.run(aio.resume(workflow_id))
 
 
-def resume_async(workflow_id: str) -> ray.ObjectRef:
+def resume_async(workflow_id: str) -> ray.ObjectRef[Any]:
     """Resume a stored workflow; return a ``ray.ObjectRef`` of its output."""
-    ref: ray.ObjectRef = bridge.run(aio.resume_async(workflow_id))
+    ref: ray.ObjectRef[Any] = bridge.run(aio.resume_async(workflow_id))
     return ref
 
 
@@ -70,10 +90,13 @@ def get_output(workflow_id: str, *, task_id: str | None = None, name: str | None
     return bridge.run(aio.get_output(workflow_id, task_id=task_id, name=name))
 
 
-def get_output_async(workflow_id: str, *, task_id: str | None = None,
-                     name: str | None = None) -> ray.ObjectRef:
+def get_output_async(
+    workflow_id: str, *, task_id: str | None = None, name: str | None = None
+) -> ray.ObjectRef[Any]:
     """A ``ray.ObjectRef`` of the workflow's (or one task's) output."""
-    ref: ray.ObjectRef = bridge.run(aio.get_output_async(workflow_id, task_id=task_id, name=name))
+    ref: ray.ObjectRef[Any] = bridge.run(
+        aio.get_output_async(workflow_id, task_id=task_id, name=name)
+    )
     return ref
 
 
@@ -82,8 +105,9 @@ def get_status(workflow_id: str) -> WorkflowStatus:
     return bridge.run(aio.get_status(workflow_id))
 
 
-def get_metadata(workflow_id: str, task_id: str | None = None, *,
-                 name: str | None = None) -> dict[str, Any]:
+def get_metadata(
+    workflow_id: str, task_id: str | None = None, *, name: str | None = None
+) -> dict[str, Any]:
     """Metadata of the workflow (``status``, ``user_metadata``, ``stats``) or of one task
     (``task_options``, ``user_metadata``, ``stats``)."""
     return bridge.run(aio.get_metadata(workflow_id, task_id, name=name))
@@ -119,8 +143,10 @@ def _execute_plain(root: DAGNode) -> Any:
         if uid in refs:
             continue
         if not isinstance(node, FunctionNode):
-            raise TypeError(f"continuation() outside a workflow supports function nodes only, "
-                            f"got {type(node).__name__}")
+            raise TypeError(
+                f"continuation() outside a workflow supports function nodes only, "
+                f"got {type(node).__name__}"
+            )
         children = node._get_all_child_nodes()
         if not ready:
             stack.append((node, True))
@@ -143,8 +169,9 @@ def _execute_plain(root: DAGNode) -> Any:
             remote = remotes[id(node._body)] = ray.remote(node._body)
         opts = {k: v for k, v in node.get_options().items() if k != "_labels"}
         call = remote.options(**opts) if opts else remote
-        refs[uid] = call.remote(*[sub(a) for a in node.get_args()],
-                                **{k: sub(v) for k, v in node.get_kwargs().items()})
+        refs[uid] = call.remote(
+            *[sub(a) for a in node.get_args()], **{k: sub(v) for k, v in node.get_kwargs().items()}
+        )
     return refs[root.get_stable_uuid()]
 
 
@@ -155,13 +182,16 @@ class Workflow:
         self._dag, self._args, self._kwargs = dag, args, kwargs
 
     def run(self, workflow_id: str | None = None, metadata: dict[str, Any] | None = None) -> Any:
-        return run(self._dag, *self._args, workflow_id=workflow_id, metadata=metadata,
-                   **self._kwargs)
+        return run(
+            self._dag, *self._args, workflow_id=workflow_id, metadata=metadata, **self._kwargs
+        )
 
-    def run_async(self, workflow_id: str | None = None,
-                  metadata: dict[str, Any] | None = None) -> ray.ObjectRef:
-        return run_async(self._dag, *self._args, workflow_id=workflow_id, metadata=metadata,
-                         **self._kwargs)
+    def run_async(
+        self, workflow_id: str | None = None, metadata: dict[str, Any] | None = None
+    ) -> ray.ObjectRef[Any]:
+        return run_async(
+            self._dag, *self._args, workflow_id=workflow_id, metadata=metadata, **self._kwargs
+        )
 
 
 def create(dag: Any, *args: Any, **kwargs: Any) -> Workflow:
@@ -169,5 +199,17 @@ def create(dag: Any, *args: Any, **kwargs: Any) -> Workflow:
     return Workflow(dag, args, kwargs)
 
 
-__all__ = ["continuation", "create", "get_metadata", "get_output", "get_output_async",
-           "get_status", "init", "list_all", "resume", "resume_async", "run", "run_async"]
+__all__ = [
+    "continuation",
+    "create",
+    "get_metadata",
+    "get_output",
+    "get_output_async",
+    "get_status",
+    "init",
+    "list_all",
+    "resume",
+    "resume_async",
+    "run",
+    "run_async",
+]

@@ -34,8 +34,9 @@ log = get_logger()
 
 
 def default_storage() -> str:
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local",
-                                                            "share")
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "share"
+    )
     return os.path.join(base, "ray-workflows")
 
 
@@ -60,8 +61,9 @@ _managers: dict[str, Any] = {}
 
 def resolve_storage(storage: str | None) -> str:
     if storage is None:
-        storage = (os.environ.get(ENV_STORAGE) or os.environ.get(LEGACY_ENV_STORAGE)
-                   or default_storage())
+        storage = (
+            os.environ.get(ENV_STORAGE) or os.environ.get(LEGACY_ENV_STORAGE) or default_storage()
+        )
     return normalise_storage(storage)
 
 
@@ -95,18 +97,22 @@ async def manager(config: Config | None = None) -> Any:
     if handle is not None:
         return handle
     await asyncio.to_thread(ensure_ray)
-    handle = actor_class().options(
-        name=manager_name(config.storage),
-        namespace=NAMESPACE,
-        lifetime="detached",
-        get_if_exists=True,
-        num_cpus=0,
-        max_concurrency=100_000,
-        max_restarts=-1,
-        # Calls made while the manager restarts are replayed on the new one; they are
-        # idempotent by workflow id (a stored workflow is resumed, not restarted).
-        max_task_retries=-1,
-    ).remote(config.storage)
+    handle = (
+        actor_class()
+        .options(
+            name=manager_name(config.storage),
+            namespace=NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=0,
+            max_concurrency=100_000,
+            max_restarts=-1,
+            # Calls made while the manager restarts are replayed on the new one; they are
+            # idempotent by workflow id (a stored workflow is resumed, not restarted).
+            max_task_retries=-1,
+        )
+        .remote(config.storage)
+    )
     await handle.ready.remote()
     _managers[config.storage] = handle
     return handle
@@ -117,5 +123,15 @@ def forget_managers() -> None:
     _managers.clear()
 
 
-__all__ = ["ENV_STORAGE", "Config", "configure", "current", "default_storage", "ensure_ray",
-           "forget_managers", "manager", "normalise_storage", "resolve_storage"]
+__all__ = [
+    "ENV_STORAGE",
+    "Config",
+    "configure",
+    "current",
+    "default_storage",
+    "ensure_ray",
+    "forget_managers",
+    "manager",
+    "normalise_storage",
+    "resolve_storage",
+]

@@ -49,8 +49,9 @@ class Executor:
         self._save = ray.remote(num_cpus=0, max_retries=3)(save_objects)
         self._records: dict[str, bytes] = {}
 
-    def submit(self, call: Any, func_ref: Any, values: list[Any], ray_options: dict[str, Any]
-               ) -> tuple[Any, Any]:
+    def submit(
+        self, call: Any, func_ref: Any, values: list[Any], ray_options: dict[str, Any]
+    ) -> tuple[Any, Any]:
         remote = self._execute.options(**ray_options) if ray_options else self._execute
         receipt, value = remote.remote(call, func_ref, *values)
         return receipt, value
@@ -82,8 +83,9 @@ class Engine:
         self._drivers: set[asyncio.Task[None]] = set()
 
     # -- starting ---------------------------------------------------------------
-    async def start(self, workflow_id: str, plan: Plan, metadata: dict[str, Any] | None = None
-                    ) -> asyncio.Future[Any]:
+    async def start(
+        self, workflow_id: str, plan: Plan, metadata: dict[str, Any] | None = None
+    ) -> asyncio.Future[Any]:
         """Store and start a new workflow, or resume the stored one of that id.
 
         Returns a future of the output's ObjectRef. Raises before anything is
@@ -92,14 +94,19 @@ class Engine:
         if workflow_id in self.runs:
             raise WorkflowAlreadyRunningError(
                 f"Workflow {workflow_id!r} is already running; use workflow.get_output("
-                f"{workflow_id!r}) to wait for it.", workflow_id=workflow_id)
+                f"{workflow_id!r}) to wait for it.",
+                workflow_id=workflow_id,
+            )
         user_metadata = check_metadata(metadata)
         stored = plan
         if any(spec.arg_refs for spec in plan.tasks.values()):
             stored = await self._checkpoint_args(workflow_id, plan)
         if not await self.store.create(workflow_id, stored):
-            log.info("workflow.exists_resuming", workflow_id=workflow_id,
-                     note="a workflow with this id is stored; resuming it, not the new DAG")
+            log.info(
+                "workflow.exists_resuming",
+                workflow_id=workflow_id,
+                note="a workflow with this id is stored; resuming it, not the new DAG",
+            )
             return await self.resume(workflow_id, existing_ok=True)
         meta = {
             "status": WorkflowStatus.RUNNING.value,
@@ -108,8 +115,9 @@ class Engine:
             "start_time": time.time(),
         }
         await self.store.write_meta(workflow_id, meta, None)
-        run = WorkflowRun(workflow_id, self.store, self.executor, plan.output_task_id,
-                          IdAllocator(plan.counters))
+        run = WorkflowRun(
+            workflow_id, self.store, self.executor, plan.output_task_id, IdAllocator(plan.counters)
+        )
         run.add_plan(plan)
         log.info("workflow.started", workflow_id=workflow_id, tasks=len(plan.tasks))
         return self._launch(run, meta)
@@ -134,15 +142,19 @@ class Engine:
         driver.add_done_callback(self._drivers.discard)
         return finished
 
-    async def _drive(self, run: WorkflowRun, meta: dict[str, Any],
-                     finished: asyncio.Future[Any]) -> None:
+    async def _drive(
+        self, run: WorkflowRun, meta: dict[str, Any], finished: asyncio.Future[Any]
+    ) -> None:
         wid = run.workflow_id
         old = meta["status"]
         outcome: Any
         try:
             outcome = await run.run()
-            meta.update(status=WorkflowStatus.SUCCESSFUL.value, end_time=time.time(),
-                        output_key=run.output_key)
+            meta.update(
+                status=WorkflowStatus.SUCCESSFUL.value,
+                end_time=time.time(),
+                output_key=run.output_key,
+            )
             meta.pop("error", None)
             log.info("workflow.succeeded", workflow_id=wid)
         except WorkflowCancellationError as exc:
@@ -153,8 +165,9 @@ class Engine:
             meta.update(status=WorkflowStatus.FAILED.value, end_time=time.time(), error=str(exc))
             log.warning("workflow.failed", workflow_id=wid, error=str(exc))
         except Exception as exc:
-            outcome = WorkflowExecutionError(f"Workflow {wid!r} failed inside the engine: {exc}",
-                                             workflow_id=wid)
+            outcome = WorkflowExecutionError(
+                f"Workflow {wid!r} failed inside the engine: {exc}", workflow_id=wid
+            )
             outcome.__cause__ = exc
             meta.update(status=WorkflowStatus.FAILED.value, end_time=time.time(), error=str(exc))
             log.exception("workflow.engine_error", workflow_id=wid)
@@ -165,7 +178,9 @@ class Engine:
             if not isinstance(outcome, BaseException):
                 outcome = WorkflowError(
                     f"Workflow {wid!r} finished, but its status could not be stored ({exc}); "
-                    "it is RESUMABLE.", workflow_id=wid)
+                    "it is RESUMABLE.",
+                    workflow_id=wid,
+                )
         self.runs.pop(wid, None)
         self._finished.pop(wid, None)
         if isinstance(outcome, BaseException):
@@ -181,18 +196,24 @@ class Engine:
             if existing_ok:
                 return self._finished[workflow_id]
             raise WorkflowAlreadyRunningError(
-                f"Workflow {workflow_id!r} is already running.", workflow_id=workflow_id)
+                f"Workflow {workflow_id!r} is already running.", workflow_id=workflow_id
+            )
         meta = await self.store.read_meta(workflow_id)
         plan = await self.store.load_plan(workflow_id)
         if plan is None:
             raise WorkflowNotFoundError.of(workflow_id, self.storage.uri)
         if meta is None:  # stored, but the engine stopped before its first status write
-            meta = {"status": WorkflowStatus.RUNNING.value, "user_metadata": {},
-                    "output_task_id": plan.output_task_id}
+            meta = {
+                "status": WorkflowStatus.RUNNING.value,
+                "user_metadata": {},
+                "output_task_id": plan.output_task_id,
+            }
         if meta["status"] == WorkflowStatus.CANCELED.value:
             raise WorkflowNotResumableError(
                 f"Workflow {workflow_id!r} was canceled; a canceled workflow cannot be resumed. "
-                "Delete it and run it again to start over.", workflow_id=workflow_id)
+                "Delete it and run it again to start over.",
+                workflow_id=workflow_id,
+            )
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if meta["status"] == WorkflowStatus.SUCCESSFUL.value and meta.get("output_key"):
             await self._preload(meta["output_key"])
@@ -221,8 +242,9 @@ class Engine:
         counters = dict(plan.counters)
         for base, n in (await self.store.load_ids(workflow_id)).items():
             counters[base] = max(n, counters.get(base, 0))
-        run = WorkflowRun(workflow_id, self.store, self.executor, plan.output_task_id,
-                          IdAllocator(counters))
+        run = WorkflowRun(
+            workflow_id, self.store, self.executor, plan.output_task_id, IdAllocator(counters)
+        )
         specs: dict[str, TaskSpec] = dict(plan.tasks)
         functions = dict(plan.functions)
         needed: dict[str, TaskSpec] = {}
@@ -239,7 +261,8 @@ class Engine:
             if "cont" in recs:
                 output = await self._follow_chain(workflow_id, tid, records, specs, functions)
                 if "out" in records.get(output, set()) and await self._mark_stored(
-                        run, tid, output):
+                    run, tid, output
+                ):
                     continue
                 run.link(output, tid)
                 stack.append(output)
@@ -249,7 +272,9 @@ class Engine:
                 raise WorkflowNotResumableError(
                     f"Workflow {workflow_id!r} cannot resume: task {tid!r} is neither finished "
                     "nor stored in its plan (the storage is incomplete).",
-                    workflow_id=workflow_id, task_id=tid)
+                    workflow_id=workflow_id,
+                    task_id=tid,
+                )
             needed[tid] = spec
             stack.extend(spec.upstream)
         run.add_plan(Plan({}, plan.output_task_id, functions))
@@ -265,8 +290,9 @@ class Engine:
         try:
             serialization.decode(data or b"", key)
         except CheckpointError as exc:
-            log.warning("checkpoint.torn", workflow_id=run.workflow_id, task_id=record_tid,
-                        error=str(exc))
+            log.warning(
+                "checkpoint.torn", workflow_id=run.workflow_id, task_id=record_tid, error=str(exc)
+            )
             await self.storage.delete(key)
             return False
         run.mark_stored(tid, record_tid)
@@ -274,8 +300,14 @@ class Engine:
             self.executor.preload(key, data)
         return True
 
-    async def _follow_chain(self, workflow_id: str, root: str, records: dict[str, set[str]],
-                            specs: dict[str, TaskSpec], functions: dict[str, bytes]) -> str:
+    async def _follow_chain(
+        self,
+        workflow_id: str,
+        root: str,
+        records: dict[str, set[str]],
+        specs: dict[str, TaskSpec],
+        functions: dict[str, bytes],
+    ) -> str:
         """The newest task of the continuation chain rooted at ``root``; loads its plan."""
         parent = root
         if "latest" in records.get(root, set()):
@@ -313,14 +345,13 @@ class Engine:
             return WorkflowStatus.RESUMABLE
         return WorkflowStatus(stored)
 
-    async def list_all(self, statuses: set[WorkflowStatus] | None = None
-                       ) -> list[tuple[str, WorkflowStatus]]:
+    async def list_all(
+        self, statuses: set[WorkflowStatus] | None = None
+    ) -> list[tuple[str, WorkflowStatus]]:
         found = {wid: self._derive(wid, s) for wid, s in (await self.store.indexed()).items()}
         for wid in self.runs:
             found[wid] = WorkflowStatus.RUNNING
-        return sorted(
-            (wid, s) for wid, s in found.items() if statuses is None or s in statuses
-        )
+        return sorted((wid, s) for wid, s in found.items() if statuses is None or s in statuses)
 
     async def output(self, workflow_id: str, task_id: str | None = None) -> Any:
         """The ObjectRef of a workflow's (or one task's) output; waits while it runs."""
@@ -341,9 +372,14 @@ class Engine:
             if status != WorkflowStatus.SUCCESSFUL:
                 raise WorkflowError(
                     f"Workflow {workflow_id!r} is {status.value}; it has no output. "
-                    + ("Resume it with workflow.resume(...) to finish it."
-                       if status in (WorkflowStatus.FAILED, WorkflowStatus.RESUMABLE) else ""),
-                    workflow_id=workflow_id, status=status.value)
+                    + (
+                        "Resume it with workflow.resume(...) to finish it."
+                        if status in (WorkflowStatus.FAILED, WorkflowStatus.RESUMABLE)
+                        else ""
+                    ),
+                    workflow_id=workflow_id,
+                    status=status.value,
+                )
         assert task_id is not None
         key = await self._locate(workflow_id, task_id)
         await self._preload(key)
@@ -361,7 +397,9 @@ class Engine:
         raise TaskNotFoundError(
             f"Task {task_id!r} of workflow {workflow_id!r} has no stored output (it has not "
             "finished, does not exist, or ran with checkpoint=False).",
-            workflow_id=workflow_id, task_id=task_id)
+            workflow_id=workflow_id,
+            task_id=task_id,
+        )
 
     async def metadata(self, workflow_id: str, task_id: str | None = None) -> dict[str, Any]:
         meta = await self.store.read_meta(workflow_id)
@@ -387,7 +425,9 @@ class Engine:
         if spec is None:
             raise TaskNotFoundError(
                 f"Workflow {workflow_id!r} has no task {task_id!r}.",
-                workflow_id=workflow_id, task_id=task_id)
+                workflow_id=workflow_id,
+                task_id=task_id,
+            )
         stats: dict[str, Any] = {}
         data = await self.store.read(task_key(workflow_id, task_id, "out"))
         if data is not None:

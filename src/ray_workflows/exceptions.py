@@ -64,7 +64,9 @@ def _rebuild(
         try:
             exc.__cause__ = pickle.loads(cause_bytes)
         except Exception as load_error:
-            exc.__cause__ = RuntimeError(f"the task's exception could not be unpickled: {load_error}")
+            exc.__cause__ = RuntimeError(
+                f"the task's exception could not be unpickled: {load_error}"
+            )
     return exc
 
 

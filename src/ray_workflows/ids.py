@@ -49,8 +49,8 @@ def slug(name: str) -> str:
 def default_task_name(func: object) -> str:
     """``<module>.<slug(qualname)>`` of a function."""
     module = getattr(func, "__module__", None) or "unknown"
-    qualname = getattr(func, "__qualname__", None) or getattr(func, "__name__", "task")
-    return f"{module}.{slug(qualname)}"
+    qualname = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or "task"
+    return f"{module}.{slug(str(qualname))}"
 
 
 class IdAllocator:
@@ -89,4 +89,11 @@ class IdAllocator:
         return task_id
 
 
-__all__ = ["MAX_ID_LENGTH", "IdAllocator", "check_id", "default_task_name", "new_workflow_id", "slug"]
+__all__ = [
+    "MAX_ID_LENGTH",
+    "IdAllocator",
+    "check_id",
+    "default_task_name",
+    "new_workflow_id",
+    "slug",
+]

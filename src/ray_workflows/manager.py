@@ -69,8 +69,9 @@ class WorkflowManager:
     async def get_status(self, workflow_id: str) -> WorkflowStatus:
         return await self.engine.status(workflow_id)
 
-    async def list_all(self, statuses: set[WorkflowStatus] | None
-                       ) -> list[tuple[str, WorkflowStatus]]:
+    async def list_all(
+        self, statuses: set[WorkflowStatus] | None
+    ) -> list[tuple[str, WorkflowStatus]]:
         return await self.engine.list_all(statuses)
 
     async def get_metadata(self, workflow_id: str, task_id: str | None) -> dict[str, Any]:

@@ -208,5 +208,12 @@ def _json_safe(value: Any) -> Any:
         return repr(value)
 
 
-__all__ = ["LABEL_KEY", "WORKFLOW_OPTIONS", "TaskOptions", "WorkflowOptions", "check_metadata",
-           "options", "resolve_exceptions"]
+__all__ = [
+    "LABEL_KEY",
+    "WORKFLOW_OPTIONS",
+    "TaskOptions",
+    "WorkflowOptions",
+    "check_metadata",
+    "options",
+    "resolve_exceptions",
+]

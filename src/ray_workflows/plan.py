@@ -210,12 +210,16 @@ class _Compiler:
         name = default_task_name(func)
         in_args, in_kwargs = self.inputs
         args = [_substitute_inputs(a, in_args, in_kwargs) for a in node.get_args()]
-        kwargs = {k: _substitute_inputs(v, in_args, in_kwargs) for k, v in node.get_kwargs().items()}
+        kwargs = {
+            k: _substitute_inputs(v, in_args, in_kwargs) for k, v in node.get_kwargs().items()
+        }
         try:
             inspect.signature(func).bind(*args, **kwargs)
         except TypeError as exc:
-            raise TypeError(f"Task {name!r}: the bound arguments do not match {func.__name__}"
-                            f"{inspect.signature(func)}: {exc}") from None
+            raise TypeError(
+                f"Task {name!r}: the bound arguments do not match {func.__name__}"
+                f"{inspect.signature(func)}: {exc}"
+            ) from None
         except ValueError:  # builtins without a signature
             pass
         children: list[DAGNode] = []
@@ -272,8 +276,11 @@ def compile_dag(
 ) -> Plan:
     """Compile ``dag`` (fed by ``args``/``kwargs`` for its InputNode) into a :class:`Plan`."""
     compiler = _Compiler(
-        allocator or IdAllocator(), (tuple(args), dict(kwargs or {})), checkpoint,
-        catch_exceptions, creator,
+        allocator or IdAllocator(),
+        (tuple(args), dict(kwargs or {})),
+        checkpoint,
+        catch_exceptions,
+        creator,
     )
     return compiler.compile(dag)
 

@@ -136,7 +136,7 @@ class WorkflowRun:
         direct_values: list[Any] = []
         slots: list[int | None] = []
         nested: list[Any] = []
-        for u, is_direct, is_nested in zip(spec.upstream, spec.direct, spec.nested):
+        for u, is_direct, is_nested in zip(spec.upstream, spec.direct, spec.nested, strict=True):
             ref = self._value_ref(u)
             slots.append(len(direct_values) if is_direct else None)
             if is_direct:
@@ -169,8 +169,9 @@ class WorkflowRun:
                 receipt: Receipt = await receipt_ref
             except ray.exceptions.RayError as exc:  # the worker or its node died
                 self.running.pop(tid, None)
-                await self._failed(tid, TaskFailure(tid, None, f"{type(exc).__name__}: {exc}"),
-                                   system=True)
+                await self._failed(
+                    tid, TaskFailure(tid, None, f"{type(exc).__name__}: {exc}"), system=True
+                )
                 return
             if receipt.writes:
                 await self.store.storage.put_many(receipt.writes)
@@ -181,8 +182,12 @@ class WorkflowRun:
                 assert receipt.plan is not None
                 await self._continued(tid, receipt.plan)
             else:
-                await self._failed(tid, TaskFailure(tid, receipt.error, receipt.error_text),
-                                   system=False, retryable=receipt.retryable)
+                await self._failed(
+                    tid,
+                    TaskFailure(tid, receipt.error, receipt.error_text),
+                    system=False,
+                    retryable=receipt.retryable,
+                )
             self._flush_submits()
         except asyncio.CancelledError:
             raise
@@ -228,31 +233,39 @@ class WorkflowRun:
         self.root_of[plan.output_task_id] = root
         if spec.checkpoint:
             stored = Plan(
-                {t: dataclasses.replace(s, arg_refs=s.arg_keys or [], arg_keys=None)
-                 for t, s in plan.tasks.items()},
+                {
+                    t: dataclasses.replace(s, arg_refs=s.arg_keys or [], arg_keys=None)
+                    for t, s in plan.tasks.items()
+                },
                 plan.output_task_id,
                 plan.functions,
             )
             writes = [
                 self.store.save_ids(self.workflow_id, dict(self.allocator.counters)),
-                self.store.put(task_key(self.workflow_id, tid, "cont"),
-                               WorkflowStore.encode_plan(stored, "continuation")),
+                self.store.put(
+                    task_key(self.workflow_id, tid, "cont"),
+                    WorkflowStore.encode_plan(stored, "continuation"),
+                ),
             ]
             if root != tid:
-                writes.append(self.store.put(
-                    task_key(self.workflow_id, root, "latest"),
-                    serialization.encode("latest", b"", task=tid),
-                ))
+                writes.append(
+                    self.store.put(
+                        task_key(self.workflow_id, root, "latest"),
+                        serialization.encode("latest", b"", task=tid),
+                    )
+                )
             await asyncio.gather(*writes)
-        self.log.debug("task.continued", task_id=tid, output=plan.output_task_id,
-                       tasks=len(plan.tasks))
+        self.log.debug(
+            "task.continued", task_id=tid, output=plan.output_task_id, tasks=len(plan.tasks)
+        )
         self._release_inputs(spec)
         moved = self._waiters.pop(plan.output_task_id, [])
         self._waiters[root].extend(moved)
         self.add_plan(plan)
 
-    async def _failed(self, tid: str, failure: TaskFailure, *, system: bool,
-                      retryable: bool = True) -> None:
+    async def _failed(
+        self, tid: str, failure: TaskFailure, *, system: bool, retryable: bool = True
+    ) -> None:
         spec = self.specs.get(tid)
         if spec is None:
             return
@@ -261,14 +274,23 @@ class WorkflowRun:
         if (system or retryable) and (max_retries == -1 or attempts < max_retries):
             self.attempts[tid] += 1
             delay = min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempts) * (0.5 + random.random() / 2)
-            self.log.info("task.retrying", task_id=tid, attempt=attempts + 1, delay=round(delay, 3),
-                          error=failure.text.strip().splitlines()[-1:] or "")
+            self.log.info(
+                "task.retrying",
+                task_id=tid,
+                attempt=attempts + 1,
+                delay=round(delay, 3),
+                error=failure.text.strip().splitlines()[-1:] or "",
+            )
             await asyncio.sleep(delay)
             if tid in self.specs and not self.result.done():
                 self._submit(tid)
             return
-        self.log.warning("task.failed", task_id=tid, attempts=attempts + 1,
-                         error=(failure.text.strip().splitlines() or [""])[-1])
+        self.log.warning(
+            "task.failed",
+            task_id=tid,
+            attempts=attempts + 1,
+            error=(failure.text.strip().splitlines() or [""])[-1],
+        )
         self._fail(failure, None)
 
     def _fail(self, failure: TaskFailure, internal: BaseException | None) -> None:

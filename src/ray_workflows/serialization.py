@@ -33,9 +33,9 @@ MAGIC = b"RWF\x01"
 _HEADER_LEN = struct.Struct(">I")
 
 
-class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+class _Pickler(cloudpickle.Pickler):
     def __init__(self, file: io.BytesIO, refs: list[Any], hook: Callable[[Any], Any] | None):
-        super().__init__(file, protocol=5)
+        super().__init__(file, protocol=5)  # type: ignore[no-untyped-call]
         self._refs = refs
         self._seen: dict[bytes, int] = {}
         self._hook = hook

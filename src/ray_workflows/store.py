@@ -113,9 +113,7 @@ class WorkflowStore:
 
     async def create(self, wid: str, plan: Plan) -> bool:
         """Store the entry plan unless the workflow exists; True if this call created it."""
-        return await self.storage.put_if_absent(
-            wf_prefix(wid) + "plan", self.encode_plan(plan)
-        )
+        return await self.storage.put_if_absent(wf_prefix(wid) + "plan", self.encode_plan(plan))
 
     async def load_plan(self, wid: str) -> Plan | None:
         key = wf_prefix(wid) + "plan"
@@ -189,5 +187,11 @@ def now() -> float:
     return time.time()
 
 
-__all__ = ["GroupCommit", "STORED_STATUSES", "WorkflowStore", "objects_prefix", "task_key",
-           "wf_prefix"]
+__all__ = [
+    "GroupCommit",
+    "STORED_STATUSES",
+    "WorkflowStore",
+    "objects_prefix",
+    "task_key",
+    "wf_prefix",
+]

@@ -97,8 +97,9 @@ def _objects(call: TaskCall, writes: dict[str, bytes]) -> serialization.ObjectSt
     return serialization.ObjectStore(objects_prefix(call.workflow_id), read, write)
 
 
-def _arguments(call: TaskCall, values: tuple[Any, ...], objects: serialization.ObjectStore
-               ) -> tuple[list[Any], dict[str, Any]]:
+def _arguments(
+    call: TaskCall, values: tuple[Any, ...], objects: serialization.ObjectStore
+) -> tuple[list[Any], dict[str, Any]]:
     refs = [objects.load_ref(r) if isinstance(r, str) else r for r in call.arg_refs]
 
     def hook(pid: Any) -> Any:
@@ -147,7 +148,8 @@ def _call_user(func: Any, args: list[Any], kwargs: dict[str, Any]) -> Any:
 
 def _pickled_error(exc: BaseException) -> bytes:
     try:
-        return cloudpickle.dumps(exc)
+        data: bytes = cloudpickle.dumps(exc)
+        return data
     except Exception:  # an exception that cannot pickle still reaches the user, as text
         return pickle.dumps(RuntimeError(f"{type(exc).__qualname__}: {exc}"))
 
@@ -169,7 +171,10 @@ def execute_task(call: TaskCall, func_data: bytes, *values: Any) -> tuple[Receip
             final = not retryable or (opts.max_retries != -1 and call.attempt >= opts.max_retries)
             if not (final and opts.catch_exceptions):
                 return Receipt(
-                    "error", start, time.time(), writes,
+                    "error",
+                    start,
+                    time.time(),
+                    writes,
                     error=_pickled_error(exc),
                     error_text="".join(traceback.format_exception(exc)),
                     retryable=retryable,
@@ -223,8 +228,9 @@ def load_output(storage: Storage, workflow_id: str, record: bytes | None, key: s
     return serialization.loads(payload, [objects.load_ref(k) for k in header["refs"]])
 
 
-def save_objects(storage: Storage, workflow_id: str, refs: list[Any]
-                 ) -> tuple[list[str], dict[str, bytes]]:
+def save_objects(
+    storage: Storage, workflow_id: str, refs: list[Any]
+) -> tuple[list[str], dict[str, bytes]]:
     """Checkpoint ObjectRef values (a helper task); return their keys, and the records
     the engine must write itself when the storage is not shared."""
     writes: dict[str, bytes] = {}
@@ -241,5 +247,12 @@ def save_objects(storage: Storage, workflow_id: str, refs: list[Any]
     return objects.save(refs), writes
 
 
-__all__ = ["Continuation", "Receipt", "TaskCall", "execute_task", "in_task", "load_output",
-           "save_objects"]
+__all__ = [
+    "Continuation",
+    "Receipt",
+    "TaskCall",
+    "execute_task",
+    "in_task",
+    "load_output",
+    "save_objects",
+]
