@@ -73,7 +73,8 @@ async def run_async(
     """Start a workflow; return the ``ray.ObjectRef`` of its output."""
     wid, plan, md = await asyncio.to_thread(prepare, dag, args, kwargs, workflow_id, metadata)
     handle = await config.manager()
-    return handle.run.remote(wid, plan, md)
+    await get(handle.submit.remote(wid, plan, md))
+    return handle.result.remote(wid)
 
 
 async def run(
@@ -92,7 +93,8 @@ async def resume_async(workflow_id: str) -> Any:
     """Resume a stored workflow; return the ``ray.ObjectRef`` of its output."""
     check_id(workflow_id)
     handle = await config.manager()
-    return handle.resume.remote(workflow_id)
+    await get(handle.resume.remote(workflow_id))
+    return handle.result.remote(workflow_id)
 
 
 async def resume(workflow_id: str) -> Any:

@@ -52,7 +52,9 @@ class Executor:
     def submit(
         self, call: Any, func_ref: Any, values: list[Any], ray_options: dict[str, Any]
     ) -> tuple[Any, Any]:
-        remote = self._execute.options(**ray_options) if ray_options else self._execute
+        # The Ray task is named after the workflow task, so the dashboard, `ray list
+        # tasks` and worker log prefixes show which task of which workflow it is.
+        remote = self._execute.options(name=f"{call.task_id}", **ray_options)
         receipt, value = remote.remote(call, func_ref, *values)
         return receipt, value
 
@@ -71,6 +73,27 @@ class Executor:
         return list(keys)
 
 
+class _IdLock:
+    """``async with``: serialise start/resume of one workflow id; the lock is dropped
+    when nobody holds or waits for it, so the table does not grow."""
+
+    def __init__(self, table: dict[str, tuple[asyncio.Lock, int]], key: str) -> None:
+        self._table, self._key = table, key
+
+    async def __aenter__(self) -> None:
+        lock, users = self._table.get(self._key, (asyncio.Lock(), 0))
+        self._table[self._key] = (lock, users + 1)
+        await lock.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        lock, users = self._table[self._key]
+        lock.release()
+        if users <= 1:
+            del self._table[self._key]
+        else:
+            self._table[self._key] = (lock, users - 1)
+
+
 class Engine:
     """Runs and tracks the workflows of one storage."""
 
@@ -81,6 +104,7 @@ class Engine:
         self.runs: dict[str, WorkflowRun] = {}
         self._finished: dict[str, asyncio.Future[Any]] = {}
         self._drivers: set[asyncio.Task[None]] = set()
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
     # -- starting ---------------------------------------------------------------
     async def start(
@@ -88,39 +112,41 @@ class Engine:
     ) -> asyncio.Future[Any]:
         """Store and start a new workflow, or resume the stored one of that id.
 
-        Returns a future of the output's ObjectRef. Raises before anything is
-        stored if the workflow is live here.
+        Returns once the plan is durable and the run is registered, with a future of
+        the output's ObjectRef. Idempotent: a live or stored workflow of that id is
+        joined or resumed, never started twice.
         """
-        if workflow_id in self.runs:
-            raise WorkflowAlreadyRunningError(
-                f"Workflow {workflow_id!r} is already running; use workflow.get_output("
-                f"{workflow_id!r}) to wait for it.",
-                workflow_id=workflow_id,
+        async with self._lock(workflow_id):
+            if workflow_id in self.runs:
+                log.info("workflow.already_running", workflow_id=workflow_id)
+                return self._finished[workflow_id]
+            user_metadata = check_metadata(metadata)
+            stored = plan
+            if any(spec.arg_refs for spec in plan.tasks.values()):
+                stored = await self._checkpoint_args(workflow_id, plan)
+            if not await self.store.create(workflow_id, stored):
+                log.info(
+                    "workflow.exists_resuming",
+                    workflow_id=workflow_id,
+                    note="a workflow with this id is stored; resuming it, not the new DAG",
+                )
+                return await self._resume(workflow_id, existing_ok=True)
+            meta = {
+                "status": WorkflowStatus.RUNNING.value,
+                "user_metadata": user_metadata,
+                "output_task_id": plan.output_task_id,
+                "start_time": time.time(),
+            }
+            run = WorkflowRun(
+                workflow_id, self.store, self.executor, plan.output_task_id,
+                IdAllocator(plan.counters),
             )
-        user_metadata = check_metadata(metadata)
-        stored = plan
-        if any(spec.arg_refs for spec in plan.tasks.values()):
-            stored = await self._checkpoint_args(workflow_id, plan)
-        if not await self.store.create(workflow_id, stored):
-            log.info(
-                "workflow.exists_resuming",
-                workflow_id=workflow_id,
-                note="a workflow with this id is stored; resuming it, not the new DAG",
-            )
-            return await self.resume(workflow_id, existing_ok=True)
-        meta = {
-            "status": WorkflowStatus.RUNNING.value,
-            "user_metadata": user_metadata,
-            "output_task_id": plan.output_task_id,
-            "start_time": time.time(),
-        }
-        await self.store.write_meta(workflow_id, meta, None)
-        run = WorkflowRun(
-            workflow_id, self.store, self.executor, plan.output_task_id, IdAllocator(plan.counters)
-        )
-        run.add_plan(plan)
-        log.info("workflow.started", workflow_id=workflow_id, tasks=len(plan.tasks))
-        return self._launch(run, meta)
+            run.add_plan(plan)
+            log.info("workflow.started", workflow_id=workflow_id, tasks=len(plan.tasks))
+            return self._launch(run, meta, None)
+
+    def _lock(self, workflow_id: str) -> _IdLock:
+        return _IdLock(self._locks, workflow_id)
 
     async def _checkpoint_args(self, workflow_id: str, plan: Plan) -> Plan:
         specs = list(plan.tasks.values())
@@ -132,23 +158,34 @@ class Engine:
             tasks[spec.task_id] = dataclasses.replace(spec, arg_refs=spec.arg_keys, arg_keys=None)
         return Plan(tasks, plan.output_task_id, plan.functions, plan.counters)
 
-    def _launch(self, run: WorkflowRun, meta: dict[str, Any]) -> asyncio.Future[Any]:
+    def _launch(
+        self, run: WorkflowRun, meta: dict[str, Any], previous: str | None
+    ) -> asyncio.Future[Any]:
         wid = run.workflow_id
         self.runs[wid] = run
         finished: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._finished[wid] = finished
-        driver = asyncio.get_running_loop().create_task(self._drive(run, meta, finished))
+        driver = asyncio.get_running_loop().create_task(
+            self._drive(run, meta, previous, finished)
+        )
         self._drivers.add(driver)
         driver.add_done_callback(self._drivers.discard)
         return finished
 
     async def _drive(
-        self, run: WorkflowRun, meta: dict[str, Any], finished: asyncio.Future[Any]
+        self,
+        run: WorkflowRun,
+        meta: dict[str, Any],
+        previous: str | None,
+        finished: asyncio.Future[Any],
     ) -> None:
         wid = run.workflow_id
         old = meta["status"]
         outcome: Any
         try:
+            # The status is written while the first tasks already run: the plan is
+            # what makes the workflow durable, and it was stored before start returned.
+            await self.store.write_meta(wid, dict(meta), previous)
             outcome = await run.run()
             meta.update(
                 status=WorkflowStatus.SUCCESSFUL.value,
@@ -192,11 +229,17 @@ class Engine:
     # -- resuming ------------------------------------------------------------------
     async def resume(self, workflow_id: str, *, existing_ok: bool = False) -> asyncio.Future[Any]:
         """Continue a stored workflow from its checkpoints; finished tasks never re-run."""
+        async with self._lock(workflow_id):
+            return await self._resume(workflow_id, existing_ok=existing_ok)
+
+    async def _resume(self, workflow_id: str, *, existing_ok: bool) -> asyncio.Future[Any]:
         if workflow_id in self.runs:
             if existing_ok:
                 return self._finished[workflow_id]
             raise WorkflowAlreadyRunningError(
-                f"Workflow {workflow_id!r} is already running.", workflow_id=workflow_id
+                f"Workflow {workflow_id!r} is already running; workflow.get_output("
+                f"{workflow_id!r}) waits for it.",
+                workflow_id=workflow_id,
             )
         meta = await self.store.read_meta(workflow_id)
         plan = await self.store.load_plan(workflow_id)
@@ -220,13 +263,24 @@ class Engine:
             done.set_result(self._load(workflow_id, meta["output_key"]))
             return done
         run = await self._recover(workflow_id, plan)
-        old = meta["status"]
+        previous = meta["status"]
         meta.update(status=WorkflowStatus.RUNNING.value, start_time=time.time())
         meta.pop("end_time", None)
-        await self.store.write_meta(workflow_id, meta, old)
-        meta["status"] = WorkflowStatus.RUNNING.value
+        meta.pop("error", None)
         log.info("workflow.resumed", workflow_id=workflow_id, pending=len(run.specs))
-        return self._launch(run, meta)
+        return self._launch(run, meta, previous)
+
+    async def result(self, workflow_id: str) -> Any:
+        """The ObjectRef of the workflow's output, once it has one. A workflow stored as
+        running that no manager runs (its manager died) is resumed first."""
+        run = self.runs.get(workflow_id)
+        if run is None:
+            status = await self.status(workflow_id)
+            if status == WorkflowStatus.RESUMABLE:
+                return await (await self.resume(workflow_id, existing_ok=True))
+            if status != WorkflowStatus.RUNNING:
+                return await self.output(workflow_id)
+        return await asyncio.shield(self._finished[workflow_id])
 
     async def _preload(self, key: str) -> None:
         if not self.storage.shared:

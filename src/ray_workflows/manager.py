@@ -55,13 +55,16 @@ class WorkflowManager:
         await self.engine.storage.check()
         return self.engine.storage.uri
 
-    async def run(self, workflow_id: str, plan: Plan, metadata: dict[str, Any]) -> ResolvingRef:
-        finished = await self.engine.start(workflow_id, plan, metadata)
-        return await resolving(await finished)
+    async def submit(self, workflow_id: str, plan: Plan, metadata: dict[str, Any]) -> None:
+        """Store and start a workflow (or join/resume the one of that id)."""
+        await self.engine.start(workflow_id, plan, metadata)
 
-    async def resume(self, workflow_id: str) -> ResolvingRef:
-        finished = await self.engine.resume(workflow_id)
-        return await resolving(await finished)
+    async def resume(self, workflow_id: str) -> None:
+        await self.engine.resume(workflow_id)
+
+    async def result(self, workflow_id: str) -> ResolvingRef:
+        """The workflow's output, when it is done (resuming it if its manager died)."""
+        return await resolving(await self.engine.result(workflow_id))
 
     async def get_output(self, workflow_id: str, task_id: str | None) -> ResolvingRef:
         return await resolving(await self.engine.output(workflow_id, task_id))
