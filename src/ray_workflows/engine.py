@@ -17,7 +17,6 @@ import ray
 
 from ray_workflows import serialization
 from ray_workflows.exceptions import (
-    CheckpointError,
     TaskNotFoundError,
     WorkflowAlreadyRunningError,
     WorkflowCancellationError,
@@ -29,7 +28,8 @@ from ray_workflows.exceptions import (
 from ray_workflows.ids import IdAllocator
 from ray_workflows.log import get_logger
 from ray_workflows.options import check_metadata
-from ray_workflows.plan import Plan, TaskSpec
+from ray_workflows.plan import Plan
+from ray_workflows.recovery import Recovery
 from ray_workflows.scheduler import WorkflowRun
 from ray_workflows.status import WorkflowStatus
 from ray_workflows.storage import Storage
@@ -101,6 +101,7 @@ class Engine:
         self.storage = storage
         self.store = WorkflowStore(storage)
         self.executor = Executor(storage)
+        self.recovery = Recovery(self.store, self.executor)
         self.runs: dict[str, WorkflowRun] = {}
         self._finished: dict[str, asyncio.Future[Any]] = {}
         self._drivers: set[asyncio.Task[None]] = set()
@@ -138,7 +139,10 @@ class Engine:
                 "start_time": time.time(),
             }
             run = WorkflowRun(
-                workflow_id, self.store, self.executor, plan.output_task_id,
+                workflow_id,
+                self.store,
+                self.executor,
+                plan.output_task_id,
                 IdAllocator(plan.counters),
             )
             run.add_plan(plan)
@@ -165,9 +169,7 @@ class Engine:
         self.runs[wid] = run
         finished: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._finished[wid] = finished
-        driver = asyncio.get_running_loop().create_task(
-            self._drive(run, meta, previous, finished)
-        )
+        driver = asyncio.get_running_loop().create_task(self._drive(run, meta, previous, finished))
         self._drivers.add(driver)
         driver.add_done_callback(self._drivers.discard)
         return finished
@@ -262,7 +264,7 @@ class Engine:
             await self._preload(meta["output_key"])
             done.set_result(self._load(workflow_id, meta["output_key"]))
             return done
-        run = await self._recover(workflow_id, plan)
+        run = await self.recovery.rebuild(workflow_id, plan)
         previous = meta["status"]
         meta.update(status=WorkflowStatus.RUNNING.value, start_time=time.time())
         meta.pop("end_time", None)
@@ -290,96 +292,6 @@ class Engine:
 
     def _load(self, workflow_id: str, key: str) -> Any:
         return self.executor.load(workflow_id, key)
-
-    async def _recover(self, workflow_id: str, plan: Plan) -> WorkflowRun:
-        records = await self.store.task_records(workflow_id)
-        counters = dict(plan.counters)
-        for base, n in (await self.store.load_ids(workflow_id)).items():
-            counters[base] = max(n, counters.get(base, 0))
-        run = WorkflowRun(
-            workflow_id, self.store, self.executor, plan.output_task_id, IdAllocator(counters)
-        )
-        specs: dict[str, TaskSpec] = dict(plan.tasks)
-        functions = dict(plan.functions)
-        needed: dict[str, TaskSpec] = {}
-        stack = [plan.output_task_id]
-        visited: set[str] = set()
-        while stack:
-            tid = stack.pop()
-            if tid in visited:
-                continue
-            visited.add(tid)
-            recs = records.get(tid, set())
-            if "out" in recs and await self._mark_stored(run, tid, tid):
-                continue
-            if "cont" in recs:
-                output = await self._follow_chain(workflow_id, tid, records, specs, functions)
-                if "out" in records.get(output, set()) and await self._mark_stored(
-                    run, tid, output
-                ):
-                    continue
-                run.link(output, tid)
-                stack.append(output)
-                continue
-            spec = specs.get(tid)
-            if spec is None:
-                raise WorkflowNotResumableError(
-                    f"Workflow {workflow_id!r} cannot resume: task {tid!r} is neither finished "
-                    "nor stored in its plan (the storage is incomplete).",
-                    workflow_id=workflow_id,
-                    task_id=tid,
-                )
-            needed[tid] = spec
-            stack.extend(spec.upstream)
-        run.add_plan(Plan({}, plan.output_task_id, functions))
-        for spec in needed.values():
-            run.add_task(spec)
-        return run
-
-    async def _mark_stored(self, run: WorkflowRun, tid: str, record_tid: str) -> bool:
-        """Mark ``tid`` done by the output record of ``record_tid``, if that record is
-        intact. A torn record is removed and the task that wrote it runs again."""
-        key = task_key(run.workflow_id, record_tid, "out")
-        data = await self.storage.get(key)
-        try:
-            serialization.decode(data or b"", key)
-        except CheckpointError as exc:
-            log.warning(
-                "checkpoint.torn", workflow_id=run.workflow_id, task_id=record_tid, error=str(exc)
-            )
-            await self.storage.delete(key)
-            return False
-        run.mark_stored(tid, record_tid)
-        if not self.storage.shared and data is not None:
-            self.executor.preload(key, data)
-        return True
-
-    async def _follow_chain(
-        self,
-        workflow_id: str,
-        root: str,
-        records: dict[str, set[str]],
-        specs: dict[str, TaskSpec],
-        functions: dict[str, bytes],
-    ) -> str:
-        """The newest task of the continuation chain rooted at ``root``; loads its plan."""
-        parent = root
-        if "latest" in records.get(root, set()):
-            data = await self.store.read(task_key(workflow_id, root, "latest"))
-            if data is not None:
-                parent = serialization.peek_header(data, "latest")["task"]
-        while True:
-            key = task_key(workflow_id, parent, "cont")
-            data = await self.store.read(key)
-            if data is None:
-                raise CheckpointError(f"Continuation record {key!r} is missing.", key=key)
-            sub = WorkflowStore.decode_plan(data, key)
-            specs.update(sub.tasks)
-            functions.update(sub.functions)
-            output = sub.output_task_id
-            if "cont" not in records.get(output, set()):
-                return output
-            parent = output
 
     # -- queries -------------------------------------------------------------------
     async def status(self, workflow_id: str) -> WorkflowStatus:
@@ -435,25 +347,9 @@ class Engine:
                     status=status.value,
                 )
         assert task_id is not None
-        key = await self._locate(workflow_id, task_id)
+        key = await self.recovery.locate(workflow_id, task_id)
         await self._preload(key)
         return self._load(workflow_id, key)
-
-    async def _locate(self, workflow_id: str, task_id: str) -> str:
-        records = await self.store.task_records(workflow_id)
-        recs = records.get(task_id)
-        if recs and "out" in recs:
-            return task_key(workflow_id, task_id, "out")
-        if recs and "cont" in recs:
-            output = await self._follow_chain(workflow_id, task_id, records, {}, {})
-            if "out" in records.get(output, set()):
-                return task_key(workflow_id, output, "out")
-        raise TaskNotFoundError(
-            f"Task {task_id!r} of workflow {workflow_id!r} has no stored output (it has not "
-            "finished, does not exist, or ran with checkpoint=False).",
-            workflow_id=workflow_id,
-            task_id=task_id,
-        )
 
     async def metadata(self, workflow_id: str, task_id: str | None = None) -> dict[str, Any]:
         meta = await self.store.read_meta(workflow_id)
@@ -475,7 +371,10 @@ class Engine:
         return await self._task_metadata(workflow_id, task_id)
 
     async def _task_metadata(self, workflow_id: str, task_id: str) -> dict[str, Any]:
-        spec = await self._find_spec(workflow_id, task_id)
+        run = self.runs.get(workflow_id)
+        spec = run.specs.get(task_id) if run is not None else None
+        if spec is None:
+            spec = await self.recovery.find_spec(workflow_id, task_id)
         if spec is None:
             raise TaskNotFoundError(
                 f"Workflow {workflow_id!r} has no task {task_id!r}.",
@@ -499,26 +398,6 @@ class Engine:
             "upstream": list(spec.upstream),
             "stats": stats,
         }
-
-    async def _find_spec(self, workflow_id: str, task_id: str) -> TaskSpec | None:
-        run = self.runs.get(workflow_id)
-        if run is not None and task_id in run.specs:
-            return run.specs[task_id]
-        plan = await self.store.load_plan(workflow_id)
-        if plan is None:
-            raise WorkflowNotFoundError.of(workflow_id, self.storage.uri)
-        if task_id in plan.tasks:
-            return plan.tasks[task_id]
-        records = await self.store.task_records(workflow_id)
-        for tid, recs in records.items():
-            if "cont" in recs:
-                key = task_key(workflow_id, tid, "cont")
-                data = await self.store.read(key)
-                if data is not None:
-                    sub = WorkflowStore.decode_plan(data, key)
-                    if task_id in sub.tasks:
-                        return sub.tasks[task_id]
-        return None
 
     async def close(self) -> None:
         for run in list(self.runs.values()):

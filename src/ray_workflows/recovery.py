@@ -1,0 +1,160 @@
+"""Recovery: rebuild a workflow's live state from what its storage holds.
+
+Starting from the workflow's output task, walk upstream: a task with an intact
+``out`` record is done (never re-run); a task with a ``cont`` record continues in
+the newest continuation of its chain (one hop through the root's ``latest``
+pointer); any other task is scheduled again with its stored spec. Only the
+frontier records are read, and each is checked against its checksum.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ray_workflows import serialization
+from ray_workflows.exceptions import (
+    CheckpointError,
+    TaskNotFoundError,
+    WorkflowNotFoundError,
+    WorkflowNotResumableError,
+)
+from ray_workflows.ids import IdAllocator
+from ray_workflows.log import get_logger
+from ray_workflows.plan import Plan, TaskSpec
+from ray_workflows.scheduler import WorkflowRun
+from ray_workflows.store import WorkflowStore, task_key
+
+if TYPE_CHECKING:
+    from ray_workflows.engine import Executor
+
+log = get_logger()
+
+
+class Recovery:
+    def __init__(self, store: WorkflowStore, executor: Executor) -> None:
+        self.store = store
+        self.executor = executor
+
+    async def rebuild(self, workflow_id: str, plan: Plan) -> WorkflowRun:
+        records = await self.store.task_records(workflow_id)
+        counters = dict(plan.counters)
+        for base, n in (await self.store.load_ids(workflow_id)).items():
+            counters[base] = max(n, counters.get(base, 0))
+        run = WorkflowRun(
+            workflow_id, self.store, self.executor, plan.output_task_id, IdAllocator(counters)
+        )
+        specs: dict[str, TaskSpec] = dict(plan.tasks)
+        functions = dict(plan.functions)
+        needed: dict[str, TaskSpec] = {}
+        stack = [plan.output_task_id]
+        visited: set[str] = set()
+        while stack:
+            tid = stack.pop()
+            if tid in visited:
+                continue
+            visited.add(tid)
+            recs = records.get(tid, set())
+            if "out" in recs and await self.mark_stored(run, tid, tid):
+                continue
+            if "cont" in recs:
+                output = await self.follow_chain(workflow_id, tid, records, specs, functions)
+                if "out" in records.get(output, set()) and await self.mark_stored(run, tid, output):
+                    continue
+                run.link(output, tid)
+                stack.append(output)
+                continue
+            spec = specs.get(tid)
+            if spec is None:
+                raise WorkflowNotResumableError(
+                    f"Workflow {workflow_id!r} cannot resume: task {tid!r} is neither finished "
+                    "nor stored in its plan (the storage is incomplete).",
+                    workflow_id=workflow_id,
+                    task_id=tid,
+                )
+            needed[tid] = spec
+            stack.extend(spec.upstream)
+        run.add_plan(Plan({}, plan.output_task_id, functions))
+        for spec in needed.values():
+            run.add_task(spec)
+        return run
+
+    async def mark_stored(self, run: WorkflowRun, tid: str, record_tid: str) -> bool:
+        """Mark ``tid`` done by the output record of ``record_tid``, if that record is
+        intact. A torn record is removed and the task that wrote it runs again."""
+        key = task_key(run.workflow_id, record_tid, "out")
+        data = await self.store.storage.get(key)
+        try:
+            serialization.decode(data or b"", key)
+        except CheckpointError as exc:
+            log.warning(
+                "checkpoint.torn", workflow_id=run.workflow_id, task_id=record_tid, error=str(exc)
+            )
+            await self.store.storage.delete(key)
+            return False
+        run.mark_stored(tid, record_tid)
+        if not self.store.storage.shared and data is not None:
+            self.executor.preload(key, data)
+        return True
+
+    async def follow_chain(
+        self,
+        workflow_id: str,
+        root: str,
+        records: dict[str, set[str]],
+        specs: dict[str, TaskSpec],
+        functions: dict[str, bytes],
+    ) -> str:
+        """The newest task of the continuation chain rooted at ``root``; loads its plan."""
+        parent = root
+        if "latest" in records.get(root, set()):
+            data = await self.store.read(task_key(workflow_id, root, "latest"))
+            if data is not None:
+                parent = serialization.peek_header(data, "latest")["task"]
+        while True:
+            key = task_key(workflow_id, parent, "cont")
+            data = await self.store.read(key)
+            if data is None:
+                raise CheckpointError(f"Continuation record {key!r} is missing.", key=key)
+            sub = WorkflowStore.decode_plan(data, key)
+            specs.update(sub.tasks)
+            functions.update(sub.functions)
+            output = sub.output_task_id
+            if "cont" not in records.get(output, set()):
+                return output
+            parent = output
+
+    async def locate(self, workflow_id: str, task_id: str) -> str:
+        records = await self.store.task_records(workflow_id)
+        recs = records.get(task_id)
+        if recs and "out" in recs:
+            return task_key(workflow_id, task_id, "out")
+        if recs and "cont" in recs:
+            output = await self.follow_chain(workflow_id, task_id, records, {}, {})
+            if "out" in records.get(output, set()):
+                return task_key(workflow_id, output, "out")
+        raise TaskNotFoundError(
+            f"Task {task_id!r} of workflow {workflow_id!r} has no stored output (it has not "
+            "finished, does not exist, or ran with checkpoint=False).",
+            workflow_id=workflow_id,
+            task_id=task_id,
+        )
+
+    async def find_spec(self, workflow_id: str, task_id: str) -> TaskSpec | None:
+        plan = await self.store.load_plan(workflow_id)
+        if plan is None:
+            raise WorkflowNotFoundError.of(workflow_id, self.store.storage.uri)
+        if task_id in plan.tasks:
+            return plan.tasks[task_id]
+        records = await self.store.task_records(workflow_id)
+        for tid, recs in records.items():
+            if "cont" in recs:
+                key = task_key(workflow_id, tid, "cont")
+                data = await self.store.read(key)
+                if data is not None:
+                    sub = WorkflowStore.decode_plan(data, key)
+                    if task_id in sub.tasks:
+                        return sub.tasks[task_id]
+        return None
+
+
+__all__ = ["Recovery"]
