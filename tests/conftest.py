@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,7 +67,8 @@ def kill_manager(uri: str, *, no_restart: bool = True) -> None:
 @pytest.fixture
 def wid(request: pytest.FixtureRequest) -> str:
     """A workflow id unique to this test."""
-    return f"{request.node.name[:120]}-{uuid.uuid4().hex[:8]}".replace("/", "_").replace("[", "_").replace("]", "_")
+    name = request.node.name[:120].replace("/", "_").replace("[", "_").replace("]", "_")
+    return f"{name}-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture

@@ -60,6 +60,7 @@ def whoami():
 
 # -- run / run_async -------------------------------------------------------------------
 
+
 def test_run_returns_output_and_status_is_a_str_enum(storage: str, wid: str) -> None:
     assert workflow.run(add.bind(1, add.bind(2, 3)), workflow_id=wid) == 6
     status = workflow.get_status(wid)
@@ -89,6 +90,7 @@ def test_create_handle_runs(storage: str, wid: str) -> None:
 
 # -- InputNode -----------------------------------------------------------------------
 
+
 def test_input_node_positional_and_keyword(storage: str, wid: str) -> None:
     with InputNode() as inp:
         dag = pair.bind(inp[0], inp.x)
@@ -101,8 +103,9 @@ def test_input_node_index_and_string_key(storage: str, wid: str) -> None:
     assert workflow.run(dag, 100, 20, k=3, workflow_id=wid) == 23
 
 
-def test_input_node_passed_directly_gets_the_single_positional_input(storage: str,
-                                                                    wid: str) -> None:
+def test_input_node_passed_directly_gets_the_single_positional_input(
+    storage: str, wid: str
+) -> None:
     with InputNode() as inp:
         dag = identity.bind(inp)
     assert workflow.run(dag, {"v": [1, 2]}, workflow_id=wid) == {"v": [1, 2]}
@@ -117,6 +120,7 @@ def test_input_values_are_durable_across_resume(storage: str, wid: str) -> None:
 
 
 # -- status, list_all, metadata -----------------------------------------------------------
+
 
 def test_get_status_of_unknown_id_raises_not_found(storage: str, wid: str) -> None:
     with pytest.raises(workflow.WorkflowNotFoundError) as info:
@@ -150,8 +154,10 @@ def test_list_all_filters_sorting_and_consistency(fresh_storage: str) -> None:
         assert workflow.get_status(wf_id) == status
         assert workflow.get_metadata(wf_id)["status"] == status
 
-    assert workflow.list_all("SUCCESSFUL") == [(ok_a, workflow.SUCCESSFUL),
-                                               (ok_b, workflow.SUCCESSFUL)]
+    assert workflow.list_all("SUCCESSFUL") == [
+        (ok_a, workflow.SUCCESSFUL),
+        (ok_b, workflow.SUCCESSFUL),
+    ]
     assert workflow.list_all(workflow.FAILED) == [(bad, workflow.FAILED)]
     assert workflow.list_all({workflow.SUCCESSFUL, "FAILED"}) == everything
     assert workflow.list_all({"RUNNING", workflow.CANCELED}) == []
@@ -185,14 +191,14 @@ def test_workflow_metadata_defaults_to_empty(storage: str, wid: str) -> None:
 
 def test_task_metadata(storage: str, wid: str) -> None:
     dag = add.options(**workflow.options(task_id="top", metadata={"k": "v"})).bind(
-        1, add.options(**workflow.options(task_id="leaf")).bind(2, 3))
+        1, add.options(**workflow.options(task_id="leaf")).bind(2, 3)
+    )
     assert workflow.run(dag, workflow_id=wid) == 6
     meta = workflow.get_metadata(wid, "top")
     assert meta["task_id"] == "top"
     assert meta["user_metadata"] == {"k": "v"}
     opts = meta["task_options"]
-    for key in ("max_retries", "retry_exceptions", "catch_exceptions", "checkpoint",
-                "ray_options"):
+    for key in ("max_retries", "retry_exceptions", "catch_exceptions", "checkpoint", "ray_options"):
         assert key in opts
     assert opts["max_retries"] == 3
     assert opts["retry_exceptions"] is False
@@ -212,21 +218,10 @@ def test_task_metadata_of_unknown_task(storage: str, wid: str) -> None:
         workflow.get_metadata(wid, "no-such-task")
 
 
-def _wait_registered(wf_id: str, timeout: float = 10.0) -> workflow.WorkflowStatus:
-    """Poll until the workflow is known (see the xfail test below for why this is needed)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return workflow.get_status(wf_id)
-        except workflow.WorkflowNotFoundError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
-
-
 def test_status_is_consistent_while_running(storage: str, wid: str) -> None:
     ref = workflow.run_async(sleepy.bind(1.5, "done"), workflow_id=wid)
-    assert _wait_registered(wid) == workflow.RUNNING
+    # run_async returns once the workflow is stored and registered: it is visible at once.
+    assert workflow.get_status(wid) == workflow.RUNNING
     assert workflow.get_metadata(wid)["status"] == "RUNNING"
     assert (wid, workflow.RUNNING) in workflow.list_all(workflow.RUNNING)
     assert (wid, workflow.RUNNING) in workflow.list_all()
@@ -237,11 +232,8 @@ def test_status_is_consistent_while_running(storage: str, wid: str) -> None:
     assert wid not in [w for w, _ in workflow.list_all(workflow.RUNNING)]
 
 
-@pytest.mark.xfail(reason="BUG: run_async returns before the manager has registered the "
-                          "workflow; get_status/get_output right after it raise "
-                          "WorkflowNotFoundError", strict=True)
 def test_status_known_immediately_after_run_async(storage: str, wid: str) -> None:
-    """No window in which a just-started workflow is unknown."""
+    """No window in which a just-started workflow is unknown (or RESUMABLE)."""
     seen = []
     refs = []
     for i in range(3):
@@ -257,6 +249,7 @@ def test_status_known_immediately_after_run_async(storage: str, wid: str) -> Non
 
 # -- outputs -----------------------------------------------------------------------------
 
+
 def test_get_output_forms(storage: str, wid: str) -> None:
     dag = add.bind(100, add.options(**workflow.options(task_id="leaf")).bind(2, 3))
     assert workflow.run(dag, workflow_id=wid) == 105
@@ -271,7 +264,6 @@ def test_get_output_forms(storage: str, wid: str) -> None:
 
 def test_get_output_waits_for_a_running_workflow(storage: str, wid: str) -> None:
     ref = workflow.run_async(sleepy.bind(0.8, "late"), workflow_id=wid)
-    _wait_registered(wid)
     assert workflow.get_output(wid) == "late"
     assert ray.get(ref, timeout=60) == "late"
 
@@ -284,9 +276,13 @@ def test_get_output_of_unknown_task(storage: str, wid: str) -> None:
 
 # -- failures ----------------------------------------------------------------------------
 
+
 def test_failure_raises_execution_error_with_the_original_cause(storage: str, wid: str) -> None:
+    failing = fail.options(**workflow.options(task_id="failing")).bind("boom")
     with pytest.raises(workflow.WorkflowExecutionError) as info:
-        workflow.run(add.bind(1, fail.bind("boom")), workflow_id=wid)
+        workflow.run(add.bind(1, failing), workflow_id=wid)
+    assert info.value.workflow_id == wid
+    assert info.value.task_id == "failing"
     cause = info.value.__cause__
     assert type(cause) is AppError
     assert str(cause) == "boom"
@@ -316,6 +312,10 @@ def test_run_async_failure_is_an_execution_error(storage: str, wid: str) -> None
         ray.get(ref, timeout=60)
     assert isinstance(info.value, workflow.WorkflowExecutionError)
     assert "async boom" in str(info.value)
+    # Ray wraps the manager's error (RayTaskError(WorkflowExecutionError)); the task's own
+    # exception stays reachable through the wrapped error.
+    inner = info.value.__cause__ or getattr(info.value, "cause", None).__cause__
+    assert type(inner) is AppError and str(inner) == "async boom"
     assert workflow.get_status(wid) == workflow.FAILED
 
 
@@ -327,15 +327,14 @@ def test_get_output_of_a_failed_workflow_raises(storage: str, wid: str) -> None:
 
 
 def _exception_classes() -> list:
-    classes = [obj for name in wf_exceptions.__all__
-               if isinstance(obj := getattr(wf_exceptions, name), type)
-               and issubclass(obj, BaseException)]
+    classes = [
+        obj
+        for name in wf_exceptions.__all__
+        if isinstance(obj := getattr(wf_exceptions, name), type) and issubclass(obj, BaseException)
+    ]
     assert len(classes) >= 12
     return [
-        pytest.param(cls, id=cls.__name__, marks=pytest.mark.xfail(
-            reason="BUG: WorkflowWarning is a plain UserWarning: pickling drops __cause__",
-            strict=True))
-        if cls is wf_exceptions.WorkflowWarning else pytest.param(cls, id=cls.__name__)
+        pytest.param(cls, id=cls.__name__)
         for cls in classes
     ]
 
@@ -364,8 +363,10 @@ def test_exception_details_survive_pickling() -> None:
 
 # -- resume semantics ----------------------------------------------------------------------
 
+
 def test_resume_of_finished_workflow_returns_stored_output_and_runs_nothing(
-        storage: str, wid: str, counter_dir: Path) -> None:
+    storage: str, wid: str, counter_dir: Path
+) -> None:
     d = str(counter_dir)
     dag = counted.bind(d, "outer", counted.bind(d, "inner", 5))
     assert workflow.run(dag, workflow_id=wid) == 5
@@ -377,16 +378,27 @@ def test_resume_of_finished_workflow_returns_stored_output_and_runs_nothing(
 
 
 def test_run_with_an_existing_id_returns_the_stored_output(
-        storage: str, wid: str, counter_dir: Path) -> None:
+    storage: str, wid: str, counter_dir: Path
+) -> None:
     d = str(counter_dir)
-    assert workflow.run(counted.bind(d, "first", "one"), workflow_id=wid) == "one"
-    assert workflow.run(counted.bind(d, "second", "two"), workflow_id=wid) == "one"
-    assert ray.get(workflow.run_async(counted.bind(d, "third", "three"), workflow_id=wid),
-                   timeout=60) == "one"
+    assert (
+        workflow.run(counted.bind(d, "first", "one"), workflow_id=wid, metadata={"run": 1}) == "one"
+    )
+    assert (
+        workflow.run(counted.bind(d, "second", "two"), workflow_id=wid, metadata={"run": 2})
+        == "one"
+    )
+    assert (
+        ray.get(workflow.run_async(counted.bind(d, "third", "three"), workflow_id=wid), timeout=60)
+        == "one"
+    )
     assert count_runs(counter_dir, "first") == 1
     assert count_runs(counter_dir, "second") == 0
     assert count_runs(counter_dir, "third") == 0
     assert workflow.get_output(wid) == "one"
+    # The stored workflow is untouched: its metadata is the first run's.
+    assert workflow.get_metadata(wid)["user_metadata"] == {"run": 1}
+    assert workflow.get_status(wid) == workflow.SUCCESSFUL
 
 
 def test_resume_of_unknown_workflow_raises(storage: str, wid: str) -> None:
@@ -397,6 +409,7 @@ def test_resume_of_unknown_workflow_raises(storage: str, wid: str) -> None:
 
 
 # -- threads and context -------------------------------------------------------------------
+
 
 def test_run_from_non_main_threads(storage: str, wid: str) -> None:
     results: dict[int, object] = {}
@@ -417,8 +430,9 @@ def test_run_from_non_main_threads(storage: str, wid: str) -> None:
 
 
 def test_task_sees_its_workflow_and_task_id(storage: str, wid: str) -> None:
-    assert workflow.run(whoami.options(**workflow.options(task_id="me")).bind(),
-                        workflow_id=wid) == (wid, "me")
+    assert workflow.run(
+        whoami.options(**workflow.options(task_id="me")).bind(), workflow_id=wid
+    ) == (wid, "me")
 
 
 def test_task_default_id_in_context(storage: str, wid: str) -> None:

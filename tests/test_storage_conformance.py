@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from ray_workflows.backends.filesystem import FileStorage
 from ray_workflows.backends.memory import MemoryStorage
+
 from ray_workflows.exceptions import StorageError, UnknownStorageError
 from ray_workflows.plugins import forget_storage, open_storage
 from ray_workflows.storage import Storage

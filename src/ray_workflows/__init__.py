@@ -18,8 +18,10 @@ in :mod:`ray_workflows.aio`.
 
 from ray_workflows import aio, exceptions
 from ray_workflows.api import (
+    cancel,
     continuation,
     create,
+    delete,
     get_metadata,
     get_output,
     get_output_async,
@@ -27,6 +29,7 @@ from ray_workflows.api import (
     init,
     list_all,
     resume,
+    resume_all,
     resume_async,
     run,
     run_async,
@@ -38,6 +41,7 @@ from ray_workflows.exceptions import (
     WorkflowExecutionError,
     WorkflowNotFoundError,
     WorkflowNotResumableError,
+    WorkflowQueueFullError,
     WorkflowStillActiveError,
 )
 from ray_workflows.options import options
@@ -68,11 +72,14 @@ __all__ = [
     "WorkflowExecutionError",
     "WorkflowNotFoundError",
     "WorkflowNotResumableError",
+    "WorkflowQueueFullError",
     "WorkflowStatus",
     "WorkflowStillActiveError",
     "aio",
+    "cancel",
     "continuation",
     "create",
+    "delete",
     "exceptions",
     "get_current_task_id",
     "get_current_workflow_id",
@@ -84,6 +91,7 @@ __all__ = [
     "list_all",
     "options",
     "resume",
+    "resume_all",
     "resume_async",
     "run",
     "run_async",

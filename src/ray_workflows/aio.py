@@ -102,6 +102,27 @@ async def resume(workflow_id: str) -> Any:
     return await get(await resume_async(workflow_id))
 
 
+async def resume_all(include_failed: bool = False) -> list[tuple[str, Any]]:
+    """Resume every RESUMABLE workflow (and FAILED ones with ``include_failed``)."""
+    handle = await config.manager()
+    ids: list[str] = await get(handle.resume_all.remote(include_failed))
+    return [(wid, handle.result.remote(wid)) for wid in ids]
+
+
+async def cancel(workflow_id: str) -> None:
+    """Cancel a running or pending workflow; its checkpoints are kept."""
+    check_id(workflow_id)
+    handle = await config.manager()
+    await get(handle.cancel.remote(workflow_id))
+
+
+async def delete(workflow_id: str) -> None:
+    """Delete a workflow that is not running; ``WorkflowStillActiveError`` otherwise."""
+    check_id(workflow_id)
+    handle = await config.manager()
+    await get(handle.delete.remote(workflow_id))
+
+
 async def get_output_async(
     workflow_id: str, *, task_id: str | None = None, name: str | None = None
 ) -> Any:
@@ -168,6 +189,8 @@ async def list_all(status_filter: Any = None) -> list[tuple[str, WorkflowStatus]
 
 
 __all__ = [
+    "cancel",
+    "delete",
     "get",
     "get_metadata",
     "get_output",
@@ -175,6 +198,7 @@ __all__ = [
     "get_status",
     "list_all",
     "resume",
+    "resume_all",
     "resume_async",
     "run",
     "run_async",

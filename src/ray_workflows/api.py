@@ -18,9 +18,14 @@ def init(
     *,
     max_running_workflows: int | None = None,
     max_pending_workflows: int | None = None,
+    auto_resume: bool | None = None,
 ) -> None:
     """Choose the storage (a path, ``file://``, ``memory://``, ``s3://...``) and start the
     manager. Optional: the first workflow call initialises with the defaults.
+
+    ``max_running_workflows``/``max_pending_workflows`` limit how many workflows run and
+    wait (-1: unlimited). ``auto_resume`` (default True, or ``RAY_WORKFLOWS_AUTO_RESUME``)
+    makes a starting manager resume the workflows its storage says were running.
 
     >>> workflow.init("/mnt/shared/workflows")
     """
@@ -36,6 +41,7 @@ def init(
         storage,
         max_running_workflows=max_running_workflows,
         max_pending_workflows=max_pending_workflows,
+        auto_resume=auto_resume,
     )
     bridge.run(config.manager(cfg))
 
@@ -116,6 +122,24 @@ def get_metadata(
 def list_all(status_filter: Any = None) -> list[tuple[str, WorkflowStatus]]:
     """``(workflow_id, status)`` pairs, optionally only those with the given status(es)."""
     return bridge.run(aio.list_all(status_filter))
+
+
+def resume_all(include_failed: bool = False) -> list[tuple[str, ray.ObjectRef[Any]]]:
+    """Resume every RESUMABLE workflow (and FAILED ones with ``include_failed``); return
+    ``(workflow_id, ObjectRef of its output)`` pairs, previously running ones first."""
+    result: list[tuple[str, ray.ObjectRef[Any]]] = bridge.run(aio.resume_all(include_failed))
+    return result
+
+
+def cancel(workflow_id: str) -> None:
+    """Cancel a running or pending workflow: its Ray tasks are stopped, its checkpoints
+    kept, and it can no longer be resumed. A finished workflow is left unchanged."""
+    bridge.run(aio.cancel(workflow_id))
+
+
+def delete(workflow_id: str) -> None:
+    """Delete everything stored for a workflow; ``WorkflowStillActiveError`` if it runs."""
+    bridge.run(aio.delete(workflow_id))
 
 
 def continuation(dag_node: Any) -> Any:

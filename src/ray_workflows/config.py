@@ -23,12 +23,14 @@ from typing import Any
 
 import ray
 
+from ray_workflows.exceptions import UnknownStorageError
 from ray_workflows.log import get_logger
 from ray_workflows.manager import NAMESPACE, actor_class, manager_name
 from ray_workflows.plugins import open_storage, storage_scheme
 
 ENV_STORAGE = "RAY_WORKFLOWS_STORAGE"
 LEGACY_ENV_STORAGE = "RAY_WORKFLOW_STORAGE"
+ENV_AUTO_RESUME = "RAY_WORKFLOWS_AUTO_RESUME"
 
 log = get_logger()
 
@@ -52,6 +54,11 @@ class Config:
     storage: str
     max_running_workflows: int | None = None
     max_pending_workflows: int | None = None
+    #: Resume the workflows storage says were running when a manager starts.
+    #: ``RAY_WORKFLOWS_AUTO_RESUME=0`` turns it off by default.
+    auto_resume: bool = dataclasses.field(
+        default_factory=lambda: os.environ.get(ENV_AUTO_RESUME, "1") not in ("0", "false", "no")
+    )
 
 
 _lock = threading.Lock()
@@ -60,6 +67,16 @@ _managers: dict[str, Any] = {}
 
 
 def resolve_storage(storage: str | None) -> str:
+    if storage is not None and not isinstance(storage, str):
+        raise TypeError(
+            f"storage must be a URI string such as '/path', 'file:///path', 'memory://' or "
+            f"'s3://bucket/prefix', got {type(storage).__name__}: {storage!r}"
+        )
+    if storage is not None and not storage.strip():
+        raise UnknownStorageError(
+            "storage is an empty string; give a URI such as '/path', 'file:///path', "
+            "'memory://' or 's3://bucket/prefix', or None for the default."
+        )
     if storage is None:
         storage = (
             os.environ.get(ENV_STORAGE) or os.environ.get(LEGACY_ENV_STORAGE) or default_storage()
@@ -67,13 +84,15 @@ def resolve_storage(storage: str | None) -> str:
     return normalise_storage(storage)
 
 
-def configure(storage: str | None = None, **limits: Any) -> Config:
+def configure(storage: str | None = None, **options: Any) -> Config:
     """Set this process's configuration (``workflow.init``)."""
     global _config
     uri = resolve_storage(storage)
     open_storage(uri)  # an unknown scheme fails here, before anything else happens
+    options = {k: v for k, v in options.items() if v is not None}
     with _lock:
-        _config = Config(uri, **limits)
+        _config = Config(uri, **options)
+        _managers.pop(uri, None)  # new limits must reach the manager
         return _config
 
 
@@ -111,9 +130,11 @@ async def manager(config: Config | None = None) -> Any:
             # idempotent by workflow id (a stored workflow is resumed, not restarted).
             max_task_retries=-1,
         )
-        .remote(config.storage)
+        .remote(config.storage, config.auto_resume)
     )
     await handle.ready.remote()
+    if config.max_running_workflows is not None or config.max_pending_workflows is not None:
+        await handle.configure.remote(config.max_running_workflows, config.max_pending_workflows)
     _managers[config.storage] = handle
     return handle
 

@@ -16,6 +16,7 @@ from typing import Any
 import ray
 
 from ray_workflows import serialization
+from ray_workflows.admission import Admission
 from ray_workflows.exceptions import (
     TaskNotFoundError,
     WorkflowAlreadyRunningError,
@@ -24,6 +25,7 @@ from ray_workflows.exceptions import (
     WorkflowExecutionError,
     WorkflowNotFoundError,
     WorkflowNotResumableError,
+    WorkflowStillActiveError,
 )
 from ray_workflows.ids import IdAllocator
 from ray_workflows.log import get_logger
@@ -102,6 +104,7 @@ class Engine:
         self.store = WorkflowStore(storage)
         self.executor = Executor(storage)
         self.recovery = Recovery(self.store, self.executor)
+        self.admission = Admission()
         self.runs: dict[str, WorkflowRun] = {}
         self._finished: dict[str, asyncio.Future[Any]] = {}
         self._drivers: set[asyncio.Task[None]] = set()
@@ -122,6 +125,7 @@ class Engine:
                 log.info("workflow.already_running", workflow_id=workflow_id)
                 return self._finished[workflow_id]
             user_metadata = check_metadata(metadata)
+            self.admission.check(workflow_id)
             stored = plan
             if any(spec.arg_refs for spec in plan.tasks.values()):
                 stored = await self._checkpoint_args(workflow_id, plan)
@@ -169,7 +173,12 @@ class Engine:
         self.runs[wid] = run
         finished: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._finished[wid] = finished
-        driver = asyncio.get_running_loop().create_task(self._drive(run, meta, previous, finished))
+        gate = self.admission.admit(wid)
+        if gate is not None:
+            meta["status"] = WorkflowStatus.PENDING.value
+        driver = asyncio.get_running_loop().create_task(
+            self._drive(run, meta, previous, finished, gate)
+        )
         self._drivers.add(driver)
         driver.add_done_callback(self._drivers.discard)
         return finished
@@ -180,6 +189,7 @@ class Engine:
         meta: dict[str, Any],
         previous: str | None,
         finished: asyncio.Future[Any],
+        gate: asyncio.Future[None] | None,
     ) -> None:
         wid = run.workflow_id
         old = meta["status"]
@@ -188,6 +198,12 @@ class Engine:
             # The status is written while the first tasks already run: the plan is
             # what makes the workflow durable, and it was stored before start returned.
             await self.store.write_meta(wid, dict(meta), previous)
+            if gate is not None:
+                log.info("workflow.pending", workflow_id=wid)
+                await gate
+                meta.update(status=WorkflowStatus.RUNNING.value, start_time=time.time())
+                await self.store.write_meta(wid, dict(meta), old)
+                old = meta["status"]
             outcome = await run.run()
             meta.update(
                 status=WorkflowStatus.SUCCESSFUL.value,
@@ -222,6 +238,7 @@ class Engine:
                 )
         self.runs.pop(wid, None)
         self._finished.pop(wid, None)
+        self.admission.release(wid)
         if isinstance(outcome, BaseException):
             run.fail_waiters(outcome)
             finished.set_exception(outcome)
@@ -264,6 +281,7 @@ class Engine:
             await self._preload(meta["output_key"])
             done.set_result(self._load(workflow_id, meta["output_key"]))
             return done
+        self.admission.check(workflow_id)
         run = await self.recovery.rebuild(workflow_id, plan)
         previous = meta["status"]
         meta.update(status=WorkflowStatus.RUNNING.value, start_time=time.time())
@@ -296,7 +314,7 @@ class Engine:
     # -- queries -------------------------------------------------------------------
     async def status(self, workflow_id: str) -> WorkflowStatus:
         if workflow_id in self.runs:
-            return WorkflowStatus.RUNNING
+            return self._live_status(workflow_id)
         meta = await self.store.read_meta(workflow_id)
         if meta is None:
             if await self.store.exists(workflow_id):
@@ -304,9 +322,14 @@ class Engine:
             raise WorkflowNotFoundError.of(workflow_id, self.storage.uri)
         return self._derive(workflow_id, meta["status"])
 
+    def _live_status(self, workflow_id: str) -> WorkflowStatus:
+        if self.admission.is_pending(workflow_id):
+            return WorkflowStatus.PENDING
+        return WorkflowStatus.RUNNING
+
     def _derive(self, workflow_id: str, stored: str) -> WorkflowStatus:
         if workflow_id in self.runs:
-            return WorkflowStatus.RUNNING
+            return self._live_status(workflow_id)
         if stored in (WorkflowStatus.RUNNING.value, WorkflowStatus.PENDING.value):
             return WorkflowStatus.RESUMABLE
         return WorkflowStatus(stored)
@@ -316,7 +339,7 @@ class Engine:
     ) -> list[tuple[str, WorkflowStatus]]:
         found = {wid: self._derive(wid, s) for wid, s in (await self.store.indexed()).items()}
         for wid in self.runs:
-            found[wid] = WorkflowStatus.RUNNING
+            found[wid] = self._live_status(wid)
         return sorted((wid, s) for wid, s in found.items() if statuses is None or s in statuses)
 
     async def output(self, workflow_id: str, task_id: str | None = None) -> Any:
@@ -325,7 +348,12 @@ class Engine:
         if run is not None:
             if task_id is None:
                 return await asyncio.shield(self._finished[workflow_id])
-            return await run.task_output(task_id)
+            if run.knows(task_id):
+                return await run.task_output(task_id)
+            # A task that already continued (its value is its chain's, resolved later) or
+            # that does not exist yet: answer from storage once the workflow is done.
+            await asyncio.wait([self._finished[workflow_id]])
+            return await self.output(workflow_id, task_id)
         meta = await self.store.read_meta(workflow_id)
         if meta is None and not await self.store.exists(workflow_id):
             raise WorkflowNotFoundError.of(workflow_id, self.storage.uri)
@@ -383,6 +411,8 @@ class Engine:
             )
         stats: dict[str, Any] = {}
         data = await self.store.read(task_key(workflow_id, task_id, "out"))
+        if data is None:  # a task that returned a continuation
+            data = await self.store.read(task_key(workflow_id, task_id, "cont"))
         if data is not None:
             header = serialization.peek_header(data, task_id)
             stats = {k: header[k] for k in ("start_time", "end_time") if k in header}
@@ -398,6 +428,62 @@ class Engine:
             "upstream": list(spec.upstream),
             "stats": stats,
         }
+
+    # -- management ----------------------------------------------------------------
+    async def cancel(self, workflow_id: str) -> None:
+        """Stop a running or pending workflow (its Ray tasks are cancelled; checkpoints
+        stay), or mark a failed or resumable one CANCELED. A finished workflow is left
+        as it is; an unknown one is ``WorkflowNotFoundError``."""
+        run = self.runs.get(workflow_id)
+        if run is not None:
+            finished = self._finished[workflow_id]
+            self.admission.withdraw(workflow_id, WorkflowCancellationError.of(workflow_id))
+            run.cancel()
+            await asyncio.wait([finished])
+            log.info("workflow.canceled", workflow_id=workflow_id)
+            return
+        async with self._lock(workflow_id):
+            status = await self.status(workflow_id)
+            if status in (WorkflowStatus.SUCCESSFUL, WorkflowStatus.CANCELED):
+                log.info("workflow.cancel_ignored", workflow_id=workflow_id, status=status.value)
+                return
+            meta = await self.store.read_meta(workflow_id) or {"user_metadata": {}}
+            previous = meta.get("status")
+            meta.update(status=WorkflowStatus.CANCELED.value, end_time=time.time())
+            await self.store.write_meta(workflow_id, meta, previous)
+            log.info("workflow.canceled", workflow_id=workflow_id, was=status.value)
+
+    async def delete(self, workflow_id: str) -> None:
+        """Remove everything stored for a workflow that is not running or pending."""
+        async with self._lock(workflow_id):
+            if workflow_id in self.runs:
+                raise WorkflowStillActiveError.of("delete", workflow_id)
+            if await self.store.read_meta(workflow_id) is None and not await self.store.exists(
+                workflow_id
+            ):
+                raise WorkflowNotFoundError.of(workflow_id, self.storage.uri)
+            removed = await self.store.delete_workflow(workflow_id)
+            log.info("workflow.deleted", workflow_id=workflow_id, records=removed)
+
+    async def resume_all(self, include_failed: bool = False) -> list[str]:
+        """Resume every RESUMABLE workflow (and FAILED ones if asked): those that were
+        running before those that were pending, so they get the running slots back.
+        One that cannot resume is logged and skipped; the others still resume."""
+        order = {"RUNNING": 0, "PENDING": 1, "FAILED": 2}
+        wanted = {"RUNNING", "PENDING"} | ({"FAILED"} if include_failed else set())
+        stored = await self.store.indexed()
+        candidates = sorted(
+            (order[s], wid) for wid, s in stored.items() if s in wanted and wid not in self.runs
+        )
+        resumed = []
+        for _, wid in candidates:
+            try:
+                await self.resume(wid, existing_ok=True)
+            except WorkflowError as exc:
+                log.warning("workflow.resume_failed", workflow_id=wid, error=str(exc))
+                continue
+            resumed.append(wid)
+        return resumed
 
     async def close(self) -> None:
         for run in list(self.runs.values()):

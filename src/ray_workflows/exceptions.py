@@ -10,6 +10,7 @@ Every error a user can act on has its own class; all of them derive from
     ├── WorkflowNotResumableError       resume was asked of a workflow that cannot resume
     ├── WorkflowStillActiveError        the operation needs a workflow that is not running
     ├── WorkflowAlreadyRunningError     run/resume of a workflow that is live
+    ├── WorkflowQueueFullError          max_pending_workflows are already waiting
     ├── TaskNotFoundError               no task with that id in the workflow
     ├── TaskIdCollisionError            two tasks of one workflow would share an id
     ├── CheckpointError                 a stored checkpoint is missing, torn or unreadable
@@ -29,6 +30,17 @@ from typing import Any
 class WorkflowWarning(UserWarning):
     """Warnings emitted by ray-workflows."""
 
+    def __reduce__(self) -> Any:
+        return (_rebuild_warning, (type(self), self.args, _picklable(self.__cause__)))
+
+
+def _rebuild_warning(
+    cls: type[WorkflowWarning], args: tuple[Any, ...], cause: BaseException | None
+) -> WorkflowWarning:
+    warning = cls(*args)
+    warning.__cause__ = cause
+    return warning
+
 
 class WorkflowError(Exception):
     """Base class of every ray-workflows error."""
@@ -41,22 +53,31 @@ class WorkflowError(Exception):
             setattr(self, key, value)
 
     def __reduce__(self) -> Any:
-        # Rebuild with the same message and details, then restore the chain,
-        # so that errors raised in an actor or a worker keep their cause.
-        state = {"__cause__": self.__cause__, "__context__": self.__context__}
-        return (_rebuild, (type(self), self.message, self.details, state))
+        # Rebuild with the same message and details and keep the explicit cause, so
+        # that errors raised in an actor or a worker arrive with it. The implicit
+        # __context__ is not carried: it is often a process-local wrapper (Ray's).
+        return (_rebuild, (type(self), self.message, self.details, _picklable(self.__cause__)))
 
     def __str__(self) -> str:
         return self.message
 
 
+def _picklable(exc: BaseException | None) -> BaseException | None:
+    if exc is None:
+        return None
+    try:
+        pickle.dumps(exc)
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__qualname__}: {exc}")
+
+
 def _rebuild(
-    cls: type[WorkflowError], message: str, details: dict[str, Any], state: dict[str, Any]
+    cls: type[WorkflowError], message: str, details: dict[str, Any], cause: BaseException | None
 ) -> WorkflowError:
     exc = cls.__new__(cls)
     WorkflowError.__init__(exc, message, **details)
-    exc.__cause__ = state.get("__cause__")
-    exc.__context__ = state.get("__context__")
+    exc.__cause__ = cause
     cause_bytes = details.get("cause_bytes")
     if exc.__cause__ is None and cause_bytes:
         # The task's own exception travels pickled, so that the engine never needs
@@ -128,6 +149,10 @@ class WorkflowAlreadyRunningError(WorkflowError):
     """A workflow with this id is already running or pending in this cluster."""
 
 
+class WorkflowQueueFullError(WorkflowError):
+    """The pending queue is full; the workflow was not stored."""
+
+
 class TaskNotFoundError(WorkflowError):
     """The workflow has no task with this id."""
 
@@ -160,6 +185,7 @@ __all__ = [
     "WorkflowExecutionError",
     "WorkflowNotFoundError",
     "WorkflowNotResumableError",
+    "WorkflowQueueFullError",
     "WorkflowStillActiveError",
     "WorkflowWarning",
 ]

@@ -8,7 +8,8 @@ import unicodedata
 import uuid
 
 MAX_ID_LENGTH = 200
-_SUFFIXED = re.compile(r"^(.*)_(\d+)$")
+# Only ids the allocator can generate: a suffix >= 1 without leading zeros.
+_SUFFIXED = re.compile(r"^(.*)_([1-9]\d*)$")
 
 
 def new_workflow_id() -> str:

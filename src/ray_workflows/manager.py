@@ -15,11 +15,14 @@ from typing import Any
 import ray
 
 from ray_workflows.engine import Engine
+from ray_workflows.log import get_logger
 from ray_workflows.plan import Plan
 from ray_workflows.plugins import open_storage
 from ray_workflows.status import WorkflowStatus
 
 NAMESPACE = "ray_workflows"
+
+log = get_logger()
 
 
 def manager_name(storage_uri: str) -> str:
@@ -48,8 +51,41 @@ async def resolving(ref: Any) -> ResolvingRef:
 
 
 class WorkflowManager:
-    def __init__(self, storage_uri: str) -> None:
+    def __init__(self, storage_uri: str, auto_resume: bool = True) -> None:
         self.engine = Engine(open_storage(storage_uri))
+        self._recovering: asyncio.Task[list[str]] | None = None
+        if auto_resume:
+            # A (re)started manager resumes what its storage says was running: after a
+            # cluster restart, or after this actor was killed and restarted.
+            self._recovering = asyncio.get_running_loop().create_task(self._recover())
+
+    async def _recover(self) -> list[str]:
+        try:
+            resumed = await self.engine.resume_all()
+        except Exception:
+            log.exception("manager.recovery_failed")
+            return []
+        if resumed:
+            log.info("manager.recovered", workflows=len(resumed))
+        return resumed
+
+    async def _recovered(self) -> None:
+        if self._recovering is not None:
+            await asyncio.shield(self._recovering)
+
+    async def configure(self, max_running: int | None, max_pending: int | None) -> None:
+        self.engine.admission.configure(max_running, max_pending)
+
+    async def cancel(self, workflow_id: str) -> None:
+        await self.engine.cancel(workflow_id)
+
+    async def delete(self, workflow_id: str) -> None:
+        await self._recovered()
+        await self.engine.delete(workflow_id)
+
+    async def resume_all(self, include_failed: bool) -> list[str]:
+        await self._recovered()
+        return await self.engine.resume_all(include_failed)
 
     async def ready(self) -> str:
         await self.engine.storage.check()
@@ -60,7 +96,9 @@ class WorkflowManager:
         await self.engine.start(workflow_id, plan, metadata)
 
     async def resume(self, workflow_id: str) -> None:
-        await self.engine.resume(workflow_id)
+        """Resume a stored workflow; joins it if it already runs (e.g. auto-recovered)."""
+        await self._recovered()
+        await self.engine.resume(workflow_id, existing_ok=True)
 
     async def result(self, workflow_id: str) -> ResolvingRef:
         """The workflow's output, when it is done (resuming it if its manager died)."""
@@ -70,11 +108,13 @@ class WorkflowManager:
         return await resolving(await self.engine.output(workflow_id, task_id))
 
     async def get_status(self, workflow_id: str) -> WorkflowStatus:
+        await self._recovered()
         return await self.engine.status(workflow_id)
 
     async def list_all(
         self, statuses: set[WorkflowStatus] | None
     ) -> list[tuple[str, WorkflowStatus]]:
+        await self._recovered()
         return await self.engine.list_all(statuses)
 
     async def get_metadata(self, workflow_id: str, task_id: str | None) -> dict[str, Any]:

@@ -16,10 +16,12 @@ Ray never sees it. This keeps both documented forms working unchanged::
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
+import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
+
+from ray import cloudpickle
 
 LABEL_KEY = "ray-workflows.io/options"
 
@@ -53,35 +55,46 @@ def check_metadata(metadata: object, what: str = "metadata") -> dict[str, Any]:
     return normalised
 
 
-def _exception_names(value: object) -> bool | list[str]:
-    """``retry_exceptions`` as stored: a bool, or ``module:QualName`` strings."""
+# retry_exceptions classes named in workflow.options(...): the JSON label carries a
+# token, and the classes stay in this process (the one that builds the DAG), where
+# classes defined in __main__ or inside a function exist.
+_CLASSES: dict[str, tuple[type[BaseException], ...]] = {}
+
+
+def _exception_option(value: object) -> bool | dict[str, Any]:
+    """``retry_exceptions`` for the JSON label: a bool, or a token plus names."""
     if isinstance(value, bool):
         return value
     if isinstance(value, (list, tuple)) and all(
-        isinstance(cls, str) or (isinstance(cls, type) and issubclass(cls, BaseException))
-        for cls in value
+        isinstance(cls, type) and issubclass(cls, BaseException) for cls in value
     ):
-        return [c if isinstance(c, str) else f"{c.__module__}:{c.__qualname__}" for c in value]
+        token = uuid.uuid4().hex
+        _CLASSES[token] = tuple(value)
+        return {"token": token, "names": [_class_name(c) for c in value]}
     raise ValueError(
         f"retry_exceptions must be a bool or a list of exception classes, got {value!r}"
     )
 
 
-def resolve_exceptions(value: bool | list[Any]) -> bool | tuple[type[BaseException], ...]:
-    """Turn stored exception names back into classes (classes pass through)."""
-    if isinstance(value, bool):
-        return value
-    classes: list[type[BaseException]] = []
-    for item in value:
-        if isinstance(item, type):
-            classes.append(item)
-            continue
-        module, _, qualname = str(item).partition(":")
-        obj: Any = importlib.import_module(module)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-        classes.append(obj)
-    return tuple(classes)
+def _class_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _exception_classes(value: object) -> bool | tuple[type[BaseException], ...]:
+    """The classes behind a ``retry_exceptions`` value from the label or from Ray."""
+    if isinstance(value, dict):
+        classes = _CLASSES.get(value["token"])
+        if classes is None:
+            raise ValueError(
+                "retry_exceptions classes given to workflow.options(...) are only known in "
+                "the process that called it; build the DAG in that process."
+            )
+        return classes
+    if isinstance(value, bool) or value is None:
+        return bool(value)
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    raise ValueError(f"retry_exceptions must be a bool or exception classes, got {value!r}")
 
 
 class WorkflowOptions(Mapping[str, Any]):
@@ -116,7 +129,7 @@ class WorkflowOptions(Mapping[str, Any]):
             if not isinstance(retries, int) or isinstance(retries, bool) or retries < -1:
                 raise ValueError(f"max_retries must be an int >= -1, got {retries!r}")
         if "retry_exceptions" in options:
-            options["retry_exceptions"] = _exception_names(options["retry_exceptions"])
+            options["retry_exceptions"] = _exception_option(options["retry_exceptions"])
         self._options = options
         self._mapping = {"_labels": {LABEL_KEY: json.dumps(options, sort_keys=True)}}
 
@@ -161,7 +174,10 @@ class TaskOptions:
     """The resolved options of one task, as the engine uses and stores them."""
 
     max_retries: int = 3
-    retry_exceptions: bool | list[str] = False
+    retry_exceptions: bool | list[str] = False  # True, or the names of the classes
+    # The classes themselves, cloudpickled: only the worker unpickles them, so the engine
+    # never needs the user's exception classes.
+    retry_classes: bytes | None = None
     catch_exceptions: bool | None = None
     checkpoint: bool | None = None
     allow_inplace: bool = False
@@ -180,10 +196,13 @@ class TaskOptions:
         if ray_options.get("num_returns", 1) not in (1, None):
             raise ValueError("A workflow task can only have one return value (num_returns=1).")
         max_retries = wf.get("max_retries", ray_options.get("max_retries", 3))
-        retry = wf.get("retry_exceptions", ray_options.get("retry_exceptions", False))
+        retry = _exception_classes(
+            wf.get("retry_exceptions", ray_options.get("retry_exceptions", False))
+        )
         opts = cls(
             max_retries=3 if max_retries is None else int(max_retries),
-            retry_exceptions=_exception_names(retry),
+            retry_exceptions=retry if isinstance(retry, bool) else [_class_name(c) for c in retry],
+            retry_classes=None if isinstance(retry, bool) else cloudpickle.dumps(retry),
             catch_exceptions=wf.get("catch_exceptions"),
             checkpoint=wf.get("checkpoint"),
             allow_inplace=bool(wf.get("allow_inplace", False)),
@@ -192,9 +211,19 @@ class TaskOptions:
         )
         return opts, wf.get("task_id")
 
+    def retryable(self, exc: BaseException) -> bool:
+        """Whether an application error ``exc`` may be retried (in the worker)."""
+        if self.retry_exceptions is True:
+            return True
+        if self.retry_classes is None:
+            return False
+        classes: tuple[type[BaseException], ...] = cloudpickle.loads(self.retry_classes)
+        return isinstance(exc, classes)
+
     def to_json(self) -> dict[str, Any]:
         """A JSON-safe view for ``get_metadata``."""
         data = dataclasses.asdict(self)
+        data.pop("retry_classes")
         data["ray_options"] = {k: _json_safe(v) for k, v in self.ray_options.items()}
         data.pop("metadata")
         return data
@@ -215,5 +244,4 @@ __all__ = [
     "WorkflowOptions",
     "check_metadata",
     "options",
-    "resolve_exceptions",
 ]

@@ -140,10 +140,17 @@ class _Compiler:
         self.functions: dict[str, bytes] = {}
         self._func_keys: dict[int, str] = {}
 
-    def func_key(self, func: Callable[..., Any]) -> str:
+    def func_key(self, func: Callable[..., Any], name: str) -> str:
         key = self._func_keys.get(id(func))
         if key is None:
-            data = cloudpickle.dumps(func)
+            try:
+                data = cloudpickle.dumps(func)
+            except Exception as exc:
+                raise TypeError(
+                    f"Task {name!r}: its function cannot be pickled ({type(exc).__name__}: "
+                    f"{exc}). A workflow task's function is checkpointed, so it must not "
+                    "capture locks, sockets or other process-local objects."
+                ) from exc
             key = hashlib.sha1(data).hexdigest()[:20]
             self.functions[key] = data
             self._func_keys[id(func)] = key
@@ -187,7 +194,7 @@ class _Compiler:
                 task_id=task_id,
                 base=base,
                 name=getattr(func, "__qualname__", base),
-                func_key=self.func_key(func),
+                func_key=self.func_key(func, task_id),
                 args=args,
                 arg_refs=refs,
                 upstream=[task_ids[c.get_stable_uuid()] for c in children],

@@ -70,6 +70,7 @@ class WorkflowRun:
         self.consumers: dict[str, list[str]] = collections.defaultdict(list)
         self.needed: collections.Counter[str] = collections.Counter()
         self.root_of: dict[str, str] = {}  # continuation output -> root of its chain
+        self.roots: set[str] = set()  # roots of the chains still running
         self.running: dict[str, tuple[asyncio.Task[None], Any]] = {}
         self.attempts: collections.Counter[str] = collections.Counter()
         self.started: dict[str, float] = {}
@@ -105,6 +106,7 @@ class WorkflowRun:
 
     def link(self, output: str, root: str) -> None:
         self.root_of[output] = root
+        self.roots.add(root)
 
     # -- running -----------------------------------------------------------------
     async def run(self) -> Any:
@@ -180,7 +182,7 @@ class WorkflowRun:
                 self._finished(tid, value_ref, receipt)
             elif receipt.kind == "continuation":
                 assert receipt.plan is not None
-                await self._continued(tid, receipt.plan)
+                await self._continued(tid, receipt.plan, receipt)
             else:
                 await self._failed(
                     tid,
@@ -199,6 +201,7 @@ class WorkflowRun:
         spec = self.specs.pop(tid)
         self.log.debug("task.succeeded", task_id=tid, seconds=receipt.end_time - receipt.start_time)
         target = self.root_of.pop(tid, tid)
+        self.roots.discard(target)
         self.done.add(target)
         self.values[target] = value_ref
         if spec.checkpoint:
@@ -226,11 +229,12 @@ class WorkflowRun:
                     self.values.pop(u, None)
         self.waiting.pop(spec.task_id, None)
 
-    async def _continued(self, tid: str, sub: Plan) -> None:
+    async def _continued(self, tid: str, sub: Plan, receipt: Receipt) -> None:
         spec = self.specs.pop(tid)
         plan = sub.renamed(self.allocator, creator=tid)
         root = self.root_of.pop(tid, tid)
         self.root_of[plan.output_task_id] = root
+        self.roots.add(root)
         if spec.checkpoint:
             stored = Plan(
                 {
@@ -244,7 +248,12 @@ class WorkflowRun:
                 self.store.save_ids(self.workflow_id, dict(self.allocator.counters)),
                 self.store.put(
                     task_key(self.workflow_id, tid, "cont"),
-                    WorkflowStore.encode_plan(stored, "continuation"),
+                    WorkflowStore.encode_plan(
+                        stored,
+                        "continuation",
+                        start_time=receipt.start_time,
+                        end_time=receipt.end_time,
+                    ),
                 ),
             ]
             if root != tid:
@@ -317,6 +326,11 @@ class WorkflowRun:
             self.result.set_result(self._value_ref(self.output_task_id))
 
     # -- queries -------------------------------------------------------------------
+    def knows(self, tid: str) -> bool:
+        """Whether ``tid``'s output can be awaited from memory: it is pending, running,
+        done, or the current end of a continuation chain."""
+        return tid in self.specs or tid in self.done or tid in self.root_of or tid in self.roots
+
     def task_output(self, tid: str) -> asyncio.Future[Any]:
         """A future of the ObjectRef of ``tid``'s output (waits if it is not done yet)."""
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()

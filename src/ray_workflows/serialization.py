@@ -115,6 +115,20 @@ def peek_header(data: bytes, where: str = "") -> dict[str, Any]:
     return decode(data, where)[0]
 
 
+def _first(box: list[Any]) -> Any:
+    return box[0]
+
+
+_unbox_remote: Any = None
+
+
+def _unbox() -> Any:
+    global _unbox_remote
+    if _unbox_remote is None:
+        _unbox_remote = ray.remote(num_cpus=0)(_first)
+    return _unbox_remote
+
+
 class ObjectStore:
     """Checkpoints and loads the values of ObjectRefs for one workflow (sync; runs in
     Ray workers and helper tasks, never on the engine's event loop).
@@ -144,10 +158,7 @@ class ObjectStore:
         for ref in refs:
             key = self._saved.get(ref.binary())
             if key is None:
-                value = ray.get(ref)
-                if isinstance(value, ray.ObjectRef):
-                    value = ray.get(value)
-                payload, inner = dumps(value)
+                payload, inner = dumps(ray.get(ref))  # a ref inside is saved in turn
                 record = encode("object", payload, self.save(inner))
                 key = self._prefix + hashlib.sha256(record).hexdigest()
                 self._write(key, record)
@@ -166,7 +177,9 @@ class ObjectStore:
         """An ObjectRef holding the checkpointed object (cached: each key loads once)."""
         ref = self._loaded.get(key)
         if ref is None:
-            ref = ray.put(self.load_value(key))
+            value = self.load_value(key)
+            # Ray refuses to put an ObjectRef; a task returning it makes a ref to the ref.
+            ref = _unbox().remote([value]) if isinstance(value, ray.ObjectRef) else ray.put(value)
             self._loaded[key] = ref
             if len(self._loaded) > self._CACHE_SIZE:
                 self._loaded.popitem(last=False)

@@ -100,10 +100,10 @@ class WorkflowStore:
 
     # -- plans ---------------------------------------------------------------
     @staticmethod
-    def encode_plan(plan: Plan, kind: str = "plan") -> bytes:
+    def encode_plan(plan: Plan, kind: str = "plan", **meta: Any) -> bytes:
         payload, refs = serialization.dumps(plan)
         assert not refs, "plans are stored with ObjectRefs replaced by object keys"
-        return serialization.encode(kind, payload)
+        return serialization.encode(kind, payload, **meta)
 
     @staticmethod
     def decode_plan(data: bytes, where: str) -> Plan:

@@ -23,7 +23,7 @@ from ray import cloudpickle
 from ray.dag import DAGNode, FunctionNode
 
 from ray_workflows import bridge, context, serialization
-from ray_workflows.options import TaskOptions, resolve_exceptions
+from ray_workflows.options import TaskOptions
 from ray_workflows.plan import Deref, Plan, Up, compile_dag
 from ray_workflows.storage import Storage
 from ray_workflows.store import objects_prefix, task_key
@@ -159,46 +159,73 @@ def execute_task(call: TaskCall, func_data: bytes, *values: Any) -> tuple[Receip
     opts = call.options
     writes: dict[str, bytes] = {}
     objects = _objects(call, writes)
-    func = _function(call.func_key, func_data)
     ctx = context.TaskContext(call.workflow_id, call.task_id, call.attempt)
     with context.running(ctx):
         try:
-            args, kwargs = _arguments(call, values, objects)
-            result = _call_user(func, args, kwargs)
+            return _attempt(call, func_data, values, objects, writes, start)
         except Exception as exc:
-            retry = resolve_exceptions(opts.retry_exceptions)
-            retryable = retry is True or (isinstance(retry, tuple) and isinstance(exc, retry))
+            # Anything this attempt raised (the user function, arguments that do not
+            # load, a continuation that does not compile, an output that cannot be
+            # pickled) is an application error of this task, with its cause.
+            retryable = opts.retryable(exc)
             final = not retryable or (opts.max_retries != -1 and call.attempt >= opts.max_retries)
-            if not (final and opts.catch_exceptions):
-                return Receipt(
-                    "error",
-                    start,
-                    time.time(),
-                    writes,
-                    error=_pickled_error(exc),
-                    error_text="".join(traceback.format_exception(exc)),
-                    retryable=retryable,
-                ), None
-            result = (None, exc)
-        else:
-            if isinstance(result, (DAGNode, Continuation)):
-                dag = result.dag if isinstance(result, Continuation) else result
-                plan = compile_dag(
-                    dag,
-                    checkpoint=opts.checkpoint is not False,
-                    catch_exceptions=bool(opts.catch_exceptions),
-                    creator=call.task_id,
-                )
-                if opts.checkpoint is not False:
-                    for spec in plan.tasks.values():
-                        spec.arg_keys = objects.save(spec.arg_refs)
-                return Receipt("continuation", start, time.time(), writes, plan=plan), None
-            if isinstance(result, ray.ObjectRef):
-                result = ray.get(result)
-            if opts.catch_exceptions:
-                result = (result, None)
+            if final and opts.catch_exceptions:
+                try:
+                    return _commit(call, (None, exc), objects, writes, start)
+                except Exception as commit_error:
+                    exc = commit_error
+            return Receipt(
+                "error",
+                start,
+                time.time(),
+                writes,
+                error=_pickled_error(exc),
+                error_text="".join(traceback.format_exception(exc)),
+                retryable=retryable,
+            ), None
+
+
+def _attempt(
+    call: TaskCall,
+    func_data: bytes,
+    values: tuple[Any, ...],
+    objects: serialization.ObjectStore,
+    writes: dict[str, bytes],
+    start: float,
+) -> tuple[Receipt, Any]:
+    opts = call.options
+    func = _function(call.func_key, func_data)
+    args, kwargs = _arguments(call, values, objects)
+    result = _call_user(func, args, kwargs)
+    if isinstance(result, (DAGNode, Continuation)):
+        dag = result.dag if isinstance(result, Continuation) else result
+        plan = compile_dag(
+            dag,
+            checkpoint=opts.checkpoint is not False,
+            catch_exceptions=bool(opts.catch_exceptions),
+            creator=call.task_id,
+        )
+        if opts.checkpoint is not False:
+            for spec in plan.tasks.values():
+                spec.arg_keys = objects.save(spec.arg_refs)
+        return Receipt("continuation", start, time.time(), writes, plan=plan), None
+    if isinstance(result, ray.ObjectRef):
+        result = ray.get(result)
+    if opts.catch_exceptions:
+        result = (result, None)
+    return _commit(call, result, objects, writes, start)
+
+
+def _commit(
+    call: TaskCall,
+    result: Any,
+    objects: serialization.ObjectStore,
+    writes: dict[str, bytes],
+    start: float,
+) -> tuple[Receipt, Any]:
+    """Checkpoint a value result (objects first, then the output record)."""
     end = time.time()
-    if opts.checkpoint is not False:
+    if call.options.checkpoint is not False:
         payload, refs = serialization.dumps(result)
         record = serialization.encode(
             "value", payload, objects.save(refs), start_time=start, end_time=end
@@ -208,6 +235,10 @@ def execute_task(call: TaskCall, func_data: bytes, *values: Any) -> tuple[Receip
             bridge.run(call.storage.put(key, record))
         else:
             writes[key] = record
+    else:
+        # Nothing is stored, but the value still travels to its consumers through Ray:
+        # fail here, as this task's error, rather than later as a lost worker.
+        serialization.dumps(result)
     return Receipt("value", start, end, writes), result
 
 
