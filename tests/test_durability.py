@@ -84,7 +84,7 @@ def test_manager_killed_mid_workflow_resumes_without_rerunning(
 def test_torn_checkpoint_is_never_read_as_an_output(
         storage: str, wid: str, counter_dir: Path) -> None:
     assert workflow.run(_chain(3, counter_dir, 0.0), workflow_id=wid) == 3
-    out = Path(storage, "workflows", wid, "tasks", "test_durability.step_2", "out")
+    out = Path(storage, "workflows", wid, "tasks", "test_durability.step_2.out")
     record = out.read_bytes()
     assert serialization.decode(record)[0]["kind"] == "value"
     out.write_bytes(record[: len(record) - 3])  # as a torn, non-atomic write would leave it

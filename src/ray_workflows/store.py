@@ -5,9 +5,9 @@ Layout (all keys relative to the storage URI)::
     workflows/<wid>/plan                  entry plan (the commit point of a new workflow)
     workflows/<wid>/meta.json             status, user metadata, start/end time, error
     workflows/<wid>/ids.json              task-id counters (continuations name their tasks)
-    workflows/<wid>/tasks/<tid>/out       the task's committed output (its existence = done)
-    workflows/<wid>/tasks/<tid>/cont      the continuation plan the task returned
-    workflows/<wid>/tasks/<tid>/latest    newest continuation of the chain rooted here
+    workflows/<wid>/tasks/<tid>.out       the task's committed output (its existence = done)
+    workflows/<wid>/tasks/<tid>.cont      the continuation plan the task returned
+    workflows/<wid>/tasks/<tid>.latest    newest continuation of the chain rooted here
     workflows/<wid>/objects/<sha256>      checkpointed ObjectRef values
     status/<STATUS>/<wid>                 empty marker: the status index for list_all
 
@@ -47,7 +47,9 @@ def wf_prefix(wid: str) -> str:
 
 
 def task_key(wid: str, tid: str, record: str) -> str:
-    return f"workflows/{wid}/tasks/{tid}/{record}"
+    # Flat: every record of a workflow's tasks in one directory, so a task's output
+    # costs one file and one directory sync, not a new directory per task.
+    return f"workflows/{wid}/tasks/{tid}.{record}"
 
 
 def objects_prefix(wid: str) -> str:
@@ -159,7 +161,7 @@ class WorkflowStore:
         prefix = wf_prefix(wid) + "tasks/"
         records: dict[str, set[str]] = {}
         for key in await self.storage.list(prefix):
-            tid, _, record = key[len(prefix) :].rpartition("/")
+            tid, _, record = key[len(prefix) :].rpartition(".")
             records.setdefault(tid, set()).add(record)
         return records
 
