@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -14,3 +16,12 @@ def record_run(directory: str | os.PathLike[str], name: str) -> None:
 
 def count_runs(directory: str | os.PathLike[str], name: str) -> int:
     return sum(1 for p in Path(directory).iterdir() if p.name.startswith(name + "."))
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Poll ``predicate`` every 50 ms until it is true; TimeoutError after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.05)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from helpers import count_runs, record_run
+from helpers import count_runs, record_run, wait_for
 
 import ray_workflows as workflow
 from ray_workflows import config, serialization
@@ -39,20 +39,12 @@ def _chain(n: int, runs: Path, delay: float) -> object:
     return node
 
 
-def _wait_for(predicate, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        time.sleep(0.05)
-
-
 def test_worker_killed_mid_task_is_retried_and_finished_tasks_do_not_rerun(
         storage: str, wid: str, counter_dir: Path, tmp_path: Path) -> None:
     pid_file = tmp_path / "victim.pid"
     dag = slow_victim.bind(_chain(3, counter_dir, 0.0), str(counter_dir), str(pid_file))
     ref = workflow.run_async(dag, workflow_id=wid)
-    _wait_for(pid_file.exists)
+    wait_for(pid_file.exists)
     os.kill(int(pid_file.read_text()), signal.SIGKILL)
     assert ray.get(ref, timeout=120) == 30
     assert count_runs(counter_dir, "victim-start") == 2
@@ -65,7 +57,7 @@ def test_manager_killed_mid_workflow_resumes_without_rerunning(
         fresh_storage: str, wid: str, counter_dir: Path) -> None:
     n = 30
     ref = workflow.run_async(_chain(n, counter_dir, 0.1), workflow_id=wid)
-    _wait_for(lambda: count_runs(counter_dir, "step9") == 1)
+    wait_for(lambda: count_runs(counter_dir, "step9") == 1)
     manager = ray.get_actor(manager_name(config.normalise_storage(fresh_storage)),
                             namespace=NAMESPACE)
     ray.kill(manager, no_restart=False)  # the actor restarts, with no memory of the run

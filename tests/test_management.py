@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from helpers import count_runs, record_run
+from helpers import count_runs, record_run, wait_for
 
 import ray_workflows as workflow
 from ray_workflows import config
@@ -28,17 +28,9 @@ def sleeper(seconds: float, runs: str, name: str) -> str:
     return name
 
 
-def _wait_for(predicate, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        time.sleep(0.05)
-
-
 def test_cancel_stops_the_running_task(storage: str, wid: str, counter_dir: Path) -> None:
     ref = workflow.run_async(sleeper.bind(5, str(counter_dir), "long"), workflow_id=wid)
-    _wait_for(lambda: count_runs(counter_dir, "long-start") == 1)
+    wait_for(lambda: count_runs(counter_dir, "long-start") == 1)
     workflow.cancel(wid)
     assert workflow.get_status(wid) == workflow.CANCELED
     with pytest.raises(workflow.WorkflowCancellationError):
@@ -120,15 +112,15 @@ def test_manager_restart_resumes_running_workflows_by_itself(
     for i in range(6):
         dag = _then.bind(dag, i, str(counter_dir))
     workflow.run_async(dag, workflow_id=wid)
-    _wait_for(lambda: count_runs(counter_dir, "then2") == 1)
+    wait_for(lambda: count_runs(counter_dir, "then2") == 1)
     ray.kill(ray.get_actor(manager_name(config.normalise_storage(fresh_storage)),
                            namespace=NAMESPACE), no_restart=False)
     # Nobody calls resume: the restarted manager resumes what storage says was running.
-    _wait_for(lambda: count_runs(counter_dir, "then5") == 1, timeout=120)
+    wait_for(lambda: count_runs(counter_dir, "then5") == 1, timeout=120)
     assert count_runs(counter_dir, "final") == 1
     for i in range(6):
         assert count_runs(counter_dir, f"then{i}") == 1
-    _wait_for(lambda: workflow.get_status(wid) == workflow.SUCCESSFUL, timeout=30)
+    wait_for(lambda: workflow.get_status(wid) == workflow.SUCCESSFUL, timeout=30)
 
 
 @ray.remote

@@ -9,6 +9,7 @@ service can run one in-process.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import time
 from typing import Any
@@ -49,7 +50,20 @@ class Executor:
         self._execute = ray.remote(num_returns=2, max_retries=0)(execute_task)
         self._load = ray.remote(num_cpus=0, max_retries=3)(load_output)
         self._save = ray.remote(num_cpus=0, max_retries=3)(save_objects)
-        self._records: dict[str, bytes] = {}
+        self._records: dict[str, dict[str, bytes]] = {}
+        # Pickled functions put in the object store once, shared by every run that
+        # uses them (keyed by content hash), not once per workflow.
+        self._functions: collections.OrderedDict[str, Any] = collections.OrderedDict()
+
+    def function_ref(self, key: str, data: bytes) -> Any:
+        ref = self._functions.get(key)
+        if ref is None:
+            ref = self._functions[key] = ray.put(data)
+            if len(self._functions) > 1024:
+                self._functions.popitem(last=False)
+        else:
+            self._functions.move_to_end(key)
+        return ref
 
     def submit(
         self, call: Any, func_ref: Any, values: list[Any], ray_options: dict[str, Any]
@@ -60,13 +74,28 @@ class Executor:
         receipt, value = remote.remote(call, func_ref, *values)
         return receipt, value
 
-    def preload(self, key: str, record: bytes) -> None:
-        """Hand over a record for a storage the helper tasks cannot read themselves."""
-        self._records[key] = record
+    async def preload(self, key: str, record: bytes | None = None) -> None:
+        """For a storage the helper tasks cannot read (``memory://``), gather a record
+        and every object record it refers to, to hand over when it is loaded."""
+        if self.storage.shared:
+            return
+        records: dict[str, bytes] = {}
+        pending = [(key, record)]
+        while pending:
+            name, data = pending.pop()
+            if name in records:
+                continue
+            data = data if data is not None else await self.storage.get(name)
+            if data is None:
+                continue
+            records[name] = data
+            header = serialization.peek_header(data, name)
+            pending.extend((ref_key, None) for ref_key in header["refs"])
+        self._records[key] = records
 
     def load(self, workflow_id: str, key: str) -> Any:
-        record = None if self.storage.shared else self._records.get(key)
-        return self._load.remote(self.storage, workflow_id, record, key)
+        records = None if self.storage.shared else self._records.get(key)
+        return self._load.remote(self.storage, workflow_id, records, key)
 
     async def save_objects(self, workflow_id: str, refs: list[Any]) -> list[str]:
         keys, writes = await self._save.remote(self.storage, workflow_id, refs)
@@ -303,10 +332,7 @@ class Engine:
         return await asyncio.shield(self._finished[workflow_id])
 
     async def _preload(self, key: str) -> None:
-        if not self.storage.shared:
-            record = await self.storage.get(key)
-            if record is not None:
-                self.executor.preload(key, record)
+        await self.executor.preload(key)
 
     def _load(self, workflow_id: str, key: str) -> Any:
         return self.executor.load(workflow_id, key)

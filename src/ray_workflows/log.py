@@ -13,6 +13,8 @@ from typing import Any
 import structlog
 
 _processors: list[Any] = [
+    # First: an event below the logger's level is dropped before anything renders it.
+    structlog.stdlib.filter_by_level,
     structlog.processors.add_log_level,
     structlog.processors.format_exc_info,
     structlog.processors.KeyValueRenderer(key_order=["event"], drop_missing=True),

@@ -92,8 +92,7 @@ class Recovery:
             await self.store.storage.delete(key)
             return False
         run.mark_stored(tid, record_tid)
-        if not self.store.storage.shared and data is not None:
-            self.executor.preload(key, data)
+        await self.executor.preload(key, data)
         return True
 
     async def follow_chain(

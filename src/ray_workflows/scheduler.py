@@ -83,7 +83,7 @@ class WorkflowRun:
     def add_plan(self, plan: Plan) -> None:
         for key, data in plan.functions.items():
             if key not in self.funcs:
-                self.funcs[key] = ray.put(data)
+                self.funcs[key] = self.executor.function_ref(key, data)
         for spec in plan.tasks.values():
             self.add_task(spec)
 

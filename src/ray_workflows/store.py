@@ -68,6 +68,7 @@ class GroupCommit:
         self._flusher: asyncio.Task[None] | None = None
 
     async def put(self, key: str, data: bytes) -> None:
+        self._queue.pop(key, None)  # a re-queued key takes its new place in the order
         self._queue[key] = data
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
@@ -133,9 +134,11 @@ class WorkflowStore:
     async def write_meta(self, wid: str, meta: dict[str, Any], old: str | None) -> None:
         """Write ``meta`` (whose "status" may have changed from ``old``) and the index."""
         new = meta["status"]
+        writes = [self.commit.put(wf_prefix(wid) + "meta.json", json.dumps(meta).encode())]
         if new != old:
-            await self.commit.put(f"status/{new}/{wid}", b"")
-        await self.commit.put(wf_prefix(wid) + "meta.json", json.dumps(meta).encode())
+            # Queued first, so in the same batch the new marker lands before meta.json.
+            writes.insert(0, self.commit.put(f"status/{new}/{wid}", b""))
+        await asyncio.gather(*writes)
         if old and new != old:
             await self.storage.delete(f"status/{old}/{wid}")
 

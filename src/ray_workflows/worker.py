@@ -242,20 +242,25 @@ def _commit(
     return Receipt("value", start, end, writes), result
 
 
-def load_output(storage: Storage, workflow_id: str, record: bytes | None, key: str) -> Any:
-    """Read a task's checkpointed output (a helper task; ``record`` is given for a
-    storage only the engine can read)."""
+def load_output(
+    storage: Storage, workflow_id: str, records: dict[str, bytes] | None, key: str
+) -> Any:
+    """Read a task's checkpointed output (a helper task). For a storage only the engine
+    can read, ``records`` holds the output record and the object records it refers to."""
     writes: dict[str, bytes] = {}
-    call_storage = storage
-    data = record if record is not None else bridge.run(call_storage.get(key))
+
+    def read(name: str) -> bytes | None:
+        if records is not None:
+            return records.get(name)
+        return bridge.run(storage.get(name))
+
+    data = read(key)
     if data is None:
         from ray_workflows.exceptions import CheckpointError
 
         raise CheckpointError(f"Checkpoint {key!r} is missing from {storage.uri}.", key=key)
     header, payload = serialization.decode(data, key)
-    objects = serialization.ObjectStore(
-        objects_prefix(workflow_id), lambda k: bridge.run(storage.get(k)), writes.__setitem__
-    )
+    objects = serialization.ObjectStore(objects_prefix(workflow_id), read, writes.__setitem__)
     return serialization.loads(payload, [objects.load_ref(k) for k in header["refs"]])
 
 

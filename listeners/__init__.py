@@ -1,0 +1,2 @@
+"""Event-listener plugins (``ray_workflows.listeners.*``), registered through the
+``ray_workflows.listeners`` entry-point group."""
