@@ -17,6 +17,7 @@ library or application package would; nothing is pickled by value from ``__main_
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import shutil
@@ -293,8 +294,8 @@ def make_workloads(sizes: dict[str, int]) -> dict[str, Workload]:
                     sampler.__enter__()
                 try:
                     t0 = time.perf_counter()
-                    nodes = [leaf.bind(i) for i in range(n)]
-                    dag = gather.bind(*nodes)
+                    nodes: list[Any] = [leaf.bind(i) for i in range(n)]
+                    dag: Any = gather.bind(*nodes)
                     t_bind = time.perf_counter() - t0
                     ref = workflow.run_async(dag, workflow_id=wid)
                     t_submit = time.perf_counter() - t0
@@ -307,8 +308,10 @@ def make_workloads(sizes: dict[str, int]) -> dict[str, Workload]:
             notes = [f"bind {t_bind:.2f}s", f"submit {t_submit:.2f}s"]
             if memory:
                 if sampler:
-                    notes.append(f"manager RSS base {mib(base)} MiB peak {mib(sampler.peak_kib)}"
-                                 f" MiB (pid {pid}, {sampler.samples} samples)")
+                    after = read_rss_kib(pid) if pid else None
+                    notes.append(f"manager RSS base {mib(base)} MiB, peak {mib(sampler.peak_kib)}"
+                                 f" MiB, after {mib(after)} MiB (pid {pid}, {sampler.samples}"
+                                 " samples)")
                 else:
                     notes.append("manager pid not found: no RSS")
                 notes.append(f"driver RSS base {mib(driver_base)} peak {mib(driver.peak_kib)} MiB")
@@ -386,7 +389,8 @@ def guarded(fn: Callable[[], Sample], timeout: float) -> Sample | str:
         return "TIMEOUT (hung outside ray.get)"
     if "trace" in box:
         print(box["trace"], file=sys.stderr)
-    return box.get("sample") or box["error"]
+    result: Sample | str = box.get("sample") or box["error"]
+    return result
 
 
 def restart_manager() -> None:
@@ -425,6 +429,20 @@ def fs_type(path: str) -> str:
         return "?"
 
 
+def code_version() -> str:
+    """The commit under test, and whether the library's source differs from it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "src",
+                                "backends", "listeners"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (head or "?") + (" +uncommitted changes in src/" if dirty else "")
+    except Exception:  # noqa: BLE001
+        return "?"
+
+
 def fmt_seconds(values: list[float]) -> str:
     if not values:
         return "-"
@@ -454,6 +472,17 @@ def main() -> int:
     sizes = QUICK if args.quick else FULL
     temp_storage = args.storage is None
     storage = args.storage or tempfile.mkdtemp(prefix="rwf-bench-")
+    try:
+        return run_all(args, names, sizes, storage)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        if temp_storage and not args.keep_storage:
+            shutil.rmtree(storage, ignore_errors=True)
+
+
+def run_all(args: argparse.Namespace, names: list[str], sizes: dict[str, int],
+            storage: str) -> int:
     run_tag = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
     # Workers import this module by name, so functions are shipped by reference.
@@ -463,17 +492,26 @@ def main() -> int:
 
     load0 = os.getloadavg()
     t0 = time.perf_counter()
-    ray.init(address="local", num_cpus=2, include_dashboard=False,
-             log_to_driver=args.log_to_driver)
+    for attempt in (1, 2):  # on an overloaded machine the node can time out starting up
+        try:
+            ray.init(address="local", num_cpus=2, include_dashboard=False,
+                     log_to_driver=args.log_to_driver)
+            break
+        except Exception as exc:  # noqa: BLE001
+            if attempt == 2:
+                raise
+            print(f"ray.init failed ({exc}); retrying once", file=sys.stderr)
+            ray.shutdown()
     t_init = time.perf_counter() - t0
     workflow.init(storage)
     t_warm = warm_up(run_tag)
 
     print()
-    print(f"ray-workflows {workflow.__version__} core benchmark | Ray {ray.__version__} | Python "
-          f"{platform.python_version()} | num_cpus=2 (machine: {os.cpu_count()} cores)")
+    print(f"ray-workflows {workflow.__version__} ({code_version()}) core benchmark | Ray "
+          f"{ray.__version__} | Python {platform.python_version()} | num_cpus=2 "
+          f"(machine: {os.cpu_count()} cores)")
     print(f"storage {storage} ({fs_type(storage)}) | sizes {'quick' if args.quick else 'full'} "
-          f"| repeat {args.repeat} (median) | timeout {args.timeout:.0f}s/measurement")
+          f"| repeat {args.repeat} (median) | timeout {args.timeout:g}s/measurement")
     print(f"ray.init {t_init:.1f}s, warm-up {t_warm:.1f}s | ratio = workflow / plain Ray | "
           f"target <= {TARGET:.1f} (rows above it marked '!!')")
     print("Ray 2.47 reference ratios: chain 13.6x, fan-out 20.8x, 100 workflows 24.6x")
@@ -496,14 +534,14 @@ def main() -> int:
         flow_notes: list[str] = []
         failures: list[str] = []
         for rep in range(args.repeat):
-            res = guarded(lambda: w.plain(Deadline(args.timeout)), args.timeout)
+            res = guarded(functools.partial(w.plain, Deadline(args.timeout)), args.timeout)
             if isinstance(res, str):
                 failures.append(f"plain: {res}")
             else:
                 plain_times.append(res.seconds)
                 plain_notes = res.notes
             wid = f"bench-{name}-{run_tag}-{rep}"
-            res = guarded(lambda: w.flow(wid, Deadline(args.timeout)), args.timeout)
+            res = guarded(functools.partial(w.flow, wid, Deadline(args.timeout)), args.timeout)
             if isinstance(res, str):
                 failures.append(f"workflow: {res}")
                 if res.startswith("TIMEOUT"):
@@ -534,10 +572,6 @@ def main() -> int:
     if worst:
         print(f"worst ratio: {worst[1]} {worst[0]:.1f}x "
               f"({'meets' if worst[0] <= TARGET else 'misses'} the target <= {TARGET:.1f})")
-
-    ray.shutdown()
-    if temp_storage and not args.keep_storage:
-        shutil.rmtree(storage, ignore_errors=True)
     return 0
 
 
