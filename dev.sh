@@ -16,7 +16,10 @@ setup() {
   if [ ! -x .venv/bin/uv ]; then
     .venv/bin/python -m pip install -q --disable-pip-version-check uv
   fi
-  .venv/bin/uv pip install -q -p .venv/bin/python -e ".[$extras]"
+  # --system-certs: trust the machine's CA store, as pip does (some networks re-sign TLS).
+  # If uv cannot install for any reason, pip does the same job, only slower.
+  .venv/bin/uv pip install -q --system-certs -p .venv/bin/python -e ".[$extras]" \
+    || .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$extras]"
 }
 
 cmd=${1:-}
