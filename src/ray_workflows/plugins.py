@@ -75,7 +75,8 @@ def storage_scheme(uri: str) -> str:
     return scheme or "file"
 
 
-_open_lock = threading.Lock()
+# Reentrant: a wrapper plugin (e.g. faulty://) opens its inner storage while being opened.
+_open_lock = threading.RLock()
 _opened: dict[str, Storage] = {}
 
 
