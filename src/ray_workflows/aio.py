@@ -159,7 +159,8 @@ async def get_metadata(
     return result
 
 
-def status_filter(value: Any) -> set[WorkflowStatus] | None:
+def _statuses(value: Any) -> set[WorkflowStatus] | None:
+    """Normalise a list_all status filter: None, a status, a str, or a set of them."""
     if value is None:
         return None
     if isinstance(value, (str, WorkflowStatus)):
@@ -182,7 +183,7 @@ def status_filter(value: Any) -> set[WorkflowStatus] | None:
 
 async def list_all(status_filter: Any = None) -> list[tuple[str, WorkflowStatus]]:
     """``(workflow_id, status)`` of every stored workflow, optionally filtered by status."""
-    statuses = globals()["status_filter"](status_filter)
+    statuses = _statuses(status_filter)
     handle = await config.manager()
     result: list[tuple[str, WorkflowStatus]] = await get(handle.list_all.remote(statuses))
     return result

@@ -307,8 +307,7 @@ class Engine:
             )
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if meta["status"] == WorkflowStatus.SUCCESSFUL.value and meta.get("output_key"):
-            await self._preload(meta["output_key"])
-            done.set_result(self._load(workflow_id, meta["output_key"]))
+            done.set_result(await self._stored_output(workflow_id, meta["output_key"]))
             return done
         self.admission.check(workflow_id)
         run = await self.recovery.rebuild(workflow_id, plan)
@@ -331,10 +330,9 @@ class Engine:
                 return await self.output(workflow_id)
         return await asyncio.shield(self._finished[workflow_id])
 
-    async def _preload(self, key: str) -> None:
+    async def _stored_output(self, workflow_id: str, key: str) -> Any:
+        """An ObjectRef of the checkpointed output in record ``key``."""
         await self.executor.preload(key)
-
-    def _load(self, workflow_id: str, key: str) -> Any:
         return self.executor.load(workflow_id, key)
 
     # -- queries -------------------------------------------------------------------
@@ -386,8 +384,7 @@ class Engine:
         status = self._derive(workflow_id, meta["status"] if meta else "RUNNING")
         if task_id is None:
             if status == WorkflowStatus.SUCCESSFUL and meta and meta.get("output_key"):
-                await self._preload(meta["output_key"])
-                return self._load(workflow_id, meta["output_key"])
+                return await self._stored_output(workflow_id, meta["output_key"])
             task_id = meta["output_task_id"] if meta else None
             if status != WorkflowStatus.SUCCESSFUL:
                 raise WorkflowError(
@@ -402,8 +399,7 @@ class Engine:
                 )
         assert task_id is not None
         key = await self.recovery.locate(workflow_id, task_id)
-        await self._preload(key)
-        return self._load(workflow_id, key)
+        return await self._stored_output(workflow_id, key)
 
     async def metadata(self, workflow_id: str, task_id: str | None = None) -> dict[str, Any]:
         meta = await self.store.read_meta(workflow_id)

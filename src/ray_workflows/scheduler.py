@@ -73,7 +73,7 @@ class WorkflowRun:
         self.roots: set[str] = set()  # roots of the chains still running
         self.running: dict[str, tuple[asyncio.Task[None], Any]] = {}
         self.attempts: collections.Counter[str] = collections.Counter()
-        self.started: dict[str, float] = {}
+        self.started: dict[str, float] = {}  # first submit time of tasks still live
         self.output_key: str | None = None
         self.result: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiters: dict[str, list[asyncio.Future[Any]]] = collections.defaultdict(list)
@@ -199,6 +199,7 @@ class WorkflowRun:
 
     def _finished(self, tid: str, value_ref: Any, receipt: Receipt) -> None:
         spec = self.specs.pop(tid)
+        self.started.pop(tid, None)
         self.log.debug("task.succeeded", task_id=tid, seconds=receipt.end_time - receipt.start_time)
         target = self.root_of.pop(tid, tid)
         self.roots.discard(target)
@@ -231,6 +232,7 @@ class WorkflowRun:
 
     async def _continued(self, tid: str, sub: Plan, receipt: Receipt) -> None:
         spec = self.specs.pop(tid)
+        self.started.pop(tid, None)
         plan = sub.renamed(self.allocator, creator=tid)
         root = self.root_of.pop(tid, tid)
         self.root_of[plan.output_task_id] = root

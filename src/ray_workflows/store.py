@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from typing import Any
 
 from ray_workflows import serialization
@@ -186,10 +185,6 @@ class WorkflowStore:
         for status in STORED_STATUSES:
             removed += int(await self.storage.delete(f"status/{status.value}/{wid}"))
         return removed + await self.storage.delete_prefix(wf_prefix(wid))
-
-
-def now() -> float:
-    return time.time()
 
 
 __all__ = [

@@ -80,8 +80,11 @@ def _function(key: str, data: bytes) -> Any:
     return func
 
 
-def _objects(call: TaskCall, writes: dict[str, bytes]) -> serialization.ObjectStore:
-    storage = call.storage
+def _object_store(
+    storage: Storage, workflow_id: str, writes: dict[str, bytes]
+) -> serialization.ObjectStore:
+    """Objects of one workflow, as a worker sees them: written directly to a shared
+    storage, else collected in ``writes`` for the engine to store."""
 
     def read(key: str) -> bytes | None:
         if key in writes:
@@ -94,7 +97,7 @@ def _objects(call: TaskCall, writes: dict[str, bytes]) -> serialization.ObjectSt
         else:
             writes[key] = data
 
-    return serialization.ObjectStore(objects_prefix(call.workflow_id), read, write)
+    return serialization.ObjectStore(objects_prefix(workflow_id), read, write)
 
 
 def _arguments(
@@ -158,7 +161,7 @@ def execute_task(call: TaskCall, func_data: bytes, *values: Any) -> tuple[Receip
     start = time.time()
     opts = call.options
     writes: dict[str, bytes] = {}
-    objects = _objects(call, writes)
+    objects = _object_store(call.storage, call.workflow_id, writes)
     ctx = context.TaskContext(call.workflow_id, call.task_id, call.attempt)
     with context.running(ctx):
         try:
@@ -270,17 +273,7 @@ def save_objects(
     """Checkpoint ObjectRef values (a helper task); return their keys, and the records
     the engine must write itself when the storage is not shared."""
     writes: dict[str, bytes] = {}
-
-    def write(key: str, data: bytes) -> None:
-        if storage.shared:
-            bridge.run(storage.put_if_absent(key, data))
-        else:
-            writes[key] = data
-
-    objects = serialization.ObjectStore(
-        objects_prefix(workflow_id), lambda k: writes.get(k) or bridge.run(storage.get(k)), write
-    )
-    return objects.save(refs), writes
+    return _object_store(storage, workflow_id, writes).save(refs), writes
 
 
 __all__ = [
