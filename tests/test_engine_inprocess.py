@@ -45,7 +45,7 @@ async def test_engine_runs_workflows_in_process_on_memory_storage() -> None:
     assert await engine.status("fib") == WorkflowStatus.SUCCESSFUL
     # Outputs, continuations and objects all went into the engine's own memory store.
     keys = await storage.list("workflows/fib/tasks/")
-    assert any(k.endswith(".out") for k in keys) and any(k.endswith(".cont") for k in keys)
+    assert any(k.endswith(".pack") for k in keys) and any(k.endswith(".cont") for k in keys)
 
     finished = await engine.start("objects", compile_dag(unbox.bind(boxed.bind(21))))
     assert await (await finished) == 42

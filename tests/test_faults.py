@@ -40,7 +40,7 @@ def test_failing_writes_fail_the_workflow_clearly_and_it_resumes(
     _, control = faulty
     runs = str(counter_dir)
     dag = step.bind(step.bind(step.bind(0, "a", runs), "b", runs), "c", runs)
-    control.write_text(json.dumps({"fail": r"tasks/test_faults\.step_1\.out$"}))
+    control.write_text(json.dumps({"fail": r"tasks/test_faults\.step_1\.(out|pack)$"}))
     with pytest.raises(workflow.WorkflowExecutionError) as info:
         workflow.run(dag, workflow_id="w")
     assert "injected write failure" in str(info.value)
@@ -49,15 +49,18 @@ def test_failing_writes_fail_the_workflow_clearly_and_it_resumes(
     control.write_text("{}")  # storage works again
     assert workflow.resume("w") == 3
     # "a" had been checkpointed: it never runs again; "b" ran twice (its first output
-    # never reached storage); "c" ran once.
-    assert [count_runs(counter_dir, n) for n in "abc"] == [1, 2, 1]
+    # never reached storage). "c" starts as soon as "b" reports, before b's output is
+    # durable, so it may have run once on that first attempt too; it was never
+    # committed, so running it again is not running a finished task again.
+    assert [count_runs(counter_dir, n) for n in "ab"] == [1, 2]
+    assert count_runs(counter_dir, "c") in (1, 2)
 
 
 def test_a_torn_write_is_never_read_as_an_output(
         faulty: tuple[str, Path], tmp_path: Path, counter_dir: Path) -> None:
     _, control = faulty
     runs = str(counter_dir)
-    control.write_text(json.dumps({"tear": r"tasks/test_faults\.step_1\.out$"}))
+    control.write_text(json.dumps({"tear": r"tasks/test_faults\.step_1\.(out|pack)$"}))
     assert workflow.run(step.bind(step.bind(0, "a", runs), "b", runs), workflow_id="t") == 2
     control.write_text("{}")
     # The final output was torn on its way to storage: reading it back is an error,

@@ -5,6 +5,8 @@ per-process sharing, and the registry's errors for unknown schemes."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -166,5 +168,13 @@ def test_unknown_scheme_lists_the_known_ones() -> None:
 
 
 def test_s3_scheme_names_the_extra() -> None:
-    with pytest.raises(UnknownStorageError, match=r"ray-workflows\[s3\]"):
-        open_storage("s3://bucket")
+    # Run where aiobotocore cannot be imported, as without the [s3] extra.
+    code = (
+        "import sys; sys.modules['aiobotocore'] = None\n"
+        "from ray_workflows.exceptions import UnknownStorageError\n"
+        "from ray_workflows.plugins import open_storage\n"
+        "try:\n    open_storage('s3://bucket')\n"
+        "except UnknownStorageError as exc:\n    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "pip install 'ray-workflows[s3]'" in out.stdout, out.stdout + out.stderr

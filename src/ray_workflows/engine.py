@@ -47,6 +47,7 @@ class Executor:
 
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
+        self.store = WorkflowStore(storage)
         self._execute = ray.remote(num_returns=2, max_retries=0)(execute_task)
         self._load = ray.remote(num_cpus=0, max_retries=3)(load_output)
         self._save = ray.remote(num_cpus=0, max_retries=3)(save_objects)
@@ -66,12 +67,19 @@ class Executor:
         return ref
 
     def submit(
-        self, call: Any, func_ref: Any, values: list[Any], ray_options: dict[str, Any]
+        self,
+        task_id: str,
+        header: bytes,
+        attempt: int,
+        func_ref: Any,
+        refs: Any,
+        values: list[Any],
+        ray_options: dict[str, Any],
     ) -> tuple[Any, Any]:
         # The Ray task is named after the workflow task, so the dashboard, `ray list
         # tasks` and worker log prefixes show which task of which workflow it is.
-        remote = self._execute.options(name=f"{call.task_id}", **ray_options)
-        receipt, value = remote.remote(call, func_ref, *values)
+        remote = self._execute.options(name=task_id, **ray_options)
+        receipt, value = remote.remote(header, attempt, func_ref, refs, *values)
         return receipt, value
 
     async def preload(self, key: str, record: bytes | None = None) -> None:
@@ -85,7 +93,10 @@ class Executor:
             name, data = pending.pop()
             if name in records:
                 continue
-            data = data if data is not None else await self.storage.get(name)
+            if data is None:
+                data = await (
+                    self.store.read_output(name) if name == key else self.storage.get(name)
+                )
             if data is None:
                 continue
             records[name] = data
@@ -130,8 +141,8 @@ class Engine:
 
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
-        self.store = WorkflowStore(storage)
         self.executor = Executor(storage)
+        self.store = self.executor.store
         self.recovery = Recovery(self.store, self.executor)
         self.admission = Admission()
         self.runs: dict[str, WorkflowRun] = {}
@@ -433,6 +444,10 @@ class Engine:
             )
         stats: dict[str, Any] = {}
         data = await self.store.read(task_key(workflow_id, task_id, "out"))
+        if data is None:  # a small output, committed in a pack
+            records = await self.store.task_records(workflow_id)
+            if task_id in records.packed:
+                data = records.members[records.packed[task_id]]
         if data is None:  # a task that returned a continuation
             data = await self.store.read(task_key(workflow_id, task_id, "cont"))
         if data is not None:

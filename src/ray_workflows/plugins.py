@@ -26,6 +26,7 @@ LISTENER_GROUP = "ray_workflows.listeners"
 #: Plugins that ship with an optional extra: scheme/name -> what to install.
 KNOWN_EXTRAS: dict[str, str] = {
     "s3": "pip install 'ray-workflows[s3]'",
+    "http": "pip install 'ray-workflows[http]'",
 }
 
 

@@ -22,7 +22,7 @@ from ray_workflows.ids import IdAllocator
 from ray_workflows.log import get_logger
 from ray_workflows.plan import Plan, TaskSpec
 from ray_workflows.scheduler import WorkflowRun
-from ray_workflows.store import WorkflowStore, task_key
+from ray_workflows.store import TaskRecords, WorkflowStore, task_key
 
 if TYPE_CHECKING:
     from ray_workflows.engine import Executor
@@ -54,11 +54,13 @@ class Recovery:
                 continue
             visited.add(tid)
             recs = records.get(tid, set())
-            if "out" in recs and await self.mark_stored(run, tid, tid):
+            if "out" in recs and await self.mark_stored(run, tid, records, tid):
                 continue
             if "cont" in recs:
                 output = await self.follow_chain(workflow_id, tid, records, specs, functions)
-                if "out" in records.get(output, set()) and await self.mark_stored(run, tid, output):
+                if "out" in records.get(output, set()) and await self.mark_stored(
+                    run, tid, records, output
+                ):
                     continue
                 run.link(output, tid)
                 stack.append(output)
@@ -78,28 +80,33 @@ class Recovery:
             run.add_task(spec)
         return run
 
-    async def mark_stored(self, run: WorkflowRun, tid: str, record_tid: str) -> bool:
+    async def mark_stored(
+        self, run: WorkflowRun, tid: str, records: TaskRecords, record_tid: str
+    ) -> bool:
         """Mark ``tid`` done by the output record of ``record_tid``, if that record is
         intact. A torn record is removed and the task that wrote it runs again."""
-        key = task_key(run.workflow_id, record_tid, "out")
-        data = await self.store.storage.get(key)
+        ref = records.output_ref(record_tid)
+        data = records.members.get(ref)
+        if data is None:
+            data = await self.store.storage.get(ref)
         try:
-            serialization.decode(data or b"", key)
+            serialization.decode(data or b"", ref)
         except CheckpointError as exc:
             log.warning(
                 "checkpoint.torn", workflow_id=run.workflow_id, task_id=record_tid, error=str(exc)
             )
-            await self.store.storage.delete(key)
+            if ref not in records.members:  # a pack is checked (and removed) as a whole
+                await self.store.storage.delete(ref)
             return False
-        run.mark_stored(tid, record_tid)
-        await self.executor.preload(key, data)
+        run.mark_stored(tid, ref)
+        await self.executor.preload(ref, data)
         return True
 
     async def follow_chain(
         self,
         workflow_id: str,
         root: str,
-        records: dict[str, set[str]],
+        records: TaskRecords,
         specs: dict[str, TaskSpec],
         functions: dict[str, bytes],
     ) -> str:
@@ -126,11 +133,11 @@ class Recovery:
         records = await self.store.task_records(workflow_id)
         recs = records.get(task_id)
         if recs and "out" in recs:
-            return task_key(workflow_id, task_id, "out")
+            return records.output_ref(task_id)
         if recs and "cont" in recs:
             output = await self.follow_chain(workflow_id, task_id, records, {}, {})
             if "out" in records.get(output, set()):
-                return task_key(workflow_id, output, "out")
+                return records.output_ref(output)
         raise TaskNotFoundError(
             f"Task {task_id!r} of workflow {workflow_id!r} has no stored output (it has not "
             "finished, does not exist, or ran with checkpoint=False).",

@@ -27,8 +27,8 @@ from ray_workflows.exceptions import WorkflowCancellationError, WorkflowExecutio
 from ray_workflows.ids import IdAllocator
 from ray_workflows.log import get_logger
 from ray_workflows.plan import Plan, TaskSpec
-from ray_workflows.store import WorkflowStore, task_key
-from ray_workflows.worker import Receipt, TaskCall
+from ray_workflows.store import PackWriter, WorkflowStore, task_key
+from ray_workflows.worker import Receipt, task_header
 
 if TYPE_CHECKING:
     from ray_workflows.engine import Executor
@@ -78,6 +78,8 @@ class WorkflowRun:
         self.result: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiters: dict[str, list[asyncio.Future[Any]]] = collections.defaultdict(list)
         self._pending_submit: list[str] = []
+        self._headers: dict[str, bytes] = {}  # pickled once per task, for every attempt
+        self.packs = PackWriter(store, workflow_id, self._packed, self._pack_failed)
 
     # -- building the graph -----------------------------------------------------
     def add_plan(self, plan: Plan) -> None:
@@ -99,10 +101,10 @@ class WorkflowRun:
         if not pending:
             self._pending_submit.append(tid)
 
-    def mark_stored(self, tid: str, record_tid: str) -> None:
-        """Recovery: ``tid``'s output is the committed record of ``record_tid``."""
+    def mark_stored(self, tid: str, ref: str) -> None:
+        """Recovery: ``tid``'s output is the committed record behind ``ref``."""
         self.done.add(tid)
-        self.stored[tid] = task_key(self.workflow_id, record_tid, "out")
+        self.stored[tid] = ref
 
     def link(self, output: str, root: str) -> None:
         self.root_of[output] = root
@@ -115,7 +117,11 @@ class WorkflowRun:
             self._resolve_output()
         self._flush_submits()
         try:
-            return await self.result
+            output = await self.result
+            # Consumers start as soon as a receipt arrives; the workflow is done only
+            # when every output it reported is durable.
+            await self.packs.drain()
+            return output
         finally:
             for task, ref in self.running.values():
                 task.cancel()
@@ -137,33 +143,39 @@ class WorkflowRun:
         spec = self.specs[tid]
         direct_values: list[Any] = []
         slots: list[int | None] = []
-        nested: list[Any] = []
-        for u, is_direct, is_nested in zip(spec.upstream, spec.direct, spec.nested, strict=True):
+        nested: list[Any] | None = None
+        for i, (u, is_direct, is_nested) in enumerate(
+            zip(spec.upstream, spec.direct, spec.nested, strict=True)
+        ):
             ref = self._value_ref(u)
             slots.append(len(direct_values) if is_direct else None)
             if is_direct:
                 direct_values.append(ref)
-            nested.append(ref if is_nested else None)
-        arg_refs = spec.arg_refs
-        call = TaskCall(
-            workflow_id=self.workflow_id,
-            task_id=tid,
-            storage=self.store.storage,
-            func_key=spec.func_key,
-            args=spec.args,
-            arg_refs=arg_refs,
-            direct_slots=slots,
-            nested_refs=nested,
-            attempt=self.attempts[tid],
-            options=spec.options,
-        )
+            if is_nested:
+                nested = nested or [None] * len(spec.upstream)
+                nested[i] = ref
+        header = self._headers.get(tid)
+        if header is None:
+            header = self._headers[tid] = task_header(
+                self.workflow_id, self.store.storage, spec, slots
+            )
+        live = None if all(isinstance(r, str) for r in spec.arg_refs) else spec.arg_refs
+        refs = None if live is None and nested is None else (live, nested)
+        attempt = self.attempts[tid]
         receipt_ref, value_ref = self.executor.submit(
-            call, self.funcs[spec.func_key], direct_values, spec.options.ray_options
+            tid,
+            header,
+            attempt,
+            self.funcs[spec.func_key],
+            refs,
+            direct_values,
+            spec.options.ray_options,
         )
         self.started.setdefault(tid, time.time())
         task = asyncio.get_running_loop().create_task(self._await(tid, receipt_ref, value_ref))
         self.running[tid] = (task, receipt_ref)
-        self.log.debug("task.submitted", task_id=tid, attempt=self.attempts[tid])
+        if _debug(self.log):
+            self.log.debug("task.submitted", task_id=tid, attempt=attempt)
 
     async def _await(self, tid: str, receipt_ref: Any, value_ref: Any) -> None:
         try:
@@ -200,12 +212,18 @@ class WorkflowRun:
     def _finished(self, tid: str, value_ref: Any, receipt: Receipt) -> None:
         spec = self.specs.pop(tid)
         self.started.pop(tid, None)
-        self.log.debug("task.succeeded", task_id=tid, seconds=receipt.end_time - receipt.start_time)
+        self._headers.pop(tid, None)
+        if _debug(self.log):
+            self.log.debug(
+                "task.succeeded", task_id=tid, seconds=receipt.end_time - receipt.start_time
+            )
         target = self.root_of.pop(tid, tid)
         self.roots.discard(target)
         self.done.add(target)
         self.values[target] = value_ref
-        if spec.checkpoint:
+        if receipt.record is not None:
+            self.stored[target] = self.packs.add(target, tid, receipt.record)
+        elif spec.checkpoint:
             self.stored[target] = task_key(self.workflow_id, tid, "out")
         self._release_inputs(spec)
         for waiter in self._waiters.pop(target, []):
@@ -226,9 +244,20 @@ class WorkflowRun:
             self.needed[u] -= 1
             if self.needed[u] <= 0:
                 del self.needed[u]
-                if u != self.output_task_id:
+                # An output still on its way to storage can only be read from memory.
+                if u != self.output_task_id and u not in self.packs.pending:
                     self.values.pop(u, None)
         self.waiting.pop(spec.task_id, None)
+        self._headers.pop(spec.task_id, None)
+
+    def _packed(self, holders: list[str]) -> None:
+        for tid in holders:
+            if tid != self.output_task_id and self.needed.get(tid, 0) <= 0:
+                self.values.pop(tid, None)
+
+    def _pack_failed(self, tid: str, exc: BaseException) -> None:
+        self.log.error("checkpoint.write_failed", task_id=tid, error=str(exc))
+        self._fail(TaskFailure(tid, None, f"{type(exc).__name__}: {exc}"), exc)
 
     async def _continued(self, tid: str, sub: Plan, receipt: Receipt) -> None:
         spec = self.specs.pop(tid)
@@ -349,6 +378,11 @@ class WorkflowRun:
                 if not w.done():
                     w.set_exception(exc)
         self._waiters.clear()
+
+
+def _debug(log: Any) -> bool:
+    enabled: bool = log.isEnabledFor(10)  # logging.DEBUG, without building the event
+    return enabled
 
 
 def _cancel_ray_task(ref: Any) -> None:

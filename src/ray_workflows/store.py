@@ -5,7 +5,9 @@ Layout (all keys relative to the storage URI)::
     workflows/<wid>/plan                  entry plan (the commit point of a new workflow)
     workflows/<wid>/meta.json             status, user metadata, start/end time, error
     workflows/<wid>/ids.json              task-id counters (continuations name their tasks)
-    workflows/<wid>/tasks/<tid>.out       the task's committed output (its existence = done)
+    workflows/<wid>/tasks/<tid>.out       a task's committed output (its existence = done)
+    workflows/<wid>/tasks/<tid>.pack      several small outputs committed in one write, named
+                                          after the first task in it (membership = done)
     workflows/<wid>/tasks/<tid>.cont      the continuation plan the task returned
     workflows/<wid>/tasks/<tid>.latest    newest continuation of the chain rooted here
     workflows/<wid>/objects/<sha256>      checkpointed ObjectRef values
@@ -15,19 +17,29 @@ A status change writes the new marker, then ``meta.json``, then deletes the old
 marker. A crash in between leaves two markers, and readers settle them from
 ``meta.json``, so the index is never wrong, only briefly redundant.
 
-The engine is the single writer of everything here except ``out`` records and
-objects, which workers write where they run (on a shared storage). Engine writes
-go through a group commit: writes that arrive while a batch is being made
-durable share the next batch.
+The engine is the single writer of everything here except large ``out`` records
+and objects, which workers write where they run (on a shared storage). Small
+outputs travel back in the task's receipt and the engine commits them in packs:
+one write for every output that finished while the previous pack was being
+stored, so a fan-out of 1,000 small tasks costs a few dozen writes, not 1,000.
+Engine writes go through a group commit: writes that arrive while a batch is
+being made durable share the next batch.
+
+An output is addressed by a *record ref*: its ``out`` key, or
+``<pack key>/<task id>`` for a member of a pack (task ids never contain ``/``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import pickle
+from collections.abc import Callable
 from typing import Any
 
 from ray_workflows import serialization
+from ray_workflows.exceptions import CheckpointError
+from ray_workflows.log import get_logger
 from ray_workflows.plan import Plan
 from ray_workflows.status import WorkflowStatus
 from ray_workflows.storage import Storage
@@ -53,6 +65,114 @@ def task_key(wid: str, tid: str, record: str) -> str:
 
 def objects_prefix(wid: str) -> str:
     return f"workflows/{wid}/objects/"
+
+
+log = get_logger()
+
+
+def pack_ref(pack_key: str, tid: str) -> str:
+    return f"{pack_key}/{tid}"
+
+
+def split_ref(ref: str) -> tuple[str, str | None]:
+    """``(storage key, member)`` of a record ref; member is None for an ``out`` key."""
+    head, _, tail = ref.rpartition("/")
+    if head.endswith(".pack") and head.rsplit("/", 2)[-2] == "tasks":
+        return head, tail
+    return ref, None
+
+
+def encode_pack(members: dict[str, bytes]) -> bytes:
+    return serialization.encode("pack", pickle.dumps(members, protocol=5), tasks=len(members))
+
+
+def decode_pack(data: bytes, key: str) -> dict[str, bytes]:
+    """The member records of a pack; ``CheckpointError`` if it is torn."""
+    _, payload = serialization.decode(data, key)
+    members: dict[str, bytes] = pickle.loads(payload)
+    return members
+
+
+def read_record(read: Callable[[str], bytes | None], ref: str) -> bytes | None:
+    """The output record behind ``ref``, read with a synchronous ``read(key)``."""
+    key, member = split_ref(ref)
+    data = read(key)
+    if data is None or member is None:
+        return data
+    return decode_pack(data, key).get(member)
+
+
+class TaskRecords(dict[str, set[str]]):
+    """tid -> the records it has ("out", "cont", "latest"); "out" also for outputs held
+    in packs, whose refs are in ``packed`` and member records in ``members``."""
+
+    def __init__(self, wid: str) -> None:
+        super().__init__()
+        self.wid = wid
+        self.packed: dict[str, str] = {}
+        self.members: dict[str, bytes] = {}
+
+    def output_ref(self, tid: str) -> str:
+        return self.packed.get(tid) or task_key(self.wid, tid, "out")
+
+
+class PackWriter:
+    """Commits one workflow's small outputs, many per write, in the order they came.
+
+    ``add`` returns at once with the output's record ref; the pack holding it is
+    written by a background flush that takes everything added meanwhile. After
+    the first failed write nothing more is written: ``on_error`` is told, and
+    :meth:`drain` raises.
+    """
+
+    def __init__(
+        self,
+        store: WorkflowStore,
+        wid: str,
+        on_flushed: Callable[[list[str]], None],
+        on_error: Callable[[str, BaseException], None],
+    ) -> None:
+        self._store, self._wid = store, wid
+        self._on_flushed, self._on_error = on_flushed, on_error
+        self._batch: dict[str, bytes] = {}
+        self._holders: list[str] = []
+        self._key: str | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.pending: set[str] = set()  # holders whose record is not durable yet
+        self.error: BaseException | None = None
+
+    def add(self, holder: str, tid: str, record: bytes) -> str:
+        """Queue ``tid``'s record; ``holder`` (the task whose output it is) stays in
+        ``pending`` until the record is durable."""
+        if self._key is None:
+            self._key = task_key(self._wid, tid, "pack")
+        self._batch[tid] = record
+        self._holders.append(holder)
+        self.pending.add(holder)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._flush())
+        return pack_ref(self._key, tid)
+
+    async def _flush(self) -> None:
+        while self._batch and self.error is None:
+            batch, holders, key = self._batch, self._holders, self._key
+            self._batch, self._holders, self._key = {}, [], None
+            assert key is not None
+            try:
+                await self._store.put(key, encode_pack(batch))
+            except Exception as exc:
+                self.error = exc
+                self._on_error(next(iter(batch)), exc)
+                return
+            self.pending.difference_update(holders)
+            self._on_flushed(holders)
+
+    async def drain(self) -> None:
+        """Wait until every queued record is durable (or raise the write's error)."""
+        while self._task is not None and not self._task.done():
+            await asyncio.shield(self._task)
+        if self.error is not None:
+            raise self.error
 
 
 class GroupCommit:
@@ -158,17 +278,45 @@ class WorkflowStore:
         return result
 
     # -- task records ----------------------------------------------------------
-    async def task_records(self, wid: str) -> dict[str, set[str]]:
-        """tid -> the records it has ("out", "cont", "latest")."""
+    async def task_records(self, wid: str) -> TaskRecords:
+        """Every task record of a workflow. Packs are read (and checked: a torn pack is
+        deleted, so its tasks run again) to learn which outputs they hold."""
         prefix = wf_prefix(wid) + "tasks/"
-        records: dict[str, set[str]] = {}
+        records = TaskRecords(wid)
+        packs = []
         for key in await self.storage.list(prefix):
             tid, _, record = key[len(prefix) :].rpartition(".")
-            records.setdefault(tid, set()).add(record)
+            if record == "pack":
+                packs.append(key)
+            else:
+                records.setdefault(tid, set()).add(record)
+        datas = await asyncio.gather(*(self.storage.get(key) for key in packs))
+        for key, data in zip(packs, datas, strict=True):
+            if data is None:
+                continue
+            try:
+                members = decode_pack(data, key)
+            except CheckpointError as exc:
+                log.warning("checkpoint.torn", workflow_id=wid, key=key, error=str(exc))
+                await self.storage.delete(key)
+                continue
+            for tid, member in members.items():
+                ref = pack_ref(key, tid)
+                records.setdefault(tid, set()).add("out")
+                records.packed[tid] = ref
+                records.members[ref] = member
         return records
 
     async def read(self, key: str) -> bytes | None:
         return await self.storage.get(key)
+
+    async def read_output(self, ref: str) -> bytes | None:
+        """The output record behind a record ref (an ``out`` key or a pack member)."""
+        key, member = split_ref(ref)
+        data = await self.storage.get(key)
+        if data is None or member is None:
+            return data
+        return decode_pack(data, key).get(member)
 
     async def put(self, key: str, data: bytes) -> None:
         await self.commit.put(key, data)
@@ -189,8 +337,15 @@ class WorkflowStore:
 
 __all__ = [
     "GroupCommit",
+    "PackWriter",
     "STORED_STATUSES",
+    "TaskRecords",
     "WorkflowStore",
+    "decode_pack",
+    "encode_pack",
+    "pack_ref",
+    "read_record",
+    "split_ref",
     "objects_prefix",
     "task_key",
     "wf_prefix",

@@ -2,10 +2,15 @@
 
 The engine submits :func:`execute_task` as an ordinary Ray task (with the
 task's own Ray options, Ray's retries off). The worker resolves the arguments,
-runs the user function, and, for a value, writes the output checkpoint itself
-before it reports back, so big outputs never travel through the engine. It
+runs the user function and checkpoints a value result: a big output is written
+here, by the worker, so it never travels through the engine; a small one goes
+back in the receipt and the engine commits it with others in one write. It
 returns two things: a small :class:`Receipt` for the engine and the output value,
 which downstream tasks receive through Ray's object store.
+
+What the engine sends is kept cheap to serialize: everything fixed about a task
+is pickled once into a ``header`` (bytes travel through Ray's fast path), and
+only the attempt number and live ObjectRefs are added per submission.
 """
 
 from __future__ import annotations
@@ -24,9 +29,14 @@ from ray.dag import DAGNode, FunctionNode
 
 from ray_workflows import bridge, context, serialization
 from ray_workflows.options import TaskOptions
-from ray_workflows.plan import Deref, Plan, Up, compile_dag
+from ray_workflows.plan import Deref, Plan, TaskSpec, Up, compile_dag
+from ray_workflows.plugins import open_storage
 from ray_workflows.storage import Storage
-from ray_workflows.store import objects_prefix, task_key
+from ray_workflows.store import objects_prefix, read_record, task_key
+
+#: Value records up to this size go back to the engine in the receipt and are
+#: committed in packs; bigger ones are written by the worker itself.
+INLINE_RECORD_BYTES = 64 * 1024
 
 # True while a workflow task's user function runs: `workflow.continuation` then
 # returns the DAG instead of executing it.
@@ -49,12 +59,50 @@ class TaskCall:
     options: TaskOptions
 
 
+def task_header(
+    workflow_id: str, storage: Storage, spec: TaskSpec, slots: list[int | None]
+) -> bytes:
+    """Everything fixed about one task, pickled once for all its attempts. Live
+    ObjectRefs are not in it: they travel beside it, so Ray tracks them."""
+    keys = spec.arg_refs if all(isinstance(r, str) for r in spec.arg_refs) else None
+    fields = (
+        workflow_id,
+        spec.task_id,
+        storage.uri,
+        spec.func_key,
+        spec.args,
+        keys,
+        slots,
+        spec.options,
+    )
+    data: bytes = cloudpickle.dumps(fields)
+    return data
+
+
+def _call_of(header: bytes, attempt: int, refs: tuple[Any, Any] | None) -> TaskCall:
+    wid, tid, uri, func_key, args, keys, slots, options = pickle.loads(header)
+    arg_refs, nested = refs if refs is not None else (None, None)
+    return TaskCall(
+        workflow_id=wid,
+        task_id=tid,
+        storage=open_storage(uri),
+        func_key=func_key,
+        args=args,
+        arg_refs=keys if arg_refs is None else arg_refs,
+        direct_slots=slots,
+        nested_refs=nested if nested is not None else [None] * len(slots),
+        attempt=attempt,
+        options=options,
+    )
+
+
 @dataclasses.dataclass
 class Receipt:
     kind: str  # "value" | "continuation" | "error"
     start_time: float
     end_time: float
     writes: dict[str, bytes] = dataclasses.field(default_factory=dict)
+    record: bytes | None = None  # a small output record, for the engine to commit
     plan: Plan | None = None
     error: bytes | None = None  # the pickled exception
     error_text: str = ""
@@ -157,8 +205,11 @@ def _pickled_error(exc: BaseException) -> bytes:
         return pickle.dumps(RuntimeError(f"{type(exc).__qualname__}: {exc}"))
 
 
-def execute_task(call: TaskCall, func_data: bytes, *values: Any) -> tuple[Receipt, Any]:
+def execute_task(
+    header: bytes, attempt: int, func_data: bytes, refs: tuple[Any, Any] | None, *values: Any
+) -> tuple[Receipt, Any]:
     start = time.time()
+    call = _call_of(header, attempt, refs)
     opts = call.options
     writes: dict[str, bytes] = {}
     objects = _object_store(call.storage, call.workflow_id, writes)
@@ -233,11 +284,11 @@ def _commit(
         record = serialization.encode(
             "value", payload, objects.save(refs), start_time=start, end_time=end
         )
-        key = task_key(call.workflow_id, call.task_id, "out")
-        if call.storage.shared:
+        if call.storage.shared and len(record) > INLINE_RECORD_BYTES:
+            key = task_key(call.workflow_id, call.task_id, "out")
             bridge.run(call.storage.put(key, record))
         else:
-            writes[key] = record
+            return Receipt("value", start, end, writes, record=record), result
     else:
         # Nothing is stored, but the value still travels to its consumers through Ray:
         # fail here, as this task's error, rather than later as a lost worker.
@@ -257,7 +308,7 @@ def load_output(
             return records.get(name)
         return bridge.run(storage.get(name))
 
-    data = read(key)
+    data = read(key) if records is not None else read_record(read, key)
     if data is None:
         from ray_workflows.exceptions import CheckpointError
 
