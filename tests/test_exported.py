@@ -25,6 +25,7 @@ EXPORTED = [
     "WorkflowNotFoundError",
     "WorkflowNotResumableError",
     "WorkflowQueueFullError",
+    "WorkflowRunningElsewhereError",
     "WorkflowStatus",
     "WorkflowStillActiveError",
     "aio",

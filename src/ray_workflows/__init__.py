@@ -42,6 +42,7 @@ from ray_workflows.exceptions import (
     WorkflowNotFoundError,
     WorkflowNotResumableError,
     WorkflowQueueFullError,
+    WorkflowRunningElsewhereError,
     WorkflowStillActiveError,
 )
 from ray_workflows.options import options
@@ -73,6 +74,7 @@ __all__ = [
     "WorkflowNotFoundError",
     "WorkflowNotResumableError",
     "WorkflowQueueFullError",
+    "WorkflowRunningElsewhereError",
     "WorkflowStatus",
     "WorkflowStillActiveError",
     "aio",

@@ -9,6 +9,11 @@ The one place where environment variables are merged under explicit arguments:
    ``/tmp``. It only works on one machine; a multi-node cluster needs a shared
    directory or S3.
 
+``RAY_WORKFLOWS_AUTO_RESUME=0`` turns automatic recovery off, and
+``RAY_WORKFLOWS_LEASE_TTL`` (seconds, default 30) sets how long a dead manager's
+workflows wait before another manager takes them over (read by
+:func:`ray_workflows.lease.lease_ttl`, passed to the manager from the driver).
+
 If Ray is not initialised, the first call starts a local Ray
 (``ray.init(address="local")``), or joins ``RAY_ADDRESS`` when that is set.
 """
@@ -24,6 +29,7 @@ from typing import Any
 import ray
 
 from ray_workflows.exceptions import UnknownStorageError
+from ray_workflows.lease import lease_ttl
 from ray_workflows.log import get_logger
 from ray_workflows.manager import NAMESPACE, actor_class, manager_name
 from ray_workflows.plugins import open_storage, storage_scheme
@@ -130,7 +136,7 @@ async def manager(config: Config | None = None) -> Any:
             # idempotent by workflow id (a stored workflow is resumed, not restarted).
             max_task_retries=-1,
         )
-        .remote(config.storage, config.auto_resume)
+        .remote(config.storage, config.auto_resume, lease_ttl())
     )
     await handle.ready.remote()
     if config.max_running_workflows is not None or config.max_pending_workflows is not None:

@@ -26,9 +26,11 @@ from ray_workflows.exceptions import (
     WorkflowExecutionError,
     WorkflowNotFoundError,
     WorkflowNotResumableError,
+    WorkflowRunningElsewhereError,
     WorkflowStillActiveError,
 )
 from ray_workflows.ids import IdAllocator
+from ray_workflows.lease import Lease, LeaseInfo, LeaseManager, new_owner_id
 from ray_workflows.log import get_logger
 from ray_workflows.options import check_metadata
 from ray_workflows.plan import Plan
@@ -137,10 +139,32 @@ class _IdLock:
 
 
 class Engine:
-    """Runs and tracks the workflows of one storage."""
+    """Runs and tracks the workflows of one storage.
 
-    def __init__(self, storage: Storage) -> None:
+    A workflow runs only while this engine holds its lease (:mod:`ray_workflows.lease`),
+    so two engines sharing a storage never run it at once. ``owner_prefix`` names this
+    engine's lineage: leases of an owner with that prefix belong to an earlier, dead
+    incarnation (the manager actor restarted by Ray) and are taken over at once.
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        owner_prefix: str | None = None,
+        lease_ttl: float | None = None,
+    ) -> None:
         self.storage = storage
+        owner = new_owner_id(owner_prefix or "")
+        self.leases = LeaseManager(
+            storage,
+            owner,
+            ttl=lease_ttl,
+            on_lost=self._lease_lost,
+            supersedes=(
+                (lambda o: o.startswith(owner_prefix) and o != owner) if owner_prefix else None
+            ),
+        )
         self.executor = Executor(storage)
         self.store = self.executor.store
         self.recovery = Recovery(self.store, self.executor)
@@ -169,13 +193,20 @@ class Engine:
             stored = plan
             if any(spec.arg_refs for spec in plan.tasks.values()):
                 stored = await self._checkpoint_args(workflow_id, plan)
-            if not await self.store.create(workflow_id, stored):
+            # Both writes at once: for a new id nobody else can hold the lease, and
+            # for an existing one the lease is what _resume needs anyway.
+            lease, created = await asyncio.gather(
+                self.leases.acquire(workflow_id), self.store.create(workflow_id, stored)
+            )
+            if not created:
                 log.info(
                     "workflow.exists_resuming",
                     workflow_id=workflow_id,
                     note="a workflow with this id is stored; resuming it, not the new DAG",
                 )
                 return await self._resume(workflow_id, existing_ok=True)
+            if lease is None:
+                raise await self._elsewhere(workflow_id)
             meta = {
                 "status": WorkflowStatus.RUNNING.value,
                 "user_metadata": user_metadata,
@@ -191,7 +222,7 @@ class Engine:
             )
             run.add_plan(plan)
             log.info("workflow.started", workflow_id=workflow_id, tasks=len(plan.tasks))
-            return self._launch(run, meta, None)
+            return self._launch(run, meta, None, lease)
 
     def _lock(self, workflow_id: str) -> _IdLock:
         return _IdLock(self._locks, workflow_id)
@@ -207,9 +238,10 @@ class Engine:
         return Plan(tasks, plan.output_task_id, plan.functions, plan.counters)
 
     def _launch(
-        self, run: WorkflowRun, meta: dict[str, Any], previous: str | None
+        self, run: WorkflowRun, meta: dict[str, Any], previous: str | None, lease: Lease
     ) -> asyncio.Future[Any]:
         wid = run.workflow_id
+        self.leases.start()
         self.runs[wid] = run
         finished: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._finished[wid] = finished
@@ -217,7 +249,7 @@ class Engine:
         if gate is not None:
             meta["status"] = WorkflowStatus.PENDING.value
         driver = asyncio.get_running_loop().create_task(
-            self._drive(run, meta, previous, finished, gate)
+            self._drive(run, meta, previous, finished, gate, lease)
         )
         self._drivers.add(driver)
         driver.add_done_callback(self._drivers.discard)
@@ -230,6 +262,7 @@ class Engine:
         previous: str | None,
         finished: asyncio.Future[Any],
         gate: asyncio.Future[None] | None,
+        lease: Lease,
     ) -> None:
         wid = run.workflow_id
         old = meta["status"]
@@ -252,6 +285,8 @@ class Engine:
             )
             meta.pop("error", None)
             log.info("workflow.succeeded", workflow_id=wid)
+        except WorkflowRunningElsewhereError as exc:
+            outcome = exc  # the lease was lost: the new holder owns the status now
         except WorkflowCancellationError as exc:
             outcome = exc
             meta.update(status=WorkflowStatus.CANCELED.value, end_time=time.time())
@@ -267,7 +302,15 @@ class Engine:
             meta.update(status=WorkflowStatus.FAILED.value, end_time=time.time(), error=str(exc))
             log.exception("workflow.engine_error", workflow_id=wid)
         try:
-            await self.store.write_meta(wid, meta, old)
+            if lease.lost or not lease.valid():
+                if not isinstance(outcome, WorkflowRunningElsewhereError):
+                    outcome = WorkflowRunningElsewhereError(
+                        f"Workflow {wid!r} lost its lease before its final status was stored; "
+                        "another manager sharing the storage resumes it.",
+                        workflow_id=wid,
+                    )
+            else:
+                await self.store.write_meta(wid, meta, old)
         except Exception as exc:  # the status could not be stored: it stays resumable
             log.exception("workflow.status_write_failed", workflow_id=wid)
             if not isinstance(outcome, BaseException):
@@ -279,6 +322,10 @@ class Engine:
         self.runs.pop(wid, None)
         self._finished.pop(wid, None)
         self.admission.release(wid)
+        if meta["status"] == WorkflowStatus.SUCCESSFUL.value and not lease.lost:
+            self.leases.drop(lease)  # nobody needs to take a finished workflow over
+        else:
+            await self.leases.release(lease)
         if isinstance(outcome, BaseException):
             run.fail_waiters(outcome)
             finished.set_exception(outcome)
@@ -318,27 +365,75 @@ class Engine:
             )
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if meta["status"] == WorkflowStatus.SUCCESSFUL.value and meta.get("output_key"):
+            held = self.leases.held.get(workflow_id)
+            if held is not None:  # taken by start() for an id that turned out finished
+                self.leases.drop(held)
             done.set_result(await self._stored_output(workflow_id, meta["output_key"]))
             return done
         self.admission.check(workflow_id)
-        run = await self.recovery.rebuild(workflow_id, plan)
+        lease = await self.leases.acquire(workflow_id)
+        if lease is None:
+            raise await self._elsewhere(workflow_id)
+        try:
+            # Re-read under the lease: the previous holder may have finished it meanwhile.
+            meta = await self.store.read_meta(workflow_id) or meta
+            if meta["status"] in (WorkflowStatus.SUCCESSFUL.value, WorkflowStatus.CANCELED.value):
+                await self.leases.release(lease)
+                return await self._resume(workflow_id, existing_ok=existing_ok)
+            run = await self.recovery.rebuild(workflow_id, plan)
+        except BaseException:
+            await self.leases.release(lease)
+            raise
         previous = meta["status"]
         meta.update(status=WorkflowStatus.RUNNING.value, start_time=time.time())
         meta.pop("end_time", None)
         meta.pop("error", None)
         log.info("workflow.resumed", workflow_id=workflow_id, pending=len(run.specs))
-        return self._launch(run, meta, previous)
+        return self._launch(run, meta, previous, lease)
+
+    async def _elsewhere(self, workflow_id: str) -> WorkflowRunningElsewhereError:
+        info = await self.leases.holder(workflow_id)
+        where = "another manager"
+        if info is not None:
+            left = max(0.0, info.expires_at - time.time())
+            where = f"manager {info.owner!r} (its lease expires in {left:.0f} s)"
+        return WorkflowRunningElsewhereError(
+            f"Workflow {workflow_id!r} is running in {where} sharing this storage; it is "
+            "taken over here only if that manager stops renewing its lease.",
+            workflow_id=workflow_id,
+        )
+
+    def _lease_lost(self, workflow_id: str) -> None:
+        run = self.runs.get(workflow_id)
+        if run is not None:
+            log.warning("workflow.abandoned", workflow_id=workflow_id, reason="lease lost")
+            run.abandon(
+                WorkflowRunningElsewhereError(
+                    f"Workflow {workflow_id!r} stopped here: its lease was taken over by "
+                    "another manager sharing the storage, which runs it now.",
+                    workflow_id=workflow_id,
+                )
+            )
+
+    async def _held_elsewhere(self, workflow_id: str) -> bool:
+        info: LeaseInfo | None = await self.leases.holder(workflow_id)
+        return info is not None and info.owner != self.leases.owner
 
     async def result(self, workflow_id: str) -> Any:
         """The ObjectRef of the workflow's output, once it has one. A workflow stored as
         running that no manager runs (its manager died) is resumed first."""
-        run = self.runs.get(workflow_id)
-        if run is None:
+        while workflow_id not in self.runs:
             status = await self.status(workflow_id)
             if status == WorkflowStatus.RESUMABLE:
-                return await (await self.resume(workflow_id, existing_ok=True))
-            if status != WorkflowStatus.RUNNING:
+                try:
+                    return await (await self.resume(workflow_id, existing_ok=True))
+                except WorkflowRunningElsewhereError:
+                    pass
+            elif status not in (WorkflowStatus.RUNNING, WorkflowStatus.PENDING):
                 return await self.output(workflow_id)
+            # Another manager runs it: wait for its final status, or for its lease to
+            # lapse (then the next round resumes it here).
+            await asyncio.sleep(min(1.0, self.leases.ttl / 3))
         return await asyncio.shield(self._finished[workflow_id])
 
     async def _stored_output(self, workflow_id: str, key: str) -> Any:
@@ -352,10 +447,13 @@ class Engine:
             return self._live_status(workflow_id)
         meta = await self.store.read_meta(workflow_id)
         if meta is None:
-            if await self.store.exists(workflow_id):
-                return WorkflowStatus.RESUMABLE
-            raise WorkflowNotFoundError.of(workflow_id, self.storage.uri)
-        return self._derive(workflow_id, meta["status"])
+            if not await self.store.exists(workflow_id):
+                raise WorkflowNotFoundError.of(workflow_id, self.storage.uri)
+            meta = {"status": WorkflowStatus.RUNNING.value}
+        status = self._derive(workflow_id, meta["status"])
+        if status == WorkflowStatus.RESUMABLE and await self._held_elsewhere(workflow_id):
+            return WorkflowStatus(meta["status"])
+        return status
 
     def _live_status(self, workflow_id: str) -> WorkflowStatus:
         if self.admission.is_pending(workflow_id):
@@ -372,9 +470,23 @@ class Engine:
     async def list_all(
         self, statuses: set[WorkflowStatus] | None = None
     ) -> list[tuple[str, WorkflowStatus]]:
-        found = {wid: self._derive(wid, s) for wid, s in (await self.store.indexed()).items()}
+        stored = await self.store.indexed()
+        found = {wid: self._derive(wid, s) for wid, s in stored.items()}
         for wid in self.runs:
             found[wid] = self._live_status(wid)
+        # Running or pending in no run here: RESUMABLE, unless another manager holds it.
+        orphans = [wid for wid, s in found.items() if s == WorkflowStatus.RESUMABLE]
+        limit = asyncio.Semaphore(64)
+
+        async def held(wid: str) -> bool:
+            async with limit:
+                return await self._held_elsewhere(wid)
+
+        for wid, elsewhere in zip(
+            orphans, await asyncio.gather(*(held(w) for w in orphans)), strict=True
+        ):
+            if elsewhere:
+                found[wid] = WorkflowStatus(stored[wid])
         return sorted((wid, s) for wid, s in found.items() if statuses is None or s in statuses)
 
     async def output(self, workflow_id: str, task_id: str | None = None) -> Any:
@@ -484,6 +596,8 @@ class Engine:
             if status in (WorkflowStatus.SUCCESSFUL, WorkflowStatus.CANCELED):
                 log.info("workflow.cancel_ignored", workflow_id=workflow_id, status=status.value)
                 return
+            if status in (WorkflowStatus.RUNNING, WorkflowStatus.PENDING):
+                raise await self._elsewhere(workflow_id)
             meta = await self.store.read_meta(workflow_id) or {"user_metadata": {}}
             previous = meta.get("status")
             meta.update(status=WorkflowStatus.CANCELED.value, end_time=time.time())
@@ -493,7 +607,7 @@ class Engine:
     async def delete(self, workflow_id: str) -> None:
         """Remove everything stored for a workflow that is not running or pending."""
         async with self._lock(workflow_id):
-            if workflow_id in self.runs:
+            if workflow_id in self.runs or await self._held_elsewhere(workflow_id):
                 raise WorkflowStillActiveError.of("delete", workflow_id)
             if await self.store.read_meta(workflow_id) is None and not await self.store.exists(
                 workflow_id
@@ -516,6 +630,9 @@ class Engine:
         for _, wid in candidates:
             try:
                 await self.resume(wid, existing_ok=True)
+            except WorkflowRunningElsewhereError:
+                log.info("workflow.running_elsewhere", workflow_id=wid)
+                continue
             except WorkflowError as exc:
                 log.warning("workflow.resume_failed", workflow_id=wid, error=str(exc))
                 continue
@@ -527,6 +644,7 @@ class Engine:
             run.cancel()
         for driver in list(self._drivers):
             driver.cancel()
+        await self.leases.close()
         await self.storage.close()
 
 

@@ -10,6 +10,7 @@ Every error a user can act on has its own class; all of them derive from
     ├── WorkflowNotResumableError       resume was asked of a workflow that cannot resume
     ├── WorkflowStillActiveError        the operation needs a workflow that is not running
     ├── WorkflowAlreadyRunningError     run/resume of a workflow that is live
+    │   └── WorkflowRunningElsewhereError  another manager sharing the storage holds its lease
     ├── WorkflowQueueFullError          max_pending_workflows are already waiting
     ├── TaskNotFoundError               no task with that id in the workflow
     ├── TaskIdCollisionError            two tasks of one workflow would share an id
@@ -149,6 +150,10 @@ class WorkflowAlreadyRunningError(WorkflowError):
     """A workflow with this id is already running or pending in this cluster."""
 
 
+class WorkflowRunningElsewhereError(WorkflowAlreadyRunningError):
+    """Another manager (another cluster sharing the storage) holds the workflow's lease."""
+
+
 class WorkflowQueueFullError(WorkflowError):
     """The pending queue is full; the workflow was not stored."""
 
@@ -186,6 +191,7 @@ __all__ = [
     "WorkflowNotFoundError",
     "WorkflowNotResumableError",
     "WorkflowQueueFullError",
+    "WorkflowRunningElsewhereError",
     "WorkflowStillActiveError",
     "WorkflowWarning",
 ]

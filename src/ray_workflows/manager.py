@@ -51,13 +51,30 @@ async def resolving(ref: Any) -> ResolvingRef:
 
 
 class WorkflowManager:
-    def __init__(self, storage_uri: str, auto_resume: bool = True) -> None:
-        self.engine = Engine(open_storage(storage_uri))
+    def __init__(
+        self, storage_uri: str, auto_resume: bool = True, lease_ttl: float | None = None
+    ) -> None:
+        # Leases of this manager's earlier incarnations in this cluster (Ray restarted
+        # the actor, or the head came back at the same address) are taken over at once.
+        lineage = f"{ray.get_runtime_context().gcs_address}|{manager_name(storage_uri)}|"
+        self.engine = Engine(open_storage(storage_uri), owner_prefix=lineage, lease_ttl=lease_ttl)
         self._recovering: asyncio.Task[list[str]] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         if auto_resume:
             # A (re)started manager resumes what its storage says was running: after a
-            # cluster restart, or after this actor was killed and restarted.
-            self._recovering = asyncio.get_running_loop().create_task(self._recover())
+            # cluster restart, or after this actor was killed and restarted. Later, it
+            # keeps taking over workflows whose manager (another cluster) stopped.
+            loop = asyncio.get_running_loop()
+            self._recovering = loop.create_task(self._recover())
+            self._sweeper = loop.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.engine.leases.ttl)
+            try:
+                await self.engine.resume_all()
+            except Exception:
+                log.exception("manager.sweep_failed")
 
     async def _recover(self) -> list[str]:
         try:

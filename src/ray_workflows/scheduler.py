@@ -348,8 +348,12 @@ class WorkflowRun:
         self.result.set_exception(error)
 
     def cancel(self) -> None:
+        self.abandon(WorkflowCancellationError.of(self.workflow_id))
+
+    def abandon(self, error: BaseException) -> None:
+        """Stop the run with ``error`` (its Ray tasks are cancelled as ``run`` returns)."""
         if not self.result.done():
-            self.result.set_exception(WorkflowCancellationError.of(self.workflow_id))
+            self.result.set_exception(error)
 
     def _resolve_output(self) -> None:
         if not self.result.done():

@@ -5,6 +5,8 @@ Layout (all keys relative to the storage URI)::
     workflows/<wid>/plan                  entry plan (the commit point of a new workflow)
     workflows/<wid>/meta.json             status, user metadata, start/end time, error
     workflows/<wid>/ids.json              task-id counters (continuations name their tasks)
+    workflows/<wid>/lease                 which manager runs it, until when (ray_workflows.lease)
+    workflows/<wid>/mailbox/...           events sent to the workflow (events.Mailbox owns it)
     workflows/<wid>/tasks/<tid>.out       a task's committed output (its existence = done)
     workflows/<wid>/tasks/<tid>.pack      several small outputs committed in one write, named
                                           after the first task in it (membership = done)
@@ -329,7 +331,8 @@ class WorkflowStore:
         return {} if data is None else dict(json.loads(data))
 
     async def delete_workflow(self, wid: str) -> int:
-        removed = 0
+        # The plan is the commit point: without it nobody resumes a half-deleted workflow.
+        removed = int(await self.storage.delete(wf_prefix(wid) + "plan"))
         for status in STORED_STATUSES:
             removed += int(await self.storage.delete(f"status/{status.value}/{wid}"))
         return removed + await self.storage.delete_prefix(wf_prefix(wid))

@@ -1,0 +1,138 @@
+"""One runner per workflow: engines sharing one storage coordinate through leases.
+
+Each Engine here is a real engine in this process with its own lease owner, on a
+real file storage, running real Ray tasks: exactly what two managers of two
+clusters sharing a directory do, minus the actors around them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import ray
+from helpers import count_runs, record_run, wait_for
+
+from ray_workflows.engine import Engine
+from ray_workflows.exceptions import WorkflowRunningElsewhereError
+from ray_workflows.plan import compile_dag
+from ray_workflows.plugins import forget_storage, open_storage
+from ray_workflows.status import WorkflowStatus
+
+
+@ray.remote
+def step(x: int, name: str, runs: str) -> int:
+    record_run(runs, name)
+    return x + 1
+
+
+@ray.remote
+def blocked_step(x: int, name: str, runs: str, gate: str) -> int:
+    import time
+
+    record_run(runs, name)
+    while not Path(gate).exists():
+        time.sleep(0.02)
+    return x + 1
+
+
+def _dag(wid: str, runs: str) -> object:
+    return step.bind(step.bind(step.bind(0, f"{wid}-a", runs), f"{wid}-b", runs), f"{wid}-c", runs)
+
+
+async def _outcome(engine: Engine, wid: str, runs: str) -> object:
+    try:
+        finished = await engine.start(wid, compile_dag(_dag(wid, runs)))
+        return await (await finished)
+    except WorkflowRunningElsewhereError as exc:
+        return exc
+
+
+async def test_two_engines_racing_for_20_workflows_run_each_task_once(
+    tmp_path: Path, counter_dir: Path
+) -> None:
+    storage = open_storage(str(tmp_path / "shared"))
+    first, second = Engine(storage, lease_ttl=5), Engine(storage, lease_ttl=5)
+    runs = str(counter_dir)
+    wids = [f"race-{i}" for i in range(20)]
+    try:
+        results = await asyncio.gather(
+            *(_outcome(engine, wid, runs) for wid in wids for engine in (first, second))
+        )
+        for wid, (a, b) in zip(wids, zip(results[::2], results[1::2], strict=True), strict=True):
+            # One engine ran it; the other found it running elsewhere or read its output.
+            assert 3 in (a, b), (wid, a, b)
+            assert all(r == 3 or isinstance(r, WorkflowRunningElsewhereError) for r in (a, b))
+            for name in "abc":
+                assert count_runs(counter_dir, f"{wid}-{name}") == 1, (wid, name)
+        # Whoever ran them, both engines agree on the outcome.
+        for wid in wids:
+            assert await first.status(wid) == WorkflowStatus.SUCCESSFUL
+            assert await second.status(wid) == WorkflowStatus.SUCCESSFUL
+    finally:
+        await first.close()
+        await second.close()
+        forget_storage(storage.uri)
+
+
+async def test_a_workflow_held_elsewhere_is_running_there_and_taken_over_when_it_lapses(
+    tmp_path: Path, counter_dir: Path
+) -> None:
+    storage = open_storage(str(tmp_path / "shared"))
+    runs, gate = str(counter_dir), str(tmp_path / "gate")
+    holder, other = Engine(storage, lease_ttl=1.5), Engine(storage, lease_ttl=1.5)
+    dag = step.bind(blocked_step.bind(step.bind(0, "a", runs), "b", runs, gate), "c", runs)
+    try:
+        held = await holder.start("w", compile_dag(dag))
+        await asyncio.to_thread(wait_for, lambda: count_runs(counter_dir, "b") > 0)
+        # The other engine sees it running (not RESUMABLE) and may neither resume,
+        # cancel nor delete it.
+        assert await other.status("w") == WorkflowStatus.RUNNING
+        assert ("w", WorkflowStatus.RUNNING) in await other.list_all()
+        with pytest.raises(WorkflowRunningElsewhereError, match="lease"):
+            await other.resume("w")
+        with pytest.raises(WorkflowRunningElsewhereError):
+            await other.cancel("w")
+
+        # The holder dies without a word: its keeper stops renewing, and its run stops
+        # without writing anything (as a killed process would).
+        assert holder.leases._keeper is not None
+        holder.leases._keeper.cancel()
+        holder.leases.held["w"].lost = True
+        holder.runs["w"].abandon(WorkflowRunningElsewhereError("simulated death"))
+        with pytest.raises(WorkflowRunningElsewhereError):
+            await held
+        assert await other.status("w") == WorkflowStatus.RUNNING  # still within its ttl
+        Path(gate).touch()
+        # get_output-style waiting: resumes it here once the lease lapses.
+        ref = await asyncio.wait_for(other.result("w"), timeout=30)
+        assert await ref == 3
+        assert count_runs(counter_dir, "a") == 1  # finished before: never again
+        assert count_runs(counter_dir, "b") in (1, 2)  # in flight when the holder died
+        assert await other.status("w") == WorkflowStatus.SUCCESSFUL
+    finally:
+        await holder.close()
+        await other.close()
+        forget_storage(storage.uri)
+
+
+async def test_a_lost_lease_stops_the_run_without_writing_its_status(
+    tmp_path: Path, counter_dir: Path
+) -> None:
+    storage = open_storage(str(tmp_path / "shared"))
+    runs, gate = str(counter_dir), str(tmp_path / "gate")
+    engine = Engine(storage, lease_ttl=5)
+    dag = blocked_step.bind(0, "b", runs, gate)
+    try:
+        finished = await engine.start("w", compile_dag(dag))
+        lease = engine.leases.held["w"]
+        engine.leases._lose(lease, "test: taken over")
+        with pytest.raises(WorkflowRunningElsewhereError, match="taken over"):
+            await asyncio.wait_for(finished, timeout=30)
+        meta = await engine.store.read_meta("w")
+        assert meta is not None and meta["status"] == "RUNNING"  # left to the new holder
+    finally:
+        Path(gate).touch()
+        await engine.close()
+        forget_storage(storage.uri)
