@@ -12,6 +12,7 @@ from ray_workflows import aio
 
 EXPORTED = [
     "CANCELED",
+    "EventListener",
     "FAILED",
     "NONE",
     "PENDING",
@@ -33,6 +34,7 @@ EXPORTED = [
     "continuation",
     "create",
     "delete",
+    "event_listener",
     "exceptions",
     "get_current_task_id",
     "get_current_workflow_id",
@@ -48,9 +50,13 @@ EXPORTED = [
     "resume_async",
     "run",
     "run_async",
+    "send_event",
+    "sleep",
+    "wait_for_event",
 ]
 
 ASYNC_TWINS = [
+    "send_event",
     "run",
     "run_async",
     "resume",

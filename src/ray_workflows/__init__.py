@@ -16,7 +16,7 @@ from storage and no finished task runs again. Every call has an awaitable twin
 in :mod:`ray_workflows.aio`.
 """
 
-from ray_workflows import aio, exceptions
+from ray_workflows import aio, event_listener, exceptions
 from ray_workflows.api import (
     cancel,
     continuation,
@@ -33,8 +33,11 @@ from ray_workflows.api import (
     resume_async,
     run,
     run_async,
+    send_event,
 )
 from ray_workflows.context import get_current_task_id, get_current_workflow_id
+from ray_workflows.event_tasks import sleep, wait_for_event
+from ray_workflows.events import EventListener
 from ray_workflows.exceptions import (
     WorkflowCancellationError,
     WorkflowError,
@@ -61,6 +64,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CANCELED",
+    "EventListener",
     "FAILED",
     "NONE",
     "PENDING",
@@ -82,6 +86,7 @@ __all__ = [
     "continuation",
     "create",
     "delete",
+    "event_listener",
     "exceptions",
     "get_current_task_id",
     "get_current_workflow_id",
@@ -97,4 +102,7 @@ __all__ = [
     "resume_async",
     "run",
     "run_async",
+    "send_event",
+    "sleep",
+    "wait_for_event",
 ]

@@ -116,6 +116,21 @@ async def cancel(workflow_id: str) -> None:
     await get(handle.cancel.remote(workflow_id))
 
 
+async def send_event(
+    workflow_id: str, key: str, payload: Any = None, *, event_id: str | None = None
+) -> str:
+    """Store an event for ``workflow_id`` under ``key`` and return its id once it is
+    durable. A waiting ``wait_for_event("http", event_key=key)`` receives it; an event
+    that arrives before anyone waits is kept. The same ``event_id`` twice is stored
+    (and delivered) once. An unknown workflow is ``WorkflowNotFoundError``."""
+    check_id(workflow_id)
+    if not isinstance(key, str) or not key or "/" in key:
+        raise ValueError(f"event key must be a non-empty string without '/', got {key!r}")
+    handle = await config.manager()
+    event: str = await get(handle.send_event.remote(workflow_id, key, payload, event_id))
+    return event
+
+
 async def delete(workflow_id: str) -> None:
     """Delete a workflow that is not running; ``WorkflowStillActiveError`` otherwise."""
     check_id(workflow_id)
@@ -203,4 +218,5 @@ __all__ = [
     "resume_async",
     "run",
     "run_async",
+    "send_event",
 ]

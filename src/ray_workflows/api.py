@@ -19,6 +19,7 @@ def init(
     max_running_workflows: int | None = None,
     max_pending_workflows: int | None = None,
     auto_resume: bool | None = None,
+    clock: str | None = None,
 ) -> None:
     """Choose the storage (a path, ``file://``, ``memory://``, ``s3://...``) and start the
     manager. Optional: the first workflow call initialises with the defaults.
@@ -26,6 +27,9 @@ def init(
     ``max_running_workflows``/``max_pending_workflows`` limit how many workflows run and
     wait (-1: unlimited). ``auto_resume`` (default True, or ``RAY_WORKFLOWS_AUTO_RESUME``)
     makes a starting manager resume the workflows its storage says were running.
+    ``clock`` names the clock plugin for sleeps and timers: ``"system"`` (default, or
+    ``RAY_WORKFLOWS_CLOCK``), or ``"virtual"`` for tests, where time jumps ahead
+    whenever every workflow waits on a timer.
 
     >>> workflow.init("/mnt/shared/workflows")
     """
@@ -42,6 +46,7 @@ def init(
         max_running_workflows=max_running_workflows,
         max_pending_workflows=max_pending_workflows,
         auto_resume=auto_resume,
+        clock=clock,
     )
     bridge.run(config.manager(cfg))
 
@@ -135,6 +140,17 @@ def cancel(workflow_id: str) -> None:
     """Cancel a running or pending workflow: its Ray tasks are stopped, its checkpoints
     kept, and it can no longer be resumed. A finished workflow is left unchanged."""
     bridge.run(aio.cancel(workflow_id))
+
+
+def send_event(
+    workflow_id: str, key: str, payload: Any = None, *, event_id: str | None = None
+) -> str:
+    """Store an event for ``workflow_id`` under ``key``; return its id once durable.
+
+    >>> workflow.send_event("order-7", "approved", {"by": "alice"})
+    """
+    event: str = bridge.run(aio.send_event(workflow_id, key, payload, event_id=event_id))
+    return event
 
 
 def delete(workflow_id: str) -> None:

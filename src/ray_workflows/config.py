@@ -37,6 +37,7 @@ from ray_workflows.plugins import open_storage, storage_scheme
 ENV_STORAGE = "RAY_WORKFLOWS_STORAGE"
 LEGACY_ENV_STORAGE = "RAY_WORKFLOW_STORAGE"
 ENV_AUTO_RESUME = "RAY_WORKFLOWS_AUTO_RESUME"
+ENV_CLOCK = "RAY_WORKFLOWS_CLOCK"
 
 log = get_logger()
 
@@ -65,6 +66,9 @@ class Config:
     auto_resume: bool = dataclasses.field(
         default_factory=lambda: os.environ.get(ENV_AUTO_RESUME, "1") not in ("0", "false", "no")
     )
+    #: The clock plugin timers and sleeps use: ``system``, or ``virtual`` in tests (time
+    #: jumps ahead while every workflow waits on a timer). ``RAY_WORKFLOWS_CLOCK``.
+    clock: str = dataclasses.field(default_factory=lambda: os.environ.get(ENV_CLOCK) or "system")
 
 
 _lock = threading.Lock()
@@ -95,6 +99,14 @@ def configure(storage: str | None = None, **options: Any) -> Config:
     global _config
     uri = resolve_storage(storage)
     open_storage(uri)  # an unknown scheme fails here, before anything else happens
+    clock = options.get("clock")
+    if clock is not None:
+        from ray_workflows.plugins import CLOCK_GROUP, available
+
+        if clock not in available(CLOCK_GROUP):
+            raise ValueError(
+                f"Unknown clock {clock!r}; known: {', '.join(available(CLOCK_GROUP))}."
+            )
     options = {k: v for k, v in options.items() if v is not None}
     with _lock:
         _config = Config(uri, **options)
@@ -136,11 +148,12 @@ async def manager(config: Config | None = None) -> Any:
             # idempotent by workflow id (a stored workflow is resumed, not restarted).
             max_task_retries=-1,
         )
-        .remote(config.storage, config.auto_resume, lease_ttl())
+        .remote(config.storage, config.auto_resume, lease_ttl(), config.clock)
     )
     await handle.ready.remote()
-    if config.max_running_workflows is not None or config.max_pending_workflows is not None:
-        await handle.configure.remote(config.max_running_workflows, config.max_pending_workflows)
+    await handle.configure.remote(
+        config.max_running_workflows, config.max_pending_workflows, config.clock
+    )
     _managers[config.storage] = handle
     return handle
 

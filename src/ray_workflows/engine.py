@@ -18,6 +18,8 @@ import ray
 
 from ray_workflows import serialization
 from ray_workflows.admission import Admission
+from ray_workflows.backends.clocks import Clock, SystemClock
+from ray_workflows.events import Mailbox
 from ray_workflows.exceptions import (
     TaskNotFoundError,
     WorkflowAlreadyRunningError,
@@ -45,11 +47,14 @@ log = get_logger()
 
 
 class Executor:
-    """Submits task attempts and helper tasks to Ray."""
+    """Submits task attempts and helper tasks to Ray; holds what event tasks use
+    (the clock and the mailbox)."""
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, clock: Clock | None = None) -> None:
         self.storage = storage
         self.store = WorkflowStore(storage)
+        self.clock: Clock = clock or SystemClock()
+        self.mailbox = Mailbox(storage)
         self._execute = ray.remote(num_returns=2, max_retries=0)(execute_task)
         self._load = ray.remote(num_cpus=0, max_retries=3)(load_output)
         self._save = ray.remote(num_cpus=0, max_retries=3)(save_objects)
@@ -153,8 +158,11 @@ class Engine:
         *,
         owner_prefix: str | None = None,
         lease_ttl: float | None = None,
+        clock: Clock | str | None = None,
     ) -> None:
         self.storage = storage
+        if isinstance(clock, str):
+            clock = load_clock(clock)
         owner = new_owner_id(owner_prefix or "")
         self.leases = LeaseManager(
             storage,
@@ -165,7 +173,7 @@ class Engine:
                 (lambda o: o.startswith(owner_prefix) and o != owner) if owner_prefix else None
             ),
         )
-        self.executor = Executor(storage)
+        self.executor = Executor(storage, clock)
         self.store = self.executor.store
         self.recovery = Recovery(self.store, self.executor)
         self.admission = Admission()
@@ -616,6 +624,14 @@ class Engine:
             removed = await self.store.delete_workflow(workflow_id)
             log.info("workflow.deleted", workflow_id=workflow_id, records=removed)
 
+    async def send_event(
+        self, workflow_id: str, key: str, payload: Any, event_id: str | None = None
+    ) -> str:
+        """Store an event in the workflow's mailbox (durably) and wake its waiter."""
+        if workflow_id not in self.runs and not await self.store.exists(workflow_id):
+            raise WorkflowNotFoundError.of(workflow_id, self.storage.uri)
+        return await self.executor.mailbox.send(workflow_id, key, payload, event_id=event_id)
+
     async def resume_all(self, include_failed: bool = False) -> list[str]:
         """Resume every RESUMABLE workflow (and FAILED ones if asked): those that were
         running before those that were pending, so they get the running slots back.
@@ -648,4 +664,16 @@ class Engine:
         await self.storage.close()
 
 
-__all__ = ["Engine", "Executor"]
+def load_clock(name: str) -> Clock:
+    """An instance of the clock plugin registered as ``name`` (``system``, ``virtual``)."""
+    from ray_workflows.plugins import CLOCK_GROUP, load
+
+    try:
+        cls = load(CLOCK_GROUP, name)
+    except LookupError as exc:
+        raise ValueError(f"Unknown clock {name!r}: {exc}") from None
+    clock: Clock = cls()
+    return clock
+
+
+__all__ = ["Engine", "Executor", "load_clock"]

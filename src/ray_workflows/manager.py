@@ -14,7 +14,7 @@ from typing import Any
 
 import ray
 
-from ray_workflows.engine import Engine
+from ray_workflows.engine import Engine, load_clock
 from ray_workflows.log import get_logger
 from ray_workflows.plan import Plan
 from ray_workflows.plugins import open_storage
@@ -52,12 +52,19 @@ async def resolving(ref: Any) -> ResolvingRef:
 
 class WorkflowManager:
     def __init__(
-        self, storage_uri: str, auto_resume: bool = True, lease_ttl: float | None = None
+        self,
+        storage_uri: str,
+        auto_resume: bool = True,
+        lease_ttl: float | None = None,
+        clock: str = "system",
     ) -> None:
         # Leases of this manager's earlier incarnations in this cluster (Ray restarted
         # the actor, or the head came back at the same address) are taken over at once.
         lineage = f"{ray.get_runtime_context().gcs_address}|{manager_name(storage_uri)}|"
-        self.engine = Engine(open_storage(storage_uri), owner_prefix=lineage, lease_ttl=lease_ttl)
+        self.engine = Engine(
+            open_storage(storage_uri), owner_prefix=lineage, lease_ttl=lease_ttl, clock=clock
+        )
+        self._clock = clock
         self._recovering: asyncio.Task[list[str]] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         if auto_resume:
@@ -90,8 +97,20 @@ class WorkflowManager:
         if self._recovering is not None:
             await asyncio.shield(self._recovering)
 
-    async def configure(self, max_running: int | None, max_pending: int | None) -> None:
-        self.engine.admission.configure(max_running, max_pending)
+    async def configure(
+        self, max_running: int | None, max_pending: int | None, clock: str | None = None
+    ) -> None:
+        if max_running is not None or max_pending is not None:
+            self.engine.admission.configure(max_running, max_pending)
+        if clock is not None and clock != self._clock:
+            self.engine.executor.clock = load_clock(clock)
+            self._clock = clock
+
+    async def send_event(
+        self, workflow_id: str, key: str, payload: Any, event_id: str | None
+    ) -> str:
+        await self._recovered()
+        return await self.engine.send_event(workflow_id, key, payload, event_id)
 
     async def cancel(self, workflow_id: str) -> None:
         await self.engine.cancel(workflow_id)

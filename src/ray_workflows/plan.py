@@ -202,6 +202,7 @@ class _Compiler:
                 nested=nested,
                 options=opts,
                 creator=self.creator,
+                kind="event" if getattr(func, "__ray_workflows_event__", False) else "function",
             )
         return Plan(tasks, task_ids[root_uid], self.functions, dict(self.allocator.counters))
 

@@ -78,6 +78,11 @@ class Recovery:
         run.add_plan(Plan({}, plan.output_task_id, functions))
         for spec in needed.values():
             run.add_task(spec)
+        for tid, recs in records.items():
+            if "unacked" in recs and "out" in recs:
+                spec = specs.get(tid) or await self.find_spec(workflow_id, tid)
+                if spec is not None:
+                    run.unacked.append(spec)
         return run
 
     async def mark_stored(

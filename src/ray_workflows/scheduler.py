@@ -22,11 +22,12 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from ray_workflows import serialization
+from ray_workflows import event_tasks, serialization
+from ray_workflows.events import EventContext
 from ray_workflows.exceptions import WorkflowCancellationError, WorkflowExecutionError
 from ray_workflows.ids import IdAllocator
 from ray_workflows.log import get_logger
-from ray_workflows.plan import Plan, TaskSpec
+from ray_workflows.plan import Deref, Plan, TaskSpec, Up
 from ray_workflows.store import PackWriter, WorkflowStore, task_key
 from ray_workflows.worker import Receipt, task_header
 
@@ -79,6 +80,8 @@ class WorkflowRun:
         self._waiters: dict[str, list[asyncio.Future[Any]]] = collections.defaultdict(list)
         self._pending_submit: list[str] = []
         self._headers: dict[str, bytes] = {}  # pickled once per task, for every attempt
+        # Event tasks committed before a crash, maybe without their acknowledgement.
+        self.unacked: list[TaskSpec] = []
         self.packs = PackWriter(store, workflow_id, self._packed, self._pack_failed)
 
     # -- building the graph -----------------------------------------------------
@@ -115,6 +118,8 @@ class WorkflowRun:
         """Run until the output task is done; return the output's ObjectRef."""
         if self.output_task_id in self.done:
             self._resolve_output()
+        for spec in self.unacked:
+            self._spawn(self._reacknowledge(spec))
         self._flush_submits()
         try:
             output = await self.result
@@ -125,7 +130,8 @@ class WorkflowRun:
         finally:
             for task, ref in self.running.values():
                 task.cancel()
-                _cancel_ray_task(ref)
+                if ref is not None:
+                    _cancel_ray_task(ref)
 
     def _flush_submits(self) -> None:
         pending, self._pending_submit = self._pending_submit, []
@@ -141,6 +147,10 @@ class WorkflowRun:
 
     def _submit(self, tid: str) -> None:
         spec = self.specs[tid]
+        if spec.kind == "event":
+            self.started.setdefault(tid, time.time())
+            self.running[tid] = (self._spawn(self._run_event(tid)), None)
+            return
         direct_values: list[Any] = []
         slots: list[int | None] = []
         nested: list[Any] | None = None
@@ -177,10 +187,107 @@ class WorkflowRun:
         if _debug(self.log):
             self.log.debug("task.submitted", task_id=tid, attempt=attempt)
 
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        return task
+
+    # -- event tasks: coroutines here, no Ray worker held while they wait ----------
+    def _event_context(self, tid: str) -> EventContext:
+        return EventContext(
+            self.workflow_id,
+            tid,
+            self.store.storage,
+            self.executor.clock,
+            self.executor.mailbox,
+        )
+
+    async def _event_arguments(self, spec: TaskSpec) -> tuple[list[Any], dict[str, Any]]:
+        # As a worker would see them: upstream values (or refs, when nested), and the
+        # values of ObjectRefs passed directly.
+        refs = [
+            self.executor.load(self.workflow_id, r) if isinstance(r, str) else r
+            for r in spec.arg_refs
+        ]
+        ups = [self._value_ref(u) for u in spec.upstream]
+        args, kwargs = serialization.loads(spec.args, refs, lambda pid: ups[pid[1]])
+
+        async def resolve(value: Any) -> Any:
+            if isinstance(value, Up):
+                return await ups[value.index]
+            if isinstance(value, Deref):
+                return await value.ref
+            return value
+
+        return [await resolve(a) for a in args], {k: await resolve(v) for k, v in kwargs.items()}
+
+    async def _run_event(self, tid: str) -> None:
+        spec = self.specs[tid]
+        start = time.time()
+        key = task_key(self.workflow_id, tid, "out")
+        unacked = task_key(self.workflow_id, tid, "unacked")
+
+        async def commit(event: Any) -> None:
+            payload, refs = serialization.dumps(event)
+            keys = await self.executor.save_objects(self.workflow_id, refs) if refs else []
+            record = serialization.encode(
+                "value", payload, keys, start_time=start, end_time=time.time()
+            )
+            # Marker first: a crash before the acknowledgement repeats it on recovery.
+            await self.store.storage.put_many({unacked: b"", key: record})
+
+        async def deadline(seconds: float) -> float:
+            stored_key = task_key(self.workflow_id, tid, "deadline")
+            data = await self.store.read(stored_key)
+            if data is not None:
+                return float(data)
+            at: float = self.executor.clock.time() + seconds
+            await self.store.put(stored_key, repr(at).encode())
+            return at
+
+        try:
+            args, kwargs = await self._event_arguments(spec)
+            listener, args = args[0], args[1:]
+            event = await event_tasks.run_event(
+                self._event_context(tid), listener, args, kwargs, commit, deadline
+            )
+            await self.store.storage.delete(unacked)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.running.pop(tid, None)
+            from ray_workflows.worker import _pickled_error
+
+            await self._failed(
+                tid,
+                TaskFailure(tid, _pickled_error(exc), f"{type(exc).__name__}: {exc}"),
+                system=False,
+                retryable=True,
+            )
+            self._flush_submits()
+            return
+        self.running.pop(tid, None)
+        self._finished(tid, ray.put(event), Receipt("value", start, time.time()))
+        self._flush_submits()
+
+    async def _reacknowledge(self, spec: TaskSpec) -> None:
+        """Recovery: an event committed before a crash gets its ``event_checkpointed``."""
+        tid = spec.task_id
+        try:
+            # Only the listener (the first argument, a plain class or name) matters here.
+            args, _ = serialization.loads(spec.args, [None] * len(spec.arg_refs), lambda p: None)
+            event = await self.executor.load(
+                self.workflow_id, task_key(self.workflow_id, tid, "out")
+            )
+            await event_tasks.acknowledge(self._event_context(tid), args[0], event)
+            await self.store.storage.delete(task_key(self.workflow_id, tid, "unacked"))
+        except Exception:
+            self.log.exception("event.acknowledge_failed", task_id=tid)
+
     async def _await(self, tid: str, receipt_ref: Any, value_ref: Any) -> None:
         try:
             try:
-                receipt: Receipt = await receipt_ref
+                with self.executor.clock.activity():
+                    receipt: Receipt = await receipt_ref
             except ray.exceptions.RayError as exc:  # the worker or its node died
                 self.running.pop(tid, None)
                 await self._failed(

@@ -1,0 +1,230 @@
+"""The ``http`` listener, and the ASGI application that receives its events.
+
+A workflow waits with ``wait_for_event(HTTPListener, "approval")``; a client
+sends the event with ``POST /workflows/<workflow_id>/events/approval`` and a JSON
+body, the payload. The answer, 200 with ``{"workflow_id", "key", "event_id"}``,
+comes once the event is durably stored in the workflow's mailbox, whether or not
+the workflow is waiting for it yet.
+
+* ``Idempotency-Key: <id>`` (optional header) is the event id: a retried POST with
+  the same key is delivered once.
+* ``Authorization: Bearer <token>`` is required when the app has a token.
+* 400: the body is not JSON, or the workflow id, key or idempotency key is
+  invalid; 401: missing or wrong token; 404: no such workflow; 413: the body is
+  larger than ``max_body_bytes``; 503: the storage failed (retry).
+
+Mount it in any Starlette or FastAPI application::
+
+    app.mount("/hooks", make_app(token=os.environ["HOOK_TOKEN"]))
+
+or run it on its own (needs ``pip install 'ray-workflows[http]'``)::
+
+    RAY_WORKFLOWS_HTTP_TOKEN=secret python -m ray_workflows.listeners.http \\
+        --storage /mnt/shared/workflows --port 8000
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import json
+import os
+from collections.abc import Awaitable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ray_workflows.events import EventListener, current_context
+from ray_workflows.exceptions import StorageError, WorkflowError, WorkflowNotFoundError
+from ray_workflows.ids import check_id
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+#: The environment variable the standalone server reads its bearer token from.
+TOKEN_ENV = "RAY_WORKFLOWS_HTTP_TOKEN"
+_INSTALL = "pip install 'ray-workflows[http]'"
+
+
+class HTTPListener(EventListener):
+    """Waits for an event sent to the workflow under ``event_key`` and returns its
+    payload (by HTTP through :func:`make_app`, or by ``workflow.send_event``).
+
+    The key defaults to the id of the waiting task, as in Ray 2.47. Each waiting
+    task gets one event of its key, in arrival order; once the task's result is
+    checkpointed the event is acknowledged and removed from the mailbox.
+    """
+
+    async def poll_for_event(self, event_key: str | None = None) -> Any:
+        ctx = current_context()
+        key = ctx.task_id if event_key is None else event_key
+        _, payload = await ctx.mailbox.claim(ctx.workflow_id, key, ctx.task_id)
+        return payload
+
+    async def event_checkpointed(self, event: Any) -> None:
+        ctx = current_context()
+        await ctx.mailbox.acknowledge_task(ctx.workflow_id, ctx.task_id)
+
+
+class SendEvent(Protocol):
+    """The signature of ``ray_workflows.aio.send_event``: store an event, return its id."""
+
+    def __call__(
+        self, workflow_id: str, key: str, payload: Any, *, event_id: str | None = None
+    ) -> Awaitable[str]: ...
+
+
+async def _default_send(
+    workflow_id: str, key: str, payload: Any, *, event_id: str | None = None
+) -> str:
+    from ray_workflows import aio
+
+    event_id = await aio.send_event(workflow_id, key, payload, event_id=event_id)
+    return str(event_id)
+
+
+def make_app(
+    *,
+    send: SendEvent | None = None,
+    token: str | None = None,
+    max_body_bytes: int = 1 << 20,
+) -> Starlette:
+    """The ASGI application (Starlette) that stores events sent by HTTP.
+
+    ``send`` stores an event (default: ``ray_workflows.aio.send_event``, which
+    needs ``workflow.init`` in this process); ``token``, if given, is the bearer
+    token every request must carry (compared in constant time).
+    """
+    try:
+        from starlette.applications import Starlette
+        from starlette.responses import JSONResponse
+        from starlette.routing import Route
+    except ImportError as exc:
+        raise ImportError(
+            f"The HTTP event endpoint needs Starlette and uvicorn: {_INSTALL}"
+        ) from exc
+    if token is not None and not (isinstance(token, str) and token):
+        raise ValueError("token must be a non-empty string, or None for no authentication")
+    expected = token.encode() if token is not None else None
+    sender: SendEvent = send or _default_send
+
+    async def deliver(request: Request, workflow_id: str, key: str, payload: Any) -> JSONResponse:
+        event_id = request.headers.get("idempotency-key")
+        try:
+            check_id(workflow_id, "workflow_id")
+            check_id(key, "event key")
+            if event_id is not None:
+                check_id(event_id, "Idempotency-Key")
+            stored = await sender(workflow_id, key, payload, event_id=event_id)
+        except WorkflowNotFoundError as exc:
+            return _error(404, str(exc))
+        except StorageError as exc:
+            return _error(503, str(exc), headers={"Retry-After": "1"})
+        except (TypeError, ValueError) as exc:
+            return _error(400, str(exc))
+        except WorkflowError as exc:
+            return _error(500, str(exc))
+        return JSONResponse({"workflow_id": workflow_id, "key": key, "event_id": stored})
+
+    async def post_event(request: Request) -> JSONResponse:
+        problem = _authorize(request, expected)
+        if problem is None:
+            parsed = await _read_json(request, max_body_bytes)
+            if isinstance(parsed, JSONResponse):
+                return parsed
+            params = request.path_params
+            return await deliver(request, params["workflow_id"], params["key"], parsed.value)
+        return problem
+
+    async def post_event_2_47(request: Request) -> JSONResponse:
+        # Ray 2.47's HTTPEventProvider route and body, for migrating clients.
+        problem = _authorize(request, expected)
+        if problem is None:
+            parsed = await _read_json(request, max_body_bytes)
+            if isinstance(parsed, JSONResponse):
+                return parsed
+            body = parsed.value
+            if not (isinstance(body, dict) and "event_key" in body and "event_payload" in body):
+                return _error(400, 'the body must be {"event_key": ..., "event_payload": ...}')
+            wid = request.path_params["workflow_id"]
+            return await deliver(request, wid, body["event_key"], body["event_payload"])
+        return problem
+
+    return Starlette(
+        routes=[
+            Route("/workflows/{workflow_id}/events/{key}", post_event, methods=["POST"]),
+            Route("/event/send_event/{workflow_id}", post_event_2_47, methods=["POST"]),
+        ]
+    )
+
+
+class _Parsed:
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _authorize(request: Request, expected: bytes | None) -> JSONResponse | None:
+    if expected is None:
+        return None
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected):
+        return None
+    return _error(
+        401,
+        "missing or wrong bearer token: send 'Authorization: Bearer <token>'",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+async def _read_json(request: Request, limit: int) -> _Parsed | JSONResponse:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return _error(413, f"the body is larger than {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return _error(413, f"the body is larger than {limit} bytes")
+    try:
+        return _Parsed(json.loads(body))
+    except ValueError as exc:
+        return _error(400, f"the body must be a JSON document (the event payload): {exc}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m ray_workflows.listeners.http``: serve :func:`make_app` with uvicorn."""
+    parser = argparse.ArgumentParser(
+        prog="python -m ray_workflows.listeners.http",
+        description="Receive workflow events over HTTP. The bearer token, if any, is read "
+        f"from the environment variable {TOKEN_ENV}.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="interface (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    parser.add_argument(
+        "--storage", help="the workflows' storage URI, as for workflow.init (default: its default)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        import uvicorn
+    except ImportError:
+        parser.exit(2, f"uvicorn is not installed: {_INSTALL}\n")
+    import ray_workflows
+
+    ray_workflows.init(args.storage)
+    app = make_app(token=os.environ.get(TOKEN_ENV) or None)
+    uvicorn.run(app, host=args.host, port=args.port)
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["TOKEN_ENV", "HTTPListener", "SendEvent", "main", "make_app"]

@@ -1,0 +1,192 @@
+"""Events end to end: sleeps, custom listeners, mailboxes and their exactly-once rules,
+run by the real manager on a real local Ray (timers on the virtual clock)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import ray
+from conftest import kill_manager
+from helpers import count_runs, record_run, wait_for
+
+import ray_workflows as workflow
+from ray_workflows import aio
+
+
+@pytest.fixture
+def virtual(tmp_path: Path) -> Iterator[str]:
+    """A storage of its own whose manager runs on the virtual clock."""
+    uri = str(tmp_path / "storage")
+    workflow.init(uri, clock="virtual")
+    yield uri
+    kill_manager(uri)
+
+
+class MyEventListener(workflow.EventListener):
+    async def poll_for_event(self) -> str:
+        return "event"
+
+
+@ray.remote
+def gather(*args: object) -> tuple[object, ...]:
+    return args
+
+
+def test_seed_sleep_and_custom_listener(virtual: str) -> None:
+    # The "Using events" sample of the docs, literally (on the virtual clock).
+    sleep_task = workflow.sleep(100)
+    event_task = workflow.wait_for_event(MyEventListener)
+    started = time.monotonic()
+    result = workflow.run(gather.bind(sleep_task, event_task, "hello world"))
+    assert result == (None, "event", "hello world")
+    assert time.monotonic() - started < 30  # 100 s of virtual time, not of real time
+
+
+def test_seed_timer_listeners_by_absolute_time(virtual: str) -> None:
+    # seed 002, Example 16: two timers on absolute deadlines, gathered.
+    event1 = workflow.wait_for_event(workflow.event_listener.TimerListener, time.time() + 60)
+    event2 = workflow.wait_for_event(workflow.event_listener.TimerListener, time.time() + 30)
+    assert workflow.run(gather.bind(event1, event2)) == (None, None)
+
+
+def test_a_day_long_sleep_takes_no_real_time(virtual: str) -> None:
+    started = time.monotonic()
+    assert workflow.run(gather.bind(workflow.sleep(24 * 3600), 1)) == (None, 1)
+    assert time.monotonic() - started < 30
+
+
+def test_events_sent_before_and_after_the_wait_arrive_once(storage: str, wid: str) -> None:
+    ref = workflow.run_async(
+        gather.bind(
+            workflow.wait_for_event("http", event_key="first"),
+            workflow.wait_for_event("http", event_key="second"),
+        ),
+        workflow_id=wid,
+    )
+    first = workflow.send_event(wid, "first", {"n": 1}, event_id="e-1")
+    assert workflow.send_event(wid, "first", {"n": 1}, event_id="e-1") == first  # deduplicated
+    workflow.send_event(wid, "second", "payload")
+    assert ray.get(ref, timeout=60) == ({"n": 1}, "payload")
+
+
+def test_an_event_that_arrives_before_the_workflow_waits_is_kept(storage: str, wid: str) -> None:
+    gate = workflow.run_async(
+        gather.bind(workflow.sleep(0), workflow.wait_for_event("http", event_key="k")),
+        workflow_id=wid,
+    )
+    workflow.send_event(wid, "k", 42)
+    assert ray.get(gate, timeout=60) == (None, 42)
+
+
+def test_sending_to_an_unknown_workflow_is_a_clear_error(storage: str) -> None:
+    with pytest.raises(workflow.WorkflowNotFoundError, match="no-such-workflow"):
+        workflow.send_event("no-such-workflow", "k", 1)
+    with pytest.raises(ValueError, match="event key"):
+        workflow.send_event("no-such-workflow", "a/b", 1)
+
+
+async def test_send_event_has_an_awaitable_twin(storage: str, wid: str) -> None:
+    ref = await aio.run_async(workflow.wait_for_event("http", event_key="k"), workflow_id=wid)
+    await aio.send_event(wid, "k", "async")
+    assert await ref == "async"
+
+
+def test_bad_listeners_and_sleeps_are_refused() -> None:
+    with pytest.raises(TypeError, match="EventListener subclass"):
+        workflow.wait_for_event(int)
+    with pytest.raises(ValueError, match="Unknown event listener 'nope'"):
+        workflow.wait_for_event("nope")
+    with pytest.raises(ValueError, match="non-negative"):
+        workflow.sleep(-1)
+    with pytest.raises(TypeError, match="number of seconds"):
+        workflow.sleep("10")  # type: ignore[arg-type]
+
+
+# -- exactly once across crashes of the manager ------------------------------------
+class CountingListener(workflow.EventListener):
+    async def poll_for_event(self, runs: str, gate: str) -> str:
+        import asyncio
+
+        record_run(runs, "poll")
+        while not Path(gate, "poll").exists():
+            await asyncio.sleep(0.02)
+        return f"event for {gate}"
+
+    async def event_checkpointed(self, event: str) -> None:
+        import asyncio
+
+        gate = event.removeprefix("event for ")
+        record_run(Path(gate).parent / "runs", "ack")
+        while not Path(gate, "ack").exists():
+            await asyncio.sleep(0.02)
+
+
+@ray.remote
+def consume(event: str, runs: str) -> str:
+    record_run(runs, "consume")
+    return event.upper()
+
+
+def _gates(tmp_path: Path) -> tuple[Path, Path]:
+    gate, runs = tmp_path / "gate", tmp_path / "runs"
+    gate.mkdir()
+    runs.mkdir(exist_ok=True)
+    return gate, runs
+
+
+def test_a_crash_before_the_checkpoint_polls_the_event_again(
+    fresh_storage: str, wid: str, tmp_path: Path
+) -> None:
+    gate, runs = _gates(tmp_path)
+    dag = consume.bind(workflow.wait_for_event(CountingListener, str(runs), str(gate)), str(runs))
+    ref = workflow.run_async(dag, workflow_id=wid)
+    wait_for(lambda: count_runs(runs, "poll") == 1)
+    kill_manager(fresh_storage, no_restart=False)  # Ray restarts it; it resumes the workflow
+    wait_for(lambda: count_runs(runs, "poll") == 2)  # not committed: polled again
+    (gate / "poll").touch()
+    (gate / "ack").touch()
+    assert ray.get(ref, timeout=60) == f"EVENT FOR {gate}".upper()
+    assert count_runs(runs, "consume") == 1
+
+
+def test_a_crash_after_the_checkpoint_never_polls_again_but_acknowledges_again(
+    fresh_storage: str, wid: str, tmp_path: Path
+) -> None:
+    gate, runs = _gates(tmp_path)
+    dag = consume.bind(workflow.wait_for_event(CountingListener, str(runs), str(gate)), str(runs))
+    workflow.run_async(dag, workflow_id=wid)
+    (gate / "poll").touch()
+    wait_for(lambda: count_runs(runs, "ack") == 1)  # committed, acknowledgement under way
+    kill_manager(fresh_storage, no_restart=False)
+    wait_for(lambda: count_runs(runs, "ack") == 2)  # event_checkpointed: at least once
+    (gate / "ack").touch()
+    assert workflow.get_output(wid) == f"EVENT FOR {gate}".upper()
+    assert count_runs(runs, "poll") == 1  # never polled again
+    assert count_runs(runs, "consume") == 1
+
+
+# -- waiting holds no Ray worker ------------------------------------------------------
+@ray.remote
+def cpu_task(i: int) -> int:
+    return i * 2
+
+
+def test_200_waiting_workflows_hold_no_cpu(storage: str) -> None:
+    prefix = f"waiter-{time.time_ns()}"
+    waiting = [
+        workflow.run_async(
+            workflow.wait_for_event("http", event_key="go"), workflow_id=f"{prefix}-{i}"
+        )
+        for i in range(200)
+    ]
+    busy = gather.bind(*[cpu_task.bind(i) for i in range(100)])
+    # The session cluster has 4 CPUs: if each waiter held one, this could never finish.
+    assert workflow.run(busy, workflow_id=f"{prefix}-busy") == tuple(i * 2 for i in range(100))
+    statuses = dict(workflow.list_all(workflow.RUNNING))
+    assert all(statuses.get(f"{prefix}-{i}") == workflow.RUNNING for i in range(200))
+    for i in range(200):
+        workflow.send_event(f"{prefix}-{i}", "go", i)
+    assert ray.get(waiting, timeout=120) == list(range(200))
