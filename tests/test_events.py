@@ -190,3 +190,68 @@ def test_200_waiting_workflows_hold_no_cpu(storage: str) -> None:
     for i in range(200):
         workflow.send_event(f"{prefix}-{i}", "go", i)
     assert ray.get(waiting, timeout=120) == list(range(200))
+
+
+# -- workflow.wait ----------------------------------------------------------------------
+@ray.remote
+def do_task(i: int, runs: str) -> str:
+    import random
+
+    record_run(runs, f"task{i}")
+    time.sleep(random.random() / 10)
+    return f"task {i}"
+
+
+@ray.remote
+def report_results(wait_result: tuple[list[str], list[object]], seen: list[str]) -> object:
+    # Seed 003 ("report results as they complete, by continuation"), collecting instead
+    # of printing so the test can check them.
+    ready, remaining = wait_result
+    seen = seen + list(ready)
+    if not remaining:
+        return seen
+    return workflow.continuation(report_results.bind(workflow.wait(remaining), seen))
+
+
+def test_seed_wait_reports_results_as_they_complete(
+    storage: str, wid: str, counter_dir: Path
+) -> None:
+    tasks = [do_task.bind(i, str(counter_dir)) for i in range(20)]
+    seen = workflow.run(report_results.bind(workflow.wait(tasks), []), workflow_id=wid)
+    assert sorted(seen, key=lambda s: int(s.split()[1])) == [f"task {i}" for i in range(20)]
+    assert len(seen) == 20
+    # Each task ran once: the handles in `remaining` name the running tasks, they do
+    # not start new ones.
+    assert [count_runs(counter_dir, f"task{i}") for i in range(20)] == [1] * 20
+
+
+@ray.remote
+def slow(x: int, gate: str) -> int:
+    while not Path(gate).exists():
+        time.sleep(0.02)
+    return x
+
+
+@ray.remote
+def split_sizes(result: tuple[list[int], list[object]]) -> tuple[list[int], int]:
+    ready, remaining = result
+    return ready, len(remaining)
+
+
+def test_wait_num_returns_and_timeout(storage: str, wid: str, tmp_path: Path) -> None:
+    gate = str(tmp_path / "gate")
+    nodes = [cpu_task.bind(1), slow.bind(2, gate), cpu_task.bind(3)]
+    dag = split_sizes.bind(workflow.wait(nodes, num_returns=2))
+    assert workflow.run(dag, workflow_id=wid) == ([2, 6], 1)
+    timed = split_sizes.bind(workflow.wait([slow.bind(5, gate)], timeout=0.5))
+    assert workflow.run(timed, workflow_id=wid + "-t") == ([], 1)
+    Path(gate).touch()
+
+
+def test_wait_bad_input() -> None:
+    with pytest.raises(ValueError, match="at least one task"):
+        workflow.wait([])
+    with pytest.raises(ValueError, match="num_returns"):
+        workflow.wait([cpu_task.bind(1)], num_returns=2)
+    with pytest.raises(ValueError, match="timeout"):
+        workflow.wait([cpu_task.bind(1)], timeout=-1)

@@ -52,6 +52,7 @@ EXPORTED = [
     "run_async",
     "send_event",
     "sleep",
+    "wait",
     "wait_for_event",
 ]
 

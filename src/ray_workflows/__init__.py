@@ -36,7 +36,7 @@ from ray_workflows.api import (
     send_event,
 )
 from ray_workflows.context import get_current_task_id, get_current_workflow_id
-from ray_workflows.event_tasks import sleep, wait_for_event
+from ray_workflows.event_tasks import sleep, wait, wait_for_event
 from ray_workflows.events import EventListener
 from ray_workflows.exceptions import (
     WorkflowCancellationError,
@@ -104,5 +104,6 @@ __all__ = [
     "run_async",
     "send_event",
     "sleep",
+    "wait",
     "wait_for_event",
 ]

@@ -22,7 +22,7 @@ from ray.exceptions import RayTaskError
 from ray_workflows import config
 from ray_workflows.ids import check_id, new_workflow_id
 from ray_workflows.options import check_metadata
-from ray_workflows.plan import Plan, compile_dag
+from ray_workflows.plan import EXTERNAL, Plan, compile_dag
 from ray_workflows.status import WorkflowStatus
 
 
@@ -60,7 +60,15 @@ def prepare(
             f"{dag!r:.80}. Replace fn.remote(...) with fn.bind(...)."
         )
     wid = new_workflow_id() if workflow_id is None else check_id(workflow_id)
-    return wid, compile_dag(dag, args, kwargs), check_metadata(metadata)
+    plan = compile_dag(dag, args, kwargs)
+    for spec in plan.tasks.values():
+        if any(u.startswith(EXTERNAL) for u in spec.upstream):
+            raise TypeError(
+                f"Task {spec.task_id!r} takes a TaskHandle (from workflow.wait): a handle "
+                "names a task of the workflow that returned it, so it can only be used in "
+                "that workflow's continuations, not in a new workflow."
+            )
+    return wid, plan, check_metadata(metadata)
 
 
 async def run_async(

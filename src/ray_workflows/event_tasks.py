@@ -38,12 +38,47 @@ def _event_marker(listener: Any, *args: Any, **kwargs: Any) -> Any:
     raise RuntimeError("an event task runs in the workflow engine, never as a Ray task")
 
 
-_event_marker.__ray_workflows_event__ = True  # type: ignore[attr-defined]
+def _wait_marker(*tasks: Any, num_returns: int = 1, timeout: float | None = None) -> Any:
+    raise RuntimeError("a wait task runs in the workflow engine, never as a Ray task")
+
+
+# The plan compiler gives tasks of these functions the kind named here.
+_event_marker.__ray_workflows_kind__ = "event"  # type: ignore[attr-defined]
+_wait_marker.__ray_workflows_kind__ = "wait"  # type: ignore[attr-defined]
 _event_task = ray.remote(_event_marker)
+_wait_task = ray.remote(_wait_marker)
 
 
-def is_event_function(func: Any) -> bool:
-    return bool(getattr(func, "__ray_workflows_event__", False))
+def wait(tasks: Any, num_returns: int = 1, timeout: float | None = None) -> DAGNode:
+    """A DAG node whose value is ``(ready, remaining)`` once ``num_returns`` of ``tasks``
+    finished (or ``timeout`` seconds passed): the values of the finished ones, and
+    handles of the others, which a continuation passes to ``workflow.wait`` again::
+
+        @ray.remote
+        def report(result):
+            ready, remaining = result
+            if not remaining:
+                return ready
+            return workflow.continuation(report.bind(workflow.wait(remaining)))
+
+    The split is checkpointed: a resumed workflow sees the same one. Ready values are
+    listed in the order of ``tasks``.
+    """
+    nodes = list(tasks) if isinstance(tasks, (list, tuple)) else [tasks]
+    if not nodes:
+        raise ValueError("workflow.wait() needs at least one task")
+    if isinstance(num_returns, bool) or not isinstance(num_returns, int) or num_returns < 1:
+        raise ValueError(f"num_returns must be a positive int, got {num_returns!r}")
+    if num_returns > len(nodes):
+        raise ValueError(f"num_returns={num_returns} is more than the {len(nodes)} tasks given")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0
+    ):
+        raise ValueError(f"timeout must be None or a non-negative number, got {timeout!r}")
+    node: DAGNode = _wait_task.options(name="wait").bind(
+        *nodes, num_returns=num_returns, timeout=timeout
+    )
+    return node
 
 
 def resolve_listener(listener: Any) -> type[EventListener]:
@@ -130,9 +165,9 @@ async def acknowledge(ctx: EventContext, listener: Any, event: Any) -> None:
 __all__ = [
     "SLEEP",
     "acknowledge",
-    "is_event_function",
     "resolve_listener",
     "run_event",
     "sleep",
+    "wait",
     "wait_for_event",
 ]

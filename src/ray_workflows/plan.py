@@ -69,6 +69,35 @@ class TaskSpec:
 
 
 @dataclasses.dataclass
+class TaskHandle:
+    """A task of the running workflow, by id: what ``workflow.wait`` returns for the
+    tasks that are not ready yet. Pass it to ``workflow.wait`` (or bind it as an
+    argument) in a continuation to use that same task, not a new run of it."""
+
+    __slots__ = ("task_id",)
+
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+
+    def __reduce__(self) -> Any:
+        return (TaskHandle, (self.task_id,))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TaskHandle) and other.task_id == self.task_id
+
+    def __hash__(self) -> int:
+        return hash(("TaskHandle", self.task_id))
+
+    def __repr__(self) -> str:
+        return f"TaskHandle({self.task_id!r})"
+
+
+#: Marks an upstream id that names a task of the running workflow (a TaskHandle),
+#: not a task of the plan being compiled. Task ids never contain control characters.
+EXTERNAL = "\x1e"
+
+
+@dataclasses.dataclass
 class Plan:
     tasks: dict[str, TaskSpec]  # topological: every task after its upstream tasks
     output_task_id: str
@@ -86,7 +115,7 @@ class Plan:
             tasks[new_id] = dataclasses.replace(
                 spec,
                 task_id=new_id,
-                upstream=[mapping[u] for u in spec.upstream],
+                upstream=[u[1:] if u[0] == EXTERNAL else mapping[u] for u in spec.upstream],
                 creator=creator,
             )
         return Plan(tasks, mapping[self.output_task_id], self.functions)
@@ -173,7 +202,9 @@ class _Compiler:
                 continue
             prepared[uid] = self._prepare(node)
             stack.append((node, True))
-            stack.extend((child, False) for child in reversed(prepared[uid][3]))
+            stack.extend(
+                (child, False) for child in reversed(prepared[uid][3]) if isinstance(child, DAGNode)
+            )
         task_ids: dict[str, str] = {}
         tasks: dict[str, TaskSpec] = {}
         root_uid = root.get_stable_uuid()
@@ -197,18 +228,23 @@ class _Compiler:
                 func_key=self.func_key(func, task_id),
                 args=args,
                 arg_refs=refs,
-                upstream=[task_ids[c.get_stable_uuid()] for c in children],
+                upstream=[
+                    EXTERNAL + c.task_id
+                    if isinstance(c, TaskHandle)
+                    else task_ids[c.get_stable_uuid()]
+                    for c in children
+                ],
                 direct=direct,
                 nested=nested,
                 options=opts,
                 creator=self.creator,
-                kind="event" if getattr(func, "__ray_workflows_event__", False) else "function",
+                kind=getattr(func, "__ray_workflows_kind__", "function"),
             )
         return Plan(tasks, task_ids[root_uid], self.functions, dict(self.allocator.counters))
 
     def _prepare(
         self, node: DAGNode
-    ) -> tuple[DAGNode, bytes, list[Any], list[DAGNode], list[bool], list[bool]]:
+    ) -> tuple[DAGNode, bytes, list[Any], list[Any], list[bool], list[bool]]:
         if not isinstance(node, FunctionNode):
             raise TypeError(
                 f"Unsupported DAG node {type(node).__name__}: a workflow is built from Ray "
@@ -230,13 +266,17 @@ class _Compiler:
             ) from None
         except ValueError:  # builtins without a signature
             pass
-        children: list[DAGNode] = []
+        children: list[Any] = []  # DAGNodes, and TaskHandles of the running workflow
         index: dict[str, int] = {}
         direct: list[bool] = []
         nested: list[bool] = []
 
-        def upstream(child: DAGNode, is_direct: bool) -> int:
-            uid = child.get_stable_uuid()
+        def upstream(child: Any, is_direct: bool) -> int:
+            uid = (
+                EXTERNAL + child.task_id
+                if isinstance(child, TaskHandle)
+                else child.get_stable_uuid()
+            )
             i = index.get(uid)
             if i is None:
                 i = index[uid] = len(children)
@@ -250,14 +290,14 @@ class _Compiler:
             return i
 
         def top(value: Any) -> Any:
-            if isinstance(value, DAGNode):
+            if isinstance(value, (DAGNode, TaskHandle)):
                 return Up(upstream(value, True))
             if isinstance(value, ray.ObjectRef):
                 return Deref(value)
             return value
 
         def hook(obj: Any) -> Any:
-            if isinstance(obj, DAGNode):
+            if isinstance(obj, (DAGNode, TaskHandle)):
                 return ("up", upstream(obj, False))
             return None
 
@@ -293,4 +333,4 @@ def compile_dag(
     return compiler.compile(dag)
 
 
-__all__ = ["Deref", "Plan", "TaskSpec", "Up", "check_id", "compile_dag"]
+__all__ = ["EXTERNAL", "Deref", "Plan", "TaskHandle", "TaskSpec", "Up", "check_id", "compile_dag"]

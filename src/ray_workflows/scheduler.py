@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import random
 import time
@@ -27,7 +28,7 @@ from ray_workflows.events import EventContext
 from ray_workflows.exceptions import WorkflowCancellationError, WorkflowExecutionError
 from ray_workflows.ids import IdAllocator
 from ray_workflows.log import get_logger
-from ray_workflows.plan import Deref, Plan, TaskSpec, Up
+from ray_workflows.plan import Deref, Plan, TaskHandle, TaskSpec, Up
 from ray_workflows.store import PackWriter, WorkflowStore, task_key
 from ray_workflows.worker import Receipt, task_header
 
@@ -82,6 +83,7 @@ class WorkflowRun:
         self._headers: dict[str, bytes] = {}  # pickled once per task, for every attempt
         # Event tasks committed before a crash, maybe without their acknowledgement.
         self.unacked: list[TaskSpec] = []
+        self._waits: dict[str, tuple[int, float | None]] = {}  # wait task -> its limits
         self.packs = PackWriter(store, workflow_id, self._packed, self._pack_failed)
 
     # -- building the graph -----------------------------------------------------
@@ -101,8 +103,27 @@ class WorkflowRun:
             self.needed[u] += 1
             if u in pending:
                 self.consumers[u].append(tid)
-        if not pending:
+        if spec.kind == "wait":
+            _, kwargs = serialization.loads(spec.args, [None] * len(spec.arg_refs), _no_up)
+            self._waits[tid] = (int(kwargs["num_returns"]), kwargs.get("timeout"))
+            if kwargs.get("timeout") is not None and self._ready_to_split(tid) is False:
+                self._spawn(self._wait_timeout(tid, float(kwargs["timeout"])))
+        if not pending or self._ready_to_split(tid):
             self._pending_submit.append(tid)
+
+    def _ready_to_split(self, tid: str) -> bool | None:
+        """For a wait task: whether enough of its tasks finished (None: not a wait)."""
+        limits = self._waits.get(tid)
+        if limits is None:
+            return None
+        spec = self.specs[tid]
+        return len(spec.upstream) - len(self.waiting.get(tid, ())) >= limits[0]
+
+    async def _wait_timeout(self, tid: str, seconds: float) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.executor.clock.sleep(seconds)
+            if tid in self.specs and tid not in self.running and not self.result.done():
+                self._submit(tid)
 
     def mark_stored(self, tid: str, ref: str) -> None:
         """Recovery: ``tid``'s output is the committed record behind ``ref``."""
@@ -147,9 +168,10 @@ class WorkflowRun:
 
     def _submit(self, tid: str) -> None:
         spec = self.specs[tid]
-        if spec.kind == "event":
+        if spec.kind in ("event", "wait"):
             self.started.setdefault(tid, time.time())
-            self.running[tid] = (self._spawn(self._run_event(tid)), None)
+            runner = self._run_event(tid) if spec.kind == "event" else self._run_wait(tid)
+            self.running[tid] = (self._spawn(runner), None)
             return
         direct_values: list[Any] = []
         slots: list[int | None] = []
@@ -269,6 +291,31 @@ class WorkflowRun:
         self._finished(tid, ray.put(event), Receipt("value", start, time.time()))
         self._flush_submits()
 
+    async def _run_wait(self, tid: str) -> None:
+        """Split a wait task's tasks into (ready values, handles of the others)."""
+        spec = self.specs[tid]
+        start = time.time()
+        num_returns, _ = self._waits.pop(tid)
+        try:
+            ready = [u for u in spec.upstream if u in self.done][:num_returns]
+            values = [await self._value_ref(u) for u in ready]
+            remaining = [TaskHandle(u) for u in spec.upstream if u not in ready]
+            result = (values, remaining)
+            payload, refs = serialization.dumps(result)
+            keys = await self.executor.save_objects(self.workflow_id, refs) if refs else []
+            end = time.time()
+            record = serialization.encode("value", payload, keys, start_time=start, end_time=end)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.log.exception("scheduler.error", task_id=tid)
+            self._fail(TaskFailure(tid, None, f"{type(exc).__name__}: {exc}"), exc)
+            return
+        self.running.pop(tid, None)
+        receipt = Receipt("value", start, end, record=record if spec.checkpoint else None)
+        self._finished(tid, ray.put(result), receipt)
+        self._flush_submits()
+
     async def _reacknowledge(self, spec: TaskSpec) -> None:
         """Recovery: an event committed before a crash gets its ``event_checkpointed``."""
         tid = spec.task_id
@@ -343,7 +390,7 @@ class WorkflowRun:
             pending = self.waiting.get(consumer)
             if pending is not None:
                 pending.discard(target)
-                if not pending:
+                if not pending or self._ready_to_split(consumer):
                     self._pending_submit.append(consumer)
 
     def _release_inputs(self, spec: TaskSpec) -> None:
@@ -489,6 +536,10 @@ class WorkflowRun:
                 if not w.done():
                     w.set_exception(exc)
         self._waiters.clear()
+
+
+def _no_up(pid: Any) -> None:
+    return None
 
 
 def _debug(log: Any) -> bool:
