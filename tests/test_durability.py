@@ -91,3 +91,30 @@ def test_torn_checkpoint_is_never_read_as_an_output(
     # The torn output was discarded and its task ran again; its inputs came from
     # their intact checkpoints.
     assert [count_runs(counter_dir, f"step{i}") for i in range(3)] == [1, 1, 2]
+
+
+@ray.remote
+def leaf_value(i: int, runs: str) -> int:
+    record_run(runs, f"leaf{i}")
+    return i
+
+
+@ray.remote
+def picky_sum(*values: int, gate: str) -> int:
+    if not Path(gate).exists():
+        raise RuntimeError("not yet")
+    return sum(values)
+
+
+def test_resumed_fan_in_loads_its_stored_inputs_in_batches(
+        storage: str, wid: str, counter_dir: Path, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    runs = str(counter_dir)
+    leaves = [leaf_value.bind(i, runs) for i in range(60)]
+    dag = picky_sum.options(**workflow.options(max_retries=0)).bind(*leaves, gate=str(gate))
+    with pytest.raises(workflow.WorkflowExecutionError, match="not yet"):
+        workflow.run(dag, workflow_id=wid)
+    gate.touch()
+    # All 60 inputs come back from storage (a few loading tasks, not 60 workers).
+    assert workflow.resume(wid) == sum(range(60))
+    assert all(count_runs(counter_dir, f"leaf{i}") == 1 for i in range(60))

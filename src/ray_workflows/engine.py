@@ -41,9 +41,11 @@ from ray_workflows.scheduler import WorkflowRun
 from ray_workflows.status import WorkflowStatus
 from ray_workflows.storage import Storage
 from ray_workflows.store import WorkflowStore, task_key
-from ray_workflows.worker import execute_task, load_output, save_objects
+from ray_workflows.worker import execute_task, load_output, load_outputs, save_objects
 
 log = get_logger()
+
+_LOAD_BATCH = 500  # stored outputs per loading helper task
 
 
 class Executor:
@@ -57,6 +59,7 @@ class Executor:
         self.mailbox = Mailbox(storage)
         self._execute = ray.remote(num_returns=2, max_retries=0)(execute_task)
         self._load = ray.remote(num_cpus=0, max_retries=3)(load_output)
+        self._load_many = ray.remote(num_cpus=0, max_retries=3)(load_outputs)
         self._save = ray.remote(num_cpus=0, max_retries=3)(save_objects)
         self._records: dict[str, dict[str, bytes]] = {}
         # Pickled functions put in the object store once, shared by every run that
@@ -110,6 +113,25 @@ class Executor:
             header = serialization.peek_header(data, name)
             pending.extend((ref_key, None) for ref_key in header["refs"])
         self._records[key] = records
+
+    def load_many(self, workflow_id: str, keys: list[str]) -> list[Any]:
+        """ObjectRefs of many stored outputs, loaded by a few helper tasks (a resumed
+        fan-out must not start one Ray worker per input)."""
+        refs: list[Any] = []
+        for i in range(0, len(keys), _LOAD_BATCH):
+            batch = keys[i : i + _LOAD_BATCH]
+            if len(batch) == 1:
+                refs.append(self.load(workflow_id, batch[0]))
+                continue
+            records = None
+            if not self.storage.shared:
+                records = {}
+                for key in batch:
+                    records.update(self._records.get(key) or {})
+            task = self._load_many.options(num_returns=len(batch))
+            loaded: Any = task.remote(self.storage, workflow_id, records, batch)
+            refs.extend(loaded)
+        return refs
 
     def load(self, workflow_id: str, key: str) -> Any:
         records = None if self.storage.shared else self._records.get(key)

@@ -156,6 +156,22 @@ class WorkflowRun:
 
     def _flush_submits(self) -> None:
         pending, self._pending_submit = self._pending_submit, []
+        # Inputs that only storage still holds (after a resume) are loaded in batches.
+        missing = list(
+            dict.fromkeys(
+                u
+                for tid in pending
+                if tid in self.specs
+                for u in self.specs[tid].upstream
+                if u not in self.values and u in self.stored
+            )
+        )
+        if len(missing) > 1:
+            keys = [self.stored[u] for u in missing]
+            for u, ref in zip(
+                missing, self.executor.load_many(self.workflow_id, keys), strict=True
+            ):
+                self.values[u] = ref
         for tid in pending:
             if tid in self.specs and tid not in self.running:
                 self._submit(tid)

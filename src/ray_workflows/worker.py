@@ -318,6 +318,13 @@ def load_output(
     return serialization.loads(payload, [objects.load_ref(k) for k in header["refs"]])
 
 
+def load_outputs(
+    storage: Storage, workflow_id: str, records: dict[str, bytes] | None, keys: list[str]
+) -> tuple[Any, ...]:
+    """Several :func:`load_output` in one helper task, one return value each."""
+    return tuple(load_output(storage, workflow_id, records, key) for key in keys)
+
+
 def save_objects(
     storage: Storage, workflow_id: str, refs: list[Any]
 ) -> tuple[list[str], dict[str, bytes]]:
@@ -334,5 +341,6 @@ __all__ = [
     "execute_task",
     "in_task",
     "load_output",
+    "load_outputs",
     "save_objects",
 ]
