@@ -363,12 +363,18 @@ class Engine:
             finished.set_result(outcome)
 
     # -- resuming ------------------------------------------------------------------
-    async def resume(self, workflow_id: str, *, existing_ok: bool = False) -> asyncio.Future[Any]:
-        """Continue a stored workflow from its checkpoints; finished tasks never re-run."""
+    async def resume(
+        self, workflow_id: str, *, existing_ok: bool = False, load: bool = True
+    ) -> asyncio.Future[Any]:
+        """Continue a stored workflow from its checkpoints; finished tasks never re-run.
+        ``load=False``: for a finished workflow, do not start loading its output (the
+        caller asks for it separately)."""
         async with self._lock(workflow_id):
-            return await self._resume(workflow_id, existing_ok=existing_ok)
+            return await self._resume(workflow_id, existing_ok=existing_ok, load=load)
 
-    async def _resume(self, workflow_id: str, *, existing_ok: bool) -> asyncio.Future[Any]:
+    async def _resume(
+        self, workflow_id: str, *, existing_ok: bool, load: bool = True
+    ) -> asyncio.Future[Any]:
         if workflow_id in self.runs:
             if existing_ok:
                 return self._finished[workflow_id]
@@ -378,6 +384,15 @@ class Engine:
                 workflow_id=workflow_id,
             )
         meta = await self.store.read_meta(workflow_id)
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        output = meta.get("output_key") if meta is not None else None
+        if meta is not None and meta["status"] == WorkflowStatus.SUCCESSFUL.value and output:
+            # Finished: its (maybe large) plan is not needed, only its output.
+            held = self.leases.held.get(workflow_id)
+            if held is not None:  # taken by start() for an id that turned out finished
+                self.leases.drop(held)
+            done.set_result(await self._stored_output(workflow_id, output) if load else None)
+            return done
         plan = await self.store.load_plan(workflow_id)
         if plan is None:
             raise WorkflowNotFoundError.of(workflow_id, self.storage.uri)
@@ -393,13 +408,6 @@ class Engine:
                 "Delete it and run it again to start over.",
                 workflow_id=workflow_id,
             )
-        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        if meta["status"] == WorkflowStatus.SUCCESSFUL.value and meta.get("output_key"):
-            held = self.leases.held.get(workflow_id)
-            if held is not None:  # taken by start() for an id that turned out finished
-                self.leases.drop(held)
-            done.set_result(await self._stored_output(workflow_id, meta["output_key"]))
-            return done
         self.admission.check(workflow_id)
         lease = await self.leases.acquire(workflow_id)
         if lease is None:

@@ -134,7 +134,7 @@ class WorkflowManager:
     async def resume(self, workflow_id: str) -> None:
         """Resume a stored workflow; joins it if it already runs (e.g. auto-recovered)."""
         await self._recovered()
-        await self.engine.resume(workflow_id, existing_ok=True)
+        await self.engine.resume(workflow_id, existing_ok=True, load=False)
 
     async def result(self, workflow_id: str) -> ResolvingRef:
         """The workflow's output, when it is done (resuming it if its manager died)."""

@@ -32,7 +32,7 @@ from ray_workflows.options import TaskOptions
 from ray_workflows.plan import Deref, Plan, TaskSpec, Up, compile_dag
 from ray_workflows.plugins import open_storage
 from ray_workflows.storage import Storage
-from ray_workflows.store import objects_prefix, read_record, task_key
+from ray_workflows.store import decode_pack, objects_prefix, read_record, split_ref, task_key
 
 #: Value records up to this size go back to the engine in the receipt and are
 #: committed in packs; bigger ones are written by the worker itself.
@@ -297,10 +297,15 @@ def _commit(
 
 
 def load_output(
-    storage: Storage, workflow_id: str, records: dict[str, bytes] | None, key: str
+    storage: Storage,
+    workflow_id: str,
+    records: dict[str, bytes] | None,
+    key: str,
+    packs: dict[str, dict[str, bytes]] | None = None,
 ) -> Any:
     """Read a task's checkpointed output (a helper task). For a storage only the engine
-    can read, ``records`` holds the output record and the object records it refers to."""
+    can read, ``records`` holds the output record and the object records it refers to.
+    ``packs`` caches decoded packs across the calls of one :func:`load_outputs`."""
     writes: dict[str, bytes] = {}
 
     def read(name: str) -> bytes | None:
@@ -308,7 +313,14 @@ def load_output(
             return records.get(name)
         return bridge.run(storage.get(name))
 
-    data = read(key) if records is not None else read_record(read, key)
+    pack_key, member = split_ref(key)
+    if records is None and member is not None and packs is not None:
+        if pack_key not in packs:
+            raw = read(pack_key)
+            packs[pack_key] = decode_pack(raw, pack_key) if raw is not None else {}
+        data = packs[pack_key].get(member)
+    else:
+        data = read(key) if records is not None else read_record(read, key)
     if data is None:
         from ray_workflows.exceptions import CheckpointError
 
@@ -321,8 +333,10 @@ def load_output(
 def load_outputs(
     storage: Storage, workflow_id: str, records: dict[str, bytes] | None, keys: list[str]
 ) -> tuple[Any, ...]:
-    """Several :func:`load_output` in one helper task, one return value each."""
-    return tuple(load_output(storage, workflow_id, records, key) for key in keys)
+    """Several :func:`load_output` in one helper task, one return value each (a pack
+    holding many of them is read once)."""
+    packs: dict[str, dict[str, bytes]] = {}
+    return tuple(load_output(storage, workflow_id, records, key, packs) for key in keys)
 
 
 def save_objects(
