@@ -272,6 +272,7 @@ class Engine:
     ) -> asyncio.Future[Any]:
         wid = run.workflow_id
         self.leases.start()
+        run.lease = lease
         self.runs[wid] = run
         finished: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._finished[wid] = finished
@@ -331,6 +332,7 @@ class Engine:
             outcome.__cause__ = exc
             meta.update(status=WorkflowStatus.FAILED.value, end_time=time.time(), error=str(exc))
             log.exception("workflow.engine_error", workflow_id=wid)
+        lease = run.lease
         try:
             if lease.lost or not lease.valid():
                 if not isinstance(outcome, WorkflowRunningElsewhereError):
@@ -444,6 +446,25 @@ class Engine:
     def _lease_lost(self, workflow_id: str) -> None:
         run = self.runs.get(workflow_id)
         if run is not None:
+            # A renewal that came too late (a starved or paused manager) loses the lease
+            # without anyone taking it: take it again and go on. Only a lease that
+            # another manager now holds stops the run.
+            task = asyncio.get_running_loop().create_task(self._retake(workflow_id, run))
+            self._drivers.add(task)
+            task.add_done_callback(self._drivers.discard)
+
+    async def _retake(self, workflow_id: str, run: WorkflowRun) -> None:
+        try:
+            lease = await self.leases.acquire(workflow_id)
+        except Exception:
+            lease = None
+        if lease is not None and self.runs.get(workflow_id) is run:
+            log.info("lease.retaken", workflow_id=workflow_id, epoch=lease.epoch)
+            run.lease = lease
+            return
+        if lease is not None:
+            await self.leases.release(lease)
+        if self.runs.get(workflow_id) is run:
             log.warning("workflow.abandoned", workflow_id=workflow_id, reason="lease lost")
             run.abandon(
                 WorkflowRunningElsewhereError(
@@ -542,7 +563,16 @@ class Engine:
         meta = await self.store.read_meta(workflow_id)
         if meta is None and not await self.store.exists(workflow_id):
             raise WorkflowNotFoundError.of(workflow_id, self.storage.uri)
+        if workflow_id in self.runs:  # (re)launched while storage was read
+            return await self.output(workflow_id, task_id)
         status = self._derive(workflow_id, meta["status"] if meta else "RUNNING")
+        if task_id is None and status in (
+            WorkflowStatus.RUNNING,
+            WorkflowStatus.PENDING,
+            WorkflowStatus.RESUMABLE,
+        ):
+            # Running elsewhere, or orphaned: wait for it (resuming it here if need be).
+            return await self.result(workflow_id)
         if task_id is None:
             if status == WorkflowStatus.SUCCESSFUL and meta and meta.get("output_key"):
                 return await self._stored_output(workflow_id, meta["output_key"])
@@ -552,7 +582,7 @@ class Engine:
                     f"Workflow {workflow_id!r} is {status.value}; it has no output. "
                     + (
                         "Resume it with workflow.resume(...) to finish it."
-                        if status in (WorkflowStatus.FAILED, WorkflowStatus.RESUMABLE)
+                        if status == WorkflowStatus.FAILED
                         else ""
                     ),
                     workflow_id=workflow_id,

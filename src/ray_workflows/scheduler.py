@@ -83,6 +83,7 @@ class WorkflowRun:
         self._headers: dict[str, bytes] = {}  # pickled once per task, for every attempt
         # Event tasks committed before a crash, maybe without their acknowledgement.
         self.unacked: list[TaskSpec] = []
+        self.lease: Any = None  # the engine's lease on this workflow, while it runs
         self._waits: dict[str, tuple[int, float | None]] = {}  # wait task -> its limits
         self.packs = PackWriter(store, workflow_id, self._packed, self._pack_failed)
 
@@ -483,6 +484,12 @@ class WorkflowRun:
         max_retries = spec.options.max_retries
         if (system or retryable) and (max_retries == -1 or attempts < max_retries):
             self.attempts[tid] += 1
+            if system:
+                # The inputs' objects may have died with their node: take the stored
+                # copies this time.
+                for u in spec.upstream:
+                    if u in self.stored and u not in self.packs.pending:
+                        self.values.pop(u, None)
             delay = min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempts) * (0.5 + random.random() / 2)
             self.log.info(
                 "task.retrying",
