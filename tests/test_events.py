@@ -255,3 +255,27 @@ def test_wait_bad_input() -> None:
         workflow.wait([cpu_task.bind(1)], num_returns=2)
     with pytest.raises(ValueError, match="timeout"):
         workflow.wait([cpu_task.bind(1)], timeout=-1)
+
+
+class FlakyAck(workflow.EventListener):
+    async def poll_for_event(self, runs: str) -> str:
+        record_run(runs, "poll")
+        return f"event-{count_runs(runs, 'poll') - 1}|{runs}/ack-failed-once"
+
+    async def event_checkpointed(self, event: str) -> None:
+        marker = Path(event.split("|")[1])
+        if not marker.exists():
+            marker.touch()
+            raise ConnectionError("the acknowledgement failed")
+
+
+def test_a_failing_acknowledgement_never_polls_again(
+    storage: str, wid: str, counter_dir: Path
+) -> None:
+    runs = str(counter_dir)
+    result = workflow.run(
+        consume.bind(workflow.wait_for_event(FlakyAck, runs), runs), workflow_id=wid
+    )
+    assert result.startswith("EVENT-0|")  # the committed event, not a second one
+    assert count_runs(counter_dir, "poll") == 1
+    assert Path(runs, "ack-failed-once").exists()

@@ -133,8 +133,9 @@ async def run_event(
     kwargs: dict[str, Any],
     commit: Callable[[Any], Awaitable[None]],
     deadline: Callable[[float], Awaitable[float]],
-) -> Any:
-    """Poll, commit (``commit(event)`` must make it durable), then acknowledge."""
+) -> tuple[Any, type[EventListener]]:
+    """Poll, then commit (``commit(event)`` must make it durable); return the event and
+    the listener class, whose acknowledgement (:func:`acknowledge`) the caller owes."""
     if listener == SLEEP:
         from ray_workflows.listeners.timer import TimerListener
 
@@ -150,8 +151,7 @@ async def run_event(
             with ctx.clock.activity():
                 event = await instance.poll_for_event(*args, **kwargs)
     await commit(event)
-    await acknowledge(ctx, cls, event)
-    return event
+    return event, cls
 
 
 async def acknowledge(ctx: EventContext, listener: Any, event: Any) -> None:

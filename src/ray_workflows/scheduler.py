@@ -84,6 +84,7 @@ class WorkflowRun:
         # Event tasks committed before a crash, maybe without their acknowledgement.
         self.unacked: list[TaskSpec] = []
         self.lease: Any = None  # the engine's lease on this workflow, while it runs
+        self._acks: set[asyncio.Task[None]] = set()  # event acknowledgements under way
         self._waits: dict[str, tuple[int, float | None]] = {}  # wait task -> its limits
         self.packs = PackWriter(store, workflow_id, self._packed, self._pack_failed)
 
@@ -148,6 +149,11 @@ class WorkflowRun:
             # Consumers start as soon as a receipt arrives; the workflow is done only
             # when every output it reported is durable.
             await self.packs.drain()
+            # Acknowledgements finish before the workflow does: a crash before then
+            # repeats them on recovery (at least once).
+            while self._acks:
+                await asyncio.wait(list(self._acks))
+                self._acks = {t for t in self._acks if not t.done()}
             return output
         finally:
             for task, ref in self.running.values():
@@ -286,10 +292,9 @@ class WorkflowRun:
         try:
             args, kwargs = await self._event_arguments(spec)
             listener, args = args[0], args[1:]
-            event = await event_tasks.run_event(
+            event, cls = await event_tasks.run_event(
                 self._event_context(tid), listener, args, kwargs, commit, deadline
             )
-            await self.store.storage.delete(unacked)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -305,8 +310,20 @@ class WorkflowRun:
             self._flush_submits()
             return
         self.running.pop(tid, None)
+        # Committed: consumers go on now; a failing acknowledgement is retried at the
+        # next recovery (the 'unacked' marker stays), never by polling again.
+        self._acks.add(self._spawn(self._acknowledge(tid, cls, event)))
         self._finished(tid, ray.put(event), Receipt("value", start, time.time()))
         self._flush_submits()
+
+    async def _acknowledge(self, tid: str, listener: Any, event: Any) -> None:
+        try:
+            await event_tasks.acknowledge(self._event_context(tid), listener, event)
+            await self.store.storage.delete(task_key(self.workflow_id, tid, "unacked"))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.log.warning("event.acknowledge_failed", task_id=tid, error=repr(exc))
 
     async def _run_wait(self, tid: str) -> None:
         """Split a wait task's tasks into (ready values, handles of the others)."""
