@@ -16,6 +16,11 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     [str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
 
 import ray  # noqa: E402
+import s3server  # noqa: E402
+
+# Before ray.init: Ray workers inherit the environment, so the S3 tests' workers find
+# the local test servers' credentials through the standard AWS chain.
+s3server.configure_aws_environment()
 
 import ray_workflows as workflow  # noqa: E402
 from ray_workflows import config  # noqa: E402
