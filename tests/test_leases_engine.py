@@ -8,6 +8,8 @@ clusters sharing a directory do, minus the actors around them.
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from helpers import count_runs, record_run, wait_for
 
 from ray_workflows.engine import Engine
 from ray_workflows.exceptions import WorkflowRunningElsewhereError
+from ray_workflows.lease import lease_key
 from ray_workflows.plan import compile_dag
 from ray_workflows.plugins import forget_storage, open_storage
 from ray_workflows.status import WorkflowStatus
@@ -127,11 +130,38 @@ async def test_a_lost_lease_stops_the_run_without_writing_its_status(
     try:
         finished = await engine.start("w", compile_dag(dag))
         lease = engine.leases.held["w"]
+        # Another manager takes it over (its live record replaces ours), and the
+        # keeper notices: the run must stop rather than take it back.
+        record = json.loads(await storage.get(lease_key("w")) or b"{}")
+        record.update(owner="another-manager", epoch=record["epoch"] + 1,
+                      expires_at=time.time() + 60, renewed_at=time.time())
+        await storage.put(lease_key("w"), json.dumps(record).encode())
         engine.leases._lose(lease, "test: taken over")
         with pytest.raises(WorkflowRunningElsewhereError, match="taken over"):
             await asyncio.wait_for(finished, timeout=30)
         meta = await engine.store.read_meta("w")
         assert meta is not None and meta["status"] == "RUNNING"  # left to the new holder
+    finally:
+        Path(gate).touch()
+        await engine.close()
+        forget_storage(storage.uri)
+
+
+async def test_a_lapsed_lease_nobody_took_is_taken_again_and_the_run_goes_on(
+    tmp_path: Path, counter_dir: Path
+) -> None:
+    storage = open_storage(str(tmp_path / "shared"))
+    runs, gate = str(counter_dir), str(tmp_path / "gate")
+    engine = Engine(storage, lease_ttl=5)
+    try:
+        finished = await engine.start("w", compile_dag(blocked_step.bind(0, "b", runs, gate)))
+        first = engine.leases.held["w"]
+        engine.leases._lose(first, "test: renewal came too late")  # a starved manager
+        await asyncio.to_thread(wait_for, lambda: "w" in engine.leases.held)
+        assert engine.leases.held["w"].epoch > first.epoch
+        Path(gate).touch()
+        assert await (await asyncio.wait_for(finished, timeout=30)) == 1
+        assert await engine.status("w") == WorkflowStatus.SUCCESSFUL
     finally:
         Path(gate).touch()
         await engine.close()
