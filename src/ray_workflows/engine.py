@@ -41,7 +41,13 @@ from ray_workflows.scheduler import WorkflowRun
 from ray_workflows.status import WorkflowStatus
 from ray_workflows.storage import Storage
 from ray_workflows.store import WorkflowStore, task_key
-from ray_workflows.worker import execute_task, load_output, load_outputs, save_objects
+from ray_workflows.worker import (
+    INLINE_RECORD_BYTES,
+    execute_task,
+    load_output,
+    load_outputs,
+    save_objects,
+)
 
 log = get_logger()
 
@@ -496,7 +502,22 @@ class Engine:
         return await asyncio.shield(self._finished[workflow_id])
 
     async def _stored_output(self, workflow_id: str, key: str) -> Any:
-        """An ObjectRef of the checkpointed output in record ``key``."""
+        """An ObjectRef of the checkpointed output in record ``key``.
+
+        A small output without ObjectRefs is read here and put in the object store
+        (a fresh manager has no worker process to spare, and starting one takes
+        seconds); anything else, or a value whose classes this process cannot import,
+        is loaded by a helper task where user code lives."""
+        data = await self.store.read_output(key)
+        if data is not None and len(data) <= INLINE_RECORD_BYTES:
+            header, payload = serialization.decode(data, key)  # a torn record raises
+            if not header["refs"]:
+                try:
+                    value = serialization.loads(payload, [])
+                except Exception:
+                    pass
+                else:
+                    return ray.put(value)
         await self.executor.preload(key)
         return self.executor.load(workflow_id, key)
 
