@@ -461,8 +461,9 @@ class Engine:
 
     async def _retake(self, workflow_id: str, run: WorkflowRun) -> None:
         try:
-            lease = await self.leases.acquire(workflow_id)
-        except Exception:
+            # Bounded: a run must not go on without a lease while storage hangs.
+            lease = await asyncio.wait_for(self.leases.acquire(workflow_id), self.leases.ttl / 3)
+        except Exception:  # a storage error or the timeout: treat as taken
             lease = None
         if lease is not None and self.runs.get(workflow_id) is run:
             log.info("lease.retaken", workflow_id=workflow_id, epoch=lease.epoch)
