@@ -20,11 +20,12 @@ from typing import Any
 import pytest
 import ray
 import s3server
+from conftest import kill_manager
 from helpers import count_runs, record_run, wait_for
 from s3server import S3Server
 
 import ray_workflows as workflow
-from ray_workflows import bridge, config
+from ray_workflows import bridge
 from ray_workflows.exceptions import StorageError, UnknownStorageError
 from ray_workflows.manager import NAMESPACE, manager_name
 from ray_workflows.plugins import forget_storage, open_storage
@@ -466,12 +467,7 @@ def s3_workflows(seaweedfs: S3Server) -> Iterator[str]:
     uri = seaweedfs.uri(fresh_prefix())
     workflow.init(uri)
     yield uri
-    try:
-        handle = ray.get_actor(manager_name(config.normalise_storage(uri)), namespace=NAMESPACE)
-    except ValueError:
-        return
-    ray.kill(handle, no_restart=True)
-    config.forget_managers()
+    kill_manager(uri)
 
 
 def stored_keys(uri: str, prefix: str) -> list[str]:

@@ -272,11 +272,7 @@ class WorkflowRun:
         unacked = task_key(self.workflow_id, tid, "unacked")
 
         async def commit(event: Any) -> None:
-            payload, refs = serialization.dumps(event)
-            keys = await self.executor.save_objects(self.workflow_id, refs) if refs else []
-            record = serialization.encode(
-                "value", payload, keys, start_time=start, end_time=time.time()
-            )
+            record = await self._value_record(event, start, time.time())
             # Marker first: a crash before the acknowledgement repeats it on recovery.
             await self.store.storage.put_many({unacked: b"", key: record})
 
@@ -325,6 +321,13 @@ class WorkflowRun:
         except Exception as exc:
             self.log.warning("event.acknowledge_failed", task_id=tid, error=repr(exc))
 
+    async def _value_record(self, value: Any, start: float, end: float) -> bytes:
+        """The output record of a value produced here (an event, a wait's split), its
+        ObjectRefs checkpointed first, as a worker's ``_commit`` does."""
+        payload, refs = serialization.dumps(value)
+        keys = await self.executor.save_objects(self.workflow_id, refs) if refs else []
+        return serialization.encode("value", payload, keys, start_time=start, end_time=end)
+
     async def _run_wait(self, tid: str) -> None:
         """Split a wait task's tasks into (ready values, handles of the others)."""
         spec = self.specs[tid]
@@ -335,10 +338,8 @@ class WorkflowRun:
             values = [await self._value_ref(u) for u in ready]
             remaining = [TaskHandle(u) for u in spec.upstream if u not in ready]
             result = (values, remaining)
-            payload, refs = serialization.dumps(result)
-            keys = await self.executor.save_objects(self.workflow_id, refs) if refs else []
             end = time.time()
-            record = serialization.encode("value", payload, keys, start_time=start, end_time=end)
+            record = await self._value_record(result, start, end)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

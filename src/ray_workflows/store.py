@@ -95,13 +95,25 @@ def decode_pack(data: bytes, key: str) -> dict[str, bytes]:
     return members
 
 
-def read_record(read: Callable[[str], bytes | None], ref: str) -> bytes | None:
-    """The output record behind ``ref``, read with a synchronous ``read(key)``."""
+def read_record(
+    read: Callable[[str], bytes | None],
+    ref: str,
+    packs: dict[str, dict[str, bytes]] | None = None,
+) -> bytes | None:
+    """The output record behind ``ref``, read with a synchronous ``read(key)``.
+    ``packs`` (pack key -> members) lets many reads share one read of each pack."""
     key, member = split_ref(ref)
-    data = read(key)
-    if data is None or member is None:
-        return data
-    return decode_pack(data, key).get(member)
+    if member is None:
+        return read(key)
+    members = packs.get(key) if packs is not None else None
+    if members is None:
+        data = read(key)
+        if data is None:
+            return None
+        members = decode_pack(data, key)
+        if packs is not None:
+            packs[key] = members
+    return members.get(member)
 
 
 class TaskRecords(dict[str, set[str]]):

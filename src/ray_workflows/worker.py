@@ -32,7 +32,7 @@ from ray_workflows.options import TaskOptions
 from ray_workflows.plan import Deref, Plan, TaskSpec, Up, compile_dag
 from ray_workflows.plugins import open_storage
 from ray_workflows.storage import Storage
-from ray_workflows.store import decode_pack, objects_prefix, read_record, split_ref, task_key
+from ray_workflows.store import objects_prefix, read_record, task_key
 
 #: Value records up to this size go back to the engine in the receipt and are
 #: committed in packs; bigger ones are written by the worker itself.
@@ -313,14 +313,7 @@ def load_output(
             return records.get(name)
         return bridge.run(storage.get(name))
 
-    pack_key, member = split_ref(key)
-    if records is None and member is not None and packs is not None:
-        if pack_key not in packs:
-            raw = read(pack_key)
-            packs[pack_key] = decode_pack(raw, pack_key) if raw is not None else {}
-        data = packs[pack_key].get(member)
-    else:
-        data = read(key) if records is not None else read_record(read, key)
+    data = read(key) if records is not None else read_record(read, key, packs)
     if data is None:
         from ray_workflows.exceptions import CheckpointError
 
