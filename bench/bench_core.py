@@ -503,6 +503,20 @@ def main() -> int:
             shutil.rmtree(storage, ignore_errors=True)
 
 
+def start_ray(log_to_driver: bool) -> None:
+    """A local 2-CPU Ray for a benchmark (shared by the bench_* scripts)."""
+    for attempt in (1, 2):  # on an overloaded machine the node can time out starting up
+        try:
+            ray.init(address="local", num_cpus=2, include_dashboard=False,
+                     log_to_driver=log_to_driver)
+            return
+        except Exception as exc:  # noqa: BLE001
+            if attempt == 2:
+                raise
+            print(f"ray.init failed ({exc}); retrying once", file=sys.stderr)
+            ray.shutdown()
+
+
 def run_all(args: argparse.Namespace, names: list[str], sizes: dict[str, int],
             storage: str) -> int:
     run_tag = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
@@ -514,16 +528,7 @@ def run_all(args: argparse.Namespace, names: list[str], sizes: dict[str, int],
 
     load0 = os.getloadavg()
     t0 = time.perf_counter()
-    for attempt in (1, 2):  # on an overloaded machine the node can time out starting up
-        try:
-            ray.init(address="local", num_cpus=2, include_dashboard=False,
-                     log_to_driver=args.log_to_driver)
-            break
-        except Exception as exc:  # noqa: BLE001
-            if attempt == 2:
-                raise
-            print(f"ray.init failed ({exc}); retrying once", file=sys.stderr)
-            ray.shutdown()
+    start_ray(args.log_to_driver)
     t_init = time.perf_counter() - t0
     workflow.init(storage)
     t_warm = warm_up(run_tag)

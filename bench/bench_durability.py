@@ -62,14 +62,7 @@ BATCH = 100  # run_async calls per batch when creating the workflows for list_al
 
 
 # --------------------------------------------------------------------------- tasks
-@ray.remote
-def leaf(i: int) -> int:
-    return i
-
-
-@ray.remote
-def gather(*values: int) -> int:
-    return sum(values)
+from bench_core import gather, leaf  # noqa: E402  (workers import bench_core by name)
 
 
 @ray.remote
@@ -237,12 +230,6 @@ class WorkerSampler:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
-
-
-def fs_type(path: str) -> str:
-    from bench_core import fs_type as core_fs_type
-
-    return core_fs_type(path)
 
 
 # --------------------------------------------------------------------------- results
@@ -617,7 +604,7 @@ def main() -> int:
 def run_all(
     args: argparse.Namespace, names: list[str], sizes: dict[str, Any], storage: str, scratch: str
 ) -> int:
-    from bench_core import code_version, manager_pid
+    from bench_core import code_version, fs_type, manager_pid, start_ray
 
     tag = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     here = os.path.dirname(os.path.abspath(__file__))
@@ -627,20 +614,7 @@ def run_all(
 
     load0 = os.getloadavg()
     t0 = time.perf_counter()
-    for attempt in (1, 2):  # on an overloaded machine the node can time out starting up
-        try:
-            ray.init(
-                address="local",
-                num_cpus=2,
-                include_dashboard=False,
-                log_to_driver=args.log_to_driver,
-            )
-            break
-        except Exception as exc:  # noqa: BLE001
-            if attempt == 2:
-                raise
-            print(f"ray.init failed ({exc}); retrying once", file=sys.stderr)
-            ray.shutdown()
+    start_ray(args.log_to_driver)
     t_init = time.perf_counter() - t0
     workflow.init(storage)
     t_warm = warm_up(tag)

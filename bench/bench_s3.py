@@ -46,14 +46,7 @@ import ray_workflows as workflow  # noqa: E402
 TARGET_REQUESTS_PER_TASK = 2.0
 
 
-@ray.remote
-def leaf(i: int) -> int:
-    return i
-
-
-@ray.remote
-def gather(*values: int) -> int:
-    return sum(values)
+from bench_core import gather, leaf  # noqa: E402  (workers import bench_core by name)
 
 
 def plain(n: int) -> float:
