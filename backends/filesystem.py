@@ -14,6 +14,7 @@ exclusive ``flock`` on a per-key lock file while it reads and replaces.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import fcntl
 import hashlib
@@ -27,6 +28,19 @@ from ray_workflows.exceptions import StorageError
 from ray_workflows.storage import Storage, check_key, check_prefix
 
 _T = TypeVar("_T")
+
+# The blocking work runs in threads of its own, not the event loop's default
+# executor: other code parking threads there (blocking waits) must not hold up
+# durable writes. Concurrent fsyncs also share the journal's commits.
+_THREADS = 16
+_executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _executor
+    if _executor is None:
+        _executor = concurrent.futures.ThreadPoolExecutor(_THREADS, "rwf-file")
+    return _executor
 
 # Names the backend keeps for itself: temp files and the lock directory. ``list``
 # skips them and keys may not use them, so no user key can ever collide with one.
@@ -112,7 +126,7 @@ class FileStorage(Storage):
 
     async def check(self) -> None:
         try:
-            await asyncio.to_thread(_probe, self._root)
+            await asyncio.get_running_loop().run_in_executor(_pool(), _probe, self._root)
         except OSError as exc:
             raise StorageError(
                 f"File storage directory {self._root!r} cannot be created or written: {exc}",
@@ -133,7 +147,7 @@ class FileStorage(Storage):
         # If the awaiting task is canceled the thread still finishes: a put that
         # was started may land. Every write is atomic, so it lands whole or not at all.
         try:
-            return await asyncio.to_thread(fn, *args)
+            return await asyncio.get_running_loop().run_in_executor(_pool(), fn, *args)
         except OSError as exc:
             hint = ""
             if isinstance(exc, _LAYOUT_ERRORS):

@@ -68,6 +68,8 @@ class Executor:
         self._load_many = ray.remote(num_cpus=0, max_retries=3)(load_outputs)
         self._save = ray.remote(num_cpus=0, max_retries=3)(save_objects)
         self._records: dict[str, dict[str, bytes]] = {}
+        # `.options()` builds a new wrapper each call; one per (name, options) is kept.
+        self._remotes: dict[Any, Any] = {}
         # Pickled functions put in the object store once, shared by every run that
         # uses them (keyed by content hash), not once per workflow.
         self._functions: collections.OrderedDict[str, Any] = collections.OrderedDict()
@@ -84,7 +86,7 @@ class Executor:
 
     def submit(
         self,
-        task_id: str,
+        name: str,
         header: bytes,
         attempt: int,
         func_ref: Any,
@@ -92,9 +94,17 @@ class Executor:
         values: list[Any],
         ray_options: dict[str, Any],
     ) -> tuple[Any, Any]:
-        # The Ray task is named after the workflow task, so the dashboard, `ray list
-        # tasks` and worker log prefixes show which task of which workflow it is.
-        remote = self._execute.options(name=task_id, **ray_options)
+        # The Ray task is named after the user's function, so the dashboard, `ray list
+        # tasks` and worker log prefixes show what runs (the task id is in the logs).
+        try:
+            key: Any = (name, *sorted(ray_options.items())) if ray_options else name
+            remote = self._remotes.get(key)
+        except TypeError:  # an unhashable option value
+            key, remote = None, None
+        if remote is None:
+            remote = self._execute.options(name=name, **ray_options)
+            if key is not None and len(self._remotes) < 4096:
+                self._remotes[key] = remote
         receipt, value = remote.remote(header, attempt, func_ref, refs, *values)
         return receipt, value
 

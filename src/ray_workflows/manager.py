@@ -45,9 +45,19 @@ class ResolvingRef:
 async def resolving(ref: Any) -> ResolvingRef:
     """Wrap ``ref`` once its value exists. Unpickling a ResolvingRef calls ``ray.get``
     inside Ray's own deserialisation, which deadlocks if the value is still being
-    computed; waiting here (without fetching the value into the manager) avoids it."""
-    await asyncio.to_thread(ray.wait, [ref], num_returns=1, fetch_local=False)
-    return ResolvingRef(ref)
+    computed; waiting here (without fetching the value into the manager) avoids it.
+
+    It polls rather than parking a thread in a blocking ``ray.wait``: a hundred
+    callers waiting for their workflows would otherwise hold every thread of the
+    default executor, and the file storage's durable writes would queue behind them.
+    The output ref is nearly always ready already (it finished with its receipt)."""
+    delay = 0.001
+    while True:
+        ready, _ = ray.wait([ref], num_returns=1, timeout=0, fetch_local=False)
+        if ready:
+            return ResolvingRef(ref)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
 
 
 class WorkflowManager:

@@ -17,6 +17,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import os
 import random
 import time
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,10 @@ if TYPE_CHECKING:
 
 # Backoff between retries: 50 ms doubling to at most 5 s, with jitter.
 _BACKOFF_BASE, _BACKOFF_CAP = 0.05, 5.0
+
+# Submit a task as soon as its inputs' producers are submitted (Ray then starts it
+# the moment they exist, with no round trip through this loop). Off: "0".
+SUBMIT_AHEAD = os.environ.get("RAY_WORKFLOWS_SUBMIT_AHEAD", "1") != "0"
 
 
 @dataclasses.dataclass
@@ -63,6 +68,7 @@ class WorkflowRun:
         self.output_task_id = output_task_id
         self.allocator = allocator
         self.log = get_logger(workflow_id=workflow_id)
+        self.debug = _debug(self.log)  # checked per task: cheaper than asking the logger
         self.specs: dict[str, TaskSpec] = {}
         self.funcs: dict[str, Any] = {}  # func key -> ObjectRef of the pickled function
         self.values: dict[str, Any] = {}  # task -> ObjectRef of its output
@@ -86,6 +92,12 @@ class WorkflowRun:
         self.lease: Any = None  # the engine's lease on this workflow, while it runs
         self._acks: set[asyncio.Task[None]] = set()  # event acknowledgements under way
         self._waits: dict[str, tuple[int, float | None]] = {}  # wait task -> its limits
+        # Submitting ahead: the output ref (and a "receipt arrived" event) of each task
+        # whose attempt is under way, by the task whose output it will be; and, for a
+        # task submitted ahead, the refs it was given for inputs not yet finished.
+        self.inflight: dict[str, tuple[Any, asyncio.Event]] = {}
+        self.ahead: dict[str, dict[str, Any]] = {}
+        self.submit_ahead = SUBMIT_AHEAD
         self.packs = PackWriter(store, workflow_id, self._packed, self._pack_failed)
 
     # -- building the graph -----------------------------------------------------
@@ -190,6 +202,32 @@ class WorkflowRun:
         return ref
 
     def _submit(self, tid: str) -> None:
+        """Submit ``tid``, then every consumer that can now be submitted ahead."""
+        todo = collections.deque([tid])
+        while todo:
+            task_id = todo.popleft()
+            self._submit_one(task_id)
+            if not self.submit_ahead or task_id not in self.running:
+                continue
+            target = self.root_of.get(task_id, task_id)
+            if target in self.inflight:
+                todo.extend(c for c in self.consumers.get(target, ()) if self._can_go_ahead(c))
+
+    def _can_go_ahead(self, tid: str) -> bool:
+        """Whether ``tid`` can be submitted before its unfinished inputs exist: each of
+        them is being computed by a Ray task and passed to ``tid`` as a plain argument
+        (Ray then holds ``tid`` back until it exists; a nested ref would reach the user
+        code unresolved)."""
+        spec = self.specs.get(tid)
+        pending = self.waiting.get(tid)
+        if spec is None or not pending or tid in self.running or spec.kind != "function":
+            return False
+        for u, is_direct, is_nested in zip(spec.upstream, spec.direct, spec.nested, strict=True):
+            if u in pending and (u not in self.inflight or not is_direct or is_nested):
+                return False
+        return True
+
+    def _submit_one(self, tid: str) -> None:
         spec = self.specs[tid]
         if spec.kind in ("event", "wait"):
             self.started.setdefault(tid, time.time())
@@ -199,10 +237,17 @@ class WorkflowRun:
         direct_values: list[Any] = []
         slots: list[int | None] = []
         nested: list[Any] | None = None
+        ahead: dict[str, Any] | None = None
+        pending = self.waiting.get(tid)
         for i, (u, is_direct, is_nested) in enumerate(
             zip(spec.upstream, spec.direct, spec.nested, strict=True)
         ):
-            ref = self._value_ref(u)
+            if pending and u in pending:
+                ref = self.inflight[u][0]
+                ahead = ahead or {}
+                ahead[u] = ref
+            else:
+                ref = self._value_ref(u)
             slots.append(len(direct_values) if is_direct else None)
             if is_direct:
                 direct_values.append(ref)
@@ -218,7 +263,7 @@ class WorkflowRun:
         refs = None if live is None and nested is None else (live, nested)
         attempt = self.attempts[tid]
         receipt_ref, value_ref = self.executor.submit(
-            tid,
+            spec.name,
             header,
             attempt,
             self.funcs[spec.func_key],
@@ -227,10 +272,13 @@ class WorkflowRun:
             spec.options.ray_options,
         )
         self.started.setdefault(tid, time.time())
+        if ahead is not None:
+            self.ahead[tid] = ahead
+        self.inflight[self.root_of.get(tid, tid)] = (value_ref, asyncio.Event())
         task = asyncio.get_running_loop().create_task(self._await(tid, receipt_ref, value_ref))
         self.running[tid] = (task, receipt_ref)
-        if _debug(self.log):
-            self.log.debug("task.submitted", task_id=tid, attempt=attempt)
+        if self.debug:
+            self.log.debug("task.submitted", task_id=tid, attempt=attempt, ahead=bool(ahead))
 
     def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
@@ -367,13 +415,25 @@ class WorkflowRun:
 
     async def _await(self, tid: str, receipt_ref: Any, value_ref: Any) -> None:
         try:
+            failure: BaseException | None = None
             try:
                 with self.executor.clock.activity():
                     receipt: Receipt = await receipt_ref
             except ray.exceptions.RayError as exc:  # the worker or its node died
+                failure = exc
+            self._settle(tid, value_ref)
+            ahead = self.ahead.pop(tid, None)
+            if ahead is not None and not await self._went_ahead_well(ahead):
+                # Its input's producer failed or continued: this attempt did not count.
+                self.running.pop(tid, None)
+                self._resubmit(tid)
+                return
+            if failure is not None:
                 self.running.pop(tid, None)
                 await self._failed(
-                    tid, TaskFailure(tid, None, f"{type(exc).__name__}: {exc}"), system=True
+                    tid,
+                    TaskFailure(tid, None, f"{type(failure).__name__}: {failure}"),
+                    system=True,
                 )
                 return
             if receipt.writes:
@@ -381,6 +441,8 @@ class WorkflowRun:
             self.running.pop(tid, None)
             if receipt.kind == "value":
                 self._finished(tid, value_ref, receipt)
+            elif receipt.kind == "skipped":  # cannot happen once its inputs went well
+                self._resubmit(tid)
             elif receipt.kind == "continuation":
                 assert receipt.plan is not None
                 await self._continued(tid, receipt.plan, receipt)
@@ -398,11 +460,41 @@ class WorkflowRun:
             self.log.exception("scheduler.error", task_id=tid)
             self._fail(TaskFailure(tid, None, f"{type(exc).__name__}: {exc}"), exc)
 
+    def _settle(self, tid: str, value_ref: Any) -> None:
+        """``tid``'s attempt ended: tasks submitted ahead of it may now look at it."""
+        target = self.root_of.get(tid, tid)
+        entry = self.inflight.get(target)
+        if entry is not None and entry[0] is value_ref:
+            del self.inflight[target]
+            entry[1].set()
+
+    async def _went_ahead_well(self, ahead: dict[str, Any]) -> bool:
+        """For a task submitted ahead: whether every input it was given became that
+        input's output (waits until their attempts have been dealt with)."""
+        for u, ref in ahead.items():
+            entry = self.inflight.get(u)
+            if entry is not None and entry[0] is ref:
+                await entry[1].wait()
+            if u not in self.done or self.values.get(u) is not ref:
+                return False
+        return True
+
+    def _resubmit(self, tid: str) -> None:
+        """Submit again a task whose attempt did not count: now if its inputs are all
+        done, ahead again if it can be, else when its last input finishes."""
+        if tid not in self.specs or self.result.done():
+            return
+        if not self.waiting.get(tid) or self._ready_to_split(tid):
+            self._pending_submit.append(tid)
+        elif self.submit_ahead and self._can_go_ahead(tid):
+            self._submit(tid)
+        self._flush_submits()
+
     def _finished(self, tid: str, value_ref: Any, receipt: Receipt) -> None:
         spec = self.specs.pop(tid)
         self.started.pop(tid, None)
         self._headers.pop(tid, None)
-        if _debug(self.log):
+        if self.debug:
             self.log.debug(
                 "task.succeeded", task_id=tid, seconds=receipt.end_time - receipt.start_time
             )

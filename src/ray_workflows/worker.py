@@ -16,6 +16,7 @@ only the attempt number and live ObjectRefs are added per submission.
 from __future__ import annotations
 
 import collections
+import contextlib
 import contextvars
 import dataclasses
 import pickle
@@ -75,6 +76,11 @@ def task_header(
         slots,
         spec.options,
     )
+    # Plain pickle is several times faster; exception classes to retry on may be
+    # defined in __main__ or locally, which only cloudpickle ships by value.
+    if not isinstance(spec.options.retry_exceptions, (list, tuple)):
+        with contextlib.suppress(Exception):
+            return pickle.dumps(fields, protocol=5)
     data: bytes = cloudpickle.dumps(fields)
     return data
 
@@ -96,9 +102,29 @@ def _call_of(header: bytes, attempt: int, refs: tuple[Any, Any] | None) -> TaskC
     )
 
 
+class Unavailable:
+    """The value output of an attempt that produced no value: it failed, or continued
+    into a sub-workflow. The engine submits consumers ahead of their inputs (Ray
+    starts them the moment the inputs exist); one handed this instead of a value does
+    not run, and the engine submits it again once its input really exists."""
+
+    def __reduce__(self) -> Any:
+        return (_unavailable, ())
+
+    def __repr__(self) -> str:
+        return "<no value>"
+
+
+UNAVAILABLE = Unavailable()
+
+
+def _unavailable() -> Unavailable:
+    return UNAVAILABLE
+
+
 @dataclasses.dataclass
 class Receipt:
-    kind: str  # "value" | "continuation" | "error"
+    kind: str  # "value" | "continuation" | "error" | "skipped"
     start_time: float
     end_time: float
     writes: dict[str, bytes] = dataclasses.field(default_factory=dict)
@@ -209,6 +235,9 @@ def execute_task(
     header: bytes, attempt: int, func_data: bytes, refs: tuple[Any, Any] | None, *values: Any
 ) -> tuple[Receipt, Any]:
     start = time.time()
+    for value in values:
+        if value is UNAVAILABLE:  # submitted ahead of an input that never came
+            return Receipt("skipped", start, start), UNAVAILABLE
     call = _call_of(header, attempt, refs)
     opts = call.options
     writes: dict[str, bytes] = {}
@@ -236,7 +265,7 @@ def execute_task(
                 error=_pickled_error(exc),
                 error_text="".join(traceback.format_exception(exc)),
                 retryable=retryable,
-            ), None
+            ), UNAVAILABLE
 
 
 def _attempt(
@@ -262,7 +291,7 @@ def _attempt(
         if opts.checkpoint is not False:
             for spec in plan.tasks.values():
                 spec.arg_keys = objects.save(spec.arg_refs)
-        return Receipt("continuation", start, time.time(), writes, plan=plan), None
+        return Receipt("continuation", start, time.time(), writes, plan=plan), UNAVAILABLE
     if isinstance(result, ray.ObjectRef):
         result = ray.get(result)
     if opts.catch_exceptions:
