@@ -22,8 +22,9 @@ from ray.exceptions import RayTaskError
 from ray_workflows import config
 from ray_workflows.ids import check_id, new_workflow_id
 from ray_workflows.options import check_metadata
-from ray_workflows.plan import EXTERNAL, Plan, compile_dag
+from ray_workflows.plan import EXTERNAL, compile_dag
 from ray_workflows.status import WorkflowStatus
+from ray_workflows.store import WorkflowStore
 
 
 def unwrap(exc: BaseException) -> BaseException:
@@ -50,8 +51,14 @@ def prepare(
     kwargs: dict[str, Any],
     workflow_id: str | None,
     metadata: dict[str, Any] | None,
-) -> tuple[str, Plan, dict[str, Any]]:
-    """Validate and compile a run request; raises before anything is stored."""
+    *,
+    encode: bool = False,
+) -> tuple[str, Any, dict[str, Any]]:
+    """Validate and compile a run request; raises before anything is stored.
+
+    With ``encode``, a plan without live ObjectRefs comes back already encoded as the
+    record the manager stores (bytes cross to the manager at no cost; the manager
+    decodes it once and stores the same bytes)."""
     from ray.dag import DAGNode
 
     if not isinstance(dag, DAGNode):
@@ -68,7 +75,10 @@ def prepare(
                 "names a task of the workflow that returned it, so it can only be used in "
                 "that workflow's continuations, not in a new workflow."
             )
-    return wid, plan, check_metadata(metadata)
+    checked = check_metadata(metadata)
+    if encode and not any(spec.arg_refs for spec in plan.tasks.values()):
+        return wid, WorkflowStore.encode_plan(plan), checked
+    return wid, plan, checked
 
 
 async def run_async(
@@ -79,7 +89,9 @@ async def run_async(
     **kwargs: Any,
 ) -> Any:
     """Start a workflow; return the ``ray.ObjectRef`` of its output."""
-    wid, plan, md = await asyncio.to_thread(prepare, dag, args, kwargs, workflow_id, metadata)
+    wid, plan, md = await asyncio.to_thread(
+        prepare, dag, args, kwargs, workflow_id, metadata, encode=True
+    )
     handle = await config.manager()
     await get(handle.submit.remote(wid, plan, md))
     return handle.result.remote(wid)

@@ -37,7 +37,7 @@ from ray_workflows.log import get_logger
 from ray_workflows.options import check_metadata
 from ray_workflows.plan import Plan
 from ray_workflows.recovery import Recovery
-from ray_workflows.scheduler import WorkflowRun
+from ray_workflows.scheduler import ReceiptWatcher, WorkflowRun
 from ray_workflows.status import WorkflowStatus
 from ray_workflows.storage import Storage
 from ray_workflows.store import WorkflowStore, task_key
@@ -52,6 +52,7 @@ from ray_workflows.worker import (
 log = get_logger()
 
 _LOAD_BATCH = 500  # stored outputs per loading helper task
+_INLINE_FUNCTION_BYTES = 4096  # smaller pickled functions travel with each task
 
 
 class Executor:
@@ -68,6 +69,7 @@ class Executor:
         self._load_many = ray.remote(num_cpus=0, max_retries=3)(load_outputs)
         self._save = ray.remote(num_cpus=0, max_retries=3)(save_objects)
         self._records: dict[str, dict[str, bytes]] = {}
+        self.receipts = ReceiptWatcher()
         # `.options()` builds a new wrapper each call; one per (name, options) is kept.
         self._remotes: dict[Any, Any] = {}
         # Pickled functions put in the object store once, shared by every run that
@@ -75,6 +77,10 @@ class Executor:
         self._functions: collections.OrderedDict[str, Any] = collections.OrderedDict()
 
     def function_ref(self, key: str, data: bytes) -> Any:
+        """What a task is handed for its pickled function: the bytes themselves when
+        small (a function pickled by reference), else one shared ObjectRef."""
+        if len(data) <= _INLINE_FUNCTION_BYTES:
+            return data
         ref = self._functions.get(key)
         if ref is None:
             ref = self._functions[key] = ray.put(data)
@@ -222,7 +228,12 @@ class Engine:
 
     # -- starting ---------------------------------------------------------------
     async def start(
-        self, workflow_id: str, plan: Plan, metadata: dict[str, Any] | None = None
+        self,
+        workflow_id: str,
+        plan: Plan,
+        metadata: dict[str, Any] | None = None,
+        *,
+        encoded: bytes | None = None,
     ) -> asyncio.Future[Any]:
         """Store and start a new workflow, or resume the stored one of that id.
 
@@ -242,7 +253,8 @@ class Engine:
             # Both writes at once: for a new id nobody else can hold the lease, and
             # for an existing one the lease is what _resume needs anyway.
             lease, created = await asyncio.gather(
-                self.leases.acquire(workflow_id), self.store.create(workflow_id, stored)
+                self.leases.acquire(workflow_id),
+                self.store.create(workflow_id, stored, encoded if stored is plan else None),
             )
             if not created:
                 log.info(

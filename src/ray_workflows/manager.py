@@ -19,6 +19,7 @@ from ray_workflows.log import get_logger
 from ray_workflows.plan import Plan
 from ray_workflows.plugins import open_storage
 from ray_workflows.status import WorkflowStatus
+from ray_workflows.store import WorkflowStore
 
 NAMESPACE = "ray_workflows"
 
@@ -137,9 +138,17 @@ class WorkflowManager:
         await self.engine.storage.check()
         return self.engine.storage.uri
 
-    async def submit(self, workflow_id: str, plan: Plan, metadata: dict[str, Any]) -> None:
-        """Store and start a workflow (or join/resume the one of that id)."""
-        await self.engine.start(workflow_id, plan, metadata)
+    async def submit(
+        self, workflow_id: str, plan: Plan | bytes, metadata: dict[str, Any]
+    ) -> None:
+        """Store and start a workflow (or join/resume the one of that id). ``plan`` may
+        come encoded as its stored record."""
+        if isinstance(plan, bytes):
+            encoded: bytes | None = plan
+            plan = WorkflowStore.decode_plan(plan, f"the plan of {workflow_id!r}")
+        else:
+            encoded = None
+        await self.engine.start(workflow_id, plan, metadata, encoded=encoded)
 
     async def resume(self, workflow_id: str) -> None:
         """Resume a stored workflow; joins it if it already runs (e.g. auto-recovered)."""

@@ -168,6 +168,53 @@ class _Compiler:
         self.creator = creator
         self.functions: dict[str, bytes] = {}
         self._func_keys: dict[int, str] = {}
+        # Per function (a fan-out binds one function thousands of times): its
+        # signature, its default task name, and its parsed options by content.
+        self._signatures: dict[int, inspect.Signature | None] = {}
+        self._names: dict[int, str] = {}
+        self._options: dict[Any, tuple[TaskOptions, str | None]] = {}
+        self._defaulted: dict[tuple[int, bool], TaskOptions] = {}
+        self._keep: list[TaskOptions] = []
+
+    def defaulted(self, opts: TaskOptions, is_output: bool) -> TaskOptions:
+        """``opts`` with the workflow's defaults filled in (shared, like ``opts``)."""
+        key = (id(opts), is_output)
+        found = self._defaulted.get(key)
+        if found is None:
+            found = opts
+            if found.checkpoint is None:
+                found = dataclasses.replace(found, checkpoint=self.checkpoint)
+            if found.catch_exceptions is None:
+                catch = self.catch_exceptions if is_output else False
+                found = dataclasses.replace(found, catch_exceptions=catch)
+            self._defaulted[key] = found
+            self._keep.append(opts)  # ids stay unique while the key is in use
+        return found
+
+    def name_of(self, func: Callable[..., Any]) -> str:
+        name = self._names.get(id(func))
+        if name is None:
+            name = self._names[id(func)] = default_task_name(func)
+        return name
+
+    def signature_of(self, func: Callable[..., Any]) -> inspect.Signature | None:
+        if id(func) not in self._signatures:
+            try:
+                self._signatures[id(func)] = inspect.signature(func)
+            except ValueError:  # builtins without a signature
+                self._signatures[id(func)] = None
+        return self._signatures[id(func)]
+
+    def options_of(self, func: Callable[..., Any], ray_options: dict[str, Any]) -> Any:
+        try:
+            key: Any = (id(func), tuple(sorted(ray_options.items())))
+            hash(key)
+        except TypeError:  # an unhashable option value: parse it every time
+            return TaskOptions.from_ray_options(ray_options)
+        found = self._options.get(key)
+        if found is None:
+            found = self._options[key] = TaskOptions.from_ray_options(ray_options)
+        return found
 
     def func_key(self, func: Callable[..., Any], name: str) -> str:
         key = self._func_keys.get(id(func))
@@ -211,16 +258,13 @@ class _Compiler:
         for uid in order:
             node, args, refs, children, direct, nested = prepared[uid]
             is_output = uid == root_uid
-            opts, explicit = TaskOptions.from_ray_options(node.get_options())
             func = node._body
-            base = explicit or default_task_name(func)
+            opts, explicit = self.options_of(func, node.get_options())
+            base = explicit or self.name_of(func)
             task_id = self.allocator.allocate(base)
             task_ids[uid] = task_id
-            if opts.checkpoint is None:
-                opts = dataclasses.replace(opts, checkpoint=self.checkpoint)
-            if opts.catch_exceptions is None:
-                catch = self.catch_exceptions if is_output else False
-                opts = dataclasses.replace(opts, catch_exceptions=catch)
+            if opts.checkpoint is None or opts.catch_exceptions is None:
+                opts = self.defaulted(opts, is_output)
             tasks[task_id] = TaskSpec(
                 task_id=task_id,
                 base=base,
@@ -251,21 +295,21 @@ class _Compiler:
                 "remote functions (fn.bind(...)); actors and class nodes are not supported."
             )
         func = node._body
-        name = default_task_name(func)
+        name = self.name_of(func)
         in_args, in_kwargs = self.inputs
         args = [_substitute_inputs(a, in_args, in_kwargs) for a in node.get_args()]
         kwargs = {
             k: _substitute_inputs(v, in_args, in_kwargs) for k, v in node.get_kwargs().items()
         }
-        try:
-            inspect.signature(func).bind(*args, **kwargs)
-        except TypeError as exc:
-            raise TypeError(
-                f"Task {name!r}: the bound arguments do not match {func.__name__}"
-                f"{inspect.signature(func)}: {exc}"
-            ) from None
-        except ValueError:  # builtins without a signature
-            pass
+        signature = self.signature_of(func)
+        if signature is not None:
+            try:
+                signature.bind(*args, **kwargs)
+            except TypeError as exc:
+                raise TypeError(
+                    f"Task {name!r}: the bound arguments do not match {func.__name__}"
+                    f"{signature}: {exc}"
+                ) from None
         children: list[Any] = []  # DAGNodes, and TaskHandles of the running workflow
         index: dict[str, int] = {}
         direct: list[bool] = []

@@ -17,9 +17,12 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import os
 import random
+import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -42,6 +45,61 @@ _BACKOFF_BASE, _BACKOFF_CAP = 0.05, 5.0
 # Submit a task as soon as its inputs' producers are submitted (Ray then starts it
 # the moment they exist, with no round trip through this loop). Off: "0".
 SUBMIT_AHEAD = os.environ.get("RAY_WORKFLOWS_SUBMIT_AHEAD", "1") != "0"
+
+
+class ReceiptWatcher:
+    """Hands task receipts from Ray to the event loop in batches.
+
+    Awaiting each receipt's ObjectRef costs a coroutine, two futures and a wake-up
+    of the loop per task. Here Ray's completion callback queues the receipt, and the
+    loop is woken once for everything queued meanwhile. Whatever a delivery returns
+    (a run's submit flush) is called once per batch, after every delivery."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: collections.deque[tuple[Callable[[Any], Any], Any]] = collections.deque()
+        self._lock = threading.Lock()
+        self._woken = False
+        self.log = get_logger()
+
+    @staticmethod
+    def available(ref: Any) -> bool:
+        return hasattr(ref, "_on_completed")
+
+    def watch(self, ref: Any, deliver: Callable[[Any], Callable[[], None] | None]) -> None:
+        """Call ``deliver(result)`` on this loop once ``ref`` is ready; ``result`` is its
+        value, or the RayError it holds."""
+        self._loop = asyncio.get_running_loop()
+        ref._on_completed(functools.partial(self._arrived, deliver))
+
+    def _arrived(self, deliver: Callable[[Any], Any], result: Any) -> None:  # Ray's thread
+        with self._lock:
+            self._queue.append((deliver, result))
+            if self._woken:
+                return
+            self._woken = True
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting
+            self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            batch, self._queue = self._queue, collections.deque()
+            self._woken = False
+        after: dict[int, Callable[[], None]] = {}
+        for deliver, result in batch:
+            try:
+                then = deliver(result)
+            except Exception:
+                self.log.exception("scheduler.receipt_error")
+                continue
+            if then is not None:
+                after.setdefault(id(then.__self__), then)
+        for then in after.values():
+            try:
+                then()
+            except Exception:
+                self.log.exception("scheduler.receipt_error")
 
 
 @dataclasses.dataclass
@@ -70,7 +128,7 @@ class WorkflowRun:
         self.log = get_logger(workflow_id=workflow_id)
         self.debug = _debug(self.log)  # checked per task: cheaper than asking the logger
         self.specs: dict[str, TaskSpec] = {}
-        self.funcs: dict[str, Any] = {}  # func key -> ObjectRef of the pickled function
+        self.funcs: dict[str, Any] = {}  # func key -> the pickled function, or its ref
         self.values: dict[str, Any] = {}  # task -> ObjectRef of its output
         self.stored: dict[str, str] = {}  # task -> key of the record holding its output
         self.done: set[str] = set()
@@ -79,7 +137,7 @@ class WorkflowRun:
         self.needed: collections.Counter[str] = collections.Counter()
         self.root_of: dict[str, str] = {}  # continuation output -> root of its chain
         self.roots: set[str] = set()  # roots of the chains still running
-        self.running: dict[str, tuple[asyncio.Task[None], Any]] = {}
+        self.running: dict[str, tuple[asyncio.Task[None] | None, Any]] = {}
         self.attempts: collections.Counter[str] = collections.Counter()
         self.started: dict[str, float] = {}  # first submit time of tasks still live
         self.output_key: str | None = None
@@ -97,6 +155,7 @@ class WorkflowRun:
         # task submitted ahead, the refs it was given for inputs not yet finished.
         self.inflight: dict[str, tuple[Any, asyncio.Event]] = {}
         self.ahead: dict[str, dict[str, Any]] = {}
+        self._indirect: dict[str, frozenset[str]] = {}  # inputs a task needs as refs
         self.submit_ahead = SUBMIT_AHEAD
         self.packs = PackWriter(store, workflow_id, self._packed, self._pack_failed)
 
@@ -169,7 +228,8 @@ class WorkflowRun:
             return output
         finally:
             for task, ref in self.running.values():
-                task.cancel()
+                if task is not None:
+                    task.cancel()
                 if ref is not None:
                     _cancel_ray_task(ref)
 
@@ -191,9 +251,12 @@ class WorkflowRun:
                 missing, self.executor.load_many(self.workflow_id, keys), strict=True
             ):
                 self.values[u] = ref
+        submitted = []
         for tid in pending:
             if tid in self.specs and tid not in self.running:
-                self._submit(tid)
+                self._submit_one(tid)
+                submitted.append(tid)
+        self._go_ahead(submitted)
 
     def _value_ref(self, tid: str) -> Any:
         ref = self.values.get(tid)
@@ -203,15 +266,34 @@ class WorkflowRun:
 
     def _submit(self, tid: str) -> None:
         """Submit ``tid``, then every consumer that can now be submitted ahead."""
-        todo = collections.deque([tid])
-        while todo:
-            task_id = todo.popleft()
-            self._submit_one(task_id)
-            if not self.submit_ahead or task_id not in self.running:
-                continue
+        self._submit_one(tid)
+        self._go_ahead([tid])
+
+    def _go_ahead(self, submitted: list[str]) -> None:
+        """Submit ahead the consumers of the tasks just submitted, and theirs in turn.
+        A consumer is looked at once per wave, however many of its inputs were just
+        submitted (a fan-in of n is checked once, not n times)."""
+        if not self.submit_ahead:
+            return
+        todo: collections.deque[str] = collections.deque()
+        queued: set[str] = set()
+
+        def consumers_of(task_id: str) -> None:
             target = self.root_of.get(task_id, task_id)
-            if target in self.inflight:
-                todo.extend(c for c in self.consumers.get(target, ()) if self._can_go_ahead(c))
+            if task_id in self.running and target in self.inflight:
+                for c in self.consumers.get(target, ()):
+                    if c not in queued:
+                        queued.add(c)
+                        todo.append(c)
+
+        for task_id in submitted:
+            consumers_of(task_id)
+        while todo:
+            c = todo.popleft()
+            queued.discard(c)
+            if self._can_go_ahead(c):
+                self._submit_one(c)
+                consumers_of(c)
 
     def _can_go_ahead(self, tid: str) -> bool:
         """Whether ``tid`` can be submitted before its unfinished inputs exist: each of
@@ -222,10 +304,17 @@ class WorkflowRun:
         pending = self.waiting.get(tid)
         if spec is None or not pending or tid in self.running or spec.kind != "function":
             return False
-        for u, is_direct, is_nested in zip(spec.upstream, spec.direct, spec.nested, strict=True):
-            if u in pending and (u not in self.inflight or not is_direct or is_nested):
-                return False
-        return True
+        indirect = self._indirect.get(tid)
+        if indirect is None:
+            indirect = self._indirect[tid] = frozenset(
+                u
+                for u, is_direct, is_nested in zip(
+                    spec.upstream, spec.direct, spec.nested, strict=True
+                )
+                if is_nested or not is_direct
+            )
+        inflight = self.inflight
+        return all(u in inflight and u not in indirect for u in pending)
 
     def _submit_one(self, tid: str) -> None:
         spec = self.specs[tid]
@@ -275,8 +364,20 @@ class WorkflowRun:
         if ahead is not None:
             self.ahead[tid] = ahead
         self.inflight[self.root_of.get(tid, tid)] = (value_ref, asyncio.Event())
-        task = asyncio.get_running_loop().create_task(self._await(tid, receipt_ref, value_ref))
-        self.running[tid] = (task, receipt_ref)
+        watcher = self.executor.receipts
+        if watcher.available(receipt_ref):
+            activity = self.executor.clock.activity()
+            activity.__enter__()
+            self.running[tid] = (None, receipt_ref)
+            watcher.watch(
+                receipt_ref,
+                functools.partial(self._arrived, tid, receipt_ref, value_ref, activity),
+            )
+        else:
+            task = asyncio.get_running_loop().create_task(
+                self._await(tid, receipt_ref, value_ref)
+            )
+            self.running[tid] = (task, receipt_ref)
         if self.debug:
             self.log.debug("task.submitted", task_id=tid, attempt=attempt, ahead=bool(ahead))
 
@@ -413,15 +514,55 @@ class WorkflowRun:
         except Exception:
             self.log.exception("event.acknowledge_failed", task_id=tid)
 
-    async def _await(self, tid: str, receipt_ref: Any, value_ref: Any) -> None:
-        try:
-            failure: BaseException | None = None
+    def _arrived(
+        self, tid: str, receipt_ref: Any, value_ref: Any, activity: Any, result: Any
+    ) -> Callable[[], None] | None:
+        """A receipt (or the RayError in its place) came, through the watcher. The
+        common case, a value whose inputs are settled, is handled right here."""
+        activity.__exit__(None, None, None)
+        if isinstance(result, tuple):
+            result = Receipt.unwire(result)
+        entry = self.running.get(tid)
+        if entry is None or entry[1] is not receipt_ref or self.result.done():
+            return None  # the run ended, or moved on, meanwhile
+        self._settle(tid, value_ref)
+        ahead = self.ahead.get(tid)
+        if (
+            isinstance(result, Receipt)
+            and result.kind == "value"
+            and not result.writes
+            and (ahead is None or self._ahead_known_well(ahead))
+        ):
+            self.ahead.pop(tid, None)
+            self.running.pop(tid, None)
             try:
-                with self.executor.clock.activity():
-                    receipt: Receipt = await receipt_ref
-            except ray.exceptions.RayError as exc:  # the worker or its node died
-                failure = exc
-            self._settle(tid, value_ref)
+                self._finished(tid, value_ref, result)
+            except Exception as exc:  # a bug: fail the workflow loudly
+                self.log.exception("scheduler.error", task_id=tid)
+                self._fail(TaskFailure(tid, None, f"{type(exc).__name__}: {exc}"), exc)
+                return None
+            return self._flush_submits
+        task = asyncio.get_running_loop().create_task(self._process(tid, result, value_ref))
+        self.running[tid] = (task, receipt_ref)
+        return None
+
+    def _ahead_known_well(self, ahead: dict[str, Any]) -> bool:
+        return all(u in self.done and self.values.get(u) is ref for u, ref in ahead.items())
+
+    async def _await(self, tid: str, receipt_ref: Any, value_ref: Any) -> None:
+        """Await one receipt (where the watcher is not available), then process it."""
+        try:
+            with self.executor.clock.activity():
+                result: Any = Receipt.unwire(await receipt_ref)
+        except ray.exceptions.RayError as exc:  # the worker or its node died
+            result = exc
+        self._settle(tid, value_ref)
+        await self._process(tid, result, value_ref)
+
+    async def _process(self, tid: str, result: Any, value_ref: Any) -> None:
+        try:
+            failure = result if isinstance(result, ray.exceptions.RayError) else None
+            receipt: Receipt = result
             ahead = self.ahead.pop(tid, None)
             if ahead is not None and not await self._went_ahead_well(ahead):
                 # Its input's producer failed or continued: this attempt did not count.
@@ -530,6 +671,7 @@ class WorkflowRun:
                     self.values.pop(u, None)
         self.waiting.pop(spec.task_id, None)
         self._headers.pop(spec.task_id, None)
+        self._indirect.pop(spec.task_id, None)
 
     def _packed(self, holders: list[str]) -> None:
         for tid in holders:

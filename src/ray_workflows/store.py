@@ -34,6 +34,7 @@ An output is addressed by a *record ref*: its ``out`` key, or
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import pickle
 from collections.abc import Callable
@@ -237,8 +238,20 @@ class WorkflowStore:
     # -- plans ---------------------------------------------------------------
     @staticmethod
     def encode_plan(plan: Plan, kind: str = "plan", **meta: Any) -> bytes:
-        payload, refs = serialization.dumps(plan)
-        assert not refs, "plans are stored with ObjectRefs replaced by object keys"
+        payload = None
+        if not any(
+            isinstance(spec.options.retry_exceptions, (list, tuple))
+            or any(not isinstance(r, str) for r in spec.arg_refs)
+            for spec in plan.tasks.values()
+        ):
+            # Plain pickle is several times faster; it would ship classes of __main__
+            # (exceptions to retry on) by a name the manager cannot import, and live
+            # ObjectRefs without the out-of-band list: those plans take the slow path.
+            with contextlib.suppress(Exception):
+                payload = pickle.dumps(plan, protocol=5)
+        if payload is None:
+            payload, refs = serialization.dumps(plan)
+            assert not refs, "plans are stored with ObjectRefs replaced by object keys"
         return serialization.encode(kind, payload, **meta)
 
     @staticmethod
@@ -247,9 +260,11 @@ class WorkflowStore:
         plan: Plan = serialization.loads(payload, [])
         return plan
 
-    async def create(self, wid: str, plan: Plan) -> bool:
-        """Store the entry plan unless the workflow exists; True if this call created it."""
-        return await self.storage.put_if_absent(wf_prefix(wid) + "plan", self.encode_plan(plan))
+    async def create(self, wid: str, plan: Plan, encoded: bytes | None = None) -> bool:
+        """Store the entry plan (``encoded`` already, if given) unless the workflow
+        exists; True if this call created it."""
+        data = encoded if encoded is not None else self.encode_plan(plan)
+        return await self.storage.put_if_absent(wf_prefix(wid) + "plan", data)
 
     async def load_plan(self, wid: str) -> Plan | None:
         key = wf_prefix(wid) + "plan"
