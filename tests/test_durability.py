@@ -14,6 +14,7 @@ from helpers import count_runs, record_run, wait_for
 import ray_workflows as workflow
 from ray_workflows import config, serialization
 from ray_workflows.manager import NAMESPACE, manager_name
+from ray_workflows.store import decode_pack
 
 
 @ray.remote
@@ -76,10 +77,14 @@ def test_manager_killed_mid_workflow_resumes_without_rerunning(
 
 def test_torn_checkpoint_is_never_read_as_an_output(
         storage: str, wid: str, counter_dir: Path) -> None:
-    assert workflow.run(_chain(3, counter_dir, 0.0), workflow_id=wid) == 3
-    # A small output is committed in a pack (here one per chain step, as each step
-    # finishes alone); a torn pack loses every output in it, and only those.
-    out = Path(storage, "workflows", wid, "tasks", "test_durability.step_2.pack")
+    # Steps of 0.1 s: each output lands in a pack of its own (a pack gathers 20 ms).
+    assert workflow.run(_chain(3, counter_dir, 0.1), workflow_id=wid) == 3
+    # Small outputs are committed in packs, several per write; a torn pack loses
+    # every output in it, and only those. Tear the one holding the last step.
+    packs = sorted(Path(storage, "workflows", wid, "tasks").glob("*.pack"))
+    members = {p: set(decode_pack(p.read_bytes(), str(p))) for p in packs}
+    [out] = [p for p, tids in members.items() if "test_durability.step_2" in tids]
+    lost = members[out]
     record = out.read_bytes()
     assert serialization.decode(record)[0]["kind"] == "pack"
     out.write_bytes(record[: len(record) - 3])  # as a torn, non-atomic write would leave it
@@ -91,7 +96,10 @@ def test_torn_checkpoint_is_never_read_as_an_output(
     assert workflow.resume(wid) == 3
     # The torn output was discarded and its task ran again; its inputs came from
     # their intact checkpoints.
-    assert [count_runs(counter_dir, f"step{i}") for i in range(3)] == [1, 1, 2]
+    ids = ["test_durability.step", "test_durability.step_1", "test_durability.step_2"]
+    assert len(packs) > 1 and "test_durability.step" not in lost
+    expected = [2 if tid in lost else 1 for tid in ids]
+    assert [count_runs(counter_dir, f"step{i}") for i in range(3)] == expected
 
 
 @ray.remote

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -17,6 +18,9 @@ from ray_workflows.testing import StorageConformance
 @ray.remote
 def step(x: int, name: str, runs: str) -> int:
     record_run(runs, name)
+    # Far apart enough that each output lands in a pack of its own (a pack gathers
+    # records for 20 ms), which is named after it and can be failed by name.
+    time.sleep(0.3)
     return x + 1
 
 

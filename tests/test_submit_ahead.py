@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from helpers import count_runs, record_run
 
 import ray_workflows as workflow
 from ray_workflows.engine import Engine
 from ray_workflows.plan import compile_dag
 from ray_workflows.plugins import open_storage
-from tests.helpers import count_runs, record_run
 
 
 @ray.remote

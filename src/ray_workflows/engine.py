@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import os
 import time
 from typing import Any
 
@@ -55,6 +56,10 @@ _LOAD_BATCH = 500  # stored outputs per loading helper task
 _INLINE_FUNCTION_BYTES = 4096  # smaller pickled functions travel with each task
 
 
+def _task_events() -> bool:
+    return os.environ.get("RAY_WORKFLOWS_TASK_EVENTS", "0") == "1"
+
+
 class Executor:
     """Submits task attempts and helper tasks to Ray; holds what event tasks use
     (the clock and the mailbox)."""
@@ -64,7 +69,12 @@ class Executor:
         self.store = WorkflowStore(storage)
         self.clock: Clock = clock or SystemClock()
         self.mailbox = Mailbox(storage)
+        # Ray's task events (the state API's and dashboard's task list) cost the worker
+        # and the manager a quarter of a small task's overhead; workflow tasks report
+        # through get_metadata and the logs. RAY_WORKFLOWS_TASK_EVENTS=1 turns them on
+        # (or a task's own enable_task_events=True).
         self._execute = ray.remote(num_returns=2, max_retries=0)(execute_task)
+        self._task_events = _task_events()
         self._load = ray.remote(num_cpus=0, max_retries=3)(load_output)
         self._load_many = ray.remote(num_cpus=0, max_retries=3)(load_outputs)
         self._save = ray.remote(num_cpus=0, max_retries=3)(save_objects)
@@ -108,7 +118,8 @@ class Executor:
         except TypeError:  # an unhashable option value
             key, remote = None, None
         if remote is None:
-            remote = self._execute.options(name=name, **ray_options)
+            options = {"name": name, "enable_task_events": self._task_events, **ray_options}
+            remote = self._execute.options(**options)
             if key is not None and len(self._remotes) < 4096:
                 self._remotes[key] = remote
         receipt, value = remote.remote(header, attempt, func_ref, refs, *values)
@@ -253,7 +264,7 @@ class Engine:
             # Both writes at once: for a new id nobody else can hold the lease, and
             # for an existing one the lease is what _resume needs anyway.
             lease, created = await asyncio.gather(
-                self.leases.acquire(workflow_id),
+                self.leases.acquire(workflow_id, fresh=True),
                 self.store.create(workflow_id, stored, encoded if stored is plan else None),
             )
             if not created:

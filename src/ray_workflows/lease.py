@@ -248,11 +248,12 @@ class LeaseManager:
         return types.MappingProxyType(self._held)
 
     # -- acquiring -------------------------------------------------------------
-    async def acquire(self, workflow_id: str) -> Lease | None:
+    async def acquire(self, workflow_id: str, *, fresh: bool = False) -> Lease | None:
         """The workflow's lease, or ``None`` if another owner holds it live.
 
         Takes over a released or expired record (epoch + 1). A lease already held
-        here is renewed and returned. Storage errors propagate.
+        here is renewed and returned. Storage errors propagate. ``fresh``: the
+        workflow is probably new, so try creating the record before reading it.
         """
         # Calls for one id run one after another: the second finds the first's lease.
         while (busy := self._acquiring.get(workflow_id)) is not None:
@@ -263,15 +264,15 @@ class LeaseManager:
             held = self._held.get(workflow_id)
             if held is not None and (await self.renew(held) or held.valid()):
                 return held
-            return await self._acquire(workflow_id)
+            return await self._acquire(workflow_id, fresh)
         finally:
             del self._acquiring[workflow_id]
             done.set_result(None)
 
-    async def _acquire(self, wid: str) -> Lease | None:
+    async def _acquire(self, wid: str, fresh: bool = False) -> Lease | None:
         key = lease_key(wid)
-        for _ in range(_ACQUIRE_ATTEMPTS):
-            raw = await self.storage.get(key)
+        for attempt in range(_ACQUIRE_ATTEMPTS):
+            raw = None if fresh and attempt == 0 else await self.storage.get(key)
             now = self._clock()
             if raw is None:
                 info = self._record(wid, 1, now, now)

@@ -135,10 +135,15 @@ class PackWriter:
     """Commits one workflow's small outputs, many per write, in the order they came.
 
     ``add`` returns at once with the output's record ref; the pack holding it is
-    written by a background flush that takes everything added meanwhile. After
-    the first failed write nothing more is written: ``on_error`` is told, and
-    :meth:`drain` raises.
+    written by a background flush that takes everything added meanwhile. A flush
+    first gathers for up to ``WINDOW`` seconds (or ``FULL`` records): nothing waits
+    on a pack but the end of the workflow (consumers already run), which hurries
+    it, so fewer, fuller packs cost nothing in latency. After the first failed
+    write nothing more is written: ``on_error`` is told, and :meth:`drain` raises.
     """
+
+    WINDOW = 0.02
+    FULL = 512
 
     def __init__(
         self,
@@ -153,6 +158,8 @@ class PackWriter:
         self._holders: list[str] = []
         self._key: str | None = None
         self._task: asyncio.Task[None] | None = None
+        self._hurry: asyncio.Future[None] | None = None  # cuts the gathering short
+        self._draining = False
         self.pending: set[str] = set()  # holders whose record is not durable yet
         self.error: BaseException | None = None
 
@@ -166,10 +173,27 @@ class PackWriter:
         self.pending.add(holder)
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._flush())
+        elif len(self._batch) >= self.FULL:
+            self._hurry_up()
         return pack_ref(self._key, tid)
+
+    def _hurry_up(self) -> None:
+        if self._hurry is not None and not self._hurry.done():
+            self._hurry.set_result(None)
+
+    async def _gather(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._hurry = loop.create_future()
+        timer = loop.call_later(self.WINDOW, self._hurry_up)
+        try:
+            await self._hurry
+        finally:
+            timer.cancel()
 
     async def _flush(self) -> None:
         while self._batch and self.error is None:
+            if len(self._batch) < self.FULL and not self._draining:
+                await self._gather()
             batch, holders, key = self._batch, self._holders, self._key
             self._batch, self._holders, self._key = {}, [], None
             assert key is not None
@@ -184,7 +208,9 @@ class PackWriter:
 
     async def drain(self) -> None:
         """Wait until every queued record is durable (or raise the write's error)."""
+        self._draining = True
         while self._task is not None and not self._task.done():
+            self._hurry_up()
             await asyncio.shield(self._task)
         if self.error is not None:
             raise self.error
