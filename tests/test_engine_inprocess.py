@@ -3,6 +3,7 @@ the engine, not the workers, writes the checkpoints of a per-process storage."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import ray
@@ -11,6 +12,7 @@ from ray_workflows.engine import Engine
 from ray_workflows.plan import compile_dag
 from ray_workflows.plugins import open_storage
 from ray_workflows.status import WorkflowStatus
+from ray_workflows.store import PackWriter
 
 
 @ray.remote
@@ -56,3 +58,26 @@ async def test_engine_runs_workflows_in_process_on_memory_storage() -> None:
     [ref] = await (await engine.output("objects", "test_engine_inprocess.boxed"))
     assert await ref == 42  # the nested ObjectRef was checkpointed and comes back as one
     await engine.close()
+
+
+
+async def test_packs_gather_records_and_drain_makes_them_durable() -> None:
+    storage = open_storage(f"memory://{uuid.uuid4().hex}")
+    store = Engine(storage).store
+    flushed: list[str] = []
+    packs = PackWriter(store, "w", flushed.extend, lambda tid, exc: None)
+    # Records that come within the gathering window share one write...
+    for i in range(300):
+        packs.add(f"t{i}", f"t{i}", b"record %d" % i)
+    await asyncio.sleep(PackWriter.WINDOW * 3)
+    assert len(await storage.list("workflows/w/tasks/")) == 1 and len(flushed) == 300
+    # ...records spread over ten windows take about ten, not one each...
+    for i in range(300, 400):
+        packs.add(f"t{i}", f"t{i}", b"record %d" % i)
+        await asyncio.sleep(PackWriter.WINDOW / 10)
+    # ...and draining writes what is still gathering at once.
+    packs.add("last", "last", b"the end")
+    await asyncio.wait_for(packs.drain(), PackWriter.WINDOW / 2)
+    keys = await storage.list("workflows/w/tasks/")
+    assert 2 <= len(keys) <= 16, keys
+    assert len(flushed) == 401 and not packs.pending
