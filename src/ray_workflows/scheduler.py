@@ -216,7 +216,15 @@ class WorkflowRun:
             self._spawn(self._reacknowledge(spec))
         self._flush_submits()
         try:
-            output = await self.result
+            try:
+                output = await self.result
+            except (WorkflowExecutionError, WorkflowCancellationError):
+                # Outputs that finished before the failure (or the cancel) are still
+                # gathering in a pack: commit them, so a resume does not run them again.
+                # (Not after a lost lease: the new holder owns the records now.)
+                with contextlib.suppress(Exception):
+                    await self.packs.drain()
+                raise
             # Consumers start as soon as a receipt arrives; the workflow is done only
             # when every output it reported is durable.
             await self.packs.drain()
