@@ -122,9 +122,10 @@ async def test_a_workflow_held_elsewhere_is_running_there_and_taken_over_when_it
 
 @pytest.mark.xfail(
     strict=False,
-    reason="OPEN: passes alone and with this file, but after tests/test_lease.py in the same "
-    "session the engine's retake/abandon never runs (no lease.retaken or workflow.abandoned "
-    "within 30 s); the interaction is not understood yet",
+    reason="OPEN, flaky: fails in some full-suite runs (1 of 3 fresh-clone CI runs on "
+    "2026-11-23), when the engine's retake/abandon never runs (no lease.retaken or "
+    "workflow.abandoned within 30 s); passes alone, after tests/test_lease.py and after the "
+    "http tests plus test_lease.py; the cause is not understood yet",
 )
 async def test_a_lost_lease_stops_the_run_without_writing_its_status(
     tmp_path: Path, counter_dir: Path
