@@ -86,7 +86,7 @@ class ReceiptWatcher:
         with self._lock:
             batch, self._queue = self._queue, collections.deque()
             self._woken = False
-        after: dict[int, Callable[[], None]] = {}
+        after: dict[Callable[[], None], None] = {}  # bound methods: one per run
         for deliver, result in batch:
             try:
                 then = deliver(result)
@@ -94,8 +94,8 @@ class ReceiptWatcher:
                 self.log.exception("scheduler.receipt_error")
                 continue
             if then is not None:
-                after.setdefault(id(then.__self__), then)
-        for then in after.values():
+                after[then] = None
+        for then in after:
             try:
                 then()
             except Exception:
@@ -555,7 +555,11 @@ class WorkflowRun:
         return None
 
     def _ahead_known_well(self, ahead: dict[str, Any]) -> bool:
-        return all(u in self.done and self.values.get(u) is ref for u, ref in ahead.items())
+        return all(self._became_output(u, ref) for u, ref in ahead.items())
+
+    def _became_output(self, u: str, ref: Any) -> bool:
+        """Whether ``ref``, handed to a task submitted ahead, is ``u``'s finished output."""
+        return u in self.done and self.values.get(u) is ref
 
     async def _await(self, tid: str, receipt_ref: Any, value_ref: Any) -> None:
         """Await one receipt (where the watcher is not available), then process it."""
@@ -624,7 +628,7 @@ class WorkflowRun:
             entry = self.inflight.get(u)
             if entry is not None and entry[0] is ref:
                 await entry[1].wait()
-            if u not in self.done or self.values.get(u) is not ref:
+            if not self._became_output(u, ref):
                 return False
         return True
 

@@ -265,14 +265,10 @@ class WorkflowStore:
     @staticmethod
     def encode_plan(plan: Plan, kind: str = "plan", **meta: Any) -> bytes:
         payload = None
-        if not any(
-            isinstance(spec.options.retry_exceptions, (list, tuple))
-            or any(not isinstance(r, str) for r in spec.arg_refs)
-            for spec in plan.tasks.values()
-        ):
-            # Plain pickle is several times faster; it would ship classes of __main__
-            # (exceptions to retry on) by a name the manager cannot import, and live
-            # ObjectRefs without the out-of-band list: those plans take the slow path.
+        if all(isinstance(r, str) for spec in plan.tasks.values() for r in spec.arg_refs):
+            # Plain pickle is several times faster, and enough for plain data (functions
+            # and retry classes are bytes already); a plan still holding live
+            # ObjectRefs needs the out-of-band list, so it takes the slow path.
             with contextlib.suppress(Exception):
                 payload = pickle.dumps(plan, protocol=5)
         if payload is None:
