@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 from ray.exceptions import RayTaskError
 
 from ray_workflows import config
 from ray_workflows.ids import check_id, new_workflow_id
+from ray_workflows.lease import grant, lease_key
 from ray_workflows.options import check_metadata
 from ray_workflows.plan import EXTERNAL, compile_dag
+from ray_workflows.plugins import open_storage
 from ray_workflows.status import WorkflowStatus
-from ray_workflows.store import WorkflowStore
+from ray_workflows.store import WorkflowStore, running_meta
 
 
 def unwrap(exc: BaseException) -> BaseException:
@@ -45,20 +47,26 @@ async def get(ref: Any) -> Any:
         raise inner from inner.__cause__
 
 
+class Prepared(NamedTuple):
+    """A checked, compiled run request (:func:`prepare`)."""
+
+    workflow_id: str
+    plan: Any  # the Plan, or its stored record (bytes) when it holds no live ObjectRefs
+    metadata: dict[str, Any]
+    output_task_id: str
+
+
 def prepare(
     dag: Any,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     workflow_id: str | None,
     metadata: dict[str, Any] | None,
-    *,
-    encode: bool = False,
-) -> tuple[str, Any, dict[str, Any]]:
+) -> Prepared:
     """Validate and compile a run request; raises before anything is stored.
 
-    With ``encode``, a plan without live ObjectRefs comes back already encoded as the
-    record the manager stores (bytes cross to the manager at no cost; the manager
-    decodes it once and stores the same bytes)."""
+    A plan without live ObjectRefs comes back already encoded as the record that is
+    stored (the bytes cross to the manager at no cost; it decodes them once)."""
     from ray.dag import DAGNode
 
     if not isinstance(dag, DAGNode):
@@ -76,9 +84,35 @@ def prepare(
                 "that workflow's continuations, not in a new workflow."
             )
     checked = check_metadata(metadata)
-    if encode and not any(spec.arg_refs for spec in plan.tasks.values()):
-        return wid, WorkflowStore.encode_plan(plan), checked
-    return wid, plan, checked
+    if not any(spec.arg_refs for spec in plan.tasks.values()):
+        return Prepared(wid, WorkflowStore.encode_plan(plan), checked, plan.output_task_id)
+    return Prepared(wid, plan, checked, plan.output_task_id)
+
+
+async def start(prepared: Prepared) -> Any:
+    """Store and start a prepared workflow; return the ``ray.ObjectRef`` of its output.
+
+    Returns once the workflow is durable, so a caller killed right after loses
+    nothing. A new workflow is stored by the caller itself (as Ray 2.47 did): its
+    plan, then at once its lease (granted to the manager), status and metadata; the
+    manager is then handed it with one call whose reply is the output, and nobody
+    waits for the manager meanwhile. Where the manager must decide first (a stored
+    id is resumed, a pending-queue limit may refuse it, arguments hold ObjectRefs
+    to checkpoint, or storage the caller cannot reach), it stores it instead."""
+    cfg = config.current()
+    handle = await config.manager(cfg)
+    info = config.described(cfg)
+    wid, plan, metadata, output_task_id = prepared
+    if isinstance(plan, bytes) and info is not None and info["caller_stores"]:
+        meta = running_meta(output_task_id, metadata)
+        lease = (lease_key(wid), grant(wid, info["owner"], info["ttl"]))
+        leased = await WorkflowStore(open_storage(cfg.storage)).create_started(
+            wid, plan, meta, lease
+        )
+        if leased is not None:
+            return handle.run.remote(wid, plan, meta, lease[1] if leased else None)
+    await get(handle.submit.remote(wid, plan, metadata))
+    return handle.result.remote(wid)
 
 
 async def run_async(
@@ -89,12 +123,8 @@ async def run_async(
     **kwargs: Any,
 ) -> Any:
     """Start a workflow; return the ``ray.ObjectRef`` of its output."""
-    wid, plan, md = await asyncio.to_thread(
-        prepare, dag, args, kwargs, workflow_id, metadata, encode=True
-    )
-    handle = await config.manager()
-    await get(handle.submit.remote(wid, plan, md))
-    return handle.result.remote(wid)
+    # Compiling a large DAG takes a while: not on the event loop.
+    return await start(await asyncio.to_thread(prepare, dag, args, kwargs, workflow_id, metadata))
 
 
 async def run(

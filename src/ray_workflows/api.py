@@ -66,7 +66,8 @@ def run(
     >>> workflow.run(add.bind(1, 2), workflow_id="sum-1")
     3
     """
-    return bridge.run(aio.run(dag, *args, workflow_id=workflow_id, metadata=metadata, **kwargs))
+    ref = run_async(dag, *args, workflow_id=workflow_id, metadata=metadata, **kwargs)
+    return bridge.run(aio.get(ref))
 
 
 def run_async(
@@ -79,9 +80,9 @@ def run_async(
     """Start a workflow and return a ``ray.ObjectRef`` of its output: ``ray.get(ref)``
     or ``await ref``. Errors in the DAG or arguments raise here; failures while
     running raise from the ref."""
-    ref: ray.ObjectRef[Any] = bridge.run(
-        aio.run_async(dag, *args, workflow_id=workflow_id, metadata=metadata, **kwargs)
-    )
+    # Compiled here, in the caller's thread: the bridge loop only stores and starts it.
+    prepared = aio.prepare(dag, args, kwargs, workflow_id, metadata)
+    ref: ray.ObjectRef[Any] = bridge.run(aio.start(prepared))
     return ref
 
 

@@ -74,6 +74,7 @@ class Config:
 _lock = threading.Lock()
 _config: Config | None = None
 _managers: dict[str, Any] = {}
+_described: dict[str, dict[str, Any]] = {}  # storage -> the manager's describe() reply
 
 
 def resolve_storage(storage: str | None) -> str:
@@ -111,6 +112,7 @@ def configure(storage: str | None = None, **options: Any) -> Config:
     with _lock:
         _config = Config(uri, **options)
         _managers.pop(uri, None)  # new limits must reach the manager
+        _described.pop(uri, None)
         return _config
 
 
@@ -154,13 +156,21 @@ async def manager(config: Config | None = None) -> Any:
     await handle.configure.remote(
         config.max_running_workflows, config.max_pending_workflows, config.clock
     )
+    _described[config.storage] = await handle.describe.remote()
     _managers[config.storage] = handle
     return handle
+
+
+def described(config: Config) -> dict[str, Any] | None:
+    """What the manager of ``config.storage`` said of itself when its handle was made
+    (``WorkflowManager.describe``)."""
+    return _described.get(config.storage)
 
 
 def forget_managers() -> None:
     """Drop cached manager handles (after ``ray.shutdown``, or in tests)."""
     _managers.clear()
+    _described.clear()
 
 
 __all__ = [
@@ -169,6 +179,7 @@ __all__ = [
     "configure",
     "current",
     "default_storage",
+    "described",
     "ensure_ray",
     "forget_managers",
     "manager",

@@ -41,7 +41,7 @@ from ray_workflows.recovery import Recovery
 from ray_workflows.scheduler import ReceiptWatcher, WorkflowRun
 from ray_workflows.status import WorkflowStatus
 from ray_workflows.storage import Storage
-from ray_workflows.store import WorkflowStore, task_key
+from ray_workflows.store import WorkflowStore, running_meta, task_key
 from ray_workflows.worker import (
     INLINE_RECORD_BYTES,
     execute_task,
@@ -236,6 +236,9 @@ class Engine:
         self._finished: dict[str, asyncio.Future[Any]] = {}
         self._drivers: set[asyncio.Task[None]] = set()
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        # Ids canceled or deleted while not running here: a caller-stored workflow
+        # handed over after that is resumed from storage (and refused), not adopted.
+        self._closed: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     # -- starting ---------------------------------------------------------------
     async def start(
@@ -276,22 +279,36 @@ class Engine:
                 return await self._resume(workflow_id, existing_ok=True)
             if lease is None:
                 raise await self._elsewhere(workflow_id)
-            meta = {
-                "status": WorkflowStatus.RUNNING.value,
-                "user_metadata": user_metadata,
-                "output_task_id": plan.output_task_id,
-                "start_time": time.time(),
-            }
-            run = WorkflowRun(
-                workflow_id,
-                self.store,
-                self.executor,
-                plan.output_task_id,
-                IdAllocator(plan.counters),
-            )
-            run.add_plan(plan)
-            log.info("workflow.started", workflow_id=workflow_id, tasks=len(plan.tasks))
-            return self._launch(run, meta, None, lease)
+            meta = running_meta(plan.output_task_id, user_metadata)
+            return self._launch(self._new_run(workflow_id, plan), meta, None, lease)
+
+    async def adopt(
+        self, workflow_id: str, plan: Plan, meta: dict[str, Any], lease_record: bytes | None
+    ) -> asyncio.Future[Any]:
+        """Run a workflow its caller has already stored as started (plan, RUNNING status,
+        ``meta`` and a lease record granted to this engine: ``lease_record``), without
+        storage I/O. If anything differs from that (the lease is no longer this
+        engine's, the workflow was canceled or deleted meanwhile, or it already runs)
+        it is an ordinary resume or join, decided from storage."""
+        async with self._lock(workflow_id):
+            if workflow_id in self.runs:
+                return self._finished[workflow_id]
+            lease = None
+            if lease_record is not None and workflow_id not in self._closed:
+                lease = self.leases.adopt(workflow_id, lease_record)
+            if lease is None:
+                return await self._resume(workflow_id, existing_ok=True)
+            running = WorkflowStatus.RUNNING.value
+            run = self._new_run(workflow_id, plan)
+            return self._launch(run, dict(meta), running, lease, written=running)
+
+    def _new_run(self, workflow_id: str, plan: Plan) -> WorkflowRun:
+        run = WorkflowRun(
+            workflow_id, self.store, self.executor, plan.output_task_id, IdAllocator(plan.counters)
+        )
+        run.add_plan(plan)
+        log.info("workflow.started", workflow_id=workflow_id, tasks=len(plan.tasks))
+        return run
 
     def _lock(self, workflow_id: str) -> _IdLock:
         return _IdLock(self._locks, workflow_id)
@@ -307,8 +324,16 @@ class Engine:
         return Plan(tasks, plan.output_task_id, plan.functions, plan.counters)
 
     def _launch(
-        self, run: WorkflowRun, meta: dict[str, Any], previous: str | None, lease: Lease
+        self,
+        run: WorkflowRun,
+        meta: dict[str, Any],
+        previous: str | None,
+        lease: Lease,
+        *,
+        written: str | None = None,
     ) -> asyncio.Future[Any]:
+        """Register ``run`` and start driving it. ``written``: the status already stored
+        with ``meta`` (the caller stored the workflow), which is not written again."""
         wid = run.workflow_id
         self.leases.start()
         run.lease = lease
@@ -319,7 +344,7 @@ class Engine:
         if gate is not None:
             meta["status"] = WorkflowStatus.PENDING.value
         driver = asyncio.get_running_loop().create_task(
-            self._drive(run, meta, previous, finished, gate, lease)
+            self._drive(run, meta, previous, finished, gate, lease, written)
         )
         self._drivers.add(driver)
         driver.add_done_callback(self._drivers.discard)
@@ -333,6 +358,7 @@ class Engine:
         finished: asyncio.Future[Any],
         gate: asyncio.Future[None] | None,
         lease: Lease,
+        written: str | None,
     ) -> None:
         wid = run.workflow_id
         old = meta["status"]
@@ -340,7 +366,8 @@ class Engine:
         try:
             # The status is written while the first tasks already run: the plan is
             # what makes the workflow durable, and it was stored before start returned.
-            await self.store.write_meta(wid, dict(meta), previous)
+            if meta["status"] != written:
+                await self.store.write_meta(wid, dict(meta), previous)
             if gate is not None:
                 log.info("workflow.pending", workflow_id=wid)
                 await gate
@@ -514,9 +541,21 @@ class Engine:
                 )
             )
 
-    async def _held_elsewhere(self, workflow_id: str) -> bool:
+    async def _held_elsewhere(self, workflow_id: str, *, handed_over: bool = False) -> bool:
+        """Whether a live lease keeps this workflow from being resumed here: another
+        manager's, or (``handed_over``) this engine's own for a workflow it does not
+        run yet: a caller stored it and is handing it over (:meth:`adopt`)."""
         info: LeaseInfo | None = await self.leases.holder(workflow_id)
-        return info is not None and info.owner != self.leases.owner
+        if info is None:
+            return False
+        if info.owner != self.leases.owner:
+            return True
+        return handed_over and workflow_id not in self.leases.held
+
+    def _close(self, workflow_id: str) -> None:
+        self._closed[workflow_id] = None
+        if len(self._closed) > 10_000:
+            self._closed.popitem(last=False)
 
     async def result(self, workflow_id: str) -> Any:
         """The ObjectRef of the workflow's output, once it has one. A workflow stored as
@@ -557,6 +596,9 @@ class Engine:
 
     # -- queries -------------------------------------------------------------------
     async def status(self, workflow_id: str) -> WorkflowStatus:
+        return await self._status(workflow_id, handed_over=True)
+
+    async def _status(self, workflow_id: str, *, handed_over: bool) -> WorkflowStatus:
         if workflow_id in self.runs:
             return self._live_status(workflow_id)
         meta = await self.store.read_meta(workflow_id)
@@ -565,7 +607,9 @@ class Engine:
                 raise WorkflowNotFoundError.of(workflow_id, self.storage.uri)
             meta = {"status": WorkflowStatus.RUNNING.value}
         status = self._derive(workflow_id, meta["status"])
-        if status == WorkflowStatus.RESUMABLE and await self._held_elsewhere(workflow_id):
+        if status == WorkflowStatus.RESUMABLE and await self._held_elsewhere(
+            workflow_id, handed_over=handed_over
+        ):
             return WorkflowStatus(meta["status"])
         return status
 
@@ -594,7 +638,7 @@ class Engine:
 
         async def held(wid: str) -> bool:
             async with limit:
-                return await self._held_elsewhere(wid)
+                return await self._held_elsewhere(wid, handed_over=True)
 
         for wid, elsewhere in zip(
             orphans, await asyncio.gather(*(held(w) for w in orphans)), strict=True
@@ -715,7 +759,8 @@ class Engine:
             log.info("workflow.canceled", workflow_id=workflow_id)
             return
         async with self._lock(workflow_id):
-            status = await self.status(workflow_id)
+            # One being handed over to this engine is canceled before it starts.
+            status = await self._status(workflow_id, handed_over=False)
             if status in (WorkflowStatus.SUCCESSFUL, WorkflowStatus.CANCELED):
                 log.info("workflow.cancel_ignored", workflow_id=workflow_id, status=status.value)
                 return
@@ -725,6 +770,7 @@ class Engine:
             previous = meta.get("status")
             meta.update(status=WorkflowStatus.CANCELED.value, end_time=time.time())
             await self.store.write_meta(workflow_id, meta, previous)
+            self._close(workflow_id)
             log.info("workflow.canceled", workflow_id=workflow_id, was=status.value)
 
     async def delete(self, workflow_id: str) -> None:
@@ -737,6 +783,7 @@ class Engine:
             ):
                 raise WorkflowNotFoundError.of(workflow_id, self.storage.uri)
             removed = await self.store.delete_workflow(workflow_id)
+            self._close(workflow_id)
             log.info("workflow.deleted", workflow_id=workflow_id, records=removed)
 
     async def send_event(

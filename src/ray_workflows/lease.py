@@ -176,6 +176,14 @@ def _encode(info: LeaseInfo) -> bytes:
     return json.dumps({"v": 1, **record}, sort_keys=True, separators=(",", ":")).encode()
 
 
+def grant(workflow_id: str, owner: str, ttl: float, now: float | None = None) -> bytes:
+    """A first lease record (epoch 1) naming ``owner``, for a caller that creates a
+    workflow's records on behalf of the manager that will run it; that manager takes
+    it with :meth:`LeaseManager.adopt`. Written with ``put_if_absent`` like any acquire."""
+    now = time.time() if now is None else now
+    return _encode(LeaseInfo(workflow_id, owner, 1, now + ttl, ttl, now, now))
+
+
 def _decode(workflow_id: str, raw: bytes) -> LeaseInfo | None:
     try:
         record = json.loads(raw)
@@ -296,6 +304,26 @@ class LeaseManager:
                 self._unreadable.pop(wid, None)
                 return self._hold(info, data, current, now)
         return None  # others kept winning the races: one of them holds it
+
+    def adopt(self, workflow_id: str, raw: bytes) -> Lease | None:
+        """Hold the lease whose record ``raw`` (from :func:`grant`) a caller created for
+        this owner moments ago, without I/O. ``None`` if the record names another owner
+        (say, an earlier incarnation), or its deadline has passed, or the lease is
+        already held or being acquired here: then :meth:`acquire` decides, from storage.
+
+        Safe without a read: only this owner may change a live record of its own, so
+        until the deadline the stored bytes are still ``raw``."""
+        info = _decode(workflow_id, raw)
+        if (
+            info is None
+            or info.owner != self.owner
+            or info.released
+            or workflow_id in self._held
+            or workflow_id in self._acquiring
+            or self._clock() >= info.renewed_at + self.ttl - self.max_skew
+        ):
+            return None
+        return self._hold(info, raw, None, info.renewed_at)
 
     def _may_take(self, owner: str) -> bool:
         return owner == self.owner or (self._supersedes is not None and self._supersedes(owner))
@@ -539,5 +567,6 @@ __all__ = [
     "LeaseManager",
     "lease_key",
     "lease_ttl",
+    "grant",
     "new_owner_id",
 ]

@@ -40,7 +40,13 @@ class ResolvingRef:
         self.ref = ref
 
     def __reduce__(self) -> Any:
-        return (ray.get, (self.ref,))
+        return (_fetch, (self.ref,))
+
+
+def _fetch(ref: Any) -> Any:
+    # A module-level function pickles by reference; ``ray.get`` itself is a wrapper
+    # that cloudpickle would serialise by value in every reply.
+    return ray.get(ref)
 
 
 async def resolving(ref: Any) -> ResolvingRef:
@@ -138,9 +144,7 @@ class WorkflowManager:
         await self.engine.storage.check()
         return self.engine.storage.uri
 
-    async def submit(
-        self, workflow_id: str, plan: Plan | bytes, metadata: dict[str, Any]
-    ) -> None:
+    async def submit(self, workflow_id: str, plan: Plan | bytes, metadata: dict[str, Any]) -> None:
         """Store and start a workflow (or join/resume the one of that id). ``plan`` may
         come encoded as its stored record."""
         if isinstance(plan, bytes):
@@ -149,6 +153,26 @@ class WorkflowManager:
         else:
             encoded = None
         await self.engine.start(workflow_id, plan, metadata, encoded=encoded)
+
+    async def describe(self) -> dict[str, Any]:
+        """What a caller needs to store new workflows itself (see ``aio.run_async``):
+        the lease owner and ttl to grant, and whether it may (a shared storage, and no
+        pending-queue limit that could refuse a workflow)."""
+        admission = self.engine.admission
+        return {
+            "owner": self.engine.leases.owner,
+            "ttl": self.engine.leases.ttl,
+            "caller_stores": self.engine.storage.shared
+            and (admission.max_running == -1 or admission.max_pending == -1),
+        }
+
+    async def run(
+        self, workflow_id: str, plan: bytes, meta: dict[str, Any], lease: bytes | None
+    ) -> ResolvingRef:
+        """Run a workflow its caller has stored as started; reply with its output."""
+        decoded = WorkflowStore.decode_plan(plan, f"the plan of {workflow_id!r}")
+        await self.engine.adopt(workflow_id, decoded, meta, lease)
+        return await self.result(workflow_id)
 
     async def resume(self, workflow_id: str) -> None:
         """Resume a stored workflow; joins it if it already runs (e.g. auto-recovered)."""

@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import json
 import pickle
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -115,6 +116,16 @@ def read_record(
         if packs is not None:
             packs[key] = members
     return members.get(member)
+
+
+def running_meta(output_task_id: str, user_metadata: dict[str, Any]) -> dict[str, Any]:
+    """``meta.json`` of a workflow that starts now."""
+    return {
+        "status": WorkflowStatus.RUNNING.value,
+        "user_metadata": user_metadata,
+        "output_task_id": output_task_id,
+        "start_time": time.time(),
+    }
 
 
 class TaskRecords(dict[str, set[str]]):
@@ -288,6 +299,22 @@ class WorkflowStore:
         data = encoded if encoded is not None else self.encode_plan(plan)
         return await self.storage.put_if_absent(wf_prefix(wid) + "plan", data)
 
+    async def create_started(
+        self, wid: str, encoded: bytes, meta: dict[str, Any], lease: tuple[str, bytes]
+    ) -> bool | None:
+        """Store a new workflow as started, from the caller's process: the plan first
+        (the commit point; ``None`` if the workflow exists already), then at once its
+        lease record (``(key, record)``, created only if absent), its status marker
+        and ``meta.json``. Returns whether the lease record was created."""
+        if not await self.storage.put_if_absent(wf_prefix(wid) + "plan", encoded):
+            return None
+        status = {f"status/{meta['status']}/{wid}": b""}  # the marker lands before meta.json
+        leased, _ = await asyncio.gather(
+            self.storage.put_if_absent(*lease),
+            self.storage.put_many({**status, wf_prefix(wid) + "meta.json": _json(meta)}),
+        )
+        return leased
+
     async def load_plan(self, wid: str) -> Plan | None:
         key = wf_prefix(wid) + "plan"
         data = await self.storage.get(key)
@@ -304,7 +331,7 @@ class WorkflowStore:
     async def write_meta(self, wid: str, meta: dict[str, Any], old: str | None) -> None:
         """Write ``meta`` (whose "status" may have changed from ``old``) and the index."""
         new = meta["status"]
-        writes = [self.commit.put(wf_prefix(wid) + "meta.json", json.dumps(meta).encode())]
+        writes = [self.commit.put(wf_prefix(wid) + "meta.json", _json(meta))]
         if new != old:
             # Queued first, so in the same batch the new marker lands before meta.json.
             writes.insert(0, self.commit.put(f"status/{new}/{wid}", b""))
@@ -387,6 +414,10 @@ class WorkflowStore:
         return removed + await self.storage.delete_prefix(wf_prefix(wid))
 
 
+def _json(meta: dict[str, Any]) -> bytes:
+    return json.dumps(meta).encode()
+
+
 __all__ = [
     "GroupCommit",
     "PackWriter",
@@ -397,6 +428,7 @@ __all__ = [
     "encode_pack",
     "pack_ref",
     "read_record",
+    "running_meta",
     "split_ref",
     "objects_prefix",
     "task_key",
