@@ -1,8 +1,8 @@
 """A new workflow is stored by its caller, then handed to the manager in one call.
 
-``run_async`` writes the plan, a lease granted to the manager, the RUNNING marker and
-``meta.json`` itself, returns, and the manager adopts the workflow without touching
-storage. These tests take the two halves apart: a workflow stored as a caller would
+``run_async`` writes the plan (its metadata in its header), a lease granted to the
+manager and the RUNNING marker itself, returns, and the manager adopts the workflow
+without touching storage. These tests take the two halves apart: a workflow stored as a caller would
 store it, whose hand-over is delayed, never comes, or comes after a cancel or a
 manager restart.
 """
@@ -18,11 +18,11 @@ import ray
 from helpers import count_runs, record_run
 
 import ray_workflows as workflow
-from ray_workflows import aio, bridge, config
+from ray_workflows import aio, bridge, config, serialization
 from ray_workflows.exceptions import WorkflowNotFoundError, WorkflowNotResumableError
 from ray_workflows.lease import grant, lease_key
 from ray_workflows.plugins import open_storage
-from ray_workflows.store import WorkflowStore, running_meta
+from ray_workflows.store import WorkflowStore
 
 
 @ray.remote
@@ -46,12 +46,13 @@ def _manager() -> tuple[Any, dict[str, Any]]:
 def _store_as_caller(storage: str, wid: str, runs: Path, owner: str, ttl: float) -> tuple:
     """Store ``wid`` exactly as ``run_async`` does, without handing it over."""
     prepared = aio.prepare(step.bind(str(runs), 1), (), {}, wid, {"who": "caller"})
-    meta = running_meta(prepared.output_task_id, prepared.metadata)
     record = grant(wid, owner, ttl)
     store = WorkflowStore(open_storage(storage))
-    leased = bridge.run(store.create_started(wid, prepared.plan, meta, (lease_key(wid), record)))
+    leased = bridge.run(
+        store.create_started(wid, prepared.plan, "RUNNING", (lease_key(wid), record))
+    )
     assert leased is True
-    return prepared.plan, meta, record
+    return prepared.plan, prepared.meta, record
 
 
 def test_run_async_stores_the_workflow_and_the_manager_adopts_its_lease(
@@ -62,8 +63,9 @@ def test_run_async_stores_the_workflow_and_the_manager_adopts_its_lease(
     ref = workflow.run_async(step.bind(str(counter_dir), 1), workflow_id=wid, metadata={"k": 1})
     # Durable before run_async returned, written by this process.
     wf = Path(storage, "workflows", wid)
-    assert (wf / "plan").is_file()
-    assert json.loads((wf / "meta.json").read_bytes())["user_metadata"] == {"k": 1}
+    header = serialization.peek_header((wf / "plan").read_bytes())
+    assert header["meta"]["user_metadata"] == {"k": 1}
+    assert Path(storage, "status", "RUNNING", wid).is_file() and (wf / "lease").is_file()
     assert ray.get(ref) == 2
     # Adopted, not acquired again: the granted record is the one the manager held.
     lease = _lease(storage, wid)
@@ -153,3 +155,14 @@ def test_queue_limits_make_the_manager_store_new_workflows(fresh_storage: str) -
     workflow.init(fresh_storage, max_running_workflows=-1, max_pending_workflows=-1)
     _, info = _manager()
     assert info["caller_stores"] is True
+
+
+def test_starting_a_stored_id_again_resumes_it_and_leaves_no_stray_marker(
+    storage: str, wid: str, counter_dir: Path
+) -> None:
+    assert workflow.run(step.bind(str(counter_dir), 1), workflow_id=wid) == 2
+    # The same id again: the stored workflow's output, not a new run of this DAG.
+    assert workflow.run(step.bind(str(counter_dir), 10), workflow_id=wid) == 2
+    assert count_runs(counter_dir, "step") == 1
+    assert not Path(storage, "status", "RUNNING", wid).exists()
+    assert [s for w, s in workflow.list_all() if w == wid] == [workflow.SUCCESSFUL]

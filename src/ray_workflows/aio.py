@@ -53,7 +53,7 @@ class Prepared(NamedTuple):
     workflow_id: str
     plan: Any  # the Plan, or its stored record (bytes) when it holds no live ObjectRefs
     metadata: dict[str, Any]
-    output_task_id: str
+    meta: dict[str, Any]  # its meta.json as it starts (also in the encoded plan's header)
 
 
 def prepare(
@@ -84,9 +84,10 @@ def prepare(
                 "that workflow's continuations, not in a new workflow."
             )
     checked = check_metadata(metadata)
+    meta = running_meta(plan.output_task_id, checked)
     if not any(spec.arg_refs for spec in plan.tasks.values()):
-        return Prepared(wid, WorkflowStore.encode_plan(plan), checked, plan.output_task_id)
-    return Prepared(wid, plan, checked, plan.output_task_id)
+        return Prepared(wid, WorkflowStore.encode_plan(plan, meta=meta), checked, meta)
+    return Prepared(wid, plan, checked, meta)
 
 
 async def start(prepared: Prepared) -> Any:
@@ -94,21 +95,20 @@ async def start(prepared: Prepared) -> Any:
 
     Returns once the workflow is durable, so a caller killed right after loses
     nothing. A new workflow is stored by the caller itself (as Ray 2.47 did): its
-    plan, then at once its lease (granted to the manager), status and metadata; the
-    manager is then handed it with one call whose reply is the output, and nobody
-    waits for the manager meanwhile. Where the manager must decide first (a stored
-    id is resumed, a pending-queue limit may refuse it, arguments hold ObjectRefs
-    to checkpoint, or storage the caller cannot reach), it stores it instead."""
+    plan (with its metadata), its lease (granted to the manager) and its status
+    marker, at once; the manager is then handed it with one call whose reply is the
+    output, and nobody waits for the manager meanwhile. Where the manager must
+    decide first (a stored id is resumed, a pending-queue limit may refuse it,
+    arguments hold ObjectRefs to checkpoint, or storage the caller cannot reach),
+    it stores it instead."""
     cfg = config.current()
     handle = await config.manager(cfg)
     info = config.described(cfg)
-    wid, plan, metadata, output_task_id = prepared
+    wid, plan, metadata, meta = prepared
     if isinstance(plan, bytes) and info is not None and info["caller_stores"]:
-        meta = running_meta(output_task_id, metadata)
         lease = (lease_key(wid), grant(wid, info["owner"], info["ttl"]))
-        leased = await WorkflowStore(open_storage(cfg.storage)).create_started(
-            wid, plan, meta, lease
-        )
+        store = WorkflowStore(open_storage(cfg.storage))
+        leased = await store.create_started(wid, plan, meta["status"], lease)
         if leased is not None:
             return handle.run.remote(wid, plan, meta, lease[1] if leased else None)
     await get(handle.submit.remote(wid, plan, metadata))

@@ -464,12 +464,10 @@ class Engine:
         plan = await self.store.load_plan(workflow_id)
         if plan is None:
             raise WorkflowNotFoundError.of(workflow_id, self.storage.uri)
-        if meta is None:  # stored, but the engine stopped before its first status write
-            meta = {
-                "status": WorkflowStatus.RUNNING.value,
-                "user_metadata": {},
-                "output_task_id": plan.output_task_id,
-            }
+        if meta is None:  # stored, but not run until its first status write
+            meta = await self.store.started_meta(workflow_id) or {}
+            meta.update(status=WorkflowStatus.RUNNING.value, output_task_id=plan.output_task_id)
+            meta.setdefault("user_metadata", {})
         if meta["status"] == WorkflowStatus.CANCELED.value:
             raise WorkflowNotResumableError(
                 f"Workflow {workflow_id!r} was canceled; a canceled workflow cannot be resumed. "
@@ -692,11 +690,11 @@ class Engine:
         return await self._stored_output(workflow_id, key)
 
     async def metadata(self, workflow_id: str, task_id: str | None = None) -> dict[str, Any]:
-        meta = await self.store.read_meta(workflow_id)
+        meta = await self.store.read_meta(workflow_id) or await self.store.started_meta(
+            workflow_id
+        )
         if meta is None:
-            if not await self.store.exists(workflow_id):
-                raise WorkflowNotFoundError.of(workflow_id, self.storage.uri)
-            meta = {"status": "RUNNING", "user_metadata": {}}
+            raise WorkflowNotFoundError.of(workflow_id, self.storage.uri)
         if task_id is None:
             stats = {k: meta[k] for k in ("start_time", "end_time") if k in meta}
             result = {

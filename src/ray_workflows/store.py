@@ -4,6 +4,9 @@ Layout (all keys relative to the storage URI)::
 
     workflows/<wid>/plan                  entry plan (the commit point of a new workflow)
     workflows/<wid>/meta.json             status, user metadata, start/end time, error
+                                          (absent until the first status change of a
+                                          workflow its caller stored: the plan's header
+                                          holds it, see started_meta)
     workflows/<wid>/ids.json              task-id counters (continuations name their tasks)
     workflows/<wid>/lease                 which manager runs it, until when (ray_workflows.lease)
     workflows/<wid>/mailbox/...           events sent to the workflow (events.Mailbox owns it)
@@ -300,20 +303,44 @@ class WorkflowStore:
         return await self.storage.put_if_absent(wf_prefix(wid) + "plan", data)
 
     async def create_started(
-        self, wid: str, encoded: bytes, meta: dict[str, Any], lease: tuple[str, bytes]
+        self, wid: str, encoded: bytes, status: str, lease: tuple[str, bytes]
     ) -> bool | None:
-        """Store a new workflow as started, from the caller's process: the plan first
-        (the commit point; ``None`` if the workflow exists already), then at once its
-        lease record (``(key, record)``, created only if absent), its status marker
-        and ``meta.json``. Returns whether the lease record was created."""
-        if not await self.storage.put_if_absent(wf_prefix(wid) + "plan", encoded):
-            return None
-        status = {f"status/{meta['status']}/{wid}": b""}  # the marker lands before meta.json
-        leased, _ = await asyncio.gather(
+        """Store a new workflow as started, from the caller's process, in one round:
+        the plan (the commit point, its ``meta.json`` content in its header: see
+        :meth:`started_meta`), its lease record (``(key, record)``) and its ``status``
+        marker, each created only if absent. ``None`` if the workflow exists already
+        (a marker this call created is then taken back); else whether the lease record
+        was created."""
+        marker = f"status/{status}/{wid}"
+        created, leased, marked = await asyncio.gather(
+            self.storage.put_if_absent(wf_prefix(wid) + "plan", encoded),
             self.storage.put_if_absent(*lease),
-            self.storage.put_many({**status, wf_prefix(wid) + "meta.json": _json(meta)}),
+            self.storage.put_if_absent(marker, b""),
+            return_exceptions=True,
         )
-        return leased
+        if created is not True:
+            if marked is True:  # readers settle a stray marker from meta.json meanwhile
+                with contextlib.suppress(Exception):
+                    await self.storage.delete(marker)
+            if isinstance(created, BaseException):
+                raise created
+            return None
+        for outcome in (leased, marked):
+            if isinstance(outcome, BaseException):
+                raise outcome  # stored, but not indexed: `run` with its id resumes it
+        return leased is True
+
+    async def started_meta(self, wid: str) -> dict[str, Any] | None:
+        """``meta.json`` as the workflow started, for one stored by its caller that has
+        none yet (the plan's header carries it); ``None`` if there is no plan."""
+        key = wf_prefix(wid) + "plan"
+        data = await self.storage.get(key)
+        if data is None:
+            return None
+        meta = serialization.peek_header(data, key).get("meta")
+        if isinstance(meta, dict):
+            return meta
+        return {"status": WorkflowStatus.RUNNING.value, "user_metadata": {}}
 
     async def load_plan(self, wid: str) -> Plan | None:
         key = wf_prefix(wid) + "plan"
@@ -350,7 +377,7 @@ class WorkflowStore:
             if len(statuses) == 1:
                 result[wid] = statuses.pop()
             else:
-                meta = await self.read_meta(wid)
+                meta = await self.read_meta(wid) or await self.started_meta(wid)
                 if meta is not None:
                     result[wid] = meta["status"]
         return result
