@@ -52,6 +52,7 @@ EXPORTED = [
     "run_async",
     "send_event",
     "sleep",
+    "step",
     "wait",
     "wait_for_event",
 ]

@@ -50,6 +50,7 @@ from ray_workflows.exceptions import (
 )
 from ray_workflows.options import options
 from ray_workflows.status import WorkflowStatus
+from ray_workflows.steps import step
 from ray_workflows.storage import Storage
 
 NONE = WorkflowStatus.NONE
@@ -104,6 +105,7 @@ __all__ = [
     "run_async",
     "send_event",
     "sleep",
+    "step",
     "wait",
     "wait_for_event",
 ]
