@@ -81,3 +81,34 @@ async def test_packs_gather_records_and_drain_makes_them_durable() -> None:
     keys = await storage.list("workflows/w/tasks/")
     assert 2 <= len(keys) <= 16, keys
     assert len(flushed) == 401 and not packs.pending
+
+
+@ray.remote
+def countdown(n: int) -> int:
+    if n == 0:
+        return 0
+    return countdown.bind(n - 1)  # a tail continuation
+
+
+async def test_a_long_tail_chain_keeps_the_live_state_of_one_level() -> None:
+    # "Without per-level state piling up in the manager": the run's tables are sampled
+    # while 1,000 levels continue one after another; none may grow with the level.
+    storage = open_storage(f"memory://{uuid.uuid4().hex}")
+    engine = Engine(storage)
+    finished = await engine.start("chain", compile_dag(countdown.bind(1000)))
+    run = engine.runs["chain"]
+    tables = ("specs", "values", "stored", "done", "waiting", "consumers", "needed",
+              "root_of", "roots", "running", "started", "attempts", "inflight", "ahead",
+              "_headers", "_indirect", "_waiters")
+    peak = dict.fromkeys(tables, 0)
+    samples = 0
+    while not finished.done():
+        for name in tables:
+            peak[name] = max(peak[name], len(getattr(run, name)))
+        samples += 1
+        await asyncio.sleep(0.005)
+    assert await (await finished) == 0
+    assert samples > 50  # sampled throughout the chain, not once
+    assert peak["specs"] == 1 and peak["running"] == 1, peak  # the one live level
+    assert max(peak.values()) <= 3, peak
+    await engine.close()
