@@ -94,29 +94,24 @@ def test_a_workflow_never_handed_over_is_running_until_resumed(
     assert workflow.get_metadata(wid)["user_metadata"] == {"who": "caller"}
 
 
-def test_a_late_hand_over_after_cancel_is_refused(
-    storage: str, wid: str, counter_dir: Path
+@pytest.mark.parametrize(
+    ("close", "refusal"),
+    [(workflow.cancel, WorkflowNotResumableError), (workflow.delete, WorkflowNotFoundError)],
+    ids=["canceled", "deleted"],
+)
+def test_a_late_hand_over_after_a_cancel_or_delete_is_refused(
+    storage: str, wid: str, counter_dir: Path, close: Any, refusal: type[Exception]
 ) -> None:
     handle, info = _manager()
     plan, meta, record = _store_as_caller(storage, wid, counter_dir, info["owner"], info["ttl"])
-    workflow.cancel(wid)
-    assert workflow.get_status(wid) == workflow.CANCELED
-    with pytest.raises(WorkflowNotResumableError):
+    close(wid)
+    with pytest.raises(refusal):
         bridge.run(aio.get(handle.run.remote(wid, plan, meta, record)))
     assert count_runs(counter_dir, "step") == 0
-    assert workflow.get_status(wid) == workflow.CANCELED
-
-
-def test_a_late_hand_over_after_delete_finds_nothing(
-    storage: str, wid: str, counter_dir: Path
-) -> None:
-    handle, info = _manager()
-    plan, meta, record = _store_as_caller(storage, wid, counter_dir, info["owner"], info["ttl"])
-    workflow.delete(wid)
-    with pytest.raises(WorkflowNotFoundError):
-        bridge.run(aio.get(handle.run.remote(wid, plan, meta, record)))
-    assert count_runs(counter_dir, "step") == 0
-    assert not Path(storage, "workflows", wid).exists()
+    if close is workflow.cancel:
+        assert workflow.get_status(wid) == workflow.CANCELED
+    else:
+        assert not Path(storage, "workflows", wid).exists()
 
 
 def test_a_lease_granted_to_an_earlier_incarnation_is_taken_over(

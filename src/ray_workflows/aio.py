@@ -52,7 +52,6 @@ class Prepared(NamedTuple):
 
     workflow_id: str
     plan: Any  # the Plan, or its stored record (bytes) when it holds no live ObjectRefs
-    metadata: dict[str, Any]
     meta: dict[str, Any]  # its meta.json as it starts (also in the encoded plan's header)
 
 
@@ -83,11 +82,10 @@ def prepare(
                 "names a task of the workflow that returned it, so it can only be used in "
                 "that workflow's continuations, not in a new workflow."
             )
-    checked = check_metadata(metadata)
-    meta = running_meta(plan.output_task_id, checked)
+    meta = running_meta(plan.output_task_id, check_metadata(metadata))
     if not any(spec.arg_refs for spec in plan.tasks.values()):
-        return Prepared(wid, WorkflowStore.encode_plan(plan, meta=meta), checked, meta)
-    return Prepared(wid, plan, checked, meta)
+        return Prepared(wid, WorkflowStore.encode_plan(plan, meta=meta), meta)
+    return Prepared(wid, plan, meta)
 
 
 async def start(prepared: Prepared) -> Any:
@@ -104,14 +102,14 @@ async def start(prepared: Prepared) -> Any:
     cfg = config.current()
     handle = await config.manager(cfg)
     info = config.described(cfg)
-    wid, plan, metadata, meta = prepared
+    wid, plan, meta = prepared
     if isinstance(plan, bytes) and info is not None and info["caller_stores"]:
         lease = (lease_key(wid), grant(wid, info["owner"], info["ttl"]))
         store = WorkflowStore(open_storage(cfg.storage))
         leased = await store.create_started(wid, plan, meta["status"], lease)
         if leased is not None:
             return handle.run.remote(wid, plan, meta, lease[1] if leased else None)
-    await get(handle.submit.remote(wid, plan, metadata))
+    await get(handle.submit.remote(wid, plan, meta["user_metadata"]))
     return handle.result.remote(wid)
 
 

@@ -565,8 +565,8 @@ __all__ = [
     "Lease",
     "LeaseInfo",
     "LeaseManager",
+    "grant",
     "lease_key",
     "lease_ttl",
-    "grant",
     "new_owner_id",
 ]

@@ -358,7 +358,7 @@ class WorkflowStore:
     async def write_meta(self, wid: str, meta: dict[str, Any], old: str | None) -> None:
         """Write ``meta`` (whose "status" may have changed from ``old``) and the index."""
         new = meta["status"]
-        writes = [self.commit.put(wf_prefix(wid) + "meta.json", _json(meta))]
+        writes = [self.commit.put(wf_prefix(wid) + "meta.json", json.dumps(meta).encode())]
         if new != old:
             # Queued first, so in the same batch the new marker lands before meta.json.
             writes.insert(0, self.commit.put(f"status/{new}/{wid}", b""))
@@ -439,10 +439,6 @@ class WorkflowStore:
         for status in STORED_STATUSES:
             removed += int(await self.storage.delete(f"status/{status.value}/{wid}"))
         return removed + await self.storage.delete_prefix(wf_prefix(wid))
-
-
-def _json(meta: dict[str, Any]) -> bytes:
-    return json.dumps(meta).encode()
 
 
 __all__ = [
