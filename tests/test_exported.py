@@ -36,6 +36,7 @@ EXPORTED = [
     "delete",
     "event_listener",
     "exceptions",
+    "get_actor",
     "get_current_task_id",
     "get_current_workflow_id",
     "get_metadata",
@@ -53,6 +54,7 @@ EXPORTED = [
     "send_event",
     "sleep",
     "step",
+    "virtual_actor",
     "wait",
     "wait_for_event",
 ]

@@ -52,6 +52,7 @@ from ray_workflows.options import options
 from ray_workflows.status import WorkflowStatus
 from ray_workflows.steps import step
 from ray_workflows.storage import Storage
+from ray_workflows.virtual_actor import get_actor, virtual_actor
 
 NONE = WorkflowStatus.NONE
 RUNNING = WorkflowStatus.RUNNING
@@ -89,6 +90,7 @@ __all__ = [
     "delete",
     "event_listener",
     "exceptions",
+    "get_actor",
     "get_current_task_id",
     "get_current_workflow_id",
     "get_metadata",
@@ -106,6 +108,7 @@ __all__ = [
     "send_event",
     "sleep",
     "step",
+    "virtual_actor",
     "wait",
     "wait_for_event",
 ]

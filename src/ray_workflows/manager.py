@@ -14,6 +14,7 @@ from typing import Any
 
 import ray
 
+from ray_workflows.actors import Actors
 from ray_workflows.engine import Engine, load_clock
 from ray_workflows.log import get_logger
 from ray_workflows.plan import Plan
@@ -81,6 +82,7 @@ class WorkflowManager:
         self.engine = Engine(
             open_storage(storage_uri), owner_prefix=lineage, lease_ttl=lease_ttl, clock=clock
         )
+        self.actors = Actors(self.engine.storage)
         self._clock = clock
         self._recovering: asyncio.Task[list[str]] | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -173,6 +175,23 @@ class WorkflowManager:
         decoded = WorkflowStore.decode_plan(plan, f"the plan of {workflow_id!r}")
         await self.engine.adopt(workflow_id, decoded, meta, lease)
         return await self.result(workflow_id)
+
+    async def actor_create(self, actor_id: str, cls: bytes, init: bytes) -> None:
+        await self.actors.create(actor_id, cls, init)
+
+    async def actor_class(self, actor_id: str) -> bytes:
+        return await self.actors.class_of(actor_id)
+
+    async def actor_call(
+        self,
+        actor_id: str,
+        call_id: str,
+        method: str,
+        call: bytes,
+        readonly: bool,
+        options: dict[str, Any],
+    ) -> Any:
+        return await self.actors.call(actor_id, call_id, method, call, readonly, options)
 
     async def resume(self, workflow_id: str) -> None:
         """Resume a stored workflow; joins it if it already runs (e.g. auto-recovered)."""

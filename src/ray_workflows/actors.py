@@ -1,0 +1,238 @@
+"""Virtual actors, the manager's side: durable state in storage, methods as Ray tasks.
+
+Layout (keys relative to the storage URI)::
+
+    actors/<id>/class          the class and its __init__ arguments (the actor exists)
+    actors/<id>/state          {"seq": n, "state": ...}: the state after n writer calls
+                               (0: after __init__, which runs when the actor is first used)
+    actors/<id>/calls/<seq>    writer call number seq, logged before it runs
+    actors/<id>/ids/<call>     the seq of a call id (a replayed call is not run twice)
+    actors/<id>/results/<seq>  the call's result, written before the state that commits it
+
+A writer call is logged, run as a Ray task (restore the state into an instance made
+without ``__init__``, call the method, capture the state again) and committed: its
+result, then the state with its number, which is the commit point. Writers of one
+actor run one at a time, in the order the manager receives them. After a crash the
+logged calls beyond the committed number run again, in order, before any new call:
+a method body may run twice, its effect on the state lands once. A writer that
+raises leaves the state as it was; its exception is its durable result, and the
+calls after it go on. Readonly calls run on the committed state and log nothing.
+A call made before ``__init__`` has finished waits for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import pickle
+from typing import Any
+
+import ray
+from ray import cloudpickle
+from ray.dag import DAGNode
+
+from ray_workflows.exceptions import WorkflowNotFoundError
+from ray_workflows.log import get_logger
+from ray_workflows.storage import Storage
+
+log = get_logger()
+
+
+def capture(obj: Any) -> Any:
+    """The JSON-serialisable state of a virtual actor instance."""
+    cls = type(obj)
+    state = obj.__getstate__() if has_own(cls, "__getstate__") else dict(vars(obj))
+    try:
+        json.dumps(state)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"The state of virtual actor class {cls.__qualname__} must be JSON "
+            f"serializable ({exc}); define __getstate__ and __setstate__ to convert it."
+        ) from exc
+    return state
+
+
+def has_own(cls: type, name: str) -> bool:
+    """Whether ``cls`` defines ``name`` itself (``object`` has a ``__getstate__``)."""
+    return getattr(cls, name, None) is not getattr(object, name, None)
+
+
+def run_method(cls_bytes: bytes, state: Any, method: str | None, call: bytes) -> tuple[Any, bytes]:
+    """In a Ray worker: the new state and the pickled ``("ok", value)`` or
+    ``("error", exception)`` of one method call (or of ``__init__``)."""
+    cls = cloudpickle.loads(cls_bytes)
+    args, kwargs = cloudpickle.loads(call)
+    try:
+        if method is None:
+            obj = cls(*args, **kwargs)
+            value = None
+        else:
+            obj = cls.__new__(cls)
+            if has_own(cls, "__setstate__"):
+                obj.__setstate__(state)
+            else:
+                obj.__dict__.update(state)
+            value = getattr(obj, method)(*args, **kwargs)
+            if isinstance(value, DAGNode):
+                raise TypeError(
+                    f"Virtual actor method {method!r} returned a step or DAG: sub-workflows "
+                    "of virtual actors are not supported yet. Start it as a workflow of its "
+                    "own (run_async with a workflow_id kept in the actor's state)."
+                )
+        return capture(obj), _outcome("ok", value)
+    except Exception as exc:
+        return state, _outcome("error", exc)
+
+
+def _outcome(kind: str, value: Any) -> bytes:
+    try:
+        return bytes(cloudpickle.dumps((kind, value)))
+    except Exception as exc:  # an unpicklable result or exception: say what it was
+        return bytes(cloudpickle.dumps(("error", TypeError(f"cannot store {value!r}: {exc}"))))
+
+
+@dataclasses.dataclass
+class _Actor:
+    cls_bytes: bytes
+    seq: int = 0  # the number of the last committed writer call
+    state: Any = None
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+
+
+class Actors:
+    """Every virtual actor of one storage, as the manager runs them."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self._actors: dict[str, _Actor] = {}
+        self._loading: dict[str, asyncio.Task[_Actor]] = {}
+        self._task = ray.remote(num_cpus=1, max_retries=3)(run_method)
+
+    async def create(self, actor_id: str, cls_bytes: bytes, init: bytes) -> None:
+        """Store a new actor and run its ``__init__``; an existing one is kept as it is."""
+        record = pickle.dumps((cls_bytes, init), protocol=5)
+        await self.storage.put_if_absent(_key(actor_id, "class"), record)
+        await self._get(actor_id)
+
+    async def class_of(self, actor_id: str) -> bytes:
+        return (await self._get(actor_id)).cls_bytes
+
+    async def call(
+        self,
+        actor_id: str,
+        call_id: str,
+        method: str,
+        call: bytes,
+        readonly: bool,
+        ray_options: dict[str, Any],
+    ) -> Any:
+        """Run one method call; return its value (or raise its exception)."""
+        actor = await self._get(actor_id)
+        if readonly:
+            _, outcome = await self._run(actor, actor.state, method, call, ray_options)
+            return _raise_or_return(outcome)
+        async with actor.lock:
+            known = await self.storage.get(_key(actor_id, "ids", call_id))
+            if known is None:
+                seq = actor.seq + 1
+                record = pickle.dumps((call_id, method, call, ray_options), protocol=5)
+                await self.storage.put_many(
+                    {
+                        _key(actor_id, "calls", _seq(seq)): record,
+                        _key(actor_id, "ids", call_id): str(seq).encode(),
+                    }
+                )
+                outcome = await self._apply(actor_id, actor, seq, method, call, ray_options)
+            else:  # replayed by Ray after the manager restarted: committed by now
+                result = await self.storage.get(_key(actor_id, "results", _seq(int(known))))
+                assert result is not None, "a logged call is committed before new ones run"
+                outcome = result
+        return _raise_or_return(outcome)
+
+    async def _get(self, actor_id: str) -> _Actor:
+        actor = self._actors.get(actor_id)
+        if actor is not None:
+            return actor
+        loading = self._loading.get(actor_id)
+        if loading is None:
+            loading = self._loading[actor_id] = asyncio.create_task(self._load(actor_id))
+            loading.add_done_callback(lambda _: self._loading.pop(actor_id, None))
+        return await asyncio.shield(loading)
+
+    async def _load(self, actor_id: str) -> _Actor:
+        """Read an actor from storage; finish its __init__ and any logged writer calls."""
+        record = await self.storage.get(_key(actor_id, "class"))
+        if record is None:
+            raise WorkflowNotFoundError(
+                f"No virtual actor {actor_id!r} in {self.storage.uri!r}; create it with "
+                "Cls.get_or_create(actor_id, ...).",
+                workflow_id=actor_id,
+            )
+        cls_bytes, init = pickle.loads(record)
+        actor = _Actor(cls_bytes)
+        stored = await self.storage.get(_key(actor_id, "state"))
+        if stored is None:  # __init__ has not committed: run it (again)
+            state, outcome = await self._run(actor, None, None, init, {})
+            _raise_or_return(outcome)
+            await self.storage.put(_key(actor_id, "state"), _state(0, state))
+            actor.state = state
+        else:
+            committed = json.loads(stored)
+            actor.state, actor.seq = committed["state"], committed["seq"]
+        # Writer calls logged but not committed when the last manager stopped.
+        prefix = _key(actor_id, "calls") + "/"
+        for key in await self.storage.list(prefix):
+            seq = int(key[len(prefix) :])
+            if seq > actor.seq:
+                data = await self.storage.get(key)
+                assert data is not None
+                _, method, call, ray_options = pickle.loads(data)
+                await self._apply(actor_id, actor, seq, method, call, ray_options)
+        self._actors[actor_id] = actor
+        return actor
+
+    async def _apply(
+        self,
+        actor_id: str,
+        actor: _Actor,
+        seq: int,
+        method: str,
+        call: bytes,
+        ray_options: dict[str, Any],
+    ) -> bytes:
+        state, outcome = await self._run(actor, actor.state, method, call, ray_options)
+        await self.storage.put(_key(actor_id, "results", _seq(seq)), outcome)
+        await self.storage.put(_key(actor_id, "state"), _state(seq, state))
+        actor.state, actor.seq = state, seq
+        log.debug("actor.call_committed", workflow_id=actor_id, seq=seq, method=method)
+        return outcome
+
+    async def _run(
+        self, actor: _Actor, state: Any, method: str | None, call: bytes, options: dict[str, Any]
+    ) -> tuple[Any, bytes]:
+        task = self._task.options(**options) if options else self._task
+        new_state, outcome = await task.remote(actor.cls_bytes, state, method, call)
+        return new_state, outcome
+
+
+def _raise_or_return(outcome: bytes) -> Any:
+    kind, value = cloudpickle.loads(outcome)
+    if kind == "error":
+        raise value
+    return value
+
+
+def _state(seq: int, state: Any) -> bytes:
+    return json.dumps({"seq": seq, "state": state}).encode()
+
+
+def _seq(seq: int) -> str:
+    return f"{seq:012d}"
+
+
+def _key(actor_id: str, *parts: str) -> str:
+    return "/".join(("actors", actor_id, *parts))
+
+
+__all__ = ["Actors", "capture", "has_own", "run_method"]
