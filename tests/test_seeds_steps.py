@@ -10,7 +10,7 @@ returns; Example 5 calls ``get_val1``/``get_val2`` but defines
 ``get_value1``/``get_value2``; Examples 7 and 8 leave bodies as ``...`` or call an
 undefined ``faulty_function`` (the ``random_failure`` it defines just above).
 
-Virtual actors (``@workflow.virtual_actor``) are not built yet.
+Virtual actors are in test_virtual_actors.py.
 """
 
 from __future__ import annotations
