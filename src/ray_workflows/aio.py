@@ -150,11 +150,20 @@ async def resume(workflow_id: str) -> Any:
     return await get(await resume_async(workflow_id))
 
 
-async def resume_all(include_failed: bool = False) -> list[tuple[str, Any]]:
+class Resumed(list[tuple[str, Any]]):
+    """What ``resume_all`` returns: ``(workflow_id, ObjectRef)`` pairs, in the order
+    they were resumed; ``get(workflow_id)`` finds one (the Ray 1.x API returned a
+    dict)."""
+
+    def get(self, workflow_id: str, default: Any = None) -> Any:
+        return next((ref for wid, ref in self if wid == workflow_id), default)
+
+
+async def resume_all(include_failed: bool = False) -> Resumed:
     """Resume every RESUMABLE workflow (and FAILED ones with ``include_failed``)."""
     handle = await config.manager()
     ids: list[str] = await get(handle.resume_all.remote(include_failed))
-    return [(wid, handle.result.remote(wid)) for wid in ids]
+    return Resumed((wid, handle.result.remote(wid)) for wid in ids)
 
 
 async def cancel(workflow_id: str) -> None:
@@ -187,7 +196,7 @@ async def delete(workflow_id: str) -> None:
 
 
 async def get_output_async(
-    workflow_id: str, *, task_id: str | None = None, name: str | None = None
+    workflow_id: str, task_id: str | None = None, *, name: str | None = None
 ) -> Any:
     """The ``ray.ObjectRef`` of a workflow's output, or of one task's (``task_id``)."""
     check_id(workflow_id)
@@ -197,7 +206,7 @@ async def get_output_async(
 
 
 async def get_output(
-    workflow_id: str, *, task_id: str | None = None, name: str | None = None
+    workflow_id: str, task_id: str | None = None, *, name: str | None = None
 ) -> Any:
     """A workflow's output (waits while it runs), or one task's with ``task_id``."""
     return await get(await get_output_async(workflow_id, task_id=task_id, name=name))
@@ -253,6 +262,7 @@ async def list_all(status_filter: Any = None) -> list[tuple[str, WorkflowStatus]
 
 
 __all__ = [
+    "Resumed",
     "cancel",
     "delete",
     "get",

@@ -97,13 +97,14 @@ def resume_async(workflow_id: str) -> ray.ObjectRef[Any]:
     return ref
 
 
-def get_output(workflow_id: str, *, task_id: str | None = None, name: str | None = None) -> Any:
-    """The workflow's output (waits while it runs), or one task's with ``task_id``."""
+def get_output(workflow_id: str, task_id: str | None = None, *, name: str | None = None) -> Any:
+    """The workflow's output (waits while it runs), or one task's with ``task_id``
+    (``name``, the older API's word for it, may be given instead)."""
     return bridge.run(aio.get_output(workflow_id, task_id=task_id, name=name))
 
 
 def get_output_async(
-    workflow_id: str, *, task_id: str | None = None, name: str | None = None
+    workflow_id: str, task_id: str | None = None, *, name: str | None = None
 ) -> ray.ObjectRef[Any]:
     """A ``ray.ObjectRef`` of the workflow's (or one task's) output."""
     ref: ray.ObjectRef[Any] = bridge.run(
@@ -130,10 +131,11 @@ def list_all(status_filter: Any = None) -> list[tuple[str, WorkflowStatus]]:
     return bridge.run(aio.list_all(status_filter))
 
 
-def resume_all(include_failed: bool = False) -> list[tuple[str, ray.ObjectRef[Any]]]:
+def resume_all(include_failed: bool = False) -> aio.Resumed:
     """Resume every RESUMABLE workflow (and FAILED ones with ``include_failed``); return
-    ``(workflow_id, ObjectRef of its output)`` pairs, previously running ones first."""
-    result: list[tuple[str, ray.ObjectRef[Any]]] = bridge.run(aio.resume_all(include_failed))
+    ``(workflow_id, ObjectRef of its output)`` pairs, previously running ones first
+    (``.get(workflow_id)`` finds one, as the older API's dict did)."""
+    result: aio.Resumed = bridge.run(aio.resume_all(include_failed))
     return result
 
 

@@ -737,6 +737,7 @@ class Engine:
             "task_id": task_id,
             "task_name": spec.name,
             "task_type": "FUNCTION",
+            "step_type": "FUNCTION",  # the Ray 1.x step API's name for it
             "task_options": spec.options.to_json(),
             "user_metadata": spec.options.metadata,
             "upstream": list(spec.upstream),
