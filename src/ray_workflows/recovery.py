@@ -25,7 +25,7 @@ from ray_workflows.scheduler import WorkflowRun
 from ray_workflows.store import TaskRecords, WorkflowStore, task_key
 
 if TYPE_CHECKING:
-    from ray_workflows.engine import Executor
+    from ray_workflows.executor import Executor
 
 log = get_logger()
 

@@ -37,7 +37,7 @@ from ray_workflows.store import PackWriter, WorkflowStore, task_key
 from ray_workflows.worker import Receipt, task_header
 
 if TYPE_CHECKING:
-    from ray_workflows.engine import Executor
+    from ray_workflows.executor import Executor
 
 # Backoff between retries: 50 ms doubling to at most 5 s, with jitter.
 _BACKOFF_BASE, _BACKOFF_CAP = 0.05, 5.0

@@ -171,9 +171,7 @@ class _VirtualActorDecorator:
     @staticmethod
     def readonly(method: Callable[..., Any]) -> Callable[..., Any]:
         if not callable(method):
-            raise TypeError(
-                f"@workflow.virtual_actor.readonly decorates a method, got {method!r}"
-            )
+            raise TypeError(f"@workflow.virtual_actor.readonly decorates a method, got {method!r}")
         setattr(method, _READONLY, True)
         return method
 

@@ -1,0 +1,150 @@
+"""The Executor: how the engine hands work to Ray.
+
+It submits task attempts (one cached remote wrapper per function and options) and
+the helper tasks that load stored outputs and checkpoint ObjectRefs, and holds what
+event tasks use: the clock and the mailbox. The engine and its schedulers decide
+what runs; this module only knows how.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from typing import Any
+
+import ray
+
+from ray_workflows import serialization
+from ray_workflows.backends.clocks import Clock, SystemClock
+from ray_workflows.events import Mailbox
+from ray_workflows.scheduler import ReceiptWatcher
+from ray_workflows.storage import Storage
+from ray_workflows.store import WorkflowStore
+from ray_workflows.worker import execute_task, load_output, load_outputs, save_objects
+
+_LOAD_BATCH = 500  # stored outputs per loading helper task
+_INLINE_FUNCTION_BYTES = 4096  # smaller pickled functions travel with each task
+
+
+def _task_events() -> bool:
+    return os.environ.get("RAY_WORKFLOWS_TASK_EVENTS", "0") == "1"
+
+
+class Executor:
+    """Submits task attempts and helper tasks to Ray; holds what event tasks use
+    (the clock and the mailbox)."""
+
+    def __init__(self, storage: Storage, clock: Clock | None = None) -> None:
+        self.storage = storage
+        self.store = WorkflowStore(storage)
+        self.clock: Clock = clock or SystemClock()
+        self.mailbox = Mailbox(storage)
+        # Ray's task events (the state API's and dashboard's task list) cost the worker
+        # and the manager a quarter of a small task's overhead; workflow tasks report
+        # through get_metadata and the logs. RAY_WORKFLOWS_TASK_EVENTS=1 turns them on
+        # (or a task's own enable_task_events=True).
+        self._execute = ray.remote(num_returns=2, max_retries=0)(execute_task)
+        self._task_events = _task_events()
+        self._load = ray.remote(num_cpus=0, max_retries=3)(load_output)
+        self._load_many = ray.remote(num_cpus=0, max_retries=3)(load_outputs)
+        self._save = ray.remote(num_cpus=0, max_retries=3)(save_objects)
+        self._records: dict[str, dict[str, bytes]] = {}
+        self.receipts = ReceiptWatcher()
+        # `.options()` builds a new wrapper each call; one per (name, options) is kept.
+        self._remotes: dict[Any, Any] = {}
+        # Pickled functions put in the object store once, shared by every run that
+        # uses them (keyed by content hash), not once per workflow.
+        self._functions: collections.OrderedDict[str, Any] = collections.OrderedDict()
+
+    def function_ref(self, key: str, data: bytes) -> Any:
+        """What a task is handed for its pickled function: the bytes themselves when
+        small (a function pickled by reference), else one shared ObjectRef."""
+        if len(data) <= _INLINE_FUNCTION_BYTES:
+            return data
+        ref = self._functions.get(key)
+        if ref is None:
+            ref = self._functions[key] = ray.put(data)
+            if len(self._functions) > 1024:
+                self._functions.popitem(last=False)
+        else:
+            self._functions.move_to_end(key)
+        return ref
+
+    def submit(
+        self,
+        name: str,
+        header: bytes,
+        attempt: int,
+        func_ref: Any,
+        refs: Any,
+        values: list[Any],
+        ray_options: dict[str, Any],
+    ) -> tuple[Any, Any]:
+        # The Ray task is named after the user's function, so the dashboard, `ray list
+        # tasks` and worker log prefixes show what runs (the task id is in the logs).
+        try:
+            key: Any = (name, *sorted(ray_options.items())) if ray_options else name
+            remote = self._remotes.get(key)
+        except TypeError:  # an unhashable option value
+            key, remote = None, None
+        if remote is None:
+            options = {"name": name, "enable_task_events": self._task_events, **ray_options}
+            remote = self._execute.options(**options)
+            if key is not None and len(self._remotes) < 4096:
+                self._remotes[key] = remote
+        receipt, value = remote.remote(header, attempt, func_ref, refs, *values)
+        return receipt, value
+
+    async def preload(self, key: str, record: bytes | None = None) -> None:
+        """For a storage the helper tasks cannot read (``memory://``), gather a record
+        and every object record it refers to, to hand over when it is loaded."""
+        if self.storage.shared:
+            return
+        records: dict[str, bytes] = {}
+        pending = [(key, record)]
+        while pending:
+            name, data = pending.pop()
+            if name in records:
+                continue
+            if data is None:
+                data = await (
+                    self.store.read_output(name) if name == key else self.storage.get(name)
+                )
+            if data is None:
+                continue
+            records[name] = data
+            header = serialization.peek_header(data, name)
+            pending.extend((ref_key, None) for ref_key in header["refs"])
+        self._records[key] = records
+
+    def load_many(self, workflow_id: str, keys: list[str]) -> list[Any]:
+        """ObjectRefs of many stored outputs, loaded by a few helper tasks (a resumed
+        fan-out must not start one Ray worker per input)."""
+        refs: list[Any] = []
+        for i in range(0, len(keys), _LOAD_BATCH):
+            batch = keys[i : i + _LOAD_BATCH]
+            if len(batch) == 1:
+                refs.append(self.load(workflow_id, batch[0]))
+                continue
+            records = None
+            if not self.storage.shared:
+                records = {}
+                for key in batch:
+                    records.update(self._records.get(key) or {})
+            task = self._load_many.options(num_returns=len(batch))
+            loaded: Any = task.remote(self.storage, workflow_id, records, batch)
+            refs.extend(loaded)
+        return refs
+
+    def load(self, workflow_id: str, key: str) -> Any:
+        records = None if self.storage.shared else self._records.get(key)
+        return self._load.remote(self.storage, workflow_id, records, key)
+
+    async def save_objects(self, workflow_id: str, refs: list[Any]) -> list[str]:
+        keys, writes = await self._save.remote(self.storage, workflow_id, refs)
+        if writes:
+            await self.storage.put_many(writes)
+        return list(keys)
+
+
+__all__ = ["Executor"]
