@@ -10,7 +10,8 @@ the workflow is waiting for it yet.
   the same key is delivered once.
 * ``Authorization: Bearer <token>`` is required when the app has a token.
 * 400: the body is not JSON, or the workflow id, key or idempotency key is
-  invalid; 401: missing or wrong token; 404: no such workflow; 413: the body is
+  invalid; 401: missing or wrong token; 404: no such workflow; 409: the workflow
+  has finished (SUCCESSFUL or CANCELED) and will never wait again; 413: the body is
   larger than ``max_body_bytes``; 503: the storage failed (retry).
 
 Mount it in any Starlette or FastAPI application::
@@ -33,7 +34,12 @@ from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ray_workflows.events import EventListener, current_context
-from ray_workflows.exceptions import StorageError, WorkflowError, WorkflowNotFoundError
+from ray_workflows.exceptions import (
+    StorageError,
+    WorkflowError,
+    WorkflowFinishedError,
+    WorkflowNotFoundError,
+)
 from ray_workflows.ids import check_id
 
 if TYPE_CHECKING:
@@ -118,6 +124,8 @@ def make_app(
             stored = await sender(workflow_id, key, payload, event_id=event_id)
         except WorkflowNotFoundError as exc:
             return _error(404, str(exc))
+        except WorkflowFinishedError as exc:
+            return _error(409, str(exc))
         except StorageError as exc:
             return _error(503, str(exc), headers={"Retry-After": "1"})
         except (TypeError, ValueError) as exc:

@@ -88,6 +88,36 @@ def test_sending_to_an_unknown_workflow_is_a_clear_error(storage: str) -> None:
         workflow.send_event("no-such-workflow", "a/b", 1)
 
 
+@ray.remote
+def fail_once(flag: str, event: object) -> object:
+    if not Path(flag).exists():
+        Path(flag).touch()
+        raise RuntimeError("first attempt fails")
+    return event
+
+
+def test_a_finished_workflow_refuses_events_and_a_failed_one_keeps_them(
+    storage: str, wid: str, tmp_path: Path
+) -> None:
+    assert workflow.run(gather.bind(1), workflow_id=wid) == (1,)
+    with pytest.raises(workflow.exceptions.WorkflowFinishedError, match="SUCCESSFUL"):
+        workflow.send_event(wid, "late", 1)
+    assert workflow.get_status(wid) == workflow.SUCCESSFUL
+    # A FAILED workflow may be resumed and wait again: its events are kept.
+    failed = wid + "-failed"
+    flag = str(tmp_path / "failed-once")
+    dag = fail_once.options(**workflow.options(max_retries=0)).bind(
+        flag, workflow.wait_for_event("http", event_key="first")
+    )
+    ref = workflow.run_async(dag, workflow_id=failed)
+    workflow.send_event(failed, "first", "one")
+    with pytest.raises(workflow.WorkflowExecutionError):
+        ray.get(ref, timeout=60)
+    assert workflow.get_status(failed) == workflow.FAILED
+    workflow.send_event(failed, "later", "kept")  # not refused
+    assert workflow.resume(failed) == "one"  # the committed event, not polled again
+
+
 async def test_send_event_has_an_awaitable_twin(storage: str, wid: str) -> None:
     ref = await aio.run_async(workflow.wait_for_event("http", event_key="k"), workflow_id=wid)
     await aio.send_event(wid, "k", "async")

@@ -141,6 +141,16 @@ def test_a_post_to_an_unknown_workflow_is_404(client: httpx.Client, storage: str
     assert pending_keys(storage, "no-such-workflow", "k") == []
 
 
+def test_a_post_to_a_finished_workflow_is_409(
+    client: httpx.Client, storage: str, wid: str
+) -> None:
+    assert workflow.run(consume.bind("done"), workflow_id=wid) == {"got": "done"}
+    response = post(client, wid, "k", 1)
+    assert response.status_code == 409, response.text
+    assert "SUCCESSFUL" in response.json()["error"]
+    assert pending_keys(storage, wid, "k") == []
+
+
 def test_idempotency_key_twice_is_delivered_once(
     client: httpx.Client, storage: str, wid: str
 ) -> None:

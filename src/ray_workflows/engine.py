@@ -25,6 +25,7 @@ from ray_workflows.exceptions import (
     WorkflowCancellationError,
     WorkflowError,
     WorkflowExecutionError,
+    WorkflowFinishedError,
     WorkflowNotFoundError,
     WorkflowNotResumableError,
     WorkflowRunningElsewhereError,
@@ -655,9 +656,22 @@ class Engine:
     async def send_event(
         self, workflow_id: str, key: str, payload: Any, event_id: str | None = None
     ) -> str:
-        """Store an event in the workflow's mailbox (durably) and wake its waiter."""
-        if workflow_id not in self.runs and not await self.store.exists(workflow_id):
-            raise WorkflowNotFoundError.of(workflow_id, self.storage.uri)
+        """Store an event in the workflow's mailbox (durably) and wake its waiter. A
+        workflow that has finished for good (SUCCESSFUL or CANCELED) refuses a new event
+        (a retry of one it had is answered as before); a FAILED one keeps it, for when
+        it is resumed."""
+        if workflow_id not in self.runs:
+            status = await self.status(workflow_id)  # WorkflowNotFoundError if unknown
+            if status in (WorkflowStatus.SUCCESSFUL, WorkflowStatus.CANCELED):
+                mailbox = self.executor.mailbox
+                if event_id is not None and await mailbox.known(workflow_id, key, event_id):
+                    return event_id
+                raise WorkflowFinishedError(
+                    f"Workflow {workflow_id!r} is {status.value}: it will never wait for "
+                    f"an event again, so the event for key {key!r} was not stored.",
+                    workflow_id=workflow_id,
+                    status=status.value,
+                )
         return await self.executor.mailbox.send(workflow_id, key, payload, event_id=event_id)
 
     async def resume_all(self, include_failed: bool = False) -> list[str]:

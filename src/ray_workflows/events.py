@@ -270,6 +270,10 @@ class Mailbox:
         self.notify(workflow_id, key)
         return event_id
 
+    async def known(self, workflow_id: str, key: str, event_id: str) -> bool:
+        """Whether an event of this id was ever sent to (workflow, key)."""
+        return await self.storage.exists(self.prefix(workflow_id, key) + "ids/" + event_id)
+
     async def _resend(self, base: str, event_id: str, data: bytes) -> None:
         # A first send may have died between its dedupe record and its event
         # record. Put the event back unless a task has claimed it: the claim record

@@ -8,6 +8,7 @@ Every error a user can act on has its own class; all of them derive from
     ├── WorkflowCancellationError       the workflow was canceled while it was awaited
     ├── WorkflowNotFoundError           no workflow with that id in the storage
     ├── WorkflowNotResumableError       resume was asked of a workflow that cannot resume
+    ├── WorkflowFinishedError           an event was sent to a workflow that will never wait again
     ├── WorkflowStillActiveError        the operation needs a workflow that is not running
     ├── WorkflowAlreadyRunningError     run/resume of a workflow that is live
     │   └── WorkflowRunningElsewhereError  another manager sharing the storage holds its lease
@@ -133,6 +134,11 @@ class WorkflowNotResumableError(WorkflowError):
     """The workflow cannot be resumed (canceled, or its stored plan is incomplete)."""
 
 
+class WorkflowFinishedError(WorkflowError):
+    """The workflow has finished for good (SUCCESSFUL or CANCELED): an event sent to it
+    would never be delivered, so it is not stored."""
+
+
 class WorkflowStillActiveError(WorkflowError):
     """The operation needs a workflow that is not running or pending."""
 
@@ -188,6 +194,7 @@ __all__ = [
     "WorkflowCancellationError",
     "WorkflowError",
     "WorkflowExecutionError",
+    "WorkflowFinishedError",
     "WorkflowNotFoundError",
     "WorkflowNotResumableError",
     "WorkflowQueueFullError",
