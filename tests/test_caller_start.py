@@ -161,3 +161,21 @@ def test_starting_a_stored_id_again_resumes_it_and_leaves_no_stray_marker(
     assert count_runs(counter_dir, "step") == 1
     assert not Path(storage, "status", "RUNNING", wid).exists()
     assert [s for w, s in workflow.list_all() if w == wid] == [workflow.SUCCESSFUL]
+
+
+def test_a_caller_that_cannot_see_the_managers_storage_lets_the_manager_store(
+    storage: str, tmp_path: Path
+) -> None:
+    # The manager's probe record is read back through this process's own view of the
+    # storage; a different directory (a mount elsewhere, a driver off the cluster)
+    # does not have it.
+    _, info = _manager()
+    assert info["caller_stores"] is True and info["probe"] is not None
+    key, token = info["probe"]
+    assert Path(storage, key).read_bytes() == token
+    elsewhere = str(tmp_path / "not-the-managers")
+    assert bridge.run(config.sees_manager_storage(elsewhere, info))["caller_stores"] is False
+    assert bridge.run(config.sees_manager_storage(storage, info))["caller_stores"] is True
+    # A storage this process cannot open at all is the same answer, not an error.
+    unreachable = "s3://no-bucket/x?endpoint_url=http://127.0.0.1:9"
+    assert bridge.run(config.sees_manager_storage(unreachable, info))["caller_stores"] is False

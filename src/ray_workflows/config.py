@@ -41,6 +41,8 @@ ENV_CLOCK = "RAY_WORKFLOWS_CLOCK"
 
 log = get_logger()
 
+_PROBE_TIMEOUT = 2.0  # seconds for a caller to read the manager's probe record
+
 
 def default_storage() -> str:
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(
@@ -156,9 +158,33 @@ async def manager(config: Config | None = None) -> Any:
     await handle.configure.remote(
         config.max_running_workflows, config.max_pending_workflows, config.clock
     )
-    _described[config.storage] = await handle.describe.remote()
+    _described[config.storage] = await sees_manager_storage(
+        config.storage, await handle.describe.remote()
+    )
     _managers[config.storage] = handle
     return handle
+
+
+async def sees_manager_storage(storage: str, described: dict[str, Any]) -> dict[str, Any]:
+    """``described`` (the manager's describe()), with ``caller_stores`` off unless this
+    process reads the manager's probe record back from its own view of ``storage``:
+    a driver off the cluster (Ray Client), a directory mounted elsewhere here, or S3
+    credentials missing here must not store workflows where the manager cannot see
+    them. Their workflows are stored by the manager instead."""
+    probe = described.get("probe")
+    if not described.get("caller_stores") or probe is None:
+        return {**described, "caller_stores": False}
+    key, token = probe
+    try:
+        # Bounded: a storage this process cannot reach must not hold up its first call.
+        seen = await asyncio.wait_for(open_storage(storage).get(key), _PROBE_TIMEOUT)
+    except Exception as exc:  # any failure means: let the manager store them
+        seen = None
+        log.info("storage.not_reachable_here", storage=storage, error=str(exc))
+    if seen != token:
+        log.info("workflow.manager_stores_new_workflows", storage=storage)
+        return {**described, "caller_stores": False}
+    return described
 
 
 def described(config: Config) -> dict[str, Any] | None:
@@ -185,4 +211,5 @@ __all__ = [
     "manager",
     "normalise_storage",
     "resolve_storage",
+    "sees_manager_storage",
 ]

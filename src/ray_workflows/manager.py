@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import secrets
 from typing import Any
 
 import ray
@@ -83,6 +84,7 @@ class WorkflowManager:
             open_storage(storage_uri), owner_prefix=lineage, lease_ttl=lease_ttl, clock=clock
         )
         self.actors = Actors(self.engine.storage)
+        self._probe: tuple[str, bytes] | None = None  # see describe()
         self._clock = clock
         self._recovering: asyncio.Task[list[str]] | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -158,14 +160,25 @@ class WorkflowManager:
 
     async def describe(self) -> dict[str, Any]:
         """What a caller needs to store new workflows itself (see ``aio.run_async``):
-        the lease owner and ttl to grant, and whether it may (a shared storage, and no
-        pending-queue limit that could refuse a workflow)."""
+        the lease owner and ttl to grant, whether it may (a shared storage, and no
+        pending-queue limit that could refuse a workflow), and a probe record the
+        caller must read back from its own view of the storage before it does."""
         admission = self.engine.admission
+        caller_stores = self.engine.storage.shared and (
+            admission.max_running == -1 or admission.max_pending == -1
+        )
+        probe = None
+        if caller_stores:
+            if self._probe is None:
+                key = f"managers/{self.engine.leases.owner.replace('/', '_')}.probe"
+                self._probe = (key, secrets.token_hex(16).encode())
+                await self.engine.storage.put(*self._probe)
+            probe = self._probe
         return {
             "owner": self.engine.leases.owner,
             "ttl": self.engine.leases.ttl,
-            "caller_stores": self.engine.storage.shared
-            and (admission.max_running == -1 or admission.max_pending == -1),
+            "caller_stores": caller_stores,
+            "probe": probe,
         }
 
     async def run(
