@@ -166,10 +166,10 @@ def test_writers_run_one_at_a_time_in_submission_order(storage: str, wid: str) -
             return list(self.items)
 
     log = Log.get_or_create(wid)
-    refs = [log.append.run_async(i) for i in range(20)]
+    refs = [log.append.run_async(i) for i in range(50)]
     results = ray.get(refs)
-    assert results[-1] == list(range(20))
-    assert all(results[i] == list(range(i + 1)) for i in range(20))
+    assert results[-1] == list(range(50))
+    assert all(results[i] == list(range(i + 1)) for i in range(50))
 
 
 def _storage_path(storage: str, actor_id: str, *parts: str) -> Path:

@@ -12,7 +12,8 @@ Layout (keys relative to the storage URI)::
 A writer call is logged, run as a Ray task (restore the state into an instance made
 without ``__init__``, call the method, capture the state again) and committed: its
 result, then the state with its number, which is the commit point. Writers of one
-actor run one at a time, in the order the manager receives them. After a crash the
+actor run one at a time, in the order each handle made them (calls carry a per-handle
+number: Ray may start one caller's calls to an async actor out of order). After a crash the
 logged calls beyond the committed number run again, in order, before any new call:
 a method body may run twice, its effect on the state lands once. A writer that
 raises leaves the state as it was; its exception is its durable result, and the
@@ -98,6 +99,10 @@ class _Actor:
     seq: int = 0  # the number of the last committed writer call
     state: Any = None
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    # Writer calls reach the lock in each caller's order: the last order admitted per
+    # caller, and the calls waiting for their predecessor.
+    admitted: dict[str, int] = dataclasses.field(default_factory=dict)
+    turns: dict[tuple[str, int], asyncio.Future[None]] = dataclasses.field(default_factory=dict)
 
 
 class Actors:
@@ -126,12 +131,17 @@ class Actors:
         call: bytes,
         readonly: bool,
         ray_options: dict[str, Any],
+        order: tuple[str, int] | None = None,
     ) -> Any:
-        """Run one method call; return its value (or raise its exception)."""
+        """Run one method call; return its value (or raise its exception). ``order``
+        is ``(caller, n)``: a caller's writer calls run in the order of their ``n``
+        (Ray may start one caller's calls to an async actor in another order)."""
         actor = await self._get(actor_id)
         if readonly:
             _, outcome = await self._run(actor, actor.state, method, call, ray_options)
             return _raise_or_return(outcome)
+        if order is not None:
+            await _admit(actor, *order)
         async with actor.lock:
             known = await self.storage.get(_key(actor_id, "ids", call_id))
             if known is None:
@@ -214,6 +224,30 @@ class Actors:
         task = self._task.options(**options) if options else self._task
         new_state, outcome = await task.remote(actor.cls_bytes, state, method, call)
         return new_state, outcome
+
+
+# How long a writer call waits for its caller's previous one to arrive: after a manager
+# restart only some calls are replayed, and a predecessor that never comes must not
+# hold its successors forever.
+_TURN_WAIT = 2.0
+
+
+async def _admit(actor: _Actor, caller: str, n: int) -> None:
+    """Return when call ``n`` of ``caller`` may queue for the actor's lock: once call
+    ``n - 1`` has (or at once for a caller's first call seen, or after a wait)."""
+    last = actor.admitted.get(caller)
+    if last is not None and n > last + 1:
+        turn = actor.turns.setdefault((caller, n - 1), asyncio.get_running_loop().create_future())
+        try:
+            await asyncio.wait_for(asyncio.shield(turn), _TURN_WAIT)
+        except asyncio.TimeoutError:
+            log.warning("actor.call_out_of_order", caller=caller, call=n)
+        finally:
+            actor.turns.pop((caller, n - 1), None)
+    actor.admitted[caller] = max(n, actor.admitted.get(caller, n))
+    done = actor.turns.get((caller, n))
+    if done is not None and not done.done():
+        done.set_result(None)
 
 
 def _raise_or_return(outcome: bytes) -> Any:

@@ -203,8 +203,9 @@ class WorkflowManager:
         call: bytes,
         readonly: bool,
         options: dict[str, Any],
+        order: tuple[str, int] | None = None,
     ) -> Any:
-        return await self.actors.call(actor_id, call_id, method, call, readonly, options)
+        return await self.actors.call(actor_id, call_id, method, call, readonly, options, order)
 
     async def resume(self, workflow_id: str) -> None:
         """Resume a stored workflow; joins it if it already runs (e.g. auto-recovered)."""

@@ -29,6 +29,7 @@ readonly methods run concurrently on the last committed state. See
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -83,6 +84,9 @@ class VirtualActor:
         self._cls = cls
         self._ready = ready
         self._created = False
+        # Writer calls made through this handle run in the order they were made.
+        self._caller = uuid.uuid4().hex
+        self._writes = itertools.count()
 
     def ready(self) -> ray.ObjectRef[Any]:
         """An ObjectRef that resolves once the actor exists and is initialised."""
@@ -134,13 +138,10 @@ class ActorMethod:
         """Call the method; an ObjectRef of its result."""
         self._actor._wait_created()
         call = cloudpickle.dumps((args, kwargs))
+        actor = self._actor
+        order = None if self._readonly else (actor._caller, next(actor._writes))
         ref: ray.ObjectRef[Any] = _manager().actor_call.remote(
-            self._actor.actor_id,
-            uuid.uuid4().hex,
-            self._name,
-            call,
-            self._readonly,
-            self._options,
+            actor.actor_id, uuid.uuid4().hex, self._name, call, self._readonly, self._options, order
         )
         return ref
 
