@@ -428,6 +428,7 @@ class Engine:
     async def result(self, workflow_id: str) -> Any:
         """The ObjectRef of the workflow's output, once it has one. A workflow stored as
         running that no manager runs (its manager died) is resumed first."""
+        delay = 0.01
         while workflow_id not in self.runs:
             status = await self.status(workflow_id)
             if status == WorkflowStatus.RESUMABLE:
@@ -437,9 +438,11 @@ class Engine:
                     pass
             elif status not in (WorkflowStatus.RUNNING, WorkflowStatus.PENDING):
                 return await self.output(workflow_id)
-            # Another manager runs it: wait for its final status, or for its lease to
-            # lapse (then the next round resumes it here).
-            await asyncio.sleep(min(1.0, self.leases.ttl / 3))
+            # Its caller is handing it over to this engine (soon in self.runs), or another
+            # manager runs it: wait for its final status, or for its lease to lapse (then
+            # the next round resumes it here).
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0, self.leases.ttl / 3)
         return await asyncio.shield(self._finished[workflow_id])
 
     async def _stored_output(self, workflow_id: str, key: str) -> Any:
