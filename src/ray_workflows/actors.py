@@ -234,9 +234,10 @@ _TURN_WAIT = 2.0
 
 async def _admit(actor: _Actor, caller: str, n: int) -> None:
     """Return when call ``n`` of ``caller`` may queue for the actor's lock: once call
-    ``n - 1`` has (or at once for a caller's first call seen, or after a wait)."""
-    last = actor.admitted.get(caller)
-    if last is not None and n > last + 1:
+    ``n - 1`` has (a handle numbers its calls from 0), or after a bounded wait (calls
+    replayed to a restarted manager may miss their predecessors)."""
+    last = actor.admitted.get(caller, -1)
+    if n > last + 1:
         turn = actor.turns.setdefault((caller, n - 1), asyncio.get_running_loop().create_future())
         try:
             await asyncio.wait_for(asyncio.shield(turn), _TURN_WAIT)
@@ -244,7 +245,7 @@ async def _admit(actor: _Actor, caller: str, n: int) -> None:
             log.warning("actor.call_out_of_order", caller=caller, call=n)
         finally:
             actor.turns.pop((caller, n - 1), None)
-    actor.admitted[caller] = max(n, actor.admitted.get(caller, n))
+    actor.admitted[caller] = max(n, actor.admitted.get(caller, -1))
     done = actor.turns.get((caller, n))
     if done is not None and not done.done():
         done.set_result(None)
