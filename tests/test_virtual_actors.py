@@ -236,3 +236,31 @@ def test_bad_input_is_refused_with_a_clear_error(storage: str, wid: str) -> None
         workflow.get_actor("no-such-actor-" + uuid.uuid4().hex[:6])
     with pytest.raises(ValueError):
         Ledger.get_or_create("../escape", "/tmp")
+
+
+def test_calls_that_reach_the_manager_out_of_order_run_in_the_handles_order(
+    storage: str, wid: str
+) -> None:
+    # As when Ray starts one caller's actor calls in another order: the calls of one
+    # handle carry their number, and are sent here last to first.
+    @workflow.virtual_actor
+    class Trail:
+        def __init__(self) -> None:
+            self.seen: list[int] = []
+
+        def visit(self, i: int) -> list[int]:
+            self.seen.append(i)
+            return list(self.seen)
+
+    ray.get(Trail.get_or_create(wid).ready())
+    handle = bridge.run(config.manager())
+    caller = uuid.uuid4().hex
+    refs = {
+        n: handle.actor_call.remote(
+            wid, uuid.uuid4().hex, "visit", ray.cloudpickle.dumps(((n,), {})), False, {},
+            (caller, n),
+        )
+        for n in reversed(range(6))
+    }
+    assert ray.get(refs[5], timeout=30) == [0, 1, 2, 3, 4, 5]
+    assert [ray.get(refs[n]) for n in range(6)] == [list(range(n + 1)) for n in range(6)]
