@@ -451,6 +451,32 @@ def fs_type(path: str) -> str:
         return "?"
 
 
+def durable_put_ms(path: str, n: int = 50) -> str:
+    """Median ms of one durable 1 KiB put (write, fsync, rename, directory fsync) in
+    ``path``: the 'many' row tracks this host's fsync cost, so it is printed with it."""
+    probe = os.path.join(path, ".rwf-bench-fsync")
+    os.makedirs(probe, exist_ok=True)
+    times = []
+    try:
+        for i in range(n):
+            t0 = time.perf_counter()
+            tmp, final = os.path.join(probe, f"{i}.tmp"), os.path.join(probe, str(i))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o644)
+            os.write(fd, b"x" * 1024)
+            os.fsync(fd)
+            os.close(fd)
+            os.rename(tmp, final)
+            dfd = os.open(probe, os.O_RDONLY)
+            os.fsync(dfd)
+            os.close(dfd)
+            times.append(time.perf_counter() - t0)
+    except OSError:
+        return "?"
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+    return f"{statistics.median(times) * 1000:.2f}"
+
+
 def code_version() -> str:
     """The commit under test, and whether the library's source differs from it."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -537,8 +563,9 @@ def run_all(args: argparse.Namespace, names: list[str], sizes: dict[str, int],
     print(f"ray-workflows {workflow.__version__} ({code_version()}) core benchmark | Ray "
           f"{ray.__version__} | Python {platform.python_version()} | num_cpus=2 "
           f"(machine: {os.cpu_count()} cores)")
-    print(f"storage {storage} ({fs_type(storage)}) | sizes {'quick' if args.quick else 'full'} "
-          f"| repeat {args.repeat} (median) | timeout {args.timeout:g}s/measurement")
+    print(f"storage {storage} ({fs_type(storage)}, durable 1 KiB put {durable_put_ms(storage)} "
+          f"ms) | sizes {'quick' if args.quick else 'full'} | repeat {args.repeat} (median) "
+          f"| timeout {args.timeout:g}s/measurement")
     print(f"ray.init {t_init:.1f}s, warm-up {t_warm:.1f}s | ratio = workflow / plain Ray | "
           f"target <= {TARGET:.1f} (rows above it marked '!!')")
     print("Ray 2.47 reference ratios: chain 13.6x, fan-out 20.8x, 100 workflows 24.6x")
