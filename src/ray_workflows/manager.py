@@ -85,6 +85,7 @@ class WorkflowManager:
         )
         self.actors = Actors(self.engine.storage)
         self._probe: tuple[str, bytes] | None = None  # see describe()
+        self._lineage = lineage.replace("|", ".").replace(":", "_")
         self._clock = clock
         self._recovering: asyncio.Task[list[str]] | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -170,7 +171,9 @@ class WorkflowManager:
         probe = None
         if caller_stores:
             if self._probe is None:
-                key = f"managers/{self.engine.leases.owner.replace('/', '_')}.probe"
+                # One key per cluster and manager: each incarnation Ray restarts overwrites
+                # its predecessor's (another cluster sharing the storage has its own).
+                key = f"managers/{self._lineage}probe"
                 self._probe = (key, secrets.token_hex(16).encode())
                 await self.engine.storage.put(*self._probe)
             probe = self._probe
