@@ -155,18 +155,21 @@ def test_a_failing_writer_keeps_the_state_and_the_next_calls_go_on(
     assert ledger.total.run() == 6
 
 
+@workflow.virtual_actor
+class Trail:
+    """Remembers the order in which its writer calls ran."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def visit(self, i: int) -> list[int]:
+        self.seen.append(i)
+        return list(self.seen)
+
+
 def test_writers_run_one_at_a_time_in_submission_order(storage: str, wid: str) -> None:
-    @workflow.virtual_actor
-    class Log:
-        def __init__(self) -> None:
-            self.items: list[int] = []
-
-        def append(self, i: int) -> list[int]:
-            self.items.append(i)
-            return list(self.items)
-
-    log = Log.get_or_create(wid)
-    refs = [log.append.run_async(i) for i in range(50)]
+    trail = Trail.get_or_create(wid)
+    refs = [trail.visit.run_async(i) for i in range(50)]
     results = ray.get(refs)
     assert results[-1] == list(range(50))
     assert all(results[i] == list(range(i + 1)) for i in range(50))
@@ -243,15 +246,6 @@ def test_calls_that_reach_the_manager_out_of_order_run_in_the_handles_order(
 ) -> None:
     # As when Ray starts one caller's actor calls in another order: the calls of one
     # handle carry their number, and are sent here last to first.
-    @workflow.virtual_actor
-    class Trail:
-        def __init__(self) -> None:
-            self.seen: list[int] = []
-
-        def visit(self, i: int) -> list[int]:
-            self.seen.append(i)
-            return list(self.seen)
-
     ray.get(Trail.get_or_create(wid).ready())
     handle = bridge.run(config.manager())
     caller = uuid.uuid4().hex

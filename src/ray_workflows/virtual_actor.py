@@ -136,9 +136,9 @@ class ActorMethod:
 
     def run_async(self, *args: Any, **kwargs: Any) -> ray.ObjectRef[Any]:
         """Call the method; an ObjectRef of its result."""
-        self._actor._wait_created()
-        call = cloudpickle.dumps((args, kwargs))
         actor = self._actor
+        actor._wait_created()
+        call = cloudpickle.dumps((args, kwargs))
         order = None if self._readonly else (actor._caller, next(actor._writes))
         ref: ray.ObjectRef[Any] = _manager().actor_call.remote(
             actor.actor_id, uuid.uuid4().hex, self._name, call, self._readonly, self._options, order
@@ -157,9 +157,10 @@ def _manager() -> Any:
 def get_actor(actor_id: str) -> VirtualActor:
     """A handle of the stored virtual actor ``actor_id``, from any process."""
     check_id(actor_id)
-    handle = _manager()
-    cls = cloudpickle.loads(bridge.run(aio.get(handle.actor_class.remote(actor_id))))
-    return VirtualActor(actor_id, cls, handle.actor_class.remote(actor_id))
+    ready = _manager().actor_class.remote(actor_id)  # resolves once the actor is loaded
+    actor = VirtualActor(actor_id, cloudpickle.loads(bridge.run(aio.get(ready))), ready)
+    actor._created = True
+    return actor
 
 
 class _VirtualActorDecorator:
