@@ -9,6 +9,15 @@ call, several times the price of a small durable write.
 ``put_if_absent`` links a finished temp file to the key (``link`` fails if the
 key exists, atomically, in every process). ``compare_and_set`` holds an
 exclusive ``flock`` on a per-key lock file while it reads and replaces.
+
+A batch (``put_many``, ``put_if_absent_many``) of several keys is made durable
+with two ``syncfs`` calls on Linux instead of two fsyncs per key: all temp
+files are written, one ``syncfs`` makes their data (and new directories)
+durable, all are renamed or linked, and a second ``syncfs`` makes the names
+durable. Each key still changes atomically. ``syncfs`` also flushes other
+programs' unwritten data on the same filesystem, which costs little on a
+directory of its own and more on a disk busy with large writes. Elsewhere, or
+for one key, each file and directory is fsynced on its own.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import os
@@ -53,6 +63,19 @@ _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _DIR_RETRIES = 5
 # Errors that mean "a key is also used as the directory of other keys".
 _LAYOUT_ERRORS = (NotADirectoryError, IsADirectoryError, FileExistsError)
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):  # not Linux (or no syncfs in this libc)
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+_SYNCFS = _load_syncfs()
 
 
 def _root_path(uri: str) -> str:
@@ -97,10 +120,19 @@ class FileStorage(Storage):
         pairs = [(self._path(key), data) for key, data in items.items()]
         if pairs:
             what = f"of {len(pairs)} keys, the first {next(iter(items))!r}"
-            await self._run("put_many", what, _replace_many, pairs)
+            await self._run("put_many", what, _replace_many, self._root, pairs)
 
     async def put_if_absent(self, key: str, data: bytes) -> bool:
         return await self._run("put_if_absent", repr(key), _create, self._path(key), data)
+
+    async def put_if_absent_many(self, items: Mapping[str, bytes]) -> dict[str, bool]:
+        keys = list(items)
+        pairs = [(self._path(key), data) for key, data in items.items()]
+        if not pairs:
+            return {}
+        what = f"of {len(pairs)} keys, the first {keys[0]!r}"
+        created = await self._run("put_if_absent_many", what, _create_many, self._root, pairs)
+        return dict(zip(keys, created, strict=True))
 
     async def compare_and_set(self, key: str, expected: bytes | None, data: bytes) -> bool:
         path = self._path(key)
@@ -177,9 +209,21 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _ensure_dir(path: str) -> None:
+def _sync_filesystem(root: str) -> None:
+    assert _SYNCFS is not None
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _SYNCFS(fd) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"syncfs: {os.strerror(errno)}", root)
+    finally:
+        os.close(fd)
+
+
+def _ensure_dir(path: str, sync: bool = True) -> None:
     # New directory entries must be durable too, or a crash could lose a whole
-    # directory of files that were each fsynced.
+    # directory of files that were each fsynced. (``sync=False``: the caller's
+    # syncfs makes them durable.)
     missing: list[str] = []
     head = path
     while not os.path.isdir(head):
@@ -196,10 +240,11 @@ def _ensure_dir(path: str) -> None:
                 raise
         # Also when another writer won the mkdir: we must not return before the
         # entry is durable, and we cannot know whether that writer got that far.
-        _fsync_dir(os.path.dirname(directory))
+        if sync:
+            _fsync_dir(os.path.dirname(directory))
 
 
-def _open_temp(directory: str) -> tuple[int, str]:
+def _open_temp(directory: str, sync: bool = True) -> tuple[int, str]:
     # The directory is created on demand: the first write into it fails to open.
     for attempt in range(_DIR_RETRIES):
         tmp = os.path.join(directory, _TMP + secrets.token_hex(8))
@@ -209,17 +254,18 @@ def _open_temp(directory: str) -> tuple[int, str]:
             if attempt == _DIR_RETRIES - 1:
                 raise
         with contextlib.suppress(FileNotFoundError):
-            _ensure_dir(directory)
+            _ensure_dir(directory, sync)
     raise AssertionError("unreachable")
 
 
-def _write_temp(directory: str, data: bytes) -> str:
-    fd, tmp = _open_temp(directory)
+def _write_temp(directory: str, data: bytes, sync: bool = True) -> str:
+    fd, tmp = _open_temp(directory, sync)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     except BaseException:
         os.close(fd)
         _unlink_quietly(tmp)
@@ -253,18 +299,28 @@ def _replace(path: str, data: bytes) -> None:
     _fsync_dir(directory)
 
 
-def _replace_many(pairs: list[tuple[str, bytes]]) -> None:
+def _batched(pairs: list[tuple[str, bytes]]) -> bool:
+    return _SYNCFS is not None and len(pairs) > 1
+
+
+def _replace_many(root: str, pairs: list[tuple[str, bytes]]) -> None:
+    batched = _batched(pairs)
     temps: list[str] = []
     renamed = 0
     try:
         for path, data in pairs:
-            temps.append(_write_temp(os.path.dirname(path), data))
+            temps.append(_write_temp(os.path.dirname(path), data, sync=not batched))
+        if batched:
+            _sync_filesystem(root)  # every temp file's data, and new directories
         for tmp, (path, _) in zip(temps, pairs, strict=False):
             os.replace(tmp, path)
             renamed += 1
     finally:
         for tmp in temps[renamed:]:
             _unlink_quietly(tmp)
+    if batched:
+        _sync_filesystem(root)  # the renames
+        return
     for directory in dict.fromkeys(os.path.dirname(path) for path, _ in pairs):
         _fsync_dir(directory)
 
@@ -283,6 +339,32 @@ def _create(path: str, data: bytes) -> bool:
         _unlink_quietly(tmp)
     _fsync_dir(directory)
     return True
+
+
+def _create_many(root: str, pairs: list[tuple[str, bytes]]) -> list[bool]:
+    if not _batched(pairs):
+        return [_create(path, data) for path, data in pairs]
+    temps: list[str | None] = []
+    created = [False] * len(pairs)
+    try:
+        for path, data in pairs:
+            absent = not os.path.lexists(path)
+            temps.append(_write_temp(os.path.dirname(path), data, sync=False) if absent else None)
+        if not any(temps):
+            return created
+        _sync_filesystem(root)  # the data, and new directories, before any name
+        for i, (tmp, (path, _)) in enumerate(zip(temps, pairs, strict=True)):
+            if tmp is not None:
+                with contextlib.suppress(FileExistsError):
+                    os.link(tmp, path)
+                    created[i] = True
+    finally:
+        for tmp in temps:
+            if tmp is not None:
+                _unlink_quietly(tmp)
+    if any(created):
+        _sync_filesystem(root)  # the new names
+    return created
 
 
 @contextlib.contextmanager

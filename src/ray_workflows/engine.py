@@ -46,6 +46,8 @@ from ray_workflows.worker import INLINE_RECORD_BYTES
 
 log = get_logger()
 
+_INLINE_KEPT = 1024  # output records kept for inline_output
+
 
 class _IdLock:
     """``async with``: serialise start/resume of one workflow id; the lock is dropped
@@ -109,6 +111,9 @@ class Engine:
         # Ids canceled or deleted while not running here: a caller-stored workflow
         # handed over after that is resumed from storage (and refused), not adopted.
         self._closed: collections.OrderedDict[str, None] = collections.OrderedDict()
+        # The output records of recently finished workflows whose output was small
+        # and came back in its task's receipt (see inline_output).
+        self._inline: collections.OrderedDict[str, bytes] = collections.OrderedDict()
 
     # -- starting ---------------------------------------------------------------
     async def start(
@@ -298,7 +303,17 @@ class Engine:
             run.fail_waiters(outcome)
             finished.set_exception(outcome)
         else:
+            if run.output_record is not None:
+                self._inline[wid] = run.output_record
+                if len(self._inline) > _INLINE_KEPT:
+                    self._inline.popitem(last=False)
             finished.set_result(outcome)
+
+    def inline_output(self, workflow_id: str) -> bytes | None:
+        """The output record of a workflow that just succeeded here, if it is small,
+        holds no ObjectRefs and is still kept: a caller can be handed the value itself
+        instead of a ref it would fetch from this process."""
+        return self._inline.get(workflow_id)
 
     # -- resuming ------------------------------------------------------------------
     async def resume(

@@ -15,6 +15,7 @@ from typing import Any
 
 import ray
 
+from ray_workflows import serialization
 from ray_workflows.actors import Actors
 from ray_workflows.engine import Engine, load_clock
 from ray_workflows.log import get_logger
@@ -49,6 +50,24 @@ def _fetch(ref: Any) -> Any:
     # A module-level function pickles by reference; ``ray.get`` itself is a wrapper
     # that cloudpickle would serialise by value in every reply.
     return ray.get(ref)
+
+
+class InlineOutput:
+    """Returned by the manager in place of a small output it holds as its checkpoint
+    record (without ObjectRefs): unpickling decodes the record, so the caller gets the
+    value in the reply itself, without fetching it from the manager in a second round
+    trip. The value is the checkpointed one, as a resumed workflow returns it."""
+
+    def __init__(self, record: bytes) -> None:
+        self.record = record
+
+    def __reduce__(self) -> Any:
+        return (_decode, (self.record,))
+
+
+def _decode(record: bytes) -> Any:
+    _, payload = serialization.decode(record, "the workflow output")
+    return serialization.loads(payload, [])
 
 
 async def resolving(ref: Any) -> ResolvingRef:
@@ -186,7 +205,7 @@ class WorkflowManager:
 
     async def run(
         self, workflow_id: str, plan: bytes, meta: dict[str, Any], lease: bytes | None
-    ) -> ResolvingRef:
+    ) -> ResolvingRef | InlineOutput:
         """Run a workflow its caller has stored as started; reply with its output."""
         decoded = WorkflowStore.decode_plan(plan, f"the plan of {workflow_id!r}")
         await self.engine.adopt(workflow_id, decoded, meta, lease)
@@ -215,9 +234,11 @@ class WorkflowManager:
         await self._recovered()
         await self.engine.resume(workflow_id, existing_ok=True, load=False)
 
-    async def result(self, workflow_id: str) -> ResolvingRef:
+    async def result(self, workflow_id: str) -> ResolvingRef | InlineOutput:
         """The workflow's output, when it is done (resuming it if its manager died)."""
-        return await resolving(await self.engine.result(workflow_id))
+        ref = await self.engine.result(workflow_id)
+        record = self.engine.inline_output(workflow_id)
+        return InlineOutput(record) if record is not None else await resolving(ref)
 
     async def get_output(self, workflow_id: str, task_id: str | None) -> ResolvingRef:
         return await resolving(await self.engine.output(workflow_id, task_id))
@@ -240,4 +261,11 @@ def actor_class() -> Any:
     return ray.remote(WorkflowManager)
 
 
-__all__ = ["NAMESPACE", "ResolvingRef", "WorkflowManager", "actor_class", "manager_name"]
+__all__ = [
+    "NAMESPACE",
+    "InlineOutput",
+    "ResolvingRef",
+    "WorkflowManager",
+    "actor_class",
+    "manager_name",
+]

@@ -13,9 +13,11 @@ an ``ObjectRef``. This holds for fresh runs and after recovery alike.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import inspect
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -152,6 +154,53 @@ def _substitute_inputs(value: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     return value
 
 
+# A function is pickled once per process, as Ray pickles a remote function once, at
+# its first call: a workflow started a thousand times does not pickle it a thousand
+# times. (Weak keys: a function that goes away takes its entry with it.)
+_PICKLED: weakref.WeakKeyDictionary[Callable[..., Any], tuple[str, bytes]]
+_PICKLED = weakref.WeakKeyDictionary()
+
+
+def _pickled(func: Callable[..., Any], name: str) -> tuple[str, bytes]:
+    """``(content key, pickled bytes)`` of a task's function."""
+    try:
+        found = _PICKLED.get(func)
+    except TypeError:  # not weakly referenceable: pickled every time
+        found = None
+    if found is not None:
+        return found
+    try:
+        data = cloudpickle.dumps(func)
+    except Exception as exc:
+        raise TypeError(
+            f"Task {name!r}: its function cannot be pickled ({type(exc).__name__}: "
+            f"{exc}). A workflow task's function is checkpointed, so it must not "
+            "capture locks, sockets or other process-local objects."
+        ) from exc
+    found = (hashlib.sha1(data).hexdigest()[:20], data)
+    with contextlib.suppress(TypeError):
+        _PICKLED[func] = found
+    return found
+
+
+_SIGNATURES: weakref.WeakKeyDictionary[Callable[..., Any], inspect.Signature | None]
+_SIGNATURES = weakref.WeakKeyDictionary()
+
+
+def _signature(func: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        return _SIGNATURES[func]
+    except (KeyError, TypeError):
+        pass
+    try:
+        found: inspect.Signature | None = inspect.signature(func)
+    except ValueError:  # builtins without a signature
+        found = None
+    with contextlib.suppress(TypeError):
+        _SIGNATURES[func] = found
+    return found
+
+
 class _Compiler:
     def __init__(
         self,
@@ -199,10 +248,7 @@ class _Compiler:
 
     def signature_of(self, func: Callable[..., Any]) -> inspect.Signature | None:
         if id(func) not in self._signatures:
-            try:
-                self._signatures[id(func)] = inspect.signature(func)
-            except ValueError:  # builtins without a signature
-                self._signatures[id(func)] = None
+            self._signatures[id(func)] = _signature(func)
         return self._signatures[id(func)]
 
     def options_of(self, func: Callable[..., Any], ray_options: dict[str, Any]) -> Any:
@@ -219,15 +265,7 @@ class _Compiler:
     def func_key(self, func: Callable[..., Any], name: str) -> str:
         key = self._func_keys.get(id(func))
         if key is None:
-            try:
-                data = cloudpickle.dumps(func)
-            except Exception as exc:
-                raise TypeError(
-                    f"Task {name!r}: its function cannot be pickled ({type(exc).__name__}: "
-                    f"{exc}). A workflow task's function is checkpointed, so it must not "
-                    "capture locks, sockets or other process-local objects."
-                ) from exc
-            key = hashlib.sha1(data).hexdigest()[:20]
+            key, data = _pickled(func, name)
             self.functions[key] = data
             self._func_keys[id(func)] = key
         return key

@@ -141,6 +141,8 @@ class WorkflowRun:
         self.attempts: collections.Counter[str] = collections.Counter()
         self.started: dict[str, float] = {}  # first submit time of tasks still live
         self.output_key: str | None = None
+        # The output task's record, when it came in the receipt without ObjectRefs.
+        self.output_record: bytes | None = None
         self.result: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiters: dict[str, list[asyncio.Future[Any]]] = collections.defaultdict(list)
         self._pending_submit: list[str] = []
@@ -664,6 +666,9 @@ class WorkflowRun:
             if not waiter.done():
                 waiter.set_result(value_ref)
         if target == self.output_task_id:
+            record = receipt.record
+            if record is not None and not serialization.peek_header(record)["refs"]:
+                self.output_record = record
             self._resolve_output()
             return
         for consumer in self.consumers.pop(target, []):

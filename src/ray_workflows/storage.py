@@ -81,6 +81,12 @@ class Storage(abc.ABC):
     async def put_if_absent(self, key: str, data: bytes) -> bool:
         """Store ``data`` only if ``key`` has no value. True if this call stored it."""
 
+    async def put_if_absent_many(self, items: Mapping[str, bytes]) -> dict[str, bool]:
+        """``put_if_absent`` for several keys, each on its own (some may be stored and
+        others not); key -> whether this call stored it. Backends may batch the
+        durability work; the default stores them one after another."""
+        return {key: await self.put_if_absent(key, data) for key, data in items.items()}
+
     @abc.abstractmethod
     async def compare_and_set(self, key: str, expected: bytes | None, data: bytes) -> bool:
         """Replace the value of ``key`` with ``data`` only if it currently equals

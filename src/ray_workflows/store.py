@@ -308,27 +308,24 @@ class WorkflowStore:
         """Store a new workflow as started, from the caller's process, in one round:
         the plan (the commit point, its ``meta.json`` content in its header: see
         :meth:`started_meta`), its lease record (``(key, record)``) and its ``status``
-        marker, each created only if absent. ``None`` if the workflow exists already
-        (a marker this call created is then taken back); else whether the lease record
-        was created."""
-        marker = f"status/{status}/{wid}"
-        created, leased, marked = await asyncio.gather(
-            self.storage.put_if_absent(wf_prefix(wid) + "plan", encoded),
-            self.storage.put_if_absent(*lease),
-            self.storage.put_if_absent(marker, b""),
-            return_exceptions=True,
+        marker, each created only if absent, in one batch. ``None`` if the workflow
+        exists already (a lease or marker this call created is then taken back); else
+        whether the lease record was created."""
+        plan_key, marker = wf_prefix(wid) + "plan", f"status/{status}/{wid}"
+        created = await self.storage.put_if_absent_many(
+            {plan_key: encoded, lease[0]: lease[1], marker: b""}
         )
-        if created is not True:
-            if marked is True:  # readers settle a stray marker from meta.json meanwhile
-                with contextlib.suppress(Exception):
-                    await self.storage.delete(marker)
-            if isinstance(created, BaseException):
-                raise created
+        if not created[plan_key]:
+            # The workflow exists: take back what this call added to it (readers
+            # settle a stray marker from meta.json meanwhile).
+            for key in (lease[0], marker):
+                if created[key]:
+                    with contextlib.suppress(Exception):
+                        await self.storage.delete(key)
             return None
-        for outcome in (leased, marked):
-            if isinstance(outcome, BaseException):
-                raise outcome  # stored, but not indexed: `run` with its id resumes it
-        return leased is True
+        # A marker that existed already (left by a deleted workflow of this id)
+        # indexes the new one as well.
+        return created[lease[0]]
 
     async def started_meta(self, wid: str) -> dict[str, Any] | None:
         """``meta.json`` as the workflow started, for one stored by its caller that has

@@ -88,6 +88,33 @@ class StorageConformance:
         assert not await storage.put_if_absent("lease/w2", b"x")
         assert await storage.get("lease/w2") == b""
 
+    async def test_put_if_absent_many(self, storage: Storage) -> None:
+        await storage.put("many/taken", b"old")
+        items = {"many/a": b"1", "many/taken": b"2", "many/new/dir/c": b"", "top": b"4"}
+        created = await storage.put_if_absent_many(items)
+        assert created == {"many/a": True, "many/taken": False, "many/new/dir/c": True, "top": True}
+        assert await storage.get("many/taken") == b"old"
+        for key in ("many/a", "many/new/dir/c", "top"):
+            assert await storage.get(key) == items[key]
+        assert await storage.list() == sorted(items)
+        assert await storage.put_if_absent_many({}) == {}
+        assert await storage.put_if_absent_many({"many/a": b"x"}) == {"many/a": False}
+
+    async def test_concurrent_put_if_absent_many_one_winner_per_key(
+        self, storage: Storage
+    ) -> None:
+        keys = ["race/a", "race/b", "race/sub/c"]
+        results = await asyncio.gather(
+            *(
+                storage.put_if_absent_many({k: f"racer {i}".encode() for k in keys[i % 2 :]})
+                for i in range(_RACERS)
+            )
+        )
+        for key in keys:
+            winners = [i for i, created in enumerate(results) if created.get(key)]
+            assert len(winners) == 1, (key, winners)
+            assert await storage.get(key) == f"racer {winners[0]}".encode()
+
     async def test_compare_and_set_expecting_absent(self, storage: Storage) -> None:
         assert await storage.compare_and_set("cas", None, b"one")
         assert await storage.get("cas") == b"one"
@@ -177,11 +204,12 @@ class StorageConformance:
         await storage.put_many({"d/many1": b"1", "d/many2": b"2"})
         assert await storage.put_if_absent("d/pia", b"1")
         assert not await storage.put_if_absent("d/pia", b"2")
+        await storage.put_if_absent_many({"d/piam1": b"1", "d/piam2": b"2"})
         assert await storage.compare_and_set("d/cas", None, b"1")
         assert await storage.compare_and_set("d/cas", b"1", b"2")
         assert not await storage.compare_and_set("d/cas", b"1", b"3")
         assert not await storage.compare_and_set("d/absent", b"1", b"3")
-        expected = ["d/cas", "d/many1", "d/many2", "d/pia", "d/put"]
+        expected = ["d/cas", "d/many1", "d/many2", "d/pia", "d/piam1", "d/piam2", "d/put"]
         assert await storage.list() == expected
         assert await storage.list("d/") == expected
         assert await storage.list("d") == expected
