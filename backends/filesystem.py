@@ -10,14 +10,15 @@ call, several times the price of a small durable write.
 key exists, atomically, in every process). ``compare_and_set`` holds an
 exclusive ``flock`` on a per-key lock file while it reads and replaces.
 
-A batch (``put_many``, ``put_if_absent_many``) of several keys is made durable
-with two ``syncfs`` calls on Linux instead of two fsyncs per key: all temp
-files are written, one ``syncfs`` makes their data (and new directories)
-durable, all are renamed or linked, and a second ``syncfs`` makes the names
-durable. Each key still changes atomically. ``syncfs`` also flushes other
-programs' unwritten data on the same filesystem, which costs little on a
-directory of its own and more on a disk busy with large writes. Elsewhere, or
-for one key, each file and directory is fsynced on its own.
+A batch (``put_many``, ``put_if_absent_many``, ``delete_many``) of several keys
+is made durable with ``syncfs`` on Linux instead of fsyncs per key and directory:
+all temp files are written, one ``syncfs`` makes their data (and new
+directories) durable, all are renamed or linked, and a second ``syncfs`` makes
+the names durable (a batch of deletes needs only the second). Each key still
+changes atomically. ``syncfs`` also flushes other programs' unwritten data on
+the same filesystem, which costs little on a directory of its own and more on a
+disk busy with large writes. Elsewhere, or for one key, each file and directory
+is fsynced on its own.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def _load_syncfs() -> Callable[[int], int] | None:
         return None
     fn.argtypes = [ctypes.c_int]
     fn.restype = ctypes.c_int
-    return fn  # type: ignore[no-any-return]
+    return fn
 
 
 _SYNCFS = _load_syncfs()
@@ -144,6 +145,14 @@ class FileStorage(Storage):
 
     async def delete(self, key: str) -> bool:
         return await self._run("delete", repr(key), _delete, self._path(key))
+
+    async def delete_many(self, keys: list[str]) -> dict[str, bool]:
+        paths = [self._path(key) for key in keys]
+        if not paths:
+            return {}
+        what = f"of {len(paths)} keys, the first {keys[0]!r}"
+        existed = await self._run("delete_many", what, _delete_many, self._root, paths)
+        return dict(zip(keys, existed, strict=True))
 
     async def delete_prefix(self, prefix: str) -> int:
         check_prefix(prefix)
@@ -401,6 +410,21 @@ def _delete(path: str) -> bool:
         return False
     _fsync_dir(os.path.dirname(path))
     return True
+
+
+def _delete_many(root: str, paths: list[str]) -> list[bool]:
+    if _SYNCFS is None or len(paths) < 2:
+        return [_delete(path) for path in paths]
+    existed = []
+    for path in paths:
+        try:
+            os.unlink(path)
+            existed.append(True)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            existed.append(False)
+    if any(existed):
+        _sync_filesystem(root)
+    return existed
 
 
 def _list(root: str, prefix: str) -> list[str]:

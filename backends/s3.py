@@ -36,7 +36,7 @@ import hashlib
 import random
 import secrets
 import threading
-from collections.abc import AsyncGenerator, Awaitable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -299,6 +299,30 @@ class S3Storage(Storage):
         name = self._name(key)
         self._require_conditional_writes("put_if_absent")
         return await self._conditional_put("put_if_absent", key, name, data, None)
+
+    async def put_if_absent_many(self, items: Mapping[str, bytes]) -> dict[str, bool]:
+        # Conditional PUTs of different keys are independent: all at once.
+        return await self._each(self.put_if_absent, list(items.items()))
+
+    async def delete_many(self, keys: list[str]) -> dict[str, bool]:
+        return await self._each(self.delete, [(key,) for key in keys])
+
+    async def _each(
+        self, op: Callable[..., Awaitable[bool]], calls: list[tuple[Any, ...]]
+    ) -> dict[str, bool]:
+        for call in calls:
+            self._name(call[0])  # refuse a bad key before anything is written
+        limit = asyncio.Semaphore(self.max_concurrency)
+
+        async def one(call: tuple[Any, ...]) -> bool:
+            async with limit:
+                return await op(*call)
+
+        results = await asyncio.gather(*(one(call) for call in calls), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return {call[0]: bool(result) for call, result in zip(calls, results, strict=True)}
 
     async def compare_and_set(self, key: str, expected: bytes | None, data: bytes) -> bool:
         name = self._name(key)

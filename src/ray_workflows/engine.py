@@ -299,6 +299,7 @@ class Engine:
             self.leases.drop(lease)  # nobody needs to take a finished workflow over
         else:
             await self.leases.release(lease)
+        self._inline.pop(wid, None)
         if isinstance(outcome, BaseException):
             run.fail_waiters(outcome)
             finished.set_exception(outcome)
@@ -436,6 +437,7 @@ class Engine:
         return handed_over and workflow_id not in self.leases.held
 
     def _close(self, workflow_id: str) -> None:
+        self._inline.pop(workflow_id, None)
         self._closed[workflow_id] = None
         if len(self._closed) > 10_000:
             self._closed.popitem(last=False)

@@ -21,12 +21,26 @@ _processors: list[Any] = [
 ]
 
 
+class _BoundLogger(structlog.stdlib.BoundLogger):
+    # An event below the stdlib logger's level costs one cached level check, not the
+    # bound-context copy and processor chain (events happen per workflow and task).
+    def debug(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        if self._logger.isEnabledFor(logging.DEBUG):
+            return self._proxy_to_logger("debug", event, *args, **kw)
+        return None
+
+    def info(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        if self._logger.isEnabledFor(logging.INFO):
+            return self._proxy_to_logger("info", event, *args, **kw)
+        return None
+
+
 def get_logger(name: str = "ray_workflows", **bound: Any) -> Any:
     """A structlog logger writing to the stdlib logger ``name``."""
     return structlog.wrap_logger(
         logging.getLogger(name),
         processors=_processors,
-        wrapper_class=structlog.stdlib.BoundLogger,
+        wrapper_class=_BoundLogger,
         **bound,
     )
 

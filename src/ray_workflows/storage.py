@@ -96,6 +96,11 @@ class Storage(abc.ABC):
     async def delete(self, key: str) -> bool:
         """Remove ``key``. True if it existed."""
 
+    async def delete_many(self, keys: list[str]) -> dict[str, bool]:
+        """``delete`` several keys; key -> whether it existed. Backends may batch the
+        durability work; the default deletes them one after another."""
+        return {key: await self.delete(key) for key in keys}
+
     @abc.abstractmethod
     async def delete_prefix(self, prefix: str) -> int:
         """Remove every key starting with ``prefix``; return how many were removed."""

@@ -231,17 +231,24 @@ class PackWriter:
 
 
 class GroupCommit:
-    """Batches writes: one ``put_many`` for everything queued while the last batch
-    was being written. Batches are written in order; within a batch, keys keep the
-    order in which they were first queued."""
+    """Batches writes: one ``put_many`` (then one ``delete_many``) for everything
+    queued while the last batch was being written. Batches are written in order;
+    within a batch, keys keep the order in which they were first queued, and its
+    deletes follow its puts."""
 
     def __init__(self, storage: Storage) -> None:
         self._storage = storage
-        self._queue: dict[str, bytes] = {}
+        self._queue: dict[str, bytes | None] = {}  # None: delete the key
         self._waiters: list[asyncio.Future[None]] = []
         self._flusher: asyncio.Task[None] | None = None
 
     async def put(self, key: str, data: bytes) -> None:
+        await self._queued(key, data)
+
+    async def delete(self, key: str) -> None:
+        await self._queued(key, None)
+
+    async def _queued(self, key: str, data: bytes | None) -> None:
         self._queue.pop(key, None)  # a re-queued key takes its new place in the order
         self._queue[key] = data
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -254,8 +261,13 @@ class GroupCommit:
         while self._queue:
             batch, self._queue = self._queue, {}
             waiters, self._waiters = self._waiters, []
+            puts = {key: data for key, data in batch.items() if data is not None}
+            deletes = [key for key, data in batch.items() if data is None]
             try:
-                await self._storage.put_many(batch)
+                if puts:
+                    await self._storage.put_many(puts)
+                if deletes:
+                    await self._storage.delete_many(deletes)
             except BaseException as exc:  # every waiter of the batch learns of it
                 for w in waiters:
                     if not w.done():
@@ -361,7 +373,7 @@ class WorkflowStore:
             writes.insert(0, self.commit.put(f"status/{new}/{wid}", b""))
         await asyncio.gather(*writes)
         if old and new != old:
-            await self.storage.delete(f"status/{old}/{wid}")
+            await self.commit.delete(f"status/{old}/{wid}")
 
     async def indexed(self) -> dict[str, str]:
         """wid -> stored status, from the index (settling duplicates from meta.json)."""

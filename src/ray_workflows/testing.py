@@ -158,6 +158,14 @@ class StorageConformance:
         assert not await storage.delete("never/there")
         assert await storage.list() == []
 
+    async def test_delete_many(self, storage: Storage) -> None:
+        await storage.put_many({"dm/a": b"1", "dm/sub/b": b"2", "dm/keep": b"3"})
+        removed = await storage.delete_many(["dm/a", "dm/sub/b", "dm/never"])
+        assert removed == {"dm/a": True, "dm/sub/b": True, "dm/never": False}
+        assert await storage.list("dm/") == ["dm/keep"]
+        assert await storage.delete_many([]) == {}
+        assert await storage.delete_many(["dm/a"]) == {"dm/a": False}
+
     async def test_delete_prefix_subtree(self, storage: Storage) -> None:
         for key in ["a/x", "a/y/z", "a/y/w", "ab/1", "b"]:
             await storage.put(key, b"v")
