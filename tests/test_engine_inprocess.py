@@ -112,3 +112,29 @@ async def test_a_long_tail_chain_keeps_the_live_state_of_one_level() -> None:
     assert peak["specs"] == 1 and peak["running"] == 1, peak  # the one live level
     assert max(peak.values()) <= 3, peak
     await engine.close()
+
+
+async def test_a_small_output_is_kept_as_its_record_until_the_id_changes_hands() -> None:
+    """The manager answers a caller with the output record itself when the output was
+    small and held no ObjectRefs (see ``Engine.inline_output``): never with the record
+    of an earlier run of the same id."""
+    from ray_workflows.manager import InlineOutput
+
+    engine = Engine(open_storage(f"memory://{uuid.uuid4().hex}"))
+    assert await (await (await engine.start("small", compile_dag(add.bind(2, 3))))) == 5
+    record = engine.inline_output("small")
+    assert record is not None
+    # What a caller unpickles is the checkpointed value.
+    assert ray.get(ray.put(InlineOutput(record))) == 5
+
+    # An output holding an ObjectRef is not inlined (the caller resolves it).
+    assert await (await (await engine.start("boxed", compile_dag(boxed.bind(4))))) != []
+    assert engine.inline_output("boxed") is None
+
+    # Deleting forgets it; the id's next run answers with its own output.
+    await engine.delete("small")
+    assert engine.inline_output("small") is None
+    assert await (await (await engine.start("small", compile_dag(add.bind(10, 20))))) == 30
+    again = engine.inline_output("small")
+    assert again is not None and ray.get(ray.put(InlineOutput(again))) == 30
+    await engine.close()
