@@ -29,6 +29,7 @@ import contextlib
 import ctypes
 import fcntl
 import hashlib
+import itertools
 import os
 import secrets
 from collections.abc import Callable, Iterator, Mapping
@@ -58,6 +59,10 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
 _RESERVED = ".rwf-"
 _TMP = _RESERVED + "tmp-"
 _LOCKS = _RESERVED + "locks"
+# Temp names: random per process, then a counter (no urandom call per write; O_EXCL
+# would refuse a clash anyway).
+_TMP_PREFIX = secrets.token_hex(6)
+_tmp_numbers = itertools.count()
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 # A concurrent delete_prefix may remove an empty directory between our mkdir and
 # our open; the writer recreates it a few times before giving up.
@@ -256,7 +261,9 @@ def _ensure_dir(path: str, sync: bool = True) -> None:
 def _open_temp(directory: str, sync: bool = True) -> tuple[int, str]:
     # The directory is created on demand: the first write into it fails to open.
     for attempt in range(_DIR_RETRIES):
-        tmp = os.path.join(directory, _TMP + secrets.token_hex(8))
+        # The pid too: a forked child continues its parent's counter.
+        name = f"{_TMP}{_TMP_PREFIX}-{os.getpid()}-{next(_tmp_numbers)}"
+        tmp = os.path.join(directory, name)
         try:
             return os.open(tmp, _CREATE_FLAGS, 0o666), tmp
         except FileNotFoundError:
