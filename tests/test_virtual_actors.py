@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 import ray
 from conftest import kill_manager
-from helpers import count_runs, record_run
+from helpers import count_runs, record_run, wait_for
 
 import ray_workflows as workflow
 from ray_workflows import aio, bridge, config
@@ -258,3 +259,96 @@ def test_calls_that_reach_the_manager_out_of_order_run_in_the_handles_order(
     }
     assert ray.get(refs[5], timeout=30) == [0, 1, 2, 3, 4, 5]
     assert [ray.get(refs[n]) for n in range(6)] == [list(range(n + 1)) for n in range(6)]
+
+
+# Seed 002, example 11 ("Using sub workflows"), with `import ray_workflows as workflow`
+# in place of `from ray import workflow`.
+@workflow.step
+def double(s):  # type: ignore[no-untyped-def]
+    return 2 * s
+
+
+@workflow.virtual_actor
+class Actor:
+    def __init__(self):  # type: ignore[no-untyped-def]
+        self.val = 1
+
+    def double(self, update):  # type: ignore[no-untyped-def]
+        step = double.step(self.val)
+        if not update:
+            # inside the method, a workflow can be launched
+            return step
+        else:
+            # workflow can also be passed to another method
+            return self.update.step(step)
+
+    def update(self, v):  # type: ignore[no-untyped-def]
+        self.val = v
+        return self.val
+
+
+def test_seed_002_example_11_methods_return_sub_workflows(storage: str) -> None:
+    handler = Actor.get_or_create("actor-" + uuid.uuid4().hex[:8])
+    assert handler.double.run(False) == 2
+    assert handler.double.run(False) == 2
+    assert handler.double.run(True) == 2
+    assert handler.double.run(True) == 4
+    # A call that returned a step ran it as a workflow of its own, stored under the
+    # call's number (the update steps were calls 4 and 6) and inspectable as any other.
+    sub = f"{handler.actor_id}.call-5"
+    assert workflow.get_status(sub) == workflow.WorkflowStatus.SUCCESSFUL
+    assert workflow.get_output(sub) == 4
+    assert handler.double.run(False) == 8  # the state the last update step committed
+
+
+@workflow.step
+def slow_double(x: int, counter_dir: str, gate: str) -> int:
+    record_run(counter_dir, "slow_double")
+    while not Path(gate).exists():
+        time.sleep(0.05)
+    return 2 * x
+
+
+@workflow.virtual_actor
+class Keeper:
+    def __init__(self, counter_dir: str, gate: str) -> None:
+        self.val, self.dir, self.gate = 3, counter_dir, gate
+
+    def bump(self) -> Any:
+        record_run(self.dir, "bump")
+        self.val += 1
+        return self.store.step(slow_double.step(self.val, self.dir, self.gate))
+
+    def store(self, v: int) -> int:
+        record_run(self.dir, "store")
+        self.val = v
+        return v
+
+    @workflow.virtual_actor.readonly
+    def value(self) -> int:
+        return int(self.val)
+
+
+def test_a_call_whose_sub_workflow_outlives_its_manager_returns_its_output(
+    fresh_storage: str, wid: str, counter_dir: Path, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    keeper = Keeper.get_or_create(wid, str(counter_dir), str(gate))
+    ref = keeper.bump.run_async()
+
+    def committed() -> bool:
+        state = _storage_path(fresh_storage, wid, "state")
+        return state.exists() and json.loads(state.read_bytes())["seq"] == 1
+
+    # The call committed (with its sub-workflow stored) and the sub-workflow's first
+    # step runs: now the manager dies.
+    wait_for(lambda: committed() and count_runs(counter_dir, "slow_double") >= 1)
+    kill_manager(fresh_storage, no_restart=False)  # Ray restarts it, with no memory
+    gate.touch()
+    # Ray replays the call to the restarted manager, which answers with the output of
+    # the sub-workflow it resumed.
+    assert ray.get(ref, timeout=120) == 8
+    workflow.init(fresh_storage)
+    assert workflow.get_actor(wid).value.run() == 8
+    assert count_runs(counter_dir, "bump") == 1  # committed once, before the crash
+    assert count_runs(counter_dir, "store") == 1

@@ -19,25 +19,39 @@ a method body may run twice, its effect on the state lands once. A writer that
 raises leaves the state as it was; its exception is its durable result, and the
 calls after it go on. Readonly calls run on the committed state and log nothing.
 A call made before ``__init__`` has finished waits for it.
+
+A method may return a step or DAG: it is a sub-workflow, started (durably, under the
+id ``<actor id>.call-<seq>``) before the call commits, and the call's result is its
+output. Inside a method, ``self.other.step(...)`` is a step that calls ``other`` on
+this actor (with a call id made from the workflow and task ids, so a task that runs
+again does not call it twice).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import inspect
 import json
 import pickle
+import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import ray
 from ray import cloudpickle
 from ray.dag import DAGNode
 
+from ray_workflows import context
 from ray_workflows.exceptions import WorkflowNotFoundError
 from ray_workflows.log import get_logger
+from ray_workflows.plan import Plan, compile_dag
 from ray_workflows.storage import Storage
 
 log = get_logger()
+
+READONLY = "__ray_workflows_readonly__"  # set on a method by @virtual_actor.readonly
 
 
 def capture(obj: Any) -> Any:
@@ -59,10 +73,18 @@ def has_own(cls: type, name: str) -> bool:
     return getattr(cls, name, None) is not getattr(object, name, None)
 
 
-def run_method(cls_bytes: bytes, state: Any, method: str | None, call: bytes) -> tuple[Any, bytes]:
-    """In a Ray worker: the new state and the pickled ``("ok", value)`` or
-    ``("error", exception)`` of one method call (or of ``__init__``)."""
-    cls = cloudpickle.loads(cls_bytes)
+def run_method(
+    cls_bytes: bytes,
+    state: Any,
+    method: str | None,
+    call: bytes,
+    actor_id: str = "",
+    storage_uri: str = "",
+) -> tuple[Any, bytes, Plan | None]:
+    """In a Ray worker: the new state, the pickled ``("ok", value)`` or
+    ``("error", exception)`` of one method call (or of ``__init__``), and the plan of
+    the sub-workflow the method returned, if it returned a step or DAG."""
+    cls = _stepping(cloudpickle.loads(cls_bytes), actor_id, storage_uri)
     args, kwargs = cloudpickle.loads(call)
     try:
         if method is None:
@@ -76,14 +98,71 @@ def run_method(cls_bytes: bytes, state: Any, method: str | None, call: bytes) ->
                 obj.__dict__.update(state)
             value = getattr(obj, method)(*args, **kwargs)
             if isinstance(value, DAGNode):
-                raise TypeError(
-                    f"Virtual actor method {method!r} returned a step or DAG: sub-workflows "
-                    "of virtual actors are not supported yet. Start it as a workflow of its "
-                    "own (run_async with a workflow_id kept in the actor's state)."
-                )
-        return capture(obj), _outcome("ok", value)
+                return capture(obj), _outcome("ok", None), compile_dag(value)
+        return capture(obj), _outcome("ok", value), None
     except Exception as exc:
-        return state, _outcome("error", exc)
+        return state, _outcome("error", exc), None
+
+
+def _stepping(cls: Any, actor_id: str, storage_uri: str) -> Any:
+    """``cls`` with each public method also a step factory: ``self.m.step(...)``."""
+    if not actor_id:
+        return cls
+    methods = {}
+    for name in dir(cls):
+        attr = inspect.getattr_static(cls, name)
+        if not name.startswith("_") and inspect.isfunction(attr):
+            methods[name] = _Method(attr, name, actor_id, storage_uri)
+    sub = type(cls.__name__, (cls,), methods)
+    sub.__qualname__, sub.__module__ = cls.__qualname__, cls.__module__
+    return sub
+
+
+class _Method:
+    def __init__(self, func: Callable[..., Any], name: str, actor_id: str, uri: str) -> None:
+        self.func, self.name, self.actor_id, self.uri = func, name, actor_id, uri
+        self.readonly = bool(getattr(func, READONLY, False))
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        return self.func if obj is None else _BoundMethod(self, obj)
+
+
+class _BoundMethod:
+    """``self.m`` inside a virtual actor method: call it, or ``.step(...)`` it."""
+
+    def __init__(self, method: _Method, obj: Any) -> None:
+        self._method, self._obj = method, obj
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._method.func(self._obj, *args, **kwargs)
+
+    def step(self, *args: Any, **kwargs: Any) -> DAGNode:
+        """A workflow step that calls this method on the stored actor."""
+        m = self._method
+        name = f"{type(self._obj).__qualname__}.{m.name}"
+        node: DAGNode = _method_task.options(name=name).bind(
+            m.uri, m.actor_id, m.name, m.readonly, *args, **kwargs
+        )
+        return node
+
+
+def _call_method(
+    storage_uri: str, actor_id: str, method: str, readonly: bool, *args: Any, **kwargs: Any
+) -> Any:
+    """A workflow task (see ``_BoundMethod.step``): one call of a virtual actor method."""
+    from ray_workflows.manager import NAMESPACE, manager_name
+
+    ctx = context.current()
+    call_id = f"step:{ctx.workflow_id}:{ctx.task_id}" if ctx is not None else uuid.uuid4().hex
+    manager = ray.get_actor(manager_name(storage_uri), namespace=NAMESPACE)
+    call = cloudpickle.dumps((args, kwargs))
+    return ray.get(
+        manager.actor_call.remote(actor_id, call_id, method, call, readonly, {}, None)
+    )
+
+
+# It only waits for the manager, which runs the method as a task of its own.
+_method_task = ray.remote(num_cpus=0)(_call_method)
 
 
 def _outcome(kind: str, value: Any) -> bytes:
@@ -108,8 +187,16 @@ class _Actor:
 class Actors:
     """Every virtual actor of one storage, as the manager runs them."""
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        start_workflow: Callable[[str, Plan], Awaitable[None]] | None = None,
+        workflow_output: Callable[[str], Awaitable[Any]] | None = None,
+    ) -> None:
+        """``start_workflow(id, plan)`` stores and starts a sub-workflow (or finds the
+        one of that id) and ``workflow_output(id)`` waits for its output value."""
         self.storage = storage
+        self._start_workflow, self._workflow_output = start_workflow, workflow_output
         self._actors: dict[str, _Actor] = {}
         self._loading: dict[str, asyncio.Task[_Actor]] = {}
         self._task = ray.remote(num_cpus=1, max_retries=3)(run_method)
@@ -138,8 +225,11 @@ class Actors:
         (Ray may start one caller's calls to an async actor in another order)."""
         actor = await self._get(actor_id)
         if readonly:
-            _, outcome = await self._run(actor, actor.state, method, call, ray_options)
-            return _raise_or_return(outcome)
+            _, outcome, plan = await self._run(actor_id, actor, actor.state, method, call,
+                                               ray_options)
+            if plan is not None:
+                outcome = await self._sub_workflow(f"{actor_id}.read-{uuid.uuid4().hex}", plan)
+            return await self._resolve(outcome)
         if order is not None:
             await _admit(actor, *order)
         async with actor.lock:
@@ -158,7 +248,24 @@ class Actors:
                 result = await self.storage.get(_key(actor_id, "results", _seq(int(known))))
                 assert result is not None, "a logged call is committed before new ones run"
                 outcome = result
-        return _raise_or_return(outcome)
+        # A sub-workflow is awaited without the lock: its steps may call this actor.
+        return await self._resolve(outcome)
+
+    async def _sub_workflow(self, workflow_id: str, plan: Plan) -> bytes:
+        """Start the sub-workflow a method returned; the outcome that stands for it."""
+        if self._start_workflow is None:
+            return _outcome("error", TypeError("sub-workflows need a workflow engine"))
+        await self._start_workflow(workflow_id, plan)
+        return _outcome("workflow", workflow_id)
+
+    async def _resolve(self, outcome: bytes) -> Any:
+        kind, value = cloudpickle.loads(outcome)
+        if kind == "workflow":
+            assert self._workflow_output is not None
+            return await self._workflow_output(value)
+        if kind == "error":
+            raise value
+        return value
 
     async def _get(self, actor_id: str) -> _Actor:
         actor = self._actors.get(actor_id)
@@ -183,7 +290,7 @@ class Actors:
         actor = _Actor(cls_bytes)
         stored = await self.storage.get(_key(actor_id, "state"))
         if stored is None:  # __init__ has not committed: run it (again)
-            state, outcome = await self._run(actor, None, None, init, {})
+            state, outcome, _ = await self._run(actor_id, actor, None, None, init, {})
             _raise_or_return(outcome)
             await self.storage.put(_key(actor_id, "state"), _state(0, state))
             actor.state = state
@@ -211,7 +318,10 @@ class Actors:
         call: bytes,
         ray_options: dict[str, Any],
     ) -> bytes:
-        state, outcome = await self._run(actor, actor.state, method, call, ray_options)
+        state, outcome, plan = await self._run(actor_id, actor, actor.state, method, call,
+                                               ray_options)
+        if plan is not None:  # stored before the call commits; a replay finds it stored
+            outcome = await self._sub_workflow(_sub_workflow_id(actor_id, seq), plan)
         await self.storage.put(_key(actor_id, "results", _seq(seq)), outcome)
         await self.storage.put(_key(actor_id, "state"), _state(seq, state))
         actor.state, actor.seq = state, seq
@@ -219,11 +329,19 @@ class Actors:
         return outcome
 
     async def _run(
-        self, actor: _Actor, state: Any, method: str | None, call: bytes, options: dict[str, Any]
-    ) -> tuple[Any, bytes]:
+        self,
+        actor_id: str,
+        actor: _Actor,
+        state: Any,
+        method: str | None,
+        call: bytes,
+        options: dict[str, Any],
+    ) -> tuple[Any, bytes, Plan | None]:
         task = self._task.options(**options) if options else self._task
-        new_state, outcome = await task.remote(actor.cls_bytes, state, method, call)
-        return new_state, outcome
+        new_state, outcome, plan = await task.remote(
+            actor.cls_bytes, state, method, call, actor_id, self.storage.uri
+        )
+        return new_state, outcome, plan
 
 
 # How long a writer call waits for its caller's previous one to arrive: after a manager
@@ -258,6 +376,14 @@ def _raise_or_return(outcome: bytes) -> Any:
     return value
 
 
+def _sub_workflow_id(actor_id: str, seq: int) -> str:
+    wid = f"{actor_id}.call-{seq}"
+    if len(wid) > 200:  # the longest workflow id
+        digest = hashlib.sha1(actor_id.encode()).hexdigest()[:16]
+        wid = f"{actor_id[:150]}.{digest}.call-{seq}"
+    return wid
+
+
 def _state(seq: int, state: Any) -> bytes:
     return json.dumps({"seq": seq, "state": state}).encode()
 
@@ -270,4 +396,4 @@ def _key(actor_id: str, *parts: str) -> str:
     return "/".join(("actors", actor_id, *parts))
 
 
-__all__ = ["Actors", "capture", "has_own", "run_method"]
+__all__ = ["READONLY", "Actors", "capture", "has_own", "run_method"]

@@ -102,7 +102,7 @@ class WorkflowManager:
         self.engine = Engine(
             open_storage(storage_uri), owner_prefix=lineage, lease_ttl=lease_ttl, clock=clock
         )
-        self.actors = Actors(self.engine.storage)
+        self.actors = Actors(self.engine.storage, self._start_sub, self._sub_output)
         self._probe: tuple[str, bytes] | None = None  # see describe()
         self._lineage = lineage.replace("|", ".").replace(":", "_")
         self._clock = clock
@@ -115,6 +115,12 @@ class WorkflowManager:
             loop = asyncio.get_running_loop()
             self._recovering = loop.create_task(self._recover())
             self._sweeper = loop.create_task(self._sweep())
+
+    async def _start_sub(self, workflow_id: str, plan: Plan) -> None:
+        await self.engine.start(workflow_id, plan)  # durable when it returns
+
+    async def _sub_output(self, workflow_id: str) -> Any:
+        return await (await self.engine.result(workflow_id))
 
     async def _sweep(self) -> None:
         while True:

@@ -38,10 +38,10 @@ import ray
 from ray import cloudpickle
 
 from ray_workflows import aio, bridge, config
+from ray_workflows.actors import READONLY as _READONLY
 from ray_workflows.actors import has_own
 from ray_workflows.ids import check_id
 
-_READONLY = "__ray_workflows_readonly__"
 # Ray options a method call may carry (the engine owns retries).
 _CALL_OPTIONS = ("num_cpus", "num_gpus", "resources", "memory", "accelerator_type")
 
