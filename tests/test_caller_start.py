@@ -15,11 +15,15 @@ from typing import Any
 
 import pytest
 import ray
-from helpers import count_runs, record_run
+from helpers import count_runs, record_run, wait_for
 
 import ray_workflows as workflow
 from ray_workflows import aio, bridge, config, serialization
-from ray_workflows.exceptions import WorkflowNotFoundError, WorkflowNotResumableError
+from ray_workflows.exceptions import (
+    WorkflowNotFoundError,
+    WorkflowNotResumableError,
+    WorkflowStillActiveError,
+)
 from ray_workflows.lease import grant, lease_key
 from ray_workflows.plugins import open_storage
 from ray_workflows.store import WorkflowStore
@@ -94,24 +98,35 @@ def test_a_workflow_never_handed_over_is_running_until_resumed(
     assert workflow.get_metadata(wid)["user_metadata"] == {"who": "caller"}
 
 
-@pytest.mark.parametrize(
-    ("close", "refusal"),
-    [(workflow.cancel, WorkflowNotResumableError), (workflow.delete, WorkflowNotFoundError)],
-    ids=["canceled", "deleted"],
-)
-def test_a_late_hand_over_after_a_cancel_or_delete_is_refused(
-    storage: str, wid: str, counter_dir: Path, close: Any, refusal: type[Exception]
+def test_a_late_hand_over_after_a_cancel_is_refused(
+    storage: str, wid: str, counter_dir: Path
 ) -> None:
     handle, info = _manager()
     plan, meta, record = _store_as_caller(storage, wid, counter_dir, info["owner"], info["ttl"])
-    close(wid)
-    with pytest.raises(refusal):
+    workflow.cancel(wid)
+    with pytest.raises(WorkflowNotResumableError):
         bridge.run(aio.get(handle.run.remote(wid, plan, meta, record)))
     assert count_runs(counter_dir, "step") == 0
-    if close is workflow.cancel:
-        assert workflow.get_status(wid) == workflow.CANCELED
-    else:
-        assert not Path(storage, "workflows", wid).exists()
+    assert workflow.get_status(wid) == workflow.CANCELED
+
+
+def test_a_workflow_being_handed_over_is_live_until_its_lease_lapses(
+    storage: str, wid: str, counter_dir: Path
+) -> None:
+    handle, info = _manager()
+    # Granted for 1 s: the caller stored it and (say) died before the hand-over.
+    plan, meta, record = _store_as_caller(storage, wid, counter_dir, info["owner"], 1.0)
+    # Its lease is live: it shows RUNNING and cannot be deleted, as any running one.
+    assert workflow.get_status(wid) == workflow.RUNNING
+    with pytest.raises(WorkflowStillActiveError):
+        workflow.delete(wid)
+    wait_for(lambda: workflow.get_status(wid) == workflow.RESUMABLE, timeout=10)
+    workflow.delete(wid)
+    # A hand-over that comes after all that is refused; nothing ran.
+    with pytest.raises(WorkflowNotFoundError):
+        bridge.run(aio.get(handle.run.remote(wid, plan, meta, record)))
+    assert count_runs(counter_dir, "step") == 0
+    assert not Path(storage, "workflows", wid).exists()
 
 
 def test_a_lease_granted_to_an_earlier_incarnation_is_taken_over(

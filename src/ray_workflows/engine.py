@@ -663,12 +663,11 @@ class Engine:
     async def delete(self, workflow_id: str) -> None:
         """Remove everything stored for a workflow that is not running or pending."""
         async with self._lock(workflow_id):
-            if workflow_id in self.runs or await self._held_elsewhere(workflow_id):
+            # Live also while its caller hands it over (a lease of ours, not held yet),
+            # as get_status shows it. WorkflowNotFoundError if there is nothing stored.
+            status = await self._status(workflow_id, handed_over=True)
+            if status in (WorkflowStatus.RUNNING, WorkflowStatus.PENDING):
                 raise WorkflowStillActiveError.of("delete", workflow_id)
-            if await self.store.read_meta(workflow_id) is None and not await self.store.exists(
-                workflow_id
-            ):
-                raise WorkflowNotFoundError.of(workflow_id, self.storage.uri)
             removed = await self.store.delete_workflow(workflow_id)
             self._close(workflow_id)
             log.info("workflow.deleted", workflow_id=workflow_id, records=removed)
