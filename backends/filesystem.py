@@ -72,6 +72,13 @@ _LAYOUT_ERRORS = (NotADirectoryError, IsADirectoryError, FileExistsError)
 
 
 def _load_syncfs() -> Callable[[int], int] | None:
+    # Before Linux 5.8 syncfs did not report writeback errors: fsync per file there.
+    try:
+        major, minor = (int(x) for x in os.uname().release.split(".")[:2])
+    except (AttributeError, ValueError):
+        return None
+    if (major, minor) < (5, 8):
+        return None
     try:
         fn = ctypes.CDLL(None, use_errno=True).syncfs
     except (OSError, AttributeError):  # not Linux (or no syncfs in this libc)
@@ -266,6 +273,8 @@ def _open_temp(directory: str, sync: bool = True) -> tuple[int, str]:
         tmp = os.path.join(directory, name)
         try:
             return os.open(tmp, _CREATE_FLAGS, 0o666), tmp
+        except FileExistsError:  # a forked process reusing its parent's numbers
+            continue
         except FileNotFoundError:
             if attempt == _DIR_RETRIES - 1:
                 raise

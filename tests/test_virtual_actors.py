@@ -352,3 +352,17 @@ def test_a_call_whose_sub_workflow_outlives_its_manager_returns_its_output(
     assert workflow.get_actor(wid).value.run() == 8
     assert count_runs(counter_dir, "bump") == 1  # committed once, before the crash
     assert count_runs(counter_dir, "store") == 1
+
+
+def test_a_readonly_method_may_not_return_a_sub_workflow(storage: str, wid: str) -> None:
+    @workflow.virtual_actor
+    class Peek:
+        def __init__(self) -> None:
+            self.val = 1
+
+        @workflow.virtual_actor.readonly
+        def doubled(self) -> Any:
+            return double.step(self.val)  # not logged: a crash would lose or repeat it
+
+    with pytest.raises(TypeError, match="Readonly virtual actor method 'doubled'"):
+        Peek.get_or_create(wid).doubled.run()

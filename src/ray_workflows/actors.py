@@ -228,7 +228,12 @@ class Actors:
             _, outcome, plan = await self._run(actor_id, actor, actor.state, method, call,
                                                ray_options)
             if plan is not None:
-                outcome = await self._sub_workflow(f"{actor_id}.read-{uuid.uuid4().hex}", plan)
+                # A readonly call is not logged, so a sub-workflow it started could not be
+                # found again after a crash (and its steps could change the state twice).
+                outcome = _outcome("error", TypeError(
+                    f"Readonly virtual actor method {method!r} returned a step or DAG: only "
+                    "writer methods (logged, so their sub-workflow survives a crash) may."
+                ))
             return await self._resolve(outcome)
         if order is not None:
             await _admit(actor, *order)
@@ -255,7 +260,10 @@ class Actors:
         """Start the sub-workflow a method returned; the outcome that stands for it."""
         if self._start_workflow is None:
             return _outcome("error", TypeError("sub-workflows need a workflow engine"))
-        await self._start_workflow(workflow_id, plan)
+        try:
+            await self._start_workflow(workflow_id, plan)
+        except Exception as exc:  # refused (a full queue, say): the call's durable result
+            return _outcome("error", exc)
         return _outcome("workflow", workflow_id)
 
     async def _resolve(self, outcome: bytes) -> Any:

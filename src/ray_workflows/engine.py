@@ -666,7 +666,12 @@ class Engine:
             # Live also while its caller hands it over (a lease of ours, not held yet),
             # as get_status shows it. WorkflowNotFoundError if there is nothing stored.
             status = await self._status(workflow_id, handed_over=True)
-            if status in (WorkflowStatus.RUNNING, WorkflowStatus.PENDING):
+            # Another manager may also be resuming it while its stored status is still
+            # FAILED: its live lease says so.
+            if status in (
+                WorkflowStatus.RUNNING,
+                WorkflowStatus.PENDING,
+            ) or await self._held_elsewhere(workflow_id):
                 raise WorkflowStillActiveError.of("delete", workflow_id)
             removed = await self.store.delete_workflow(workflow_id)
             self._close(workflow_id)
