@@ -32,7 +32,7 @@ import hashlib
 import itertools
 import os
 import secrets
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sized
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
@@ -91,6 +91,11 @@ def _load_syncfs() -> Callable[[int], int] | None:
 _SYNCFS = _load_syncfs()
 
 
+def _several(keys: list[str]) -> str:
+    """A batch of keys, as error messages name it."""
+    return f"of {len(keys)} keys, the first {keys[0]!r}"
+
+
 def _root_path(uri: str) -> str:
     path = uri
     if uri.startswith("file:"):
@@ -132,8 +137,7 @@ class FileStorage(Storage):
     async def put_many(self, items: Mapping[str, bytes]) -> None:
         pairs = [(self._path(key), data) for key, data in items.items()]
         if pairs:
-            what = f"of {len(pairs)} keys, the first {next(iter(items))!r}"
-            await self._run("put_many", what, _replace_many, self._root, pairs)
+            await self._run("put_many", _several(list(items)), _replace_many, self._root, pairs)
 
     async def put_if_absent(self, key: str, data: bytes) -> bool:
         return await self._run("put_if_absent", repr(key), _create, self._path(key), data)
@@ -143,8 +147,9 @@ class FileStorage(Storage):
         pairs = [(self._path(key), data) for key, data in items.items()]
         if not pairs:
             return {}
-        what = f"of {len(pairs)} keys, the first {keys[0]!r}"
-        created = await self._run("put_if_absent_many", what, _create_many, self._root, pairs)
+        created = await self._run(
+            "put_if_absent_many", _several(keys), _create_many, self._root, pairs
+        )
         return dict(zip(keys, created, strict=True))
 
     async def compare_and_set(self, key: str, expected: bytes | None, data: bytes) -> bool:
@@ -162,8 +167,7 @@ class FileStorage(Storage):
         paths = [self._path(key) for key in keys]
         if not paths:
             return {}
-        what = f"of {len(paths)} keys, the first {keys[0]!r}"
-        existed = await self._run("delete_many", what, _delete_many, self._root, paths)
+        existed = await self._run("delete_many", _several(keys), _delete_many, self._root, paths)
         return dict(zip(keys, existed, strict=True))
 
     async def delete_prefix(self, prefix: str) -> int:
@@ -324,8 +328,9 @@ def _replace(path: str, data: bytes) -> None:
     _fsync_dir(directory)
 
 
-def _batched(pairs: list[tuple[str, bytes]]) -> bool:
-    return _SYNCFS is not None and len(pairs) > 1
+def _batched(items: Sized) -> bool:
+    """Whether a batch of ``items`` keys is made durable with syncfs."""
+    return _SYNCFS is not None and len(items) > 1
 
 
 def _replace_many(root: str, pairs: list[tuple[str, bytes]]) -> None:
@@ -429,7 +434,7 @@ def _delete(path: str) -> bool:
 
 
 def _delete_many(root: str, paths: list[str]) -> list[bool]:
-    if _SYNCFS is None or len(paths) < 2:
+    if not _batched(paths):
         return [_delete(path) for path in paths]
     existed = []
     for path in paths:

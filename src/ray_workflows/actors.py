@@ -299,7 +299,7 @@ class Actors:
         stored = await self.storage.get(_key(actor_id, "state"))
         if stored is None:  # __init__ has not committed: run it (again)
             state, outcome, _ = await self._run(actor_id, actor, None, None, init, {})
-            _raise_or_return(outcome)
+            await self._resolve(outcome)  # raises what __init__ raised
             await self.storage.put(_key(actor_id, "state"), _state(0, state))
             actor.state = state
         else:
@@ -375,13 +375,6 @@ async def _admit(actor: _Actor, caller: str, n: int) -> None:
     done = actor.turns.get((caller, n))
     if done is not None and not done.done():
         done.set_result(None)
-
-
-def _raise_or_return(outcome: bytes) -> Any:
-    kind, value = cloudpickle.loads(outcome)
-    if kind == "error":
-        raise value
-    return value
 
 
 def _sub_workflow_id(actor_id: str, seq: int) -> str:
