@@ -17,8 +17,10 @@ directories) durable, all are renamed or linked, and a second ``syncfs`` makes
 the names durable (a batch of deletes needs only the second). Each key still
 changes atomically. ``syncfs`` also flushes other programs' unwritten data on
 the same filesystem, which costs little on a directory of its own and more on a
-disk busy with large writes. Elsewhere, or for one key, each file and directory
-is fsynced on its own.
+disk busy with large writes. Only local filesystems known to honour ``syncfs``
+take that path (ext2/3/4, xfs, btrfs, f2fs, zfs, tmpfs, decided once per root from
+``/proc/self/mountinfo``); on NFS, SMB, FUSE, overlay or an unknown filesystem,
+or for one key, each file and directory is fsynced on its own.
 """
 
 from __future__ import annotations
@@ -31,13 +33,18 @@ import fcntl
 import hashlib
 import itertools
 import os
+import re
 import secrets
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sized
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from ray_workflows.exceptions import StorageError
+from ray_workflows.log import get_logger
 from ray_workflows.storage import Storage, check_key, check_prefix
+
+log = get_logger()
 
 _T = TypeVar("_T")
 
@@ -89,6 +96,73 @@ def _load_syncfs() -> Callable[[int], int] | None:
 
 
 _SYNCFS = _load_syncfs()
+
+# Filesystems whose syncfs writes and flushes their own disk (and, from Linux 5.8,
+# reports writeback errors). A network or FUSE filesystem may answer syncfs
+# without the server having persisted anything (FUSE passes it on only from Linux
+# 5.14, and only to daemons that implement it). Overlay does sync its upper layer,
+# but a writeback error there lands on the upper filesystem's error counter, which
+# syncfs on the overlay never checks; fsync goes to the upper file and reports it.
+_SYNCFS_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "zfs", "tmpfs"})
+_MOUNTINFO = "/proc/self/mountinfo"
+# Decided once per root, in a worker thread, at the root's first batch.
+_syncfs_roots: dict[str, bool] = {}
+_syncfs_lock = threading.Lock()
+
+
+def _unescape(field: str) -> str:
+    # The kernel writes space, tab, newline and backslash in paths as octal escapes.
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _root_filesystem(mountinfo: str, root: str) -> str | None:
+    """The type of the one filesystem holding everything under the absolute,
+    symlink-free ``root``, as ``mountinfo`` (the text of /proc/self/mountinfo) has
+    it; None if no mount holds it or another filesystem is mounted inside it."""
+    inside = root.rstrip("/") + "/"
+    best: tuple[str, str] | None = None
+    for line in mountinfo.splitlines():
+        # id parent dev root mount-point options [optional...] - fstype source super-options
+        fields = line.split(" ")
+        try:
+            fstype = fields[fields.index("-", 6) + 1]
+        except (ValueError, IndexError):
+            continue  # not a line of that form
+        point = _unescape(fields[4])
+        if point.startswith(inside):
+            return None  # keys under it would live on a filesystem syncfs of root misses
+        # The longest mount point holding root; of equal ones the last, mounted on top.
+        contains = root == point or root.startswith(point.rstrip("/") + "/")
+        if contains and (best is None or len(point) >= len(best[0])):
+            best = (point, fstype)
+    return best[1] if best else None
+
+
+def _syncfs_trusted(fstype: str | None) -> bool:
+    return fstype in _SYNCFS_FILESYSTEMS
+
+
+def _root_syncfs(root: str) -> bool:
+    trusted = _syncfs_roots.get(root)
+    if trusted is not None:
+        return trusted
+    with _syncfs_lock:  # two first batches of one root: one decides, and logs
+        trusted = _syncfs_roots.get(root)
+        if trusted is None:
+            try:
+                with open(_MOUNTINFO, "rb") as f:
+                    mountinfo = os.fsdecode(f.read())
+            except OSError:
+                mountinfo = ""
+            fstype = _root_filesystem(mountinfo, os.path.realpath(root))
+            trusted = _syncfs_roots[root] = _syncfs_trusted(fstype)
+            log.debug(
+                "storage.batch_sync_chosen",
+                root=root,
+                filesystem=fstype,
+                method="syncfs" if trusted else "fsync",
+            )
+    return trusted
 
 
 def _several(keys: list[str]) -> str:
@@ -328,13 +402,13 @@ def _replace(path: str, data: bytes) -> None:
     _fsync_dir(directory)
 
 
-def _batched(items: Sized) -> bool:
-    """Whether a batch of ``items`` keys is made durable with syncfs."""
-    return _SYNCFS is not None and len(items) > 1
+def _batched(root: str, items: Sized) -> bool:
+    """Whether a batch of ``items`` keys under ``root`` is made durable with syncfs."""
+    return _SYNCFS is not None and len(items) > 1 and _root_syncfs(root)
 
 
 def _replace_many(root: str, pairs: list[tuple[str, bytes]]) -> None:
-    batched = _batched(pairs)
+    batched = _batched(root, pairs)
     temps: list[str] = []
     renamed = 0
     try:
@@ -372,7 +446,7 @@ def _create(path: str, data: bytes) -> bool:
 
 
 def _create_many(root: str, pairs: list[tuple[str, bytes]]) -> list[bool]:
-    if not _batched(pairs):
+    if not _batched(root, pairs):
         return [_create(path, data) for path, data in pairs]
     temps: list[str | None] = []
     created = [False] * len(pairs)
@@ -434,7 +508,7 @@ def _delete(path: str) -> bool:
 
 
 def _delete_many(root: str, paths: list[str]) -> list[bool]:
-    if not _batched(paths):
+    if not _batched(root, paths):
         return [_delete(path) for path in paths]
     existed = []
     for path in paths:
