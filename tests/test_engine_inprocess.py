@@ -4,11 +4,16 @@ the engine, not the workers, writes the checkpoints of a per-process storage."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
+from pathlib import Path
 
+import pytest
 import ray
 
+from ray_workflows.admission import EXEMPT
 from ray_workflows.engine import Engine
+from ray_workflows.exceptions import WorkflowExecutionError, WorkflowQueueFullError
 from ray_workflows.plan import compile_dag
 from ray_workflows.plugins import open_storage
 from ray_workflows.status import WorkflowStatus
@@ -114,27 +119,88 @@ async def test_a_long_tail_chain_keeps_the_live_state_of_one_level() -> None:
     await engine.close()
 
 
-async def test_a_small_output_is_kept_as_its_record_until_the_id_changes_hands() -> None:
-    """The manager answers a caller with the output record itself when the output was
-    small and held no ObjectRefs (see ``Engine.inline_output``): never with the record
-    of an earlier run of the same id."""
+async def test_a_small_output_comes_with_its_record_from_the_run_it_waited_for() -> None:
+    """A caller waiting for a run is handed the output record itself when the output
+    was small and held no ObjectRefs: the manager answers with the value instead of a
+    ref to fetch from it. An output read from storage comes without one."""
     from ray_workflows.manager import InlineOutput
 
     engine = Engine(open_storage(f"memory://{uuid.uuid4().hex}"))
-    assert await (await (await engine.start("small", compile_dag(add.bind(2, 3))))) == 5
-    record = engine.inline_output("small")
-    assert record is not None
+    await engine.start("small", compile_dag(add.bind(2, 3)))
+    ref, record = await engine.result_and_record("small")
+    assert await ref == 5 and record is not None
     # What a caller unpickles is the checkpointed value.
     assert ray.get(ray.put(InlineOutput(record))) == 5
+    # Once the run is over, the output is read from storage (it may be another
+    # manager's by then), without a record.
+    ref, record = await engine.result_and_record("small")
+    assert await ref == 5 and record is None
 
-    # An output holding an ObjectRef is not inlined (the caller resolves it).
-    assert await (await (await engine.start("boxed", compile_dag(boxed.bind(4))))) != []
-    assert engine.inline_output("boxed") is None
+    # An output holding an ObjectRef comes without one (the caller resolves it).
+    await engine.start("boxed", compile_dag(boxed.bind(4)))
+    ref, record = await engine.result_and_record("boxed")
+    assert await ref != [] and record is None
+    await engine.close()
 
-    # Deleting forgets it; the id's next run answers with its own output.
-    await engine.delete("small")
-    assert engine.inline_output("small") is None
-    assert await (await (await engine.start("small", compile_dag(add.bind(10, 20))))) == 30
-    again = engine.inline_output("small")
-    assert again is not None and ray.get(ray.put(InlineOutput(again))) == 30
+
+async def test_a_manager_never_answers_with_the_output_of_an_earlier_run_of_the_id() -> None:
+    """Two managers share a storage; the second deletes a workflow the first ran and
+    runs the id again: the first answers with the new run's output, read from storage."""
+    from ray_workflows.manager import InlineOutput, ResolvingRef, WorkflowManager
+
+    uri = f"memory://{uuid.uuid4().hex}"
+    # Of one cluster, so the second takes the first's leases over at once (as an
+    # earlier incarnation's) and need not wait for them to lapse before it deletes.
+    first = WorkflowManager(uri, auto_resume=False)
+    second = WorkflowManager(uri, auto_resume=False)
+    await first.submit("small", compile_dag(add.bind(2, 3)), {})
+    reply = await first.result("small")
+    assert isinstance(reply, InlineOutput) and ray.get(ray.put(reply)) == 5
+
+    await second.delete("small")
+    await second.submit("small", compile_dag(add.bind(10, 20)), {})
+    assert ray.get(ray.put(await second.result("small"))) == 30
+    reply = await first.result("small")
+    assert isinstance(reply, ResolvingRef) and await reply.ref == 30
+    await first.engine.close()
+    await second.engine.close()
+
+
+@ray.remote
+def fails_until(marker: str) -> str:
+    if not Path(marker).exists():
+        raise ValueError("not yet")
+    return "done"
+
+
+@ray.remote
+def held(gate: str) -> str:
+    while not Path(gate).exists():
+        time.sleep(0.02)
+    return "held"
+
+
+async def test_an_exempt_workflow_is_exempt_from_admission_when_it_resumes(
+    tmp_path: Path,
+) -> None:
+    """An actor call's sub-workflow (``exempt``) neither takes a running slot nor queues,
+    also when it resumes: a resumed caller's task may hold the slot, waiting for it."""
+    engine = Engine(open_storage(f"memory://{uuid.uuid4().hex}"))
+    engine.admission.configure(1, 0)  # one running, no queue
+    marker, gate = tmp_path / "marker", tmp_path / "gate"
+    failed = await engine.start("sub", compile_dag(fails_until.bind(str(marker))), exempt=True)
+    with pytest.raises(WorkflowExecutionError, match="not yet"):
+        await failed
+    # Kept in the plan's header too, for a resume before the first status write.
+    assert (await engine.store.started_meta("sub") or {}).get(EXEMPT) is True
+
+    holder = await engine.start("holder", compile_dag(held.bind(str(gate))))
+    with pytest.raises(WorkflowQueueFullError):  # the slot is taken, and there is no queue
+        await engine.start("other", compile_dag(add.bind(1, 2)))
+    marker.touch()
+    resumed = await engine.resume("sub")
+    assert await engine.status("sub") == WorkflowStatus.RUNNING
+    assert await (await resumed) == "done"
+    gate.touch()
+    assert await (await holder) == "held"
     await engine.close()

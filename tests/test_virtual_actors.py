@@ -366,3 +366,146 @@ def test_a_readonly_method_may_not_return_a_sub_workflow(storage: str, wid: str)
 
     with pytest.raises(TypeError, match="Readonly virtual actor method 'doubled'"):
         Peek.get_or_create(wid).doubled.run()
+
+
+@workflow.virtual_actor
+class Flaky:
+    """Its first ``failures`` calls of ``add`` raise. Calls are counted in files: a
+    writer that raises leaves the state as it was."""
+
+    def __init__(self, runs: str, failures: int) -> None:
+        self.runs, self.failures, self.total = runs, failures, 0
+
+    def add(self, n: int) -> int:
+        record_run(self.runs, "add")
+        if count_runs(self.runs, "add") <= self.failures:
+            raise ValueError("not yet")
+        self.total += n
+        return int(self.total)
+
+    @workflow.virtual_actor.readonly
+    def value(self) -> int:
+        return int(self.total)
+
+
+def _method_step(storage: str, actor_id: str, method: str, *args: Any, **options: Any) -> Any:
+    """The step ``self.<method>.step(*args)`` makes inside one of the actor's methods,
+    here with Ray options, for a workflow of the test's own to run (the public way to
+    make one is inside a method, whose sub-workflow's id is never run twice)."""
+    from ray_workflows.actors import _method_task
+
+    task = _method_task.options(**options) if options else _method_task
+    return task.bind(config.normalise_storage(storage), actor_id, method, False, *args)
+
+
+def test_a_method_step_of_a_workflow_run_again_after_delete_calls_again(
+    storage: str, wid: str, counter_dir: Path
+) -> None:
+    actor = Flaky.get_or_create(wid + "-actor", str(counter_dir), 0)
+    assert workflow.run(_method_step(storage, actor.actor_id, "add", 5), workflow_id=wid) == 5
+    workflow.delete(wid)
+    # A new run of the id: its step is a new call, not the old run's logged one.
+    assert workflow.run(_method_step(storage, actor.actor_id, "add", 5), workflow_id=wid) == 10
+    assert count_runs(counter_dir, "add") == 2
+    assert actor.value.run() == 10
+
+
+def test_a_retried_method_step_calls_the_method_again(
+    storage: str, wid: str, counter_dir: Path
+) -> None:
+    actor = Flaky.get_or_create(wid + "-actor", str(counter_dir), 1)
+    step = _method_step(storage, actor.actor_id, "add", 7, max_retries=2, retry_exceptions=True)
+    # The first attempt's call raised; the retry is a call of its own, which succeeds.
+    assert workflow.run(step, workflow_id=wid) == 7
+    assert count_runs(counter_dir, "add") == 2
+    assert actor.value.run() == 7
+
+
+def test_resuming_a_failed_workflow_calls_its_failed_method_step_again(
+    storage: str, wid: str, counter_dir: Path
+) -> None:
+    actor = Flaky.get_or_create(wid + "-actor", str(counter_dir), 1)
+    with pytest.raises(workflow.WorkflowExecutionError, match="not yet"):
+        workflow.run(_method_step(storage, actor.actor_id, "add", 3), workflow_id=wid)
+    assert workflow.get_status(wid) == workflow.FAILED
+    assert workflow.resume(wid) == 3
+    assert count_runs(counter_dir, "add") == 2
+
+
+@workflow.step
+def gated_double(x: int, gate: str) -> int:
+    while not Path(gate).exists():
+        time.sleep(0.02)
+    return 2 * x
+
+
+@workflow.virtual_actor
+class Nest:
+    def __init__(self, gate: str) -> None:
+        self.val, self.gate = 1, gate
+
+    def outer(self) -> Any:
+        return self.inner.step()  # a sub-workflow whose step calls inner...
+
+    def inner(self) -> Any:
+        return double.step(self.val)  # ...which returns a sub-workflow of its own
+
+    def wait(self) -> Any:
+        return gated_double.step(self.val, self.gate)
+
+
+@ray.remote
+def constant(value: str) -> str:
+    return value
+
+
+def _status(workflow_id: str) -> workflow.WorkflowStatus | None:
+    try:
+        return workflow.get_status(workflow_id)
+    except WorkflowNotFoundError:  # not started yet
+        return None
+
+
+def test_sub_workflows_of_actor_calls_are_exempt_from_the_running_limit(
+    fresh_storage: str, wid: str, tmp_path: Path
+) -> None:
+    workflow.init(fresh_storage, max_running_workflows=1)
+    gate = tmp_path / "gate"
+    nest = Nest.get_or_create(wid, str(gate))
+    # outer's sub-workflow runs the inner step, which waits for inner's sub-workflow:
+    # had that queued for the one slot the first holds, neither would ever finish.
+    assert ray.get(nest.outer.run_async(), timeout=60) == 2
+    assert workflow.get_status(f"{wid}.call-2") == workflow.SUCCESSFUL
+    # Nor do they count: with one waiting, a workflow of the user's still runs at once.
+    waiting = nest.wait.run_async()
+    wait_for(lambda: _status(f"{wid}.call-3") == workflow.RUNNING)
+    ref = workflow.run_async(constant.bind("mine"), workflow_id=wid + "-mine")
+    assert ray.get(ref, timeout=60) == "mine"
+    gate.touch()
+    assert ray.get(waiting, timeout=60) == 2
+
+
+def test_a_step_call_runs_once_per_attempt_and_not_again_after_it_succeeded(
+    storage: str, wid: str, counter_dir: Path
+) -> None:
+    # The calls a workflow task's attempts make, sent as _call_method sends them.
+    actor = Flaky.get_or_create(wid + "-actor", str(counter_dir), 1)
+    ray.get(actor.ready())
+    handle = bridge.run(config.manager())
+    call = ray.cloudpickle.dumps(((2,), {}))
+
+    def attempt(n: int) -> Any:
+        ref = handle.actor_call.remote(actor.actor_id, "task", "add", call, False, {}, None,
+                                       (wid, n))
+        return bridge.run(aio.get(ref))
+
+    with pytest.raises(ValueError, match="not yet"):
+        attempt(0)
+    with pytest.raises(ValueError, match="not yet"):
+        attempt(0)  # replayed: answered from the log
+    assert attempt(1) == 2  # the retry of a call that raised calls again
+    assert attempt(1) == 2
+    # A retry of an attempt whose call succeeded (it failed after) gets that result.
+    assert attempt(2) == 2
+    assert count_runs(counter_dir, "add") == 2
+    assert actor.value.run() == 2

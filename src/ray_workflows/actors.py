@@ -8,6 +8,7 @@ Layout (keys relative to the storage URI)::
     actors/<id>/calls/<seq>    writer call number seq, logged before it runs
     actors/<id>/ids/<call>     the seq of a call id (a replayed call is not run twice)
     actors/<id>/results/<seq>  the call's result, written before the state that commits it
+    workflows/<wid>/actor-run  a nonce naming the run of workflow <wid> (see step calls below)
 
 A writer call is logged, run as a Ray task (restore the state into an instance made
 without ``__init__``, call the method, capture the state again) and committed: its
@@ -21,10 +22,20 @@ calls after it go on. Readonly calls run on the committed state and log nothing.
 A call made before ``__init__`` has finished waits for it.
 
 A method may return a step or DAG: it is a sub-workflow, started (durably, under the
-id ``<actor id>.call-<seq>``) before the call commits, and the call's result is its
-output. Inside a method, ``self.other.step(...)`` is a step that calls ``other`` on
-this actor (with a call id made from the workflow and task ids, so a task that runs
-again does not call it twice).
+id ``<actor id>.call-<seq>``, exempt from the admission limits) before the call
+commits, and the call's result is its output.
+
+Inside a method, ``self.other.step(...)`` is a step that calls ``other`` on this
+actor. Its call id is made from the workflow's run, the task id and the attempt
+number: the same attempt replayed (by Ray, to a restarted manager, or by a workflow
+resumed after a crash) is answered from the log, while a retry after the method
+raised, a new run of a deleted workflow's id, or a resume of a FAILED workflow calls
+the method again. A retry of an attempt that failed after its call succeeded (its
+worker was lost, say) gets that call's result. The run is the nonce
+``workflows/<wid>/actor-run``, made by the first step call of the run: it is deleted
+with the workflow, and the engine deletes it when a FAILED workflow resumes
+(:func:`step_run_key`). Attempt numbers live in the scheduler's memory and restart
+from 0 on resume; the log answers the attempts already made as they were answered.
 """
 
 from __future__ import annotations
@@ -48,6 +59,7 @@ from ray_workflows.exceptions import WorkflowNotFoundError
 from ray_workflows.log import get_logger
 from ray_workflows.plan import Plan, compile_dag
 from ray_workflows.storage import Storage
+from ray_workflows.store import wf_prefix
 
 log = get_logger()
 
@@ -153,11 +165,14 @@ def _call_method(
     from ray_workflows.manager import NAMESPACE, manager_name
 
     ctx = context.current()
-    call_id = f"step:{ctx.workflow_id}:{ctx.task_id}" if ctx is not None else uuid.uuid4().hex
+    if ctx is None:  # not run by a workflow: a call of its own
+        call_id, step = uuid.uuid4().hex, None
+    else:
+        call_id, step = ctx.task_id, (ctx.workflow_id, ctx.attempt)
     manager = ray.get_actor(manager_name(storage_uri), namespace=NAMESPACE)
     call = cloudpickle.dumps((args, kwargs))
     return ray.get(
-        manager.actor_call.remote(actor_id, call_id, method, call, readonly, {}, None)
+        manager.actor_call.remote(actor_id, call_id, method, call, readonly, {}, None, step)
     )
 
 
@@ -219,10 +234,14 @@ class Actors:
         readonly: bool,
         ray_options: dict[str, Any],
         order: tuple[str, int] | None = None,
+        step: tuple[str, int] | None = None,
     ) -> Any:
         """Run one method call; return its value (or raise its exception). ``order``
         is ``(caller, n)``: a caller's writer calls run in the order of their ``n``
-        (Ray may start one caller's calls to an async actor in another order)."""
+        (Ray may start one caller's calls to an async actor in another order).
+        ``step``: ``(workflow id, attempt)`` of the workflow task making the call
+        (``self.m.step``), whose task id is ``call_id``: the call is that attempt's in
+        the workflow's current run."""
         actor = await self._get(actor_id)
         if readonly:
             _, outcome, plan = await self._run(actor_id, actor, actor.state, method, call,
@@ -235,10 +254,18 @@ class Actors:
                     "writer methods (logged, so their sub-workflow survives a crash) may."
                 ))
             return await self._resolve(outcome)
+        earlier: list[str] = []
+        if step is not None:
+            workflow_id, attempt = step
+            run = await self._run_of(workflow_id)
+            earlier = [_step_call_id(workflow_id, run, call_id, n) for n in range(attempt)]
+            call_id = _step_call_id(workflow_id, run, call_id, attempt)
         if order is not None:
             await _admit(actor, *order)
         async with actor.lock:
             known = await self.storage.get(_key(actor_id, "ids", call_id))
+            if known is None and earlier:
+                known = await self._succeeded(actor_id, earlier)
             if known is None:
                 seq = actor.seq + 1
                 record = pickle.dumps((call_id, method, call, ray_options), protocol=5)
@@ -249,12 +276,36 @@ class Actors:
                     }
                 )
                 outcome = await self._apply(actor_id, actor, seq, method, call, ray_options)
-            else:  # replayed by Ray after the manager restarted: committed by now
+            else:  # a replay, or the success of an earlier attempt: committed by now
                 result = await self.storage.get(_key(actor_id, "results", _seq(int(known))))
                 assert result is not None, "a logged call is committed before new ones run"
                 outcome = result
         # A sub-workflow is awaited without the lock: its steps may call this actor.
         return await self._resolve(outcome)
+
+    async def _succeeded(self, actor_id: str, earlier: list[str]) -> bytes | None:
+        """The seq of the last of a task's earlier attempts that called, if its call did
+        not raise: the attempt failed after it (its worker was lost, its output was not
+        stored), and the retry must not call again. Under the lock: it is committed."""
+        for call_id in reversed(earlier):
+            seq = await self.storage.get(_key(actor_id, "ids", call_id))
+            if seq is None:
+                continue  # it failed before it called
+            result = await self.storage.get(_key(actor_id, "results", _seq(int(seq))))
+            assert result is not None, "a logged call is committed before new ones run"
+            return None if cloudpickle.loads(result)[0] == "error" else seq
+        return None
+
+    async def _run_of(self, workflow_id: str) -> str:
+        """The nonce of the workflow's run, made by the first call that asks. Read each
+        time, not cached: another manager may delete the workflow and run it again."""
+        key = step_run_key(workflow_id)
+        while True:
+            stored = await self.storage.get(key)
+            if stored is not None:
+                return stored.decode()
+            # Concurrent steps of one run race here: the first write wins for all.
+            await self.storage.put_if_absent(key, uuid.uuid4().hex[:16].encode())
 
     async def _sub_workflow(self, workflow_id: str, plan: Plan) -> bytes:
         """Start the sub-workflow a method returned; the outcome that stands for it."""
@@ -262,7 +313,7 @@ class Actors:
             return _outcome("error", TypeError("sub-workflows need a workflow engine"))
         try:
             await self._start_workflow(workflow_id, plan)
-        except Exception as exc:  # refused (a full queue, say): the call's durable result
+        except Exception as exc:  # refused (run elsewhere, say): the call's durable result
             return _outcome("error", exc)
         return _outcome("workflow", workflow_id)
 
@@ -385,6 +436,19 @@ def _sub_workflow_id(actor_id: str, seq: int) -> str:
     return wid
 
 
+def step_run_key(workflow_id: str) -> str:
+    """Where the nonce of a workflow's run is, which scopes the call ids of its actor
+    method steps: deleting it makes the next run of the workflow call them anew."""
+    return wf_prefix(workflow_id) + "actor-run"
+
+
+def _step_call_id(workflow_id: str, run: str, task_id: str, attempt: int) -> str:
+    scoped = f"step:{workflow_id}:{run}:{task_id}:{attempt}"
+    if len(scoped) > 200:  # a storage key's last part: keep it short enough for a file name
+        scoped = "step:" + hashlib.sha1(scoped.encode()).hexdigest()
+    return scoped
+
+
 def _state(seq: int, state: Any) -> bytes:
     return json.dumps({"seq": seq, "state": state}).encode()
 
@@ -397,4 +461,4 @@ def _key(actor_id: str, *parts: str) -> str:
     return "/".join(("actors", actor_id, *parts))
 
 
-__all__ = ["READONLY", "Actors", "capture", "has_own", "run_method"]
+__all__ = ["READONLY", "Actors", "capture", "has_own", "run_method", "step_run_key"]

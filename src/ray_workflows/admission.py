@@ -5,6 +5,11 @@ holds ``max_pending_workflows``, a new workflow is refused with
 ``WorkflowQueueFullError`` before anything of it is stored. ``-1`` means
 unlimited; ``max_pending_workflows=0`` means no queue at all (Ray 2.47 took 0 as
 unlimited).
+
+A workflow whose ``meta.json`` has ``EXEMPT`` set is neither counted nor queued: the
+sub-workflow a virtual actor method returned. The task that called the method holds a
+slot while it waits for the sub-workflow's output, so queueing the sub-workflow
+behind it would deadlock once every slot is held by such a task.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import asyncio
 import collections
 
 from ray_workflows.exceptions import WorkflowQueueFullError
+
+EXEMPT = "admission_exempt"  # the meta.json key of a workflow exempt from admission
 
 
 class Admission:
@@ -75,4 +82,4 @@ class Admission:
                 gate.set_result(None)
 
 
-__all__ = ["Admission"]
+__all__ = ["EXEMPT", "Admission"]

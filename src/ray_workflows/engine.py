@@ -17,7 +17,8 @@ from typing import Any
 import ray
 
 from ray_workflows import serialization
-from ray_workflows.admission import Admission
+from ray_workflows.actors import step_run_key
+from ray_workflows.admission import EXEMPT, Admission
 from ray_workflows.backends.clocks import Clock
 from ray_workflows.exceptions import (
     TaskNotFoundError,
@@ -45,8 +46,6 @@ from ray_workflows.store import running_meta, task_key
 from ray_workflows.worker import INLINE_RECORD_BYTES
 
 log = get_logger()
-
-_INLINE_KEPT = 1024  # output records kept for inline_output
 
 
 class _IdLock:
@@ -111,9 +110,6 @@ class Engine:
         # Ids canceled or deleted while not running here: a caller-stored workflow
         # handed over after that is resumed from storage (and refused), not adopted.
         self._closed: collections.OrderedDict[str, None] = collections.OrderedDict()
-        # The output records of recently finished workflows whose output was small
-        # and came back in its task's receipt (see inline_output).
-        self._inline: collections.OrderedDict[str, bytes] = collections.OrderedDict()
 
     # -- starting ---------------------------------------------------------------
     async def start(
@@ -123,27 +119,37 @@ class Engine:
         metadata: dict[str, Any] | None = None,
         *,
         encoded: bytes | None = None,
+        exempt: bool = False,
     ) -> asyncio.Future[Any]:
         """Store and start a new workflow, or resume the stored one of that id.
 
         Returns once the plan is durable and the run is registered, with a future of
         the output's ObjectRef. Idempotent: a live or stored workflow of that id is
-        joined or resumed, never started twice.
+        joined or resumed, never started twice. ``exempt``: the admission limits do
+        not apply to it, now or when it resumes (see :mod:`ray_workflows.admission`).
         """
         async with self._lock(workflow_id):
             if workflow_id in self.runs:
                 log.info("workflow.already_running", workflow_id=workflow_id)
                 return self._finished[workflow_id]
-            user_metadata = check_metadata(metadata)
-            self.admission.check(workflow_id)
+            meta = running_meta(plan.output_task_id, check_metadata(metadata))
+            if exempt:
+                meta[EXEMPT] = True
+            else:
+                self.admission.check(workflow_id)
             stored = plan
             if any(spec.arg_refs for spec in plan.tasks.values()):
                 stored = await self._checkpoint_args(workflow_id, plan)
+            record = encoded if stored is plan else None
+            if exempt:
+                # In the plan's header too: a resume before the first status write
+                # reads the meta from there (WorkflowStore.started_meta).
+                record = self.store.encode_plan(stored, meta=meta)
             # Both writes at once: for a new id nobody else can hold the lease, and
             # for an existing one the lease is what _resume needs anyway.
             lease, created = await asyncio.gather(
                 self.leases.acquire(workflow_id, fresh=True),
-                self.store.create(workflow_id, stored, encoded if stored is plan else None),
+                self.store.create(workflow_id, stored, record),
             )
             if not created:
                 log.info(
@@ -154,7 +160,6 @@ class Engine:
                 return await self._resume(workflow_id, existing_ok=True)
             if lease is None:
                 raise await self._elsewhere(workflow_id)
-            meta = running_meta(plan.output_task_id, user_metadata)
             return self._launch(self._new_run(workflow_id, plan), meta, None, lease)
 
     async def adopt(
@@ -215,7 +220,7 @@ class Engine:
         self.runs[wid] = run
         finished: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._finished[wid] = finished
-        gate = self.admission.admit(wid)
+        gate = None if meta.get(EXEMPT) else self.admission.admit(wid)
         if gate is not None:
             meta["status"] = WorkflowStatus.PENDING.value
         driver = asyncio.get_running_loop().create_task(
@@ -299,22 +304,11 @@ class Engine:
             self.leases.drop(lease)  # nobody needs to take a finished workflow over
         else:
             await self.leases.release(lease)
-        self._inline.pop(wid, None)
         if isinstance(outcome, BaseException):
             run.fail_waiters(outcome)
             finished.set_exception(outcome)
         else:
-            if run.output_record is not None:
-                self._inline[wid] = run.output_record
-                if len(self._inline) > _INLINE_KEPT:
-                    self._inline.popitem(last=False)
             finished.set_result(outcome)
-
-    def inline_output(self, workflow_id: str) -> bytes | None:
-        """The output record of a workflow that just succeeded here, if it is small,
-        holds no ObjectRefs and is still kept: a caller can be handed the value itself
-        instead of a ref it would fetch from this process."""
-        return self._inline.get(workflow_id)
 
     # -- resuming ------------------------------------------------------------------
     async def resume(
@@ -360,7 +354,8 @@ class Engine:
                 "Delete it and run it again to start over.",
                 workflow_id=workflow_id,
             )
-        self.admission.check(workflow_id)
+        if not meta.get(EXEMPT):
+            self.admission.check(workflow_id)
         lease = await self.leases.acquire(workflow_id)
         if lease is None:
             raise await self._elsewhere(workflow_id)
@@ -371,6 +366,10 @@ class Engine:
                 await self.leases.release(lease)
                 return await self._resume(workflow_id, existing_ok=existing_ok)
             run = await self.recovery.rebuild(workflow_id, plan)
+            if meta["status"] == WorkflowStatus.FAILED.value:
+                # Resuming a failed workflow retries its failed tasks: their actor method
+                # steps are new calls, not the logged failures (see ray_workflows.actors).
+                await self.storage.delete(step_run_key(workflow_id))
         except BaseException:
             await self.leases.release(lease)
             raise
@@ -437,7 +436,6 @@ class Engine:
         return handed_over and workflow_id not in self.leases.held
 
     def _close(self, workflow_id: str) -> None:
-        self._inline.pop(workflow_id, None)
         self._closed[workflow_id] = None
         if len(self._closed) > 10_000:
             self._closed.popitem(last=False)
@@ -445,22 +443,35 @@ class Engine:
     async def result(self, workflow_id: str) -> Any:
         """The ObjectRef of the workflow's output, once it has one. A workflow stored as
         running that no manager runs (its manager died) is resumed first."""
+        ref, _ = await self.result_and_record(workflow_id)
+        return ref
+
+    async def result_and_record(self, workflow_id: str) -> tuple[Any, bytes | None]:
+        """:meth:`result`, and the output's record if the output is that of a run here
+        that was waited for, small and without ObjectRefs: a caller can be handed the
+        value itself instead of a ref it would fetch from this process. ``None`` for
+        an output read from storage, which another manager sharing it may have made
+        (this engine keeps no record of a run once it is over)."""
         delay = 0.01
         while workflow_id not in self.runs:
             status = await self.status(workflow_id)
             if status == WorkflowStatus.RESUMABLE:
                 try:
-                    return await (await self.resume(workflow_id, existing_ok=True))
+                    # Launched (and waited for below), or found finished meanwhile.
+                    await self.resume(workflow_id, existing_ok=True, load=False)
+                    continue
                 except WorkflowRunningElsewhereError:
                     pass
             elif status not in (WorkflowStatus.RUNNING, WorkflowStatus.PENDING):
-                return await self.output(workflow_id)
+                return await self.output(workflow_id), None
             # Its caller is handing it over to this engine (soon in self.runs), or another
             # manager runs it: wait for its final status, or for its lease to lapse (then
             # the next round resumes it here).
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0, self.leases.ttl / 3)
-        return await asyncio.shield(self._finished[workflow_id])
+        run = self.runs[workflow_id]
+        ref = await asyncio.shield(self._finished[workflow_id])
+        return ref, run.output_record
 
     async def _stored_output(self, workflow_id: str, key: str) -> Any:
         """An ObjectRef of the checkpointed output in record ``key``.

@@ -117,7 +117,9 @@ class WorkflowManager:
             self._sweeper = loop.create_task(self._sweep())
 
     async def _start_sub(self, workflow_id: str, plan: Plan) -> None:
-        await self.engine.start(workflow_id, plan)  # durable when it returns
+        # Exempt from the admission limits: the task that called the method may hold
+        # a running slot while it waits for this output. Durable when it returns.
+        await self.engine.start(workflow_id, plan, exempt=True)
 
     async def _sub_output(self, workflow_id: str) -> Any:
         return await (await self.engine.result(workflow_id))
@@ -232,8 +234,11 @@ class WorkflowManager:
         readonly: bool,
         options: dict[str, Any],
         order: tuple[str, int] | None = None,
+        step: tuple[str, int] | None = None,
     ) -> Any:
-        return await self.actors.call(actor_id, call_id, method, call, readonly, options, order)
+        return await self.actors.call(
+            actor_id, call_id, method, call, readonly, options, order, step
+        )
 
     async def resume(self, workflow_id: str) -> None:
         """Resume a stored workflow; joins it if it already runs (e.g. auto-recovered)."""
@@ -241,9 +246,11 @@ class WorkflowManager:
         await self.engine.resume(workflow_id, existing_ok=True, load=False)
 
     async def result(self, workflow_id: str) -> ResolvingRef | InlineOutput:
-        """The workflow's output, when it is done (resuming it if its manager died)."""
-        ref = await self.engine.result(workflow_id)
-        record = self.engine.inline_output(workflow_id)
+        """The workflow's output, when it is done (resuming it if its manager died):
+        the value itself if it is small and a run here made it while this call waited,
+        else a ref to it (read from storage: another manager may have run the id since
+        it last ran here)."""
+        ref, record = await self.engine.result_and_record(workflow_id)
         return InlineOutput(record) if record is not None else await resolving(ref)
 
     async def get_output(self, workflow_id: str, task_id: str | None) -> ResolvingRef:
