@@ -20,10 +20,11 @@ from ray_workflows.events import Mailbox
 from ray_workflows.scheduler import ReceiptWatcher
 from ray_workflows.storage import Storage
 from ray_workflows.store import WorkflowStore
-from ray_workflows.worker import execute_task, load_output, load_outputs, save_objects
+from ray_workflows.worker import execute_pair, execute_task, load_output, load_outputs, save_objects
 
 _LOAD_BATCH = 500  # stored outputs per loading helper task
 _INLINE_FUNCTION_BYTES = 4096  # smaller pickled functions travel with each task
+QUICK_SECONDS = 0.01  # a function whose last attempt ran shorter may be fused (quick())
 
 
 def _task_events() -> bool:
@@ -44,12 +45,15 @@ class Executor:
         # through get_metadata and the logs. RAY_WORKFLOWS_TASK_EVENTS=1 turns them on
         # (or a task's own enable_task_events=True).
         self._execute = ray.remote(num_returns=2, max_retries=0)(execute_task)
+        self._execute_pair = ray.remote(num_returns=4, max_retries=0)(execute_pair)
         self._task_events = _task_events()
         self._load = ray.remote(num_cpus=0, max_retries=3)(load_output)
         self._load_many = ray.remote(num_cpus=0, max_retries=3)(load_outputs)
         self._save = ray.remote(num_cpus=0, max_retries=3)(save_objects)
         self._records: dict[str, dict[str, bytes]] = {}
         self.receipts = ReceiptWatcher()
+        # How long each function's last successful attempt ran (see quick()).
+        self._durations: collections.OrderedDict[str, float] = collections.OrderedDict()
         # `.options()` builds a new wrapper each call; one per (name, options) is kept.
         self._remotes: dict[Any, Any] = {}
         # Pickled functions put in the object store once, shared by every run that
@@ -70,6 +74,22 @@ class Executor:
             self._functions.move_to_end(key)
         return ref
 
+    def observe(self, func_key: str, seconds: float) -> None:
+        """Note how long an attempt of the function ``func_key`` ran."""
+        durations = self._durations
+        if func_key in durations:
+            durations.move_to_end(func_key)
+        durations[func_key] = seconds
+        if len(durations) > 4096:
+            durations.popitem(last=False)
+
+    def quick(self, func_key: str) -> bool:
+        """Whether the function's last attempt ran for less than :data:`QUICK_SECONDS`
+        (never seen: no). Only such a consumer is fused into its producer's Ray task,
+        so the producer's output seldom waits for it to be saved."""
+        seconds = self._durations.get(func_key)
+        return seconds is not None and seconds < QUICK_SECONDS
+
     def submit(
         self,
         name: str,
@@ -80,20 +100,42 @@ class Executor:
         values: list[Any],
         ray_options: dict[str, Any],
     ) -> tuple[Any, Any]:
+        """One attempt: the refs of its receipt and of its output value."""
+        remote = self._remote(self._execute, name, ray_options)
+        receipt, value = remote.remote(header, attempt, func_ref, refs, *values)
+        return receipt, value
+
+    def submit_pair(
+        self,
+        name: str,
+        first: tuple[bytes, int, Any, Any],
+        then: tuple[bytes, int, Any, Any],
+        slot: int,
+        values: list[Any],
+        then_values: list[Any],
+        ray_options: dict[str, Any],
+    ) -> tuple[Any, Any, Any, Any]:
+        """Two attempts in one Ray task (see :func:`~ray_workflows.worker.execute_pair`):
+        ``first`` and ``then`` are (header, attempt, function, refs); ``then`` takes
+        ``first``'s output as its direct input ``slot``. Both receipts and outputs."""
+        remote = self._remote(self._execute_pair, name, ray_options)
+        refs = remote.remote(*first, *then, len(values), slot, *values, *then_values)
+        return refs[0], refs[1], refs[2], refs[3]
+
+    def _remote(self, execute: Any, name: str, ray_options: dict[str, Any]) -> Any:
         # The Ray task is named after the user's function, so the dashboard, `ray list
         # tasks` and worker log prefixes show what runs (the task id is in the logs).
         try:
-            key: Any = (name, *sorted(ray_options.items())) if ray_options else name
+            key: Any = (execute is self._execute, name, *sorted(ray_options.items()))
             remote = self._remotes.get(key)
         except TypeError:  # an unhashable option value
             key, remote = None, None
         if remote is None:
             options = {"name": name, "enable_task_events": self._task_events, **ray_options}
-            remote = self._execute.options(**options)
+            remote = execute.options(**options)
             if key is not None and len(self._remotes) < 4096:
                 self._remotes[key] = remote
-        receipt, value = remote.remote(header, attempt, func_ref, refs, *values)
-        return receipt, value
+        return remote
 
     async def preload(self, key: str, record: bytes | None = None) -> None:
         """For a storage the helper tasks cannot read (``memory://``), gather a record

@@ -46,6 +46,12 @@ _BACKOFF_BASE, _BACKOFF_CAP = 0.05, 5.0
 # the moment they exist, with no round trip through this loop). Off: "0".
 SUBMIT_AHEAD = os.environ.get("RAY_WORKFLOWS_SUBMIT_AHEAD", "1") != "0"
 
+# Run a task's only consumer in the task's own Ray task when it can (see
+# WorkflowRun._fusable); needs SUBMIT_AHEAD. Off: "0".
+FUSE = SUBMIT_AHEAD and os.environ.get("RAY_WORKFLOWS_FUSE", "1") != "0"
+
+_PRODUCED = object()  # the input a fused consumer gets from its producer
+
 
 class ReceiptWatcher:
     """Hands task receipts from Ray to the event loop in batches.
@@ -159,6 +165,7 @@ class WorkflowRun:
         self.ahead: dict[str, dict[str, Any]] = {}
         self._indirect: dict[str, frozenset[str]] = {}  # inputs a task needs as refs
         self.submit_ahead = SUBMIT_AHEAD
+        self.fuse = FUSE
         self.packs = PackWriter(store, workflow_id, self._packed, self._pack_failed)
 
     # -- building the graph -----------------------------------------------------
@@ -264,8 +271,10 @@ class WorkflowRun:
         submitted = []
         for tid in pending:
             if tid in self.specs and tid not in self.running:
-                self._submit_one(tid)
+                then = self._submit_one(tid)
                 submitted.append(tid)
+                if then is not None:
+                    submitted.append(then)
         self._go_ahead(submitted)
 
     def _value_ref(self, tid: str) -> Any:
@@ -276,8 +285,8 @@ class WorkflowRun:
 
     def _submit(self, tid: str) -> None:
         """Submit ``tid``, then every consumer that can now be submitted ahead."""
-        self._submit_one(tid)
-        self._go_ahead([tid])
+        then = self._submit_one(tid)
+        self._go_ahead([tid] if then is None else [tid, then])
 
     def _go_ahead(self, submitted: list[str]) -> None:
         """Submit ahead the consumers of the tasks just submitted, and theirs in turn.
@@ -302,8 +311,10 @@ class WorkflowRun:
             c = todo.popleft()
             queued.discard(c)
             if self._can_go_ahead(c):
-                self._submit_one(c)
+                then = self._submit_one(c)
                 consumers_of(c)
+                if then is not None:
+                    consumers_of(then)
 
     def _can_go_ahead(self, tid: str) -> bool:
         """Whether ``tid`` can be submitted before its unfinished inputs exist: each of
@@ -326,13 +337,53 @@ class WorkflowRun:
         inflight = self.inflight
         return all(u in inflight and u not in indirect for u in pending)
 
-    def _submit_one(self, tid: str) -> None:
+    def _submit_one(self, tid: str) -> str | None:
+        """Submit one attempt of ``tid``; return the consumer fused into its Ray task,
+        if any (see :meth:`_fusable`)."""
         spec = self.specs[tid]
         if spec.kind in ("event", "wait"):
             self.started.setdefault(tid, time.time())
             runner = self._run_event(tid) if spec.kind == "event" else self._run_wait(tid)
             self.running[tid] = (self._spawn(runner), None)
-            return
+            return None
+        values, header, refs, ahead = self._inputs(tid, spec)
+        then = self._fusable(tid, spec)
+        if then is None:
+            receipt_ref, value_ref = self.executor.submit(
+                spec.name,
+                header,
+                self.attempts[tid],
+                self.funcs[spec.func_key],
+                refs,
+                values,
+                spec.options.ray_options,
+            )
+            self._submitted(tid, receipt_ref, value_ref, ahead)
+            return None
+        produced = self.root_of.get(tid, tid)
+        then_spec = self.specs[then]
+        then_values, then_header, then_refs, _ = self._inputs(then, then_spec, produced)
+        slot = next(i for i, v in enumerate(then_values) if v is _PRODUCED)
+        then_values[slot] = None
+        receipt_ref, value_ref, then_receipt, then_value = self.executor.submit_pair(
+            f"{spec.name}+{then_spec.name}",
+            (header, self.attempts[tid], self.funcs[spec.func_key], refs),
+            (then_header, self.attempts[then], self.funcs[then_spec.func_key], then_refs),
+            slot,
+            values,
+            then_values,
+            spec.options.ray_options,
+        )
+        self._submitted(tid, receipt_ref, value_ref, ahead)
+        self._submitted(then, then_receipt, then_value, {produced: value_ref})
+        return then
+
+    def _inputs(
+        self, tid: str, spec: TaskSpec, produced: str | None = None
+    ) -> tuple[list[Any], bytes, Any, dict[str, Any] | None]:
+        """What a submission of ``tid`` is given: its direct input refs, its header, its
+        live and nested refs, and the refs of inputs not finished yet (submitted ahead).
+        The input ``produced`` (by the task it is fused with) is :data:`_PRODUCED`."""
         direct_values: list[Any] = []
         slots: list[int | None] = []
         nested: list[Any] | None = None
@@ -341,7 +392,9 @@ class WorkflowRun:
         for i, (u, is_direct, is_nested) in enumerate(
             zip(spec.upstream, spec.direct, spec.nested, strict=True)
         ):
-            if pending and u in pending:
+            if u == produced:
+                ref: Any = _PRODUCED
+            elif pending and u in pending:
                 ref = self.inflight[u][0]
                 ahead = ahead or {}
                 ahead[u] = ref
@@ -360,16 +413,43 @@ class WorkflowRun:
             )
         live = None if all(isinstance(r, str) for r in spec.arg_refs) else spec.arg_refs
         refs = None if live is None and nested is None else (live, nested)
-        attempt = self.attempts[tid]
-        receipt_ref, value_ref = self.executor.submit(
-            spec.name,
-            header,
-            attempt,
-            self.funcs[spec.func_key],
-            refs,
-            direct_values,
-            spec.options.ray_options,
-        )
+        return direct_values, header, refs, ahead
+
+    def _fusable(self, tid: str, spec: TaskSpec) -> str | None:
+        """The consumer to run in ``tid``'s own Ray task, if there is one: ``tid``'s only
+        consumer, a function task with the same Ray options whose function ran quickly
+        last time (see ``Executor.quick``), for which ``tid``'s output is the last input
+        missing and a plain (direct, not nested) argument. It could not start before
+        ``tid`` ends anyway, and one Ray task costs half of two. The price: ``tid``'s
+        output comes back with the consumer's receipt, so it is saved once the consumer
+        ends, or by the worker itself if the consumer runs longer than
+        ``worker.FUSED_FLUSH_SECONDS``."""
+        if not self.fuse:
+            return None
+        consumers = self.consumers.get(self.root_of.get(tid, tid))
+        if consumers is None or len(consumers) != 1:
+            return None
+        then = consumers[0]
+        then_spec = self.specs.get(then)
+        produced = self.root_of.get(tid, tid)
+        if (
+            then_spec is None
+            or then_spec.kind != "function"
+            or then in self.running
+            or self.waiting.get(then) != {produced}
+            or then_spec.options.ray_options != spec.options.ray_options
+            or not self.executor.quick(then_spec.func_key)
+        ):
+            return None
+        i = then_spec.upstream.index(produced)
+        if not then_spec.direct[i] or then_spec.nested[i]:
+            return None
+        return then
+
+    def _submitted(
+        self, tid: str, receipt_ref: Any, value_ref: Any, ahead: dict[str, Any] | None
+    ) -> None:
+        """Track the attempt of ``tid`` just submitted until its receipt arrives."""
         self.started.setdefault(tid, time.time())
         if ahead is not None:
             self.ahead[tid] = ahead
@@ -389,7 +469,9 @@ class WorkflowRun:
             )
             self.running[tid] = (task, receipt_ref)
         if self.debug:
-            self.log.debug("task.submitted", task_id=tid, attempt=attempt, ahead=bool(ahead))
+            self.log.debug(
+                "task.submitted", task_id=tid, attempt=self.attempts[tid], ahead=bool(ahead)
+            )
 
     def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
@@ -546,6 +628,7 @@ class WorkflowRun:
             self.ahead.pop(tid, None)
             self.running.pop(tid, None)
             try:
+                self._observe(tid, result)
                 self._finished(tid, value_ref, result)
             except Exception as exc:  # a bug: fail the workflow loudly
                 self.log.exception("scheduler.error", task_id=tid)
@@ -585,6 +668,9 @@ class WorkflowRun:
                 return
             if failure is not None:
                 self.running.pop(tid, None)
+                if await self._stored_anyway(tid):
+                    self._flush_submits()
+                    return
                 await self._failed(
                     tid,
                     TaskFailure(tid, None, f"{type(failure).__name__}: {failure}"),
@@ -595,6 +681,7 @@ class WorkflowRun:
                 await self.store.storage.put_many(receipt.writes)
             self.running.pop(tid, None)
             if receipt.kind == "value":
+                self._observe(tid, receipt)
                 self._finished(tid, value_ref, receipt)
             elif receipt.kind == "skipped":  # cannot happen once its inputs went well
                 self._resubmit(tid)
@@ -614,6 +701,25 @@ class WorkflowRun:
         except Exception as exc:  # a bug or a storage failure: fail the workflow loudly
             self.log.exception("scheduler.error", task_id=tid)
             self._fail(TaskFailure(tid, None, f"{type(exc).__name__}: {exc}"), exc)
+
+    async def _stored_anyway(self, tid: str) -> bool:
+        """Whether the attempt whose worker died had written ``tid``'s output itself
+        (a big output, or a fused producer's once its consumer ran long): then the
+        task is done, and does not run again."""
+        spec = self.specs.get(tid)
+        if spec is None or not spec.checkpoint or not self.store.storage.shared:
+            return False
+        key = task_key(self.workflow_id, tid, "out")
+        if not await self.store.storage.exists(key):
+            return False
+        now = time.time()
+        self._finished(tid, self.executor.load(self.workflow_id, key), Receipt("value", now, now))
+        return True
+
+    def _observe(self, tid: str, receipt: Receipt) -> None:
+        spec = self.specs.get(tid)
+        if spec is not None:
+            self.executor.observe(spec.func_key, receipt.end_time - receipt.start_time)
 
     def _settle(self, tid: str, value_ref: Any) -> None:
         """``tid``'s attempt ended: tasks submitted ahead of it may now look at it."""

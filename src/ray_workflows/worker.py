@@ -20,6 +20,7 @@ import contextlib
 import contextvars
 import dataclasses
 import pickle
+import threading
 import time
 import traceback
 from typing import Any
@@ -38,6 +39,11 @@ from ray_workflows.store import objects_prefix, read_record, task_key
 #: Value records up to this size go back to the engine in the receipt and are
 #: committed in packs; bigger ones are written by the worker itself.
 INLINE_RECORD_BYTES = 64 * 1024
+
+#: In a fused pair (:func:`execute_pair`), the producer's small output travels with
+#: the consumer's receipt; if the consumer is still running this long after the
+#: producer finished, the worker writes that output itself instead.
+FUSED_FLUSH_SECONDS = 0.02
 
 # True while a workflow task's user function runs: `workflow.continuation` then
 # returns the DAG instead of executing it.
@@ -259,6 +265,123 @@ def execute_task(
     return receipt.wire(), value
 
 
+def execute_pair(
+    header: bytes,
+    attempt: int,
+    func_data: bytes,
+    refs: tuple[Any, Any] | None,
+    then_header: bytes,
+    then_attempt: int,
+    then_func_data: bytes,
+    then_refs: tuple[Any, Any] | None,
+    split: int,
+    slot: int,
+    *values: Any,
+) -> tuple[tuple[Any, ...], Any, tuple[Any, ...], Any]:
+    """A producer and its only consumer in one Ray task (the engine fuses them: one
+    submission and one worker dispatch instead of two). ``values[:split]`` are the
+    producer's inputs, the rest the consumer's, whose input ``slot`` is the producer's
+    output. Returns both receipts and both outputs, as two :func:`execute_task` would:
+    a producer that fails or continues hands the consumer ``UNAVAILABLE``, so it skips,
+    exactly as a consumer submitted ahead does."""
+    receipt, value = _execute(header, attempt, func_data, refs, values[:split])
+    inputs = list(values[split:])
+    inputs[slot] = _copy(value) if receipt.kind == "value" else UNAVAILABLE
+    flush = _Flush(header, receipt) if receipt.record is not None else None
+    try:
+        then_receipt, then_value = _execute(
+            then_header, then_attempt, then_func_data, then_refs, inputs
+        )
+    finally:
+        if flush is not None:
+            flush.cancel()
+    return receipt.wire(), value, then_receipt.wire(), then_value
+
+
+_IMMUTABLE = (int, float, complex, str, bytes, bool, type(None))
+
+
+def _copy(value: Any) -> Any:
+    """What Ray would hand a consumer: a copy, so its changes do not reach the
+    producer's output (returned and checkpointed after the consumer ran)."""
+    if type(value) in _IMMUTABLE:
+        return value
+    payload, refs = serialization.dumps(value)
+    return serialization.loads(payload, refs)
+
+
+class _Flush:
+    """Writes a fused producer's output record itself once the consumer has run for
+    :data:`FUSED_FLUSH_SECONDS` (then the receipt carries no record, as for a big
+    output): a long consumer does not leave a finished output unsaved for long."""
+
+    def __init__(self, header: bytes, receipt: Receipt) -> None:
+        wid, tid, uri = pickle.loads(header)[:3]
+        self.storage, self.receipt = open_storage(uri), receipt
+        self.key = task_key(wid, tid, "out")
+        self.lock = threading.Lock()
+        self.cancelled = False
+        if self.storage.shared:  # the engine alone can write to a storage that is not
+            _flusher.add(self)
+
+    def write(self) -> None:
+        with self.lock:
+            record = self.receipt.record
+            if self.cancelled or record is None:
+                return
+            try:
+                bridge.run(self.storage.put(self.key, record))
+            except Exception:  # the engine commits it from the receipt, as usual
+                return
+            self.receipt.record = None
+
+    def cancel(self) -> None:
+        _flusher.discard(self)
+        with self.lock:  # a write under way ends first: the receipt then says so
+            self.cancelled = True
+
+
+class _Flusher:
+    """One thread per worker process that runs the :class:`_Flush` writes that
+    come due (a thread per fused pair would cost more than the pair saves)."""
+
+    def __init__(self) -> None:
+        self._due: dict[_Flush, float] = {}
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def add(self, flush: _Flush) -> None:
+        with self._cond:
+            self._due[flush] = time.monotonic() + FUSED_FLUSH_SECONDS
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="ray-workflows-flush", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+
+    def discard(self, flush: _Flush) -> None:
+        with self._cond:
+            self._due.pop(flush, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                ready = [f for f, at in self._due.items() if at <= now]
+                for f in ready:
+                    del self._due[f]
+                if not ready:
+                    wait = min(self._due.values(), default=now + 3600) - now
+                    self._cond.wait(wait)
+                    continue
+            for f in ready:
+                f.write()
+
+
+_flusher = _Flusher()
+
+
 def _execute(
     header: bytes, attempt: int, func_data: bytes, refs: tuple[Any, Any] | None, values: Any
 ) -> tuple[Receipt, Any]:
@@ -402,6 +525,7 @@ __all__ = [
     "Continuation",
     "Receipt",
     "TaskCall",
+    "execute_pair",
     "execute_task",
     "in_task",
     "load_output",
