@@ -14,6 +14,7 @@ Each function has the name and arguments of its blocking twin in
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
@@ -88,6 +89,21 @@ def prepare(
     return Prepared(wid, plan, meta)
 
 
+# Per event loop and storage: concurrent starts from one loop share durable batches.
+_stores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, WorkflowStore]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _store(uri: str) -> WorkflowStore:
+    storage = open_storage(uri)
+    stores = _stores.setdefault(asyncio.get_running_loop(), {})
+    store = stores.get(uri)
+    if store is None or store.storage is not storage:  # new, or the storage was reopened
+        store = stores[uri] = WorkflowStore(storage)
+    return store
+
+
 async def start(prepared: Prepared) -> Any:
     """Store and start a prepared workflow; return the ``ray.ObjectRef`` of its output.
 
@@ -105,8 +121,7 @@ async def start(prepared: Prepared) -> Any:
     wid, plan, meta = prepared
     if isinstance(plan, bytes) and info is not None and info["caller_stores"]:
         lease = (lease_key(wid), grant(wid, info["owner"], info["ttl"]))
-        store = WorkflowStore(open_storage(cfg.storage))
-        leased = await store.create_started(wid, plan, meta["status"], lease)
+        leased = await _store(cfg.storage).create_started(wid, plan, meta["status"], lease)
         if leased is not None:
             return handle.run.remote(wid, plan, meta, lease[1] if leased else None)
     await get(handle.submit.remote(wid, plan, meta["user_metadata"]))

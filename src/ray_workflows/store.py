@@ -41,7 +41,7 @@ import contextlib
 import json
 import pickle
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ray_workflows import serialization
@@ -231,41 +231,58 @@ class PackWriter:
 
 
 class GroupCommit:
-    """Batches writes: one ``put_many`` (then one ``delete_many``) for everything
-    queued while the last batch was being written. Batches are written in order;
-    within a batch, keys keep the order in which they were first queued, and its
-    deletes follow its puts."""
+    """Batches writes: one ``put_many``, one ``put_if_absent_many`` (then one
+    ``delete_many``) for everything queued while the last batch was being written.
+    Batches are written in order; within a batch, keys keep the order in which they
+    were first queued, and its deletes follow its puts and creations."""
 
     def __init__(self, storage: Storage) -> None:
         self._storage = storage
         self._queue: dict[str, bytes | None] = {}  # None: delete the key
-        self._waiters: list[asyncio.Future[None]] = []
+        self._creates: dict[str, bytes] = {}  # created only if absent
+        self._waiters: list[asyncio.Future[dict[str, bool]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
     async def put(self, key: str, data: bytes) -> None:
-        await self._queued(key, data)
-
-    async def delete(self, key: str) -> None:
-        await self._queued(key, None)
-
-    async def _queued(self, key: str, data: bytes | None) -> None:
         self._queue.pop(key, None)  # a re-queued key takes its new place in the order
         self._queue[key] = data
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        await self._queued()
+
+    async def delete(self, key: str) -> None:
+        self._queue.pop(key, None)
+        self._queue[key] = None
+        await self._queued()
+
+    async def create_many(self, items: Mapping[str, bytes]) -> dict[str, bool]:
+        """``put_if_absent_many`` of ``items``, in one batch with the other callers'.
+        A key another caller is creating in the same batch is not created here."""
+        taken = {key for key in items if key in self._creates}
+        for key, data in items.items():
+            if key not in taken:
+                self._creates[key] = data
+        created = await self._queued()
+        return {key: key not in taken and created[key] for key in items}
+
+    async def _queued(self) -> dict[str, bool]:
+        waiter: asyncio.Future[dict[str, bool]] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
-        await asyncio.shield(waiter)
+        return await asyncio.shield(waiter)
 
     async def _flush(self) -> None:
-        while self._queue:
+        while self._queue or self._creates:
             batch, self._queue = self._queue, {}
+            creates, self._creates = self._creates, {}
             waiters, self._waiters = self._waiters, []
             puts = {key: data for key, data in batch.items() if data is not None}
             deletes = [key for key, data in batch.items() if data is None]
+            created: dict[str, bool] = {}
             try:
                 if puts:
                     await self._storage.put_many(puts)
+                if creates:
+                    created = await self._storage.put_if_absent_many(creates)
                 if deletes:
                     await self._storage.delete_many(deletes)
             except BaseException as exc:  # every waiter of the batch learns of it
@@ -277,7 +294,7 @@ class GroupCommit:
                 continue
             for w in waiters:
                 if not w.done():
-                    w.set_result(None)
+                    w.set_result(created)
 
 
 class WorkflowStore:
@@ -324,7 +341,8 @@ class WorkflowStore:
         exists already (a lease or marker this call created is then taken back); else
         whether the lease record was created."""
         plan_key, marker = wf_prefix(wid) + "plan", f"status/{status}/{wid}"
-        created = await self.storage.put_if_absent_many(
+        # With the starts of other workflows under way: one durable batch for all.
+        created = await self.commit.create_many(
             {plan_key: encoded, lease[0]: lease[1], marker: b""}
         )
         if not created[plan_key]:

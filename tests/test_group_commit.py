@@ -1,0 +1,61 @@
+"""The engine's group commit: concurrent writers share durable batches, and
+concurrent creations of one key still have exactly one winner."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+from ray_workflows.backends.filesystem import FileStorage
+
+from ray_workflows.plugins import open_storage
+from ray_workflows.store import GroupCommit, WorkflowStore
+
+
+class Counting(FileStorage):
+    """The real file storage, with its batch creations counted."""
+
+    batches = 0
+
+    async def put_if_absent_many(self, items: Mapping[str, bytes]) -> dict[str, bool]:
+        self.batches += 1
+        return await super().put_if_absent_many(items)
+
+
+async def test_concurrent_creations_share_batches(tmp_path: Path) -> None:
+    storage = Counting(f"file://{tmp_path / 's'}")
+    commit = GroupCommit(storage)
+    results = await asyncio.gather(
+        *(commit.create_many({f"k/{i}/a": b"a", f"k/{i}/b": b"b"}) for i in range(50))
+    )
+    assert all(r == {f"k/{i}/a": True, f"k/{i}/b": True} for i, r in enumerate(results))
+    assert storage.batches <= 2  # the first call's batch, then everything queued meanwhile
+    assert await storage.get("k/49/b") == b"b"
+
+
+async def test_one_key_created_twice_in_one_batch_has_one_winner(tmp_path: Path) -> None:
+    storage = open_storage(str(tmp_path / "s"))
+    await storage.put("taken", b"old")
+    commit = GroupCommit(storage)
+    first, second, third = await asyncio.gather(
+        commit.create_many({"x": b"1", "taken": b"new"}),
+        commit.create_many({"x": b"2"}),
+        commit.create_many({"y": b"3"}),
+    )
+    assert [first["x"], second["x"]].count(True) == 1
+    assert first["taken"] is False and third["y"] is True
+    assert await storage.get("x") in (b"1", b"2")
+    assert await storage.get("taken") == b"old"
+
+
+async def test_two_callers_starting_one_workflow_id_have_one_winner() -> None:
+    store = WorkflowStore(open_storage(f"memory://{uuid.uuid4().hex}"))
+    starts = await asyncio.gather(
+        *(
+            store.create_started("w", b"plan%d" % i, "RUNNING", ("workflows/w/lease", b"l"))
+            for i in range(5)
+        )
+    )
+    assert sum(s is not None for s in starts) == 1
