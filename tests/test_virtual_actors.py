@@ -368,6 +368,13 @@ def test_a_readonly_method_may_not_return_a_sub_workflow(storage: str, wid: str)
         Peek.get_or_create(wid).doubled.run()
 
 
+def test_an_actor_whose_id_ends_in_a_dot_may_return_a_sub_workflow(
+    storage: str, wid: str
+) -> None:
+    actor = Actor.get_or_create(wid + ".")
+    assert actor.double.run(False) == 2  # a sub-workflow computes double(1)
+
+
 @workflow.virtual_actor
 class Flaky:
     """Its first ``failures`` calls of ``add`` raise. Calls are counted in files: a

@@ -430,9 +430,11 @@ async def _admit(actor: _Actor, caller: str, n: int) -> None:
 
 def _sub_workflow_id(actor_id: str, seq: int) -> str:
     wid = f"{actor_id}.call-{seq}"
-    if len(wid) > 200:  # the longest workflow id
+    if len(wid) > 200 or actor_id.endswith("."):
+        # Too long for a workflow id, or ".." at the seam (no id may hold ".."): the
+        # actor is named by its digest instead.
         digest = hashlib.sha1(actor_id.encode()).hexdigest()[:16]
-        wid = f"{actor_id[:150]}.{digest}.call-{seq}"
+        wid = f"{actor_id[:150].rstrip('.')}.{digest}.call-{seq}"
     return wid
 
 
