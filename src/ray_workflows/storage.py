@@ -101,6 +101,12 @@ class Storage(abc.ABC):
         durability work; the default deletes them one after another."""
         return {key: await self.delete(key) for key in keys}
 
+    async def discard_many(self, keys: list[str]) -> None:
+        """Delete keys whose deletion need not survive a crash (whoever reads them
+        copes with a key that comes back): a backend may skip the durability work.
+        The default is :meth:`delete_many`."""
+        await self.delete_many(keys)
+
     @abc.abstractmethod
     async def delete_prefix(self, prefix: str) -> int:
         """Remove every key starting with ``prefix``; return how many were removed."""

@@ -232,9 +232,9 @@ class PackWriter:
 
 class GroupCommit:
     """Batches writes: one ``put_many``, one ``put_if_absent_many`` (then one
-    ``delete_many``) for everything queued while the last batch was being written.
+    ``discard_many``) for everything queued while the last batch was being written.
     Batches are written in order; within a batch, keys keep the order in which they
-    were first queued, and its deletes follow its puts and creations."""
+    were first queued, and its discards follow its puts and creations."""
 
     def __init__(self, storage: Storage) -> None:
         self._storage = storage
@@ -248,10 +248,14 @@ class GroupCommit:
         self._queue[key] = data
         await self._queued()
 
-    async def delete(self, key: str) -> None:
+    def discard(self, key: str) -> None:
+        """Delete ``key`` with the next batch, after its puts, without waiting and
+        without making the deletion durable (:meth:`Storage.discard_many`): for keys
+        whose return after a crash readers settle (a superseded status marker)."""
         self._queue.pop(key, None)
         self._queue[key] = None
-        await self._queued()
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
 
     async def create_many(self, items: Mapping[str, bytes]) -> dict[str, bool]:
         """``put_if_absent_many`` of ``items``, in one batch with the other callers'.
@@ -284,8 +288,10 @@ class GroupCommit:
                 if creates:
                     created = await self._storage.put_if_absent_many(creates)
                 if deletes:
-                    await self._storage.delete_many(deletes)
+                    await self._storage.discard_many(deletes)
             except BaseException as exc:  # every waiter of the batch learns of it
+                if deletes and not waiters:  # discards only: nobody waits to hear it
+                    log.warning("storage.discard_failed", keys=len(deletes), error=repr(exc))
                 for w in waiters:
                     if not w.done():
                         w.set_exception(exc)
@@ -391,7 +397,9 @@ class WorkflowStore:
             writes.insert(0, self.commit.put(f"status/{new}/{wid}", b""))
         await asyncio.gather(*writes)
         if old and new != old:
-            await self.commit.delete(f"status/{old}/{wid}")
+            # Once the new marker is durable: a crash that brings the old one back
+            # leaves two markers, settled from meta.json (see indexed()).
+            self.commit.discard(f"status/{old}/{wid}")
 
     async def indexed(self) -> dict[str, str]:
         """wid -> stored status, from the index (settling duplicates from meta.json)."""

@@ -166,6 +166,13 @@ class StorageConformance:
         assert await storage.delete_many([]) == {}
         assert await storage.delete_many(["dm/a"]) == {"dm/a": False}
 
+    async def test_discard_many(self, storage: Storage) -> None:
+        await storage.put_many({"dc/a": b"1", "dc/sub/b": b"2", "dc/keep": b"3"})
+        await storage.discard_many(["dc/a", "dc/sub/b", "dc/never"])
+        assert await storage.list("dc/") == ["dc/keep"]
+        assert await storage.get("dc/a") is None
+        await storage.discard_many([])
+
     async def test_delete_prefix_subtree(self, storage: Storage) -> None:
         for key in ["a/x", "a/y/z", "a/y/w", "ab/1", "b"]:
             await storage.put(key, b"v")
