@@ -12,9 +12,11 @@ exclusive ``flock`` on a per-key lock file while it reads and replaces.
 
 A batch (``put_many``, ``put_if_absent_many``, ``delete_many``) of several keys
 is made durable with ``syncfs`` on Linux instead of fsyncs per key and directory:
-all temp files are written, one ``syncfs`` makes their data (and new
-directories) durable, all are renamed or linked, and a second ``syncfs`` makes
-the names durable (a batch of deletes needs only the second). Each key still
+all temp files are written and their data written back to the device
+(``sync_file_range``), all are renamed or linked, and one ``syncfs`` makes data
+and names durable together (on filesystems that commit metadata in order, so no
+name can become durable before its data; elsewhere a first ``syncfs`` does that
+before the names). A batch of deletes needs one ``syncfs``. Each key still
 changes atomically. ``syncfs`` also flushes other programs' unwritten data on
 the same filesystem, which costs little on a directory of its own and more on a
 disk busy with large writes. Only local filesystems known to honour ``syncfs``
@@ -97,6 +99,23 @@ def _load_syncfs() -> Callable[[int], int] | None:
 
 _SYNCFS = _load_syncfs()
 
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    if _SYNCFS is None:
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+# With it, a batch needs one syncfs, not two (see _written_back).
+_SYNC_FILE_RANGE = _load_sync_file_range()
+_SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4
+
 # Filesystems whose syncfs writes and flushes their own disk (and, from Linux 5.8,
 # reports writeback errors). A network or FUSE filesystem may answer syncfs
 # without the server having persisted anything (FUSE passes it on only from Linux
@@ -104,9 +123,13 @@ _SYNCFS = _load_syncfs()
 # but a writeback error there lands on the upper filesystem's error counter, which
 # syncfs on the overlay never checks; fsync goes to the upper file and reports it.
 _SYNCFS_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "zfs", "tmpfs"})
+# Of those, the ones that commit metadata in order (journaled or copy-on-write), so
+# a batch needs one syncfs only (see _data_first); tmpfs keeps nothing anyway.
+_ORDERED_FILESYSTEMS = frozenset({"ext3", "ext4", "xfs", "btrfs", "tmpfs"})
 _MOUNTINFO = "/proc/self/mountinfo"
 # Decided once per root, in a worker thread, at the root's first batch.
 _syncfs_roots: dict[str, bool] = {}
+_ordered_roots: dict[str, bool] = {}
 _syncfs_lock = threading.Lock()
 
 
@@ -155,6 +178,7 @@ def _root_syncfs(root: str) -> bool:
             except OSError:
                 mountinfo = ""
             fstype = _root_filesystem(mountinfo, os.path.realpath(root))
+            _ordered_roots[root] = fstype in _ORDERED_FILESYSTEMS
             trusted = _syncfs_roots[root] = _syncfs_trusted(fstype)
             log.debug(
                 "storage.batch_sync_chosen",
@@ -244,6 +268,12 @@ class FileStorage(Storage):
         existed = await self._run("delete_many", _several(keys), _delete_many, self._root, paths)
         return dict(zip(keys, existed, strict=True))
 
+    async def discard_many(self, keys: list[str]) -> None:
+        # Unlinked, not synced: the filesystem's next commit makes it stick.
+        paths = [self._path(key) for key in keys]
+        if paths:
+            await self._run("discard_many", _several(keys), _unlink_all, paths)
+
     async def delete_prefix(self, prefix: str) -> int:
         check_prefix(prefix)
         return await self._run("delete_prefix", repr(prefix), _delete_prefix, self._root, prefix)
@@ -319,6 +349,34 @@ def _sync_filesystem(root: str) -> None:
         os.close(fd)
 
 
+def _write_back(fd: int, flags: int, path: str) -> None:
+    assert _SYNC_FILE_RANGE is not None
+    if _SYNC_FILE_RANGE(fd, 0, 0, flags) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"sync_file_range: {os.strerror(errno)}", path)
+
+
+def _data_first(root: str, temps: list[str]) -> None:
+    """Before a batch's names are made: its temp files' data on the device, so that
+    no filesystem commit (ours or anyone's) can make a name durable without its data.
+
+    With ``sync_file_range``, each temp's data is written back (its blocks allocated,
+    in the running journal transaction) and waited for, but not flushed from the
+    device's cache: the one ``syncfs`` after the names commits names and allocations
+    together, and its cache flush comes before the commit record. The filesystems
+    that take this path (see ``_SYNCFS_FILESYSTEMS``) commit metadata in order, so a
+    name never lands before the allocation of its data. Elsewhere: a ``syncfs``."""
+    if _SYNC_FILE_RANGE is None or not _ordered_roots.get(root, False):
+        _sync_filesystem(root)
+        return
+    for tmp in temps:
+        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _write_back(fd, _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER, tmp)
+        finally:
+            os.close(fd)
+
+
 def _ensure_dir(path: str, sync: bool = True) -> None:
     # New directory entries must be durable too, or a crash could lose a whole
     # directory of files that were each fsynced. (``sync=False``: the caller's
@@ -369,6 +427,8 @@ def _write_temp(directory: str, data: bytes, sync: bool = True) -> str:
             view = view[os.write(fd, view) :]
         if sync:
             os.fsync(fd)
+        elif _SYNC_FILE_RANGE is not None and data:
+            _write_back(fd, _SFR_WRITE, tmp)  # started now; _data_first waits for it
     except BaseException:
         os.close(fd)
         _unlink_quietly(tmp)
@@ -415,7 +475,7 @@ def _replace_many(root: str, pairs: list[tuple[str, bytes]]) -> None:
         for path, data in pairs:
             temps.append(_write_temp(os.path.dirname(path), data, sync=not batched))
         if batched:
-            _sync_filesystem(root)  # every temp file's data, and new directories
+            _data_first(root, temps)
         for tmp, (path, _) in zip(temps, pairs, strict=False):
             os.replace(tmp, path)
             renamed += 1
@@ -423,7 +483,7 @@ def _replace_many(root: str, pairs: list[tuple[str, bytes]]) -> None:
         for tmp in temps[renamed:]:
             _unlink_quietly(tmp)
     if batched:
-        _sync_filesystem(root)  # the renames
+        _sync_filesystem(root)  # the renames (and new directories)
         return
     for directory in dict.fromkeys(os.path.dirname(path) for path, _ in pairs):
         _fsync_dir(directory)
@@ -456,7 +516,7 @@ def _create_many(root: str, pairs: list[tuple[str, bytes]]) -> list[bool]:
             temps.append(_write_temp(os.path.dirname(path), data, sync=False) if absent else None)
         if not any(temps):
             return created
-        _sync_filesystem(root)  # the data, and new directories, before any name
+        _data_first(root, [tmp for tmp in temps if tmp is not None])
         for i, (tmp, (path, _)) in enumerate(zip(temps, pairs, strict=True)):
             if tmp is not None:
                 with contextlib.suppress(FileExistsError):
@@ -467,7 +527,7 @@ def _create_many(root: str, pairs: list[tuple[str, bytes]]) -> list[bool]:
             if tmp is not None:
                 _unlink_quietly(tmp)
     if any(created):
-        _sync_filesystem(root)  # the new names
+        _sync_filesystem(root)  # the new names (and directories)
     return created
 
 
@@ -505,6 +565,12 @@ def _delete(path: str) -> bool:
         return False
     _fsync_dir(os.path.dirname(path))
     return True
+
+
+def _unlink_all(paths: list[str]) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            os.unlink(path)
 
 
 def _delete_many(root: str, paths: list[str]) -> list[bool]:

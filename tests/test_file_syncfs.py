@@ -128,8 +128,10 @@ async def test_real_root_batches_as_its_filesystem_allows(
     with open("/proc/self/mountinfo", "rb") as f:
         fstype = filesystem._root_filesystem(os.fsdecode(f.read()), str(tmp_path.resolve()))
     syncfs = filesystem._SYNCFS is not None and filesystem._syncfs_trusted(fstype)
-    # put_many and put_if_absent_many: data then names; delete_many: names only.
-    assert len(calls) == (5 if syncfs else 0)
+    ordered = filesystem._SYNC_FILE_RANGE is not None and fstype in ("ext4", "xfs", "btrfs")
+    # put_many and put_if_absent_many: data then names (where metadata is committed
+    # in order: data written back first, one syncfs for both); delete_many: names.
+    assert len(calls) == (0 if not syncfs else 3 if ordered else 5)
     decisions = [r.getMessage() for r in caplog.records if "batch_sync_chosen" in r.getMessage()]
     assert len(decisions) == (1 if filesystem._SYNCFS is not None else 0)
 
@@ -151,5 +153,20 @@ async def test_a_trusted_root_shares_two_syncfs_calls(
     calls = _count_syncfs(monkeypatch)
     storage = FileStorage(str(tmp_path / "store"))
     monkeypatch.setitem(filesystem._syncfs_roots, storage.root, True)
+    monkeypatch.setitem(filesystem._ordered_roots, storage.root, False)
     await _round_trip(storage)
     assert calls == [storage.root] * 5
+
+
+@pytest.mark.skipif(
+    filesystem._SYNC_FILE_RANGE is None, reason="no syncfs and sync_file_range (not Linux)"
+)
+async def test_an_ordered_root_needs_one_syncfs_per_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _count_syncfs(monkeypatch)
+    storage = FileStorage(str(tmp_path / "store"))
+    monkeypatch.setitem(filesystem._syncfs_roots, storage.root, True)
+    monkeypatch.setitem(filesystem._ordered_roots, storage.root, True)
+    await _round_trip(storage)
+    assert calls == [storage.root] * 3
