@@ -286,7 +286,10 @@ def execute_pair(
     exactly as a consumer submitted ahead does."""
     receipt, value = _execute(header, attempt, func_data, refs, values[:split])
     inputs = list(values[split:])
-    inputs[slot] = _copy(value) if receipt.kind == "value" else UNAVAILABLE
+    inputs[slot] = UNAVAILABLE
+    if receipt.kind == "value":
+        with contextlib.suppress(Exception):  # a value that will not copy goes through Ray
+            inputs[slot] = _copy(value)
     flush = _Flush(header, receipt) if receipt.record is not None else None
     try:
         then_receipt, then_value = _execute(
