@@ -215,6 +215,7 @@ def _root_path(uri: str) -> str:
 class FileStorage(Storage):
     scheme = "file"
     shared = True
+    blocking_batches = True
 
     def __init__(self, uri: str) -> None:
         super().__init__(uri)
@@ -248,6 +249,14 @@ class FileStorage(Storage):
         created = await self._run(
             "put_if_absent_many", _several(keys), _create_many, self._root, pairs
         )
+        return dict(zip(keys, created, strict=True))
+
+    def put_if_absent_many_blocking(self, items: Mapping[str, bytes]) -> dict[str, bool]:
+        keys = list(items)
+        pairs = [(self._path(key), data) for key, data in items.items()]
+        if not pairs:
+            return {}
+        created = self._call("put_if_absent_many", _several(keys), _create_many, self._root, pairs)
         return dict(zip(keys, created, strict=True))
 
     async def compare_and_set(self, key: str, expected: bytes | None, data: bytes) -> bool:
@@ -307,8 +316,13 @@ class FileStorage(Storage):
     async def _run(self, op: str, what: str, fn: Callable[..., _T], *args: Any) -> _T:
         # If the awaiting task is canceled the thread still finishes: a put that
         # was started may land. Every write is atomic, so it lands whole or not at all.
+        return await asyncio.get_running_loop().run_in_executor(
+            _pool(), self._call, op, what, fn, *args
+        )
+
+    def _call(self, op: str, what: str, fn: Callable[..., _T], *args: Any) -> _T:
         try:
-            return await asyncio.get_running_loop().run_in_executor(_pool(), fn, *args)
+            return fn(*args)
         except OSError as exc:
             hint = ""
             if isinstance(exc, _LAYOUT_ERRORS):

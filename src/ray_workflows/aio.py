@@ -104,6 +104,26 @@ def _store(uri: str) -> WorkflowStore:
     return store
 
 
+def start_blocking(prepared: Prepared) -> Any:
+    """:func:`start` from blocking code, without the bridge loop, where the caller
+    stores a new workflow in a storage with blocking batches and the manager's handle
+    is known: a hop to the loop and its storage thread costs as much as the durable
+    write itself. ``None`` where that is not the case: then await :func:`start`."""
+    cfg = config.current()
+    handle, info = config.known_manager(cfg), config.described(cfg)
+    wid, plan, meta = prepared
+    if handle is None or info is None or not info["caller_stores"] or not isinstance(plan, bytes):
+        return None
+    store = WorkflowStore(open_storage(cfg.storage))
+    if not store.storage.blocking_batches:
+        return None
+    lease = (lease_key(wid), grant(wid, info["owner"], info["ttl"]))
+    leased = store.create_started_blocking(wid, plan, meta["status"], lease)
+    if leased is None:  # stored already: the manager resumes it
+        return None
+    return handle.run.remote(wid, plan, meta, lease[1] if leased else None)
+
+
 async def start(prepared: Prepared) -> Any:
     """Store and start a prepared workflow; return the ``ray.ObjectRef`` of its output.
 

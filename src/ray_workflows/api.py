@@ -80,9 +80,12 @@ def run_async(
     """Start a workflow and return a ``ray.ObjectRef`` of its output: ``ray.get(ref)``
     or ``await ref``. Errors in the DAG or arguments raise here; failures while
     running raise from the ref."""
-    # Compiled here, in the caller's thread: the bridge loop only stores and starts it.
+    # Compiled here, in the caller's thread, and stored here too where it can be; the
+    # bridge loop stores and starts it otherwise.
     prepared = aio.prepare(dag, args, kwargs, workflow_id, metadata)
-    ref: ray.ObjectRef[Any] = bridge.run(aio.start(prepared))
+    ref: ray.ObjectRef[Any] | None = aio.start_blocking(prepared)
+    if ref is None:
+        ref = bridge.run(aio.start(prepared))
     return ref
 
 

@@ -131,6 +131,11 @@ def ensure_ray() -> None:
         ray.init(address=address)
 
 
+def known_manager(config: Config) -> Any:
+    """The manager's handle if this process has made it already, else ``None``."""
+    return _managers.get(config.storage)
+
+
 async def manager(config: Config | None = None) -> Any:
     """The manager actor for the configured storage, created on first use."""
     config = config or current()
@@ -208,6 +213,7 @@ __all__ = [
     "described",
     "ensure_ray",
     "forget_managers",
+    "known_manager",
     "manager",
     "normalise_storage",
     "resolve_storage",

@@ -46,6 +46,9 @@ class Storage(abc.ABC):
     #: directory, S3). False for per-process stores such as ``memory://``; then the
     #: engine, not the worker, writes task checkpoints.
     shared: ClassVar[bool] = True
+    #: True if :meth:`put_if_absent_many_blocking` works (a backend whose calls are
+    #: blocking work in a thread anyway, such as files).
+    blocking_batches: ClassVar[bool] = False
 
     def __init__(self, uri: str) -> None:
         self._uri = uri
@@ -86,6 +89,13 @@ class Storage(abc.ABC):
         others not); key -> whether this call stored it. Backends may batch the
         durability work; the default stores them one after another."""
         return {key: await self.put_if_absent(key, data) for key, data in items.items()}
+
+    def put_if_absent_many_blocking(self, items: Mapping[str, bytes]) -> dict[str, bool]:
+        """:meth:`put_if_absent_many` in the calling thread, blocking it, for a caller
+        without an event loop at hand (the blocking ``run_async`` stores its workflow
+        with it: handing the batch to a loop and a thread costs about as much as the
+        durable write). Only where :attr:`blocking_batches` is true."""
+        raise NotImplementedError(f"{type(self).__name__} has no blocking batches")
 
     @abc.abstractmethod
     async def compare_and_set(self, key: str, expected: bytes | None, data: bytes) -> bool:

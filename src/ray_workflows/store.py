@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ray_workflows import serialization
+from ray_workflows import bridge, serialization
 from ray_workflows.exceptions import CheckpointError
 from ray_workflows.log import get_logger
 from ray_workflows.plan import Plan
@@ -230,6 +230,28 @@ class PackWriter:
             raise self.error
 
 
+def _started_records(
+    wid: str, encoded: bytes, status: str, lease: tuple[str, bytes]
+) -> dict[str, bytes]:
+    """A caller's start: the plan, first (the commit point), the lease, the marker."""
+    return {wf_prefix(wid) + "plan": encoded, lease[0]: lease[1], f"status/{status}/{wid}": b""}
+
+
+def _started_outcome(
+    items: dict[str, bytes], created: dict[str, bool]
+) -> tuple[bool | None, list[str]]:
+    """What a start's batch came to: ``None`` if the plan existed (the workflow is
+    stored already), else whether the lease record was created; and the keys this
+    call created that must be taken back (readers settle a stray marker from
+    meta.json meanwhile)."""
+    plan_key, lease_key, _ = items
+    if not created[plan_key]:
+        return None, [key for key in list(items)[1:] if created[key]]
+    # A marker that existed already (left by a deleted workflow of this id) indexes
+    # the new one as well.
+    return created[lease_key], []
+
+
 class GroupCommit:
     """Batches writes: one ``put_many``, one ``put_if_absent_many`` (then one
     ``discard_many``) for everything queued while the last batch was being written.
@@ -346,22 +368,27 @@ class WorkflowStore:
         marker, each created only if absent, in one batch. ``None`` if the workflow
         exists already (a lease or marker this call created is then taken back); else
         whether the lease record was created."""
-        plan_key, marker = wf_prefix(wid) + "plan", f"status/{status}/{wid}"
+        items = _started_records(wid, encoded, status, lease)
         # With the starts of other workflows under way: one durable batch for all.
-        created = await self.commit.create_many(
-            {plan_key: encoded, lease[0]: lease[1], marker: b""}
-        )
-        if not created[plan_key]:
-            # The workflow exists: take back what this call added to it (readers
-            # settle a stray marker from meta.json meanwhile).
-            for key in (lease[0], marker):
-                if created[key]:
-                    with contextlib.suppress(Exception):
-                        await self.storage.delete(key)
-            return None
-        # A marker that existed already (left by a deleted workflow of this id)
-        # indexes the new one as well.
-        return created[lease[0]]
+        created = await self.commit.create_many(items)
+        outcome, taken_back = _started_outcome(items, created)
+        for key in taken_back:
+            with contextlib.suppress(Exception):
+                await self.storage.delete(key)
+        return outcome
+
+    def create_started_blocking(
+        self, wid: str, encoded: bytes, status: str, lease: tuple[str, bytes]
+    ) -> bool | None:
+        """:meth:`create_started` in the calling thread, from blocking code, where the
+        storage has ``blocking_batches``: no hop to an event loop and a thread."""
+        items = _started_records(wid, encoded, status, lease)
+        created = self.storage.put_if_absent_many_blocking(items)
+        outcome, taken_back = _started_outcome(items, created)
+        for key in taken_back:
+            with contextlib.suppress(Exception):
+                bridge.run(self.storage.delete(key))
+        return outcome
 
     async def started_meta(self, wid: str) -> dict[str, Any] | None:
         """``meta.json`` as the workflow started, for one stored by its caller that has
