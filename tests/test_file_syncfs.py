@@ -128,7 +128,7 @@ async def test_real_root_batches_as_its_filesystem_allows(
     with open("/proc/self/mountinfo", "rb") as f:
         fstype = filesystem._root_filesystem(os.fsdecode(f.read()), str(tmp_path.resolve()))
     syncfs = filesystem._SYNCFS is not None and filesystem._syncfs_trusted(fstype)
-    ordered = filesystem._SYNC_FILE_RANGE is not None and fstype in ("ext4", "xfs", "btrfs")
+    ordered = filesystem._SYNC_FILE_RANGE is not None and fstype in ("ext3", "ext4", "xfs", "tmpfs")
     # put_many and put_if_absent_many: data then names (where metadata is committed
     # in order: data written back first, one syncfs for both); delete_many: names.
     assert len(calls) == (0 if not syncfs else 3 if ordered else 5)

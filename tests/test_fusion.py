@@ -202,3 +202,28 @@ def test_a_producer_whose_consumer_runs_long_is_saved_before_the_consumer_ends(
     # The worker died with both halves in flight: only the consumer ran again.
     assert count_runs(runs, "source") == 2  # once for the quick run, once here
     assert count_runs(runs, "killed_once") == 3  # quick run, killed attempt, retry
+
+
+@ray.remote
+def dies_when_told(runs: str, x: int) -> int:
+    """Quick, but while the file ``deaths`` holds a count above 0 it kills its worker."""
+    record_run(runs, "dies_when_told")
+    budget = Path(runs, "deaths")
+    if budget.exists() and int(budget.read_text()) > 0:
+        budget.write_text(str(int(budget.read_text()) - 1))
+        os._exit(1)
+    return x + 1
+
+
+def test_a_pair_that_died_runs_apart_so_the_next_death_is_the_consumers_own(
+    storage: str, wid: str, counter_dir: Path
+) -> None:
+    runs = str(counter_dir)
+    assert workflow.run(dies_when_told.bind(runs, source.bind(runs)), workflow_id=wid + "-q") == 8
+    Path(runs, "deaths").write_text("2")
+    assert workflow.run(dies_when_told.bind(runs, source.bind(runs)), workflow_id=wid) == 8
+    # The pair died once (its producer's unsaved output with it: the producer runs
+    # again, alone); then the consumer died alone and was retried alone. Fused again,
+    # the producer would have run once more for the consumer's second death.
+    assert count_runs(runs, "source") == 1 + 2
+    assert count_runs(runs, "dies_when_told") == 1 + 3

@@ -26,16 +26,13 @@ id ``<actor id>.call-<seq>``, exempt from the admission limits) before the call
 commits, and the call's result is its output.
 
 Inside a method, ``self.other.step(...)`` is a step that calls ``other`` on this
-actor. Its call id is made from the workflow's run, the task id and the attempt
-number: the same attempt replayed (by Ray, to a restarted manager, or by a workflow
-resumed after a crash) is answered from the log, while a retry after the method
-raised, a new run of a deleted workflow's id, or a resume of a FAILED workflow calls
-the method again. A retry of an attempt that failed after its call succeeded (its
-worker was lost, say) gets that call's result. The run is the nonce
-``workflows/<wid>/actor-run``, made by the first step call of the run: it is deleted
-with the workflow, and the engine deletes it when a FAILED workflow resumes
-(:func:`step_run_key`). Attempt numbers live in the scheduler's memory and restart
-from 0 on resume; the log answers the attempts already made as they were answered.
+actor. It calls successfully at most once per run of its workflow: the first of its
+calls that succeeded answers every later attempt of the step (one replayed by Ray to
+a restarted manager, a retry after the attempt failed elsewhere, the attempts of a
+resume after a crash or of a FAILED workflow). After a call that raised, the next
+attempt calls again. A new run of a deleted workflow's id calls anew. The run is the
+nonce ``workflows/<wid>/actor-run``, made by the first step call of the run and
+deleted with the workflow (:func:`step_run_key`).
 """
 
 from __future__ import annotations
@@ -240,8 +237,8 @@ class Actors:
         is ``(caller, n)``: a caller's writer calls run in the order of their ``n``
         (Ray may start one caller's calls to an async actor in another order).
         ``step``: ``(workflow id, attempt)`` of the workflow task making the call
-        (``self.m.step``), whose task id is ``call_id``: the call is that attempt's in
-        the workflow's current run."""
+        (``self.m.step``), whose task id is ``call_id``: see :meth:`_step_call` (the
+        attempt number is not needed there)."""
         actor = await self._get(actor_id)
         if readonly:
             _, outcome, plan = await self._run(actor_id, actor, actor.state, method, call,
@@ -254,18 +251,17 @@ class Actors:
                     "writer methods (logged, so their sub-workflow survives a crash) may."
                 ))
             return await self._resolve(outcome)
-        earlier: list[str] = []
+        run = None
         if step is not None:
-            workflow_id, attempt = step
-            run = await self._run_of(workflow_id)
-            earlier = [_step_call_id(workflow_id, run, call_id, n) for n in range(attempt)]
-            call_id = _step_call_id(workflow_id, run, call_id, attempt)
+            run = await self._run_of(step[0])
         if order is not None:
             await _admit(actor, *order)
         async with actor.lock:
-            known = await self.storage.get(_key(actor_id, "ids", call_id))
-            if known is None and earlier:
-                known = await self._succeeded(actor_id, earlier)
+            if run is not None:
+                assert step is not None
+                call_id, known = await self._step_call(actor_id, step[0], run, call_id)
+            else:
+                known = await self.storage.get(_key(actor_id, "ids", call_id))
             if known is None:
                 seq = actor.seq + 1
                 record = pickle.dumps((call_id, method, call, ray_options), protocol=5)
@@ -276,25 +272,35 @@ class Actors:
                     }
                 )
                 outcome = await self._apply(actor_id, actor, seq, method, call, ray_options)
-            else:  # a replay, or the success of an earlier attempt: committed by now
+            else:  # a replay, or a step's call that succeeded before: committed by now
                 result = await self.storage.get(_key(actor_id, "results", _seq(int(known))))
                 assert result is not None, "a logged call is committed before new ones run"
                 outcome = result
         # A sub-workflow is awaited without the lock: its steps may call this actor.
         return await self._resolve(outcome)
 
-    async def _succeeded(self, actor_id: str, earlier: list[str]) -> bytes | None:
-        """The seq of the last of a task's earlier attempts that called, if its call did
-        not raise: the attempt failed after it (its worker was lost, its output was not
-        stored), and the retry must not call again. Under the lock: it is committed."""
-        for call_id in reversed(earlier):
+    async def _step_call(
+        self, actor_id: str, workflow_id: str, run: str, task_id: str
+    ) -> tuple[str, bytes | None]:
+        """The call id for a step's call, and the seq of the logged call that answers it.
+
+        A step calls at most once successfully per run of its workflow: its calls are
+        ``step:<wid>:<run>:<task>:<k>``, and the first one that succeeded answers every
+        later attempt (a replay, a retry after the attempt failed elsewhere, the attempts
+        of a resume, whose numbers start again). After a call that raised, the next
+        attempt calls again, as ``k + 1``. Under the lock: every logged call is
+        committed."""
+        k = 0
+        while True:
+            call_id = _step_call_id(workflow_id, run, task_id, k)
             seq = await self.storage.get(_key(actor_id, "ids", call_id))
             if seq is None:
-                continue  # it failed before it called
+                return call_id, None
             result = await self.storage.get(_key(actor_id, "results", _seq(int(seq))))
             assert result is not None, "a logged call is committed before new ones run"
-            return None if cloudpickle.loads(result)[0] == "error" else seq
-        return None
+            if cloudpickle.loads(result)[0] != "error":
+                return call_id, seq
+            k += 1
 
     async def _run_of(self, workflow_id: str) -> str:
         """The nonce of the workflow's run, made by the first call that asks. Read each
@@ -444,8 +450,8 @@ def step_run_key(workflow_id: str) -> str:
     return wf_prefix(workflow_id) + "actor-run"
 
 
-def _step_call_id(workflow_id: str, run: str, task_id: str, attempt: int) -> str:
-    scoped = f"step:{workflow_id}:{run}:{task_id}:{attempt}"
+def _step_call_id(workflow_id: str, run: str, task_id: str, k: int) -> str:
+    scoped = f"step:{workflow_id}:{run}:{task_id}:{k}"
     if len(scoped) > 200:  # a storage key's last part: keep it short enough for a file name
         scoped = "step:" + hashlib.sha1(scoped.encode()).hexdigest()
     return scoped

@@ -17,7 +17,6 @@ from typing import Any
 import ray
 
 from ray_workflows import serialization
-from ray_workflows.actors import step_run_key
 from ray_workflows.admission import EXEMPT, Admission
 from ray_workflows.backends.clocks import Clock
 from ray_workflows.exceptions import (
@@ -366,10 +365,6 @@ class Engine:
                 await self.leases.release(lease)
                 return await self._resume(workflow_id, existing_ok=existing_ok)
             run = await self.recovery.rebuild(workflow_id, plan)
-            if meta["status"] == WorkflowStatus.FAILED.value:
-                # Resuming a failed workflow retries its failed tasks: their actor method
-                # steps are new calls, not the logged failures (see ray_workflows.actors).
-                await self.storage.delete(step_run_key(workflow_id))
         except BaseException:
             await self.leases.release(lease)
             raise

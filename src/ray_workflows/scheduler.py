@@ -164,6 +164,14 @@ class WorkflowRun:
         self.inflight: dict[str, tuple[Any, asyncio.Event]] = {}
         self.ahead: dict[str, dict[str, Any]] = {}
         self._indirect: dict[str, frozenset[str]] = {}  # inputs a task needs as refs
+        # Receipts that arrived but are still being dealt with (a task submitted ahead of
+        # one of them waits for that, not just for the arrival), by output.
+        self._settling: dict[str, asyncio.Event] = {}
+        # Fusing: the consumer running in each producer's Ray task, and the producers
+        # whose pair died (the death is charged to the producer; from then on each runs
+        # in a Ray task of its own, so the next death is charged to the one that died).
+        self.fused: dict[str, str] = {}
+        self.unfused: set[str] = set()
         self.submit_ahead = SUBMIT_AHEAD
         self.fuse = FUSE
         self.packs = PackWriter(store, workflow_id, self._packed, self._pack_failed)
@@ -376,6 +384,7 @@ class WorkflowRun:
         )
         self._submitted(tid, receipt_ref, value_ref, ahead)
         self._submitted(then, then_receipt, then_value, {produced: value_ref})
+        self.fused[tid] = then
         return then
 
     def _inputs(
@@ -424,7 +433,7 @@ class WorkflowRun:
         output comes back with the consumer's receipt, so it is saved once the consumer
         ends, or by the worker itself if the consumer runs longer than
         ``worker.FUSED_FLUSH_SECONDS``."""
-        if not self.fuse:
+        if not self.fuse or tid in self.unfused:
             return None
         consumers = self.consumers.get(self.root_of.get(tid, tid))
         if consumers is None or len(consumers) != 1:
@@ -635,6 +644,8 @@ class WorkflowRun:
                 self._fail(TaskFailure(tid, None, f"{type(exc).__name__}: {exc}"), exc)
                 return None
             return self._flush_submits
+        # Dealt with from now on (see _went_ahead_well), though the task starts later.
+        self._settling.setdefault(self.root_of.get(tid, tid), asyncio.Event())
         task = asyncio.get_running_loop().create_task(self._process(tid, result, value_ref))
         self.running[tid] = (task, receipt_ref)
         return None
@@ -657,9 +668,27 @@ class WorkflowRun:
         await self._process(tid, result, value_ref)
 
     async def _process(self, tid: str, result: Any, value_ref: Any) -> None:
+        target = self.root_of.get(tid, tid)
+        settling = self._settling.setdefault(target, asyncio.Event())
+        try:
+            await self._handle(tid, result, value_ref)
+        finally:
+            if self._settling.get(target) is settling:
+                del self._settling[target]
+            settling.set()
+
+    async def _handle(self, tid: str, result: Any, value_ref: Any) -> None:
         try:
             failure = result if isinstance(result, ray.exceptions.RayError) else None
             receipt: Receipt = result
+            if self.fused.pop(tid, None) is not None and failure is not None:
+                self.unfused.add(tid)  # its pair died: each half runs alone from now on
+            if failure is not None and await self._stored_anyway(tid):
+                # The worker died after writing the output itself: the task is done.
+                self.ahead.pop(tid, None)
+                self.running.pop(tid, None)
+                self._flush_submits()
+                return
             ahead = self.ahead.pop(tid, None)
             if ahead is not None and not await self._went_ahead_well(ahead):
                 # Its input's producer failed or continued: this attempt did not count.
@@ -668,9 +697,6 @@ class WorkflowRun:
                 return
             if failure is not None:
                 self.running.pop(tid, None)
-                if await self._stored_anyway(tid):
-                    self._flush_submits()
-                    return
                 await self._failed(
                     tid,
                     TaskFailure(tid, None, f"{type(failure).__name__}: {failure}"),
@@ -736,6 +762,9 @@ class WorkflowRun:
             entry = self.inflight.get(u)
             if entry is not None and entry[0] is ref:
                 await entry[1].wait()
+            settling = self._settling.get(u)
+            if settling is not None:  # its receipt came and is being dealt with
+                await settling.wait()
             if not self._became_output(u, ref):
                 return False
         return True
@@ -754,6 +783,8 @@ class WorkflowRun:
     def _finished(self, tid: str, value_ref: Any, receipt: Receipt) -> None:
         spec = self.specs.pop(tid)
         self.started.pop(tid, None)
+        self.fused.pop(tid, None)
+        self.unfused.discard(tid)
         self._headers.pop(tid, None)
         if self.debug:
             self.log.debug(

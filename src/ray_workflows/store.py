@@ -296,7 +296,21 @@ class GroupCommit:
             self._flusher = asyncio.create_task(self._flush())
         return await asyncio.shield(waiter)
 
+    async def drain(self) -> None:
+        """Wait until everything queued so far is written (or has failed)."""
+        flusher = self._flusher
+        if flusher is not None and not flusher.done():
+            await asyncio.shield(flusher)
+
     async def _flush(self) -> None:
+        try:
+            await self._flush_all()
+        finally:
+            # Not kept once done: a finished task would keep its event loop alive.
+            if self._flusher is asyncio.current_task():
+                self._flusher = None
+
+    async def _flush_all(self) -> None:
         while self._queue or self._creates:
             batch, self._queue = self._queue, {}
             creates, self._creates = self._creates, {}
@@ -496,6 +510,9 @@ class WorkflowStore:
         return {} if data is None else dict(json.loads(data))
 
     async def delete_workflow(self, wid: str) -> int:
+        # Writes still queued (a superseded marker's discard) land first: one landing
+        # later could remove a marker of the next run of this id.
+        await self.commit.drain()
         # The plan is the commit point: without it nobody resumes a half-deleted workflow.
         removed = int(await self.storage.delete(wf_prefix(wid) + "plan"))
         for status in STORED_STATUSES:
