@@ -138,6 +138,9 @@ class Receipt:
     error: bytes | None = None  # the pickled exception
     error_text: str = ""
     retryable: bool = False
+    # The value as pickled for its record (payload, refs), kept in this process for a
+    # fused consumer's copy (see execute_pair); never sent.
+    pickled: tuple[bytes, list[Any]] | None = dataclasses.field(default=None, repr=False)
 
     def wire(self) -> tuple[Any, ...]:
         """The receipt as a tuple of plain values: Ray serializes that with msgpack,
@@ -289,7 +292,7 @@ def execute_pair(
     inputs[slot] = UNAVAILABLE
     if receipt.kind == "value":
         with contextlib.suppress(Exception):  # a value that will not copy goes through Ray
-            inputs[slot] = _copy(value)
+            inputs[slot] = _copy(value, receipt.pickled)
     flush = _Flush(header, receipt) if receipt.record is not None else None
     try:
         then_receipt, then_value = _execute(
@@ -304,12 +307,13 @@ def execute_pair(
 _IMMUTABLE = (int, float, complex, str, bytes, bool, type(None))
 
 
-def _copy(value: Any) -> Any:
+def _copy(value: Any, pickled: tuple[bytes, list[Any]] | None) -> Any:
     """What Ray would hand a consumer: a copy, so its changes do not reach the
-    producer's output (returned and checkpointed after the consumer ran)."""
+    producer's output (returned after the consumer ran), unpickled from the bytes
+    the producer's record was made of."""
     if type(value) in _IMMUTABLE:
         return value
-    payload, refs = serialization.dumps(value)
+    payload, refs = pickled if pickled is not None else serialization.dumps(value)
     return serialization.loads(payload, refs)
 
 
@@ -462,8 +466,11 @@ def _commit(
 ) -> tuple[Receipt, Any]:
     """Checkpoint a value result (objects first, then the output record)."""
     end = time.time()
+    # (When nothing is stored, the value still travels to its consumers through Ray:
+    # pickling it here fails as this task's error rather than later as a lost worker.)
+    payload, refs = serialization.dumps(result)
+    receipt = Receipt("value", start, end, writes, pickled=(payload, refs))
     if call.options.checkpoint is not False:
-        payload, refs = serialization.dumps(result)
         record = serialization.encode(
             "value", payload, objects.save(refs), start_time=start, end_time=end
         )
@@ -471,12 +478,8 @@ def _commit(
             key = task_key(call.workflow_id, call.task_id, "out")
             bridge.run(call.storage.put(key, record))
         else:
-            return Receipt("value", start, end, writes, record=record), result
-    else:
-        # Nothing is stored, but the value still travels to its consumers through Ray:
-        # fail here, as this task's error, rather than later as a lost worker.
-        serialization.dumps(result)
-    return Receipt("value", start, end, writes), result
+            receipt.record = record
+    return receipt, result
 
 
 def load_output(
