@@ -82,6 +82,7 @@ def run_async(
     running raise from the ref."""
     # Compiled here, in the caller's thread, and stored here too where it can be; the
     # bridge loop stores and starts it otherwise.
+    bridge.refuse_own_loop()
     prepared = aio.prepare(dag, args, kwargs, workflow_id, metadata)
     ref: ray.ObjectRef[Any] | None = aio.start_blocking(prepared)
     if ref is None:

@@ -47,16 +47,26 @@ def run(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
     """Run ``coro`` on the bridge loop and return its result, from sync code."""
     target = _start()
     try:
+        refuse_own_loop(target)
+    except RuntimeError:
+        coro.close()
+        raise
+    return asyncio.run_coroutine_threadsafe(coro, target).result(timeout)
+
+
+def refuse_own_loop(target: asyncio.AbstractEventLoop | None = None) -> None:
+    """RuntimeError if called on the bridge loop: a blocking call made there would
+    wait for the loop it blocks. Blocking code that does its work in the calling
+    thread checks this before it starts."""
+    try:
         running = asyncio.get_running_loop()
     except RuntimeError:
-        running = None
-    if running is target:
-        coro.close()
+        return
+    if running is (target or _start()):
         raise RuntimeError(
             "A blocking ray-workflows call was made from inside its own event loop; "
             "use the awaitable twin in ray_workflows.aio instead."
         )
-    return asyncio.run_coroutine_threadsafe(coro, target).result(timeout)
 
 
-__all__ = ["loop", "run"]
+__all__ = ["loop", "refuse_own_loop", "run"]
