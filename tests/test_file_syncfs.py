@@ -146,27 +146,29 @@ async def test_an_untrusted_root_fsyncs_each_file(
     assert calls == []
 
 
-@pytest.mark.skipif(filesystem._SYNCFS is None, reason="no syncfs (not Linux >= 5.8)")
-async def test_a_trusted_root_shares_two_syncfs_calls(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    calls = _count_syncfs(monkeypatch)
-    storage = FileStorage(str(tmp_path / "store"))
-    monkeypatch.setitem(filesystem._syncfs_roots, storage.root, True)
-    monkeypatch.setitem(filesystem._ordered_roots, storage.root, False)
-    await _round_trip(storage)
-    assert calls == [storage.root] * 5
-
-
-@pytest.mark.skipif(
-    filesystem._SYNC_FILE_RANGE is None, reason="no syncfs and sync_file_range (not Linux)"
+@pytest.mark.parametrize(
+    ("ordered", "syncfs_calls"),
+    [
+        pytest.param(
+            False, 5, id="two-per-batch",
+            marks=pytest.mark.skipif(filesystem._SYNCFS is None, reason="no syncfs (Linux < 5.8)"),
+        ),
+        pytest.param(
+            True, 3, id="one-per-batch",
+            marks=pytest.mark.skipif(
+                filesystem._SYNC_FILE_RANGE is None, reason="no syncfs and sync_file_range"
+            ),
+        ),
+    ],
 )
-async def test_an_ordered_root_needs_one_syncfs_per_batch(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+async def test_a_trusted_root_batches_with_syncfs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ordered: bool, syncfs_calls: int
 ) -> None:
+    # Two syncfs per batch of puts (data, then names), one where metadata is committed
+    # in order (the data written back first); one per batch of deletes either way.
     calls = _count_syncfs(monkeypatch)
     storage = FileStorage(str(tmp_path / "store"))
     monkeypatch.setitem(filesystem._syncfs_roots, storage.root, True)
-    monkeypatch.setitem(filesystem._ordered_roots, storage.root, True)
+    monkeypatch.setitem(filesystem._ordered_roots, storage.root, ordered)
     await _round_trip(storage)
-    assert calls == [storage.root] * 3
+    assert calls == [storage.root] * syncfs_calls
