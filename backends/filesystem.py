@@ -112,7 +112,7 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
     return fn
 
 
-# With it, a batch needs one syncfs, not two (see _written_back).
+# With it, a batch needs one syncfs, not two (see _data_first).
 _SYNC_FILE_RANGE = _load_sync_file_range()
 _SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4
 
@@ -244,14 +244,12 @@ class FileStorage(Storage):
         return await self._run("put_if_absent", repr(key), _create, self._path(key), data)
 
     async def put_if_absent_many(self, items: Mapping[str, bytes]) -> dict[str, bool]:
-        keys = list(items)
-        pairs = [(self._path(key), data) for key, data in items.items()]
-        if not pairs:
+        if not items:
             return {}
-        created = await self._run(
-            "put_if_absent_many", _several(keys), _create_many, self._root, pairs
+        # All of it in the storage thread: one hop for the batch.
+        return await asyncio.get_running_loop().run_in_executor(
+            _pool(), self.put_if_absent_many_blocking, items
         )
-        return dict(zip(keys, created, strict=True))
 
     def put_if_absent_many_blocking(self, items: Mapping[str, bytes]) -> dict[str, bool]:
         keys = list(items)
@@ -373,14 +371,15 @@ def _write_back(fd: int, flags: int, path: str) -> None:
 
 
 def _data_first(root: str, temps: list[str]) -> None:
-    """Before a batch's names are made: its temp files' data on the device, so that
-    no filesystem commit (ours or anyone's) can make a name durable without its data.
+    """Before a batch's names are made: its temp files' data on the device (``temps``:
+    those holding any), so that no filesystem commit (ours or anyone's) can make a
+    name durable without its data.
 
     With ``sync_file_range``, each temp's data is written back (its blocks allocated,
     in the running journal transaction) and waited for, but not flushed from the
     device's cache: the one ``syncfs`` after the names commits names and allocations
     together, and its cache flush comes before the commit record. The filesystems
-    that take this path (see ``_SYNCFS_FILESYSTEMS``) commit metadata in order, so a
+    that take this path (see ``_ORDERED_FILESYSTEMS``) commit metadata in order, so a
     name never lands before the allocation of its data. Elsewhere: a ``syncfs``."""
     if _SYNC_FILE_RANGE is None or not _ordered_roots.get(root, False):
         _sync_filesystem(root)
@@ -491,7 +490,7 @@ def _replace_many(root: str, pairs: list[tuple[str, bytes]]) -> None:
         for path, data in pairs:
             temps.append(_write_temp(os.path.dirname(path), data, sync=not batched))
         if batched:
-            _data_first(root, temps)
+            _data_first(root, [tmp for tmp, (_, data) in zip(temps, pairs, strict=True) if data])
         for tmp, (path, _) in zip(temps, pairs, strict=False):
             os.replace(tmp, path)
             renamed += 1
@@ -532,7 +531,8 @@ def _create_many(root: str, pairs: list[tuple[str, bytes]]) -> list[bool]:
             temps.append(_write_temp(os.path.dirname(path), data, sync=False) if absent else None)
         if not any(temps):
             return created
-        _data_first(root, [tmp for tmp in temps if tmp is not None])
+        written = [tmp for tmp, (_, data) in zip(temps, pairs, strict=True) if tmp and data]
+        _data_first(root, written)
         for i, (tmp, (path, _)) in enumerate(zip(temps, pairs, strict=True)):
             if tmp is not None:
                 with contextlib.suppress(FileExistsError):

@@ -165,7 +165,7 @@ def _call_method(
     if ctx is None:  # not run by a workflow: a call of its own
         call_id, step = uuid.uuid4().hex, None
     else:
-        call_id, step = ctx.task_id, (ctx.workflow_id, ctx.attempt)
+        call_id, step = ctx.task_id, ctx.workflow_id
     manager = ray.get_actor(manager_name(storage_uri), namespace=NAMESPACE)
     call = cloudpickle.dumps((args, kwargs))
     return ray.get(
@@ -231,14 +231,13 @@ class Actors:
         readonly: bool,
         ray_options: dict[str, Any],
         order: tuple[str, int] | None = None,
-        step: tuple[str, int] | None = None,
+        step: str | None = None,
     ) -> Any:
         """Run one method call; return its value (or raise its exception). ``order``
         is ``(caller, n)``: a caller's writer calls run in the order of their ``n``
         (Ray may start one caller's calls to an async actor in another order).
-        ``step``: ``(workflow id, attempt)`` of the workflow task making the call
-        (``self.m.step``), whose task id is ``call_id``: see :meth:`_step_call` (the
-        attempt number is not needed there)."""
+        ``step``: the workflow id of the workflow task making the call
+        (``self.m.step``), whose task id is ``call_id``: see :meth:`_step_call`."""
         actor = await self._get(actor_id)
         if readonly:
             _, outcome, plan = await self._run(actor_id, actor, actor.state, method, call,
@@ -251,15 +250,12 @@ class Actors:
                     "writer methods (logged, so their sub-workflow survives a crash) may."
                 ))
             return await self._resolve(outcome)
-        run = None
-        if step is not None:
-            run = await self._run_of(step[0])
+        run = None if step is None else await self._run_of(step)
         if order is not None:
             await _admit(actor, *order)
         async with actor.lock:
-            if run is not None:
-                assert step is not None
-                call_id, known = await self._step_call(actor_id, step[0], run, call_id)
+            if step is not None and run is not None:
+                call_id, known = await self._step_call(actor_id, step, run, call_id)
             else:
                 known = await self.storage.get(_key(actor_id, "ids", call_id))
             if known is None:

@@ -110,17 +110,28 @@ def start_blocking(prepared: Prepared) -> Any:
     is known: a hop to the loop and its storage thread costs as much as the durable
     write itself. ``None`` where that is not the case: then await :func:`start`."""
     cfg = config.current()
-    handle, info = config.known_manager(cfg), config.described(cfg)
-    wid, plan, meta = prepared
-    if handle is None or info is None or not info["caller_stores"] or not isinstance(plan, bytes):
-        return None
+    handle, lease = config.known_manager(cfg), _caller_lease(cfg, prepared)
     store = WorkflowStore(open_storage(cfg.storage))
-    if not store.storage.blocking_batches:
+    if handle is None or lease is None or not store.storage.blocking_batches:
         return None
-    lease = (lease_key(wid), grant(wid, info["owner"], info["ttl"]))
+    wid, plan, meta = prepared
     leased = store.create_started_blocking(wid, plan, meta["status"], lease)
-    if leased is None:  # stored already: the manager resumes it
+    return None if leased is None else _hand_over(handle, prepared, lease, leased)
+
+
+def _caller_lease(cfg: config.Config, prepared: Prepared) -> tuple[str, bytes] | None:
+    """The lease record to store with a new workflow if the caller stores it (see
+    :func:`start`), else ``None``."""
+    info = config.described(cfg)
+    if not isinstance(prepared.plan, bytes) or info is None or not info["caller_stores"]:
         return None
+    wid = prepared.workflow_id
+    return lease_key(wid), grant(wid, info["owner"], info["ttl"])
+
+
+def _hand_over(handle: Any, prepared: Prepared, lease: tuple[str, bytes], leased: bool) -> Any:
+    """Hand a workflow the caller stored to the manager; the ref of its output."""
+    wid, plan, meta = prepared
     return handle.run.remote(wid, plan, meta, lease[1] if leased else None)
 
 
@@ -137,13 +148,12 @@ async def start(prepared: Prepared) -> Any:
     it stores it instead."""
     cfg = config.current()
     handle = await config.manager(cfg)
-    info = config.described(cfg)
     wid, plan, meta = prepared
-    if isinstance(plan, bytes) and info is not None and info["caller_stores"]:
-        lease = (lease_key(wid), grant(wid, info["owner"], info["ttl"]))
+    lease = _caller_lease(cfg, prepared)
+    if lease is not None:
         leased = await _store(cfg.storage).create_started(wid, plan, meta["status"], lease)
         if leased is not None:
-            return handle.run.remote(wid, plan, meta, lease[1] if leased else None)
+            return _hand_over(handle, prepared, lease, leased)
     await get(handle.submit.remote(wid, plan, meta["user_metadata"]))
     return handle.result.remote(wid)
 

@@ -234,7 +234,7 @@ class WorkflowManager:
         readonly: bool,
         options: dict[str, Any],
         order: tuple[str, int] | None = None,
-        step: tuple[str, int] | None = None,
+        step: str | None = None,
     ) -> Any:
         return await self.actors.call(
             actor_id, call_id, method, call, readonly, options, order, step

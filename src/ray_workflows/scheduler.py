@@ -435,12 +435,12 @@ class WorkflowRun:
         ``worker.FUSED_FLUSH_SECONDS``."""
         if not self.fuse or tid in self.unfused:
             return None
-        consumers = self.consumers.get(self.root_of.get(tid, tid))
+        produced = self.root_of.get(tid, tid)
+        consumers = self.consumers.get(produced)
         if consumers is None or len(consumers) != 1:
             return None
         then = consumers[0]
         then_spec = self.specs.get(then)
-        produced = self.root_of.get(tid, tid)
         if (
             then_spec is None
             or then_spec.kind != "function"

@@ -276,8 +276,7 @@ class GroupCommit:
         whose return after a crash readers settle (a superseded status marker)."""
         self._queue.pop(key, None)
         self._queue[key] = None
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
+        self._kick()
 
     async def create_many(self, items: Mapping[str, bytes]) -> dict[str, bool]:
         """``put_if_absent_many`` of ``items``, in one batch with the other callers'.
@@ -292,9 +291,12 @@ class GroupCommit:
     async def _queued(self) -> dict[str, bool]:
         waiter: asyncio.Future[dict[str, bool]] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
+        self._kick()
+        return await asyncio.shield(waiter)
+
+    def _kick(self) -> None:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
-        return await asyncio.shield(waiter)
 
     async def drain(self) -> None:
         """Wait until everything queued so far is written (or has failed)."""

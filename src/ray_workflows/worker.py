@@ -290,7 +290,7 @@ def execute_pair(
     receipt, value = _execute(header, attempt, func_data, refs, values[:split])
     inputs = list(values[split:])
     inputs[slot] = UNAVAILABLE
-    if receipt.kind == "value":
+    if receipt.pickled is not None:  # a value: every value receipt carries its pickle
         with contextlib.suppress(Exception):  # a value that will not copy goes through Ray
             inputs[slot] = _copy(value, receipt.pickled)
     flush = _Flush(header, receipt) if receipt.record is not None else None
@@ -307,14 +307,13 @@ def execute_pair(
 _IMMUTABLE = (int, float, complex, str, bytes, bool, type(None))
 
 
-def _copy(value: Any, pickled: tuple[bytes, list[Any]] | None) -> Any:
+def _copy(value: Any, pickled: tuple[bytes, list[Any]]) -> Any:
     """What Ray would hand a consumer: a copy, so its changes do not reach the
     producer's output (returned after the consumer ran), unpickled from the bytes
     the producer's record was made of."""
     if type(value) in _IMMUTABLE:
         return value
-    payload, refs = pickled if pickled is not None else serialization.dumps(value)
-    return serialization.loads(payload, refs)
+    return serialization.loads(*pickled)
 
 
 class _Flush:
