@@ -229,6 +229,18 @@ class FileStorage(Storage):
         """The absolute directory that holds the keys."""
         return self._root
 
+    @property
+    def ordered_batches(self) -> bool:  # type: ignore[override]
+        # A batch's renames are made in its order and made durable by one syncfs, on a
+        # filesystem that commits metadata in order (see _data_first). False until
+        # the root's first batch has looked its filesystem up.
+        return (
+            _SYNC_FILE_RANGE is not None
+            and _SYNCFS is not None
+            and _syncfs_roots.get(self._root, False)
+            and _ordered_roots.get(self._root, False)
+        )
+
     async def get(self, key: str) -> bytes | None:
         return await self._run("get", repr(key), _read, self._path(key))
 

@@ -41,6 +41,7 @@ def _store_named(name: str) -> _Store:
 class MemoryStorage(Storage):
     scheme = "memory"
     shared = False
+    ordered_batches = True  # a batch is stored in order, and nothing survives a crash
 
     def __init__(self, uri: str) -> None:
         super().__init__(uri)

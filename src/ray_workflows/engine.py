@@ -12,6 +12,7 @@ import asyncio
 import collections
 import dataclasses
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 import ray
@@ -242,6 +243,16 @@ class Engine:
         wid = run.workflow_id
         old = meta["status"]
         outcome: Any
+        sealed: dict[str, Any] | None = None
+
+        def seal() -> Coroutine[Any, Any, None] | None:
+            # The final status, queued with the last checkpoints (see WorkflowRun.run).
+            nonlocal sealed
+            if run.lease.lost or not run.lease.valid():
+                return None  # said below, once the checkpoints are written
+            sealed = self._succeeded(meta, run)
+            return self.store.queue_meta(wid, sealed, old)
+
         try:
             # The status is written while the first tasks already run: the plan is
             # what makes the workflow durable, and it was stored before start returned.
@@ -253,12 +264,8 @@ class Engine:
                 meta.update(status=WorkflowStatus.RUNNING.value, start_time=time.time())
                 await self.store.write_meta(wid, dict(meta), old)
                 old = meta["status"]
-            outcome = await run.run()
-            meta.update(
-                status=WorkflowStatus.SUCCESSFUL.value,
-                end_time=time.time(),
-                output_key=run.output_key,
-            )
+            outcome = await run.run(seal)
+            meta.update(sealed or self._succeeded(meta, run))
             meta.pop("error", None)
             log.info("workflow.succeeded", workflow_id=wid)
         except WorkflowRunningElsewhereError as exc:
@@ -271,15 +278,23 @@ class Engine:
             meta.update(status=WorkflowStatus.FAILED.value, end_time=time.time(), error=str(exc))
             log.warning("workflow.failed", workflow_id=wid, error=str(exc))
         except Exception as exc:
-            outcome = WorkflowExecutionError(
-                f"Workflow {wid!r} failed inside the engine: {exc}", workflow_id=wid
-            )
-            outcome.__cause__ = exc
-            meta.update(status=WorkflowStatus.FAILED.value, end_time=time.time(), error=str(exc))
-            log.exception("workflow.engine_error", workflow_id=wid)
+            if sealed is not None:  # the batch with the final status failed: see below
+                outcome = exc
+            else:
+                outcome = WorkflowExecutionError(
+                    f"Workflow {wid!r} failed inside the engine: {exc}", workflow_id=wid
+                )
+                outcome.__cause__ = exc
+                meta.update(
+                    status=WorkflowStatus.FAILED.value, end_time=time.time(), error=str(exc)
+                )
+                log.exception("workflow.engine_error", workflow_id=wid)
         lease = run.lease
         try:
-            if lease.lost or not lease.valid():
+            if sealed is not None:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            elif lease.lost or not lease.valid():
                 if not isinstance(outcome, WorkflowRunningElsewhereError):
                     outcome = WorkflowRunningElsewhereError(
                         f"Workflow {wid!r} lost its lease before its final status was stored; "
@@ -290,12 +305,13 @@ class Engine:
                 await self.store.write_meta(wid, meta, old)
         except Exception as exc:  # the status could not be stored: it stays resumable
             log.exception("workflow.status_write_failed", workflow_id=wid)
-            if not isinstance(outcome, BaseException):
+            if not isinstance(outcome, BaseException) or outcome is exc:
                 outcome = WorkflowError(
                     f"Workflow {wid!r} finished, but its status could not be stored ({exc}); "
                     "it is RESUMABLE.",
                     workflow_id=wid,
                 )
+                outcome.__cause__ = exc
         self.runs.pop(wid, None)
         self._finished.pop(wid, None)
         self.admission.release(wid)
@@ -308,6 +324,17 @@ class Engine:
             finished.set_exception(outcome)
         else:
             finished.set_result(outcome)
+
+    @staticmethod
+    def _succeeded(meta: dict[str, Any], run: WorkflowRun) -> dict[str, Any]:
+        final = dict(
+            meta,
+            status=WorkflowStatus.SUCCESSFUL.value,
+            end_time=time.time(),
+            output_key=run.output_key,
+        )
+        final.pop("error", None)
+        return final
 
     # -- resuming ------------------------------------------------------------------
     async def resume(

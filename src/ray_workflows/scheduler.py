@@ -22,7 +22,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -225,8 +225,14 @@ class WorkflowRun:
         self.roots.add(root)
 
     # -- running -----------------------------------------------------------------
-    async def run(self) -> Any:
-        """Run until the output task is done; return the output's ObjectRef."""
+    async def run(self, seal: Callable[[], Coroutine[Any, Any, None] | None] | None = None) -> Any:
+        """Run until the output task is done; return the output's ObjectRef.
+
+        ``seal`` queues the final status, where the storage's batches land in order:
+        it is called once the output is done, so that the last checkpoints and the
+        status share one batch (it returns ``None`` if it queued nothing). Whether it
+        was called is its caller's to track; it is not called while anything still
+        runs (an event's acknowledgement finishes before the workflow does)."""
         if self.output_task_id in self.done:
             self._resolve_output()
         for spec in self.unacked:
@@ -244,6 +250,13 @@ class WorkflowRun:
                 raise
             # Consumers start as soon as a receipt arrives; the workflow is done only
             # when every output it reported is durable.
+            self._acks = {t for t in self._acks if not t.done()}
+            if seal is not None and self.store.storage.ordered_batches and not (
+                self._acks or self.running
+            ):
+                # Nothing left that could add a record or an acknowledgement.
+                await self.packs.drain(then=seal)
+                return output
             await self.packs.drain()
             # Acknowledgements finish before the workflow does: a crash before then
             # repeats them on recovery (at least once).

@@ -49,6 +49,12 @@ class Storage(abc.ABC):
     #: True if :meth:`put_if_absent_many_blocking` works (a backend whose calls are
     #: blocking work in a thread anyway, such as files).
     blocking_batches: ClassVar[bool] = False
+    #: True if a batch lands in order: after a crash, a key of a :meth:`put_many` that
+    #: survived means every key before it in the batch survived too (a filesystem
+    #: that commits its metadata in order). The engine then writes a finished
+    #: workflow's last checkpoints and its final status in one batch; elsewhere it
+    #: waits for the checkpoints before it writes the status.
+    ordered_batches: ClassVar[bool] = False
 
     def __init__(self, uri: str) -> None:
         self._uri = uri

@@ -41,7 +41,7 @@ import contextlib
 import json
 import pickle
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 from ray_workflows import bridge, serialization
@@ -174,6 +174,7 @@ class PackWriter:
         self._task: asyncio.Task[None] | None = None
         self._hurry: asyncio.Future[None] | None = None  # cuts the gathering short
         self._draining = False
+        self._then: Callable[[], Coroutine[Any, Any, None] | None] | None = None
         self.pending: set[str] = set()  # holders whose record is not durable yet
         self.error: BaseException | None = None
 
@@ -211,8 +212,10 @@ class PackWriter:
             batch, holders, key = self._batch, self._holders, self._key
             self._batch, self._holders, self._key = {}, [], None
             assert key is not None
+            written = self._store.commit.enqueue(key, encode_pack(batch))
             try:
-                await self._store.put(key, encode_pack(batch))
+                then = self._take_then() if self._draining else None
+                await (written if then is None else asyncio.gather(written, then))
             except Exception as exc:
                 self.error = exc
                 self._on_error(next(iter(batch)), exc)
@@ -220,14 +223,35 @@ class PackWriter:
             self.pending.difference_update(holders)
             self._on_flushed(holders)
 
-    async def drain(self) -> None:
-        """Wait until every queued record is durable (or raise the write's error)."""
+    async def drain(
+        self, then: Callable[[], Coroutine[Any, Any, None] | None] | None = None
+    ) -> None:
+        """Wait until every queued record is durable (or raise the write's error).
+
+        ``then`` queues writes that must not land before the records (it returns what
+        waits for them, or ``None`` if it queued nothing), for a caller that adds no
+        more records. It is called once: right after the pack of the records still
+        gathering is queued, so that on a storage with ``ordered_batches`` both share
+        one batch; with nothing left gathering, once the pack being written landed."""
         self._draining = True
-        while self._task is not None and not self._task.done():
-            self._hurry_up()
-            await asyncio.shield(self._task)
+        self._then = then
+        try:
+            while self._task is not None and not self._task.done():
+                self._hurry_up()
+                await asyncio.shield(self._task)
+        except BaseException:
+            self._then = None  # a drain given up on (the run is closing) writes nothing
+            raise
         if self.error is not None:
+            self._then = None
             raise self.error
+        after = self._take_then()
+        if after is not None:
+            await after
+
+    def _take_then(self) -> Coroutine[Any, Any, None] | None:
+        then, self._then = self._then, None
+        return None if then is None else then()
 
 
 def _started_records(
@@ -266,9 +290,14 @@ class GroupCommit:
         self._flusher: asyncio.Task[None] | None = None
 
     async def put(self, key: str, data: bytes) -> None:
+        await self.enqueue(key, data)
+
+    def enqueue(self, key: str, data: bytes) -> Awaitable[dict[str, bool]]:
+        """Queue a put now, in call order (keys queued without an await in between
+        share a batch), and return what waits for its batch."""
         self._queue.pop(key, None)  # a re-queued key takes its new place in the order
         self._queue[key] = data
-        await self._queued()
+        return self._queued()
 
     def discard(self, key: str) -> None:
         """Delete ``key`` with the next batch, after its puts, without waiting and
@@ -288,11 +317,11 @@ class GroupCommit:
         created = await self._queued()
         return {key: key not in taken and created[key] for key in items}
 
-    async def _queued(self) -> dict[str, bool]:
+    def _queued(self) -> asyncio.Future[dict[str, bool]]:
         waiter: asyncio.Future[dict[str, bool]] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         self._kick()
-        return await asyncio.shield(waiter)
+        return asyncio.shield(waiter)
 
     def _kick(self) -> None:
         if self._flusher is None or self._flusher.done():
@@ -433,11 +462,24 @@ class WorkflowStore:
 
     async def write_meta(self, wid: str, meta: dict[str, Any], old: str | None) -> None:
         """Write ``meta`` (whose "status" may have changed from ``old``) and the index."""
+        await self.queue_meta(wid, meta, old)
+
+    def queue_meta(
+        self, wid: str, meta: dict[str, Any], old: str | None
+    ) -> Coroutine[Any, Any, None]:
+        """:meth:`write_meta`, queued now (in one batch with whatever was queued just
+        before it); await the result for it to be durable."""
         new = meta["status"]
-        writes = [self.commit.put(wf_prefix(wid) + "meta.json", json.dumps(meta).encode())]
+        writes = []
         if new != old:
             # Queued first, so in the same batch the new marker lands before meta.json.
-            writes.insert(0, self.commit.put(f"status/{new}/{wid}", b""))
+            writes.append(self.commit.enqueue(f"status/{new}/{wid}", b""))
+        writes.append(self.commit.enqueue(wf_prefix(wid) + "meta.json", json.dumps(meta).encode()))
+        return self._meta_written(wid, new, old, writes)
+
+    async def _meta_written(
+        self, wid: str, new: str, old: str | None, writes: list[Awaitable[dict[str, bool]]]
+    ) -> None:
         await asyncio.gather(*writes)
         if old and new != old:
             # Once the new marker is durable: a crash that brings the old one back
