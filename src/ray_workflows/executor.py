@@ -8,8 +8,13 @@ what runs; this module only knows how.
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import dataclasses
+import math
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -20,11 +25,37 @@ from ray_workflows.events import Mailbox
 from ray_workflows.scheduler import ReceiptWatcher
 from ray_workflows.storage import Storage
 from ray_workflows.store import WorkflowStore
-from ray_workflows.worker import execute_pair, execute_task, load_output, load_outputs, save_objects
+from ray_workflows.worker import (
+    execute_batch,
+    execute_pair,
+    execute_task,
+    load_output,
+    load_outputs,
+    save_objects,
+)
 
 _LOAD_BATCH = 500  # stored outputs per loading helper task
 _INLINE_FUNCTION_BYTES = 4096  # smaller pickled functions travel with each task
 QUICK_SECONDS = 0.01  # a function whose last attempt ran shorter may be fused (quick())
+# Quick ready tasks wait at most this long for a free CPU, then go anyway (see offer()).
+HOLD_SECONDS = 0.005
+MAX_BATCH = 32  # tasks (or pairs) per batch
+_CPUS_REFRESH = 10.0  # seconds between looks at the cluster's CPU count
+BATCH = os.environ.get("RAY_WORKFLOWS_BATCH", "1") != "0"
+
+
+@dataclasses.dataclass
+class Submission:
+    """A quick, ready task attempt (or fused pair) for :meth:`Executor.offer`: the
+    arguments :func:`~ray_workflows.worker.execute_task` (or ``execute_pair``) gets,
+    and whom to tell its refs (2, or 4 for a pair; ``batched`` if it went with
+    others; ``later`` if not from within ``offer``)."""
+
+    name: str
+    pair: bool
+    args: tuple[Any, ...]
+    deliver: Callable[[tuple[Any, ...], bool, bool], None]
+    alive: Callable[[], bool]
 
 
 def _task_events() -> bool:
@@ -59,6 +90,15 @@ class Executor:
         # Pickled functions put in the object store once, shared by every run that
         # uses them (keyed by content hash), not once per workflow.
         self._functions: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        # Batching (see offer()): Ray tasks of offered submissions not finished yet,
+        # the submissions held meanwhile, and the cluster's CPU count.
+        self.batching = BATCH
+        self._execute_batch = ray.remote(max_retries=0)(execute_batch)
+        self._sent = 0
+        self._held: list[Submission] = []
+        self._hold_timer: asyncio.TimerHandle | None = None
+        self._cpus, self._cpus_at = 1, -math.inf
+        self.cpus: int | None = None  # the CPUs to plan batches for; None: the cluster's
 
     def function_ref(self, key: str, data: bytes) -> Any:
         """What a task is handed for its pickled function: the bytes themselves when
@@ -122,16 +162,108 @@ class Executor:
         refs = remote.remote(*first, *then, len(values), slot, *values, *then_values)
         return refs[0], refs[1], refs[2], refs[3]
 
-    def _remote(self, execute: Any, name: str, ray_options: dict[str, Any]) -> Any:
+    # -- batching: quick ready tasks share a Ray task while the CPUs are busy ------
+    def offer(
+        self,
+        name: str,
+        pair: bool,
+        args: tuple[Any, ...],
+        deliver: Callable[[tuple[Any, ...], bool, bool], None],
+        alive: Callable[[], bool],
+    ) -> bool:
+        """Submit a quick task (or pair) whose inputs all exist, with Ray's default
+        options. While as many offered Ray tasks run as the cluster has CPUs, it is
+        held instead, to go with the others held meanwhile in one Ray task once a CPU
+        frees (a dispatch costs more than a quick task), or after
+        :data:`HOLD_SECONDS` at the latest. True if it was submitted now. The
+        arguments are those of :class:`Submission`."""
+        sub = Submission(name, pair, args, deliver, alive)
+        if not self._held and self._sent < self._capacity():
+            self._send([sub], later=False)
+            return True
+        self._held.append(sub)
+        if self._hold_timer is None:
+            loop = asyncio.get_running_loop()
+            self._hold_timer = loop.call_later(HOLD_SECONDS, self._release, True)
+        return False
+
+    def _capacity(self) -> int:
+        if self.cpus is not None:
+            return self.cpus
+        now = time.monotonic()
+        if now - self._cpus_at > _CPUS_REFRESH:
+            self._cpus_at = now
+            try:
+                self._cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+            except Exception:  # keep the last count
+                pass
+        return self._cpus
+
+    def _release(self, due: bool = False) -> None:
+        """Send what is held: as batches into the CPUs free now, or all of it once the
+        oldest has waited long enough (``due``)."""
+        if due or not self._held:
+            if self._hold_timer is not None:
+                self._hold_timer.cancel()
+            self._hold_timer = None
+        held = [sub for sub in self._held if sub.alive()]
+        self._held = []
+        capacity = self._capacity()
+        while held:
+            free = capacity - self._sent
+            if free <= 0 and not due:
+                break
+            size = min(MAX_BATCH, math.ceil(len(held) / max(free, 1 if not due else capacity)))
+            batch, held = held[:size], held[size:]
+            self._send(batch, later=True)
+        self._held = held
+        if not held and self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+
+    def _send(self, subs: list[Submission], later: bool) -> None:
+        if len(subs) == 1:
+            sub = subs[0]
+            remote = self._remote(self._execute_pair if sub.pair else self._execute, sub.name, {})
+            groups = [tuple(remote.remote(*sub.args))]
+        else:
+            layout = tuple((sub.pair, len(sub.args)) for sub in subs)
+            sizes = [4 if sub.pair else 2 for sub in subs]
+            remote = self._remote(
+                self._execute_batch, f"{subs[0].name} (+{len(subs) - 1})", {},
+                num_returns=sum(sizes),
+            )
+            refs = remote.remote(layout, *(arg for sub in subs for arg in sub.args))
+            groups, at = [], 0
+            for size in sizes:
+                groups.append(tuple(refs[at : at + size]))
+                at += size
+        if self.receipts.available(groups[0][0]):  # else not counted: held ones wait less
+            self._sent += 1
+            self.receipts.watch(groups[0][0], self._landed)
+        for sub, refs in zip(subs, groups, strict=True):
+            sub.deliver(refs, len(subs) > 1, later)
+
+    def _landed(self, _result: Any) -> Callable[[], None] | None:
+        # One of the offered Ray tasks finished (or died): a CPU is free.
+        self._sent -= 1
+        return self._release if self._held else None
+
+    def _remote(self, execute: Any, name: str, ray_options: dict[str, Any], **extra: Any) -> Any:
         # The Ray task is named after the user's function, so the dashboard, `ray list
         # tasks` and worker log prefixes show what runs (the task id is in the logs).
         try:
-            key: Any = (execute is self._execute, name, *sorted(ray_options.items()))
+            key: Any = (id(execute), name, *sorted(ray_options.items()), *extra.items())
             remote = self._remotes.get(key)
         except TypeError:  # an unhashable option value
             key, remote = None, None
         if remote is None:
-            options = {"name": name, "enable_task_events": self._task_events, **ray_options}
+            options = {
+                "name": name,
+                "enable_task_events": self._task_events,
+                **ray_options,
+                **extra,
+            }
             remote = execute.options(**options)
             if key is not None and len(self._remotes) < 4096:
                 self._remotes[key] = remote

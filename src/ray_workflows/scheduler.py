@@ -172,6 +172,8 @@ class WorkflowRun:
         # in a Ray task of its own, so the next death is charged to the one that died).
         self.fused: dict[str, str] = {}
         self.unfused: set[str] = set()
+        self.batched: set[str] = set()  # attempts in a Ray task with other tasks
+        self.unbatched: set[str] = set()  # tasks whose batch died: they run alone
         self.submit_ahead = SUBMIT_AHEAD
         self.fuse = FUSE
         self.packs = PackWriter(store, workflow_id, self._packed, self._pack_failed)
@@ -265,10 +267,10 @@ class WorkflowRun:
                 self._acks = {t for t in self._acks if not t.done()}
             return output
         finally:
-            for task, ref in self.running.values():
+            for tid, (task, ref) in self.running.items():
                 if task is not None:
                     task.cancel()
-                if ref is not None:
+                if ref is not None and tid not in self.batched:  # quick, and not ours alone
                     _cancel_ray_task(ref)
 
     def _flush_submits(self) -> None:
@@ -369,6 +371,8 @@ class WorkflowRun:
             return None
         values, header, refs, ahead = self._inputs(tid, spec)
         then = self._fusable(tid, spec)
+        if self._batchable(tid, spec, ahead):
+            return self._offer(tid, spec, then, values, header, refs)
         if then is None:
             receipt_ref, value_ref = self.executor.submit(
                 spec.name,
@@ -399,6 +403,78 @@ class WorkflowRun:
         self._submitted(then, then_receipt, then_value, {produced: value_ref})
         self.fused[tid] = then
         return then
+
+    def _batchable(self, tid: str, spec: TaskSpec, ahead: dict[str, Any] | None) -> bool:
+        """Whether ``tid`` may wait a moment to share a Ray task with others (see
+        ``Executor.offer``): its inputs all exist, it has Ray's default options, its
+        function ran quickly last time, and no batch it was in died."""
+        return (
+            self.executor.batching
+            and ahead is None
+            and not spec.options.ray_options
+            and tid not in self.unbatched
+            and self.executor.quick(spec.func_key)
+        )
+
+    def _offer(
+        self,
+        tid: str,
+        spec: TaskSpec,
+        then: str | None,
+        values: list[Any],
+        header: bytes,
+        refs: Any,
+    ) -> str | None:
+        """Hand ``tid`` (with its fused consumer ``then``) to ``Executor.offer``;
+        ``then`` if it was submitted at once, else ``None`` (both wait in ``running``
+        until their refs come, and then go ahead)."""
+        first = (header, self.attempts[tid], self.funcs[spec.func_key], refs)
+        if then is None:
+            name, pair, args = spec.name, False, (*first, *values)
+        else:
+            produced = self.root_of.get(tid, tid)
+            then_spec = self.specs[then]
+            then_values, then_header, then_refs, _ = self._inputs(then, then_spec, produced)
+            slot = next(i for i, v in enumerate(then_values) if v is _PRODUCED)
+            then_values[slot] = None
+            args = (
+                *first,
+                then_header,
+                self.attempts[then],
+                self.funcs[then_spec.func_key],
+                then_refs,
+                len(values),
+                slot,
+                *values,
+                *then_values,
+            )
+            name, pair = f"{spec.name}+{then_spec.name}", True
+        if self.executor.offer(name, pair, args, self._delivered(tid, then), self._alive):
+            return then
+        self.running[tid] = (None, None)  # held: not submitted twice meanwhile
+        if then is not None:
+            self.running[then] = (None, None)
+        return None
+
+    def _alive(self) -> bool:
+        return not self.result.done()
+
+    def _delivered(
+        self, tid: str, then: str | None
+    ) -> Callable[[tuple[Any, ...], bool, bool], None]:
+        def deliver(refs: tuple[Any, ...], batched: bool, later: bool) -> None:
+            self._submitted(tid, refs[0], refs[1], None)
+            if then is not None:
+                self._submitted(then, refs[2], refs[3], {self.root_of.get(tid, tid): refs[1]})
+                self.fused[tid] = then
+            if batched:
+                self.batched.add(tid)
+                if then is not None:
+                    self.batched.add(then)
+            if later:
+                self._go_ahead([tid] if then is None else [tid, then])
+
+        return deliver
 
     def _inputs(
         self, tid: str, spec: TaskSpec, produced: str | None = None
@@ -694,6 +770,8 @@ class WorkflowRun:
         try:
             failure = result if isinstance(result, ray.exceptions.RayError) else None
             receipt: Receipt = result
+            batched = tid in self.batched
+            self.batched.discard(tid)
             if self.fused.pop(tid, None) is not None and failure is not None:
                 self.unfused.add(tid)  # its pair died: each half runs alone from now on
             if failure is not None and await self._stored_anyway(tid):
@@ -705,6 +783,12 @@ class WorkflowRun:
             ahead = self.ahead.pop(tid, None)
             if ahead is not None and not await self._went_ahead_well(ahead):
                 # Its input's producer failed or continued: this attempt did not count.
+                self.running.pop(tid, None)
+                self._resubmit(tid)
+                return
+            if failure is not None and batched:
+                # Its batch died, maybe of another task: not counted; alone from now on.
+                self.unbatched.add(tid)
                 self.running.pop(tid, None)
                 self._resubmit(tid)
                 return
@@ -798,6 +882,8 @@ class WorkflowRun:
         self.started.pop(tid, None)
         self.fused.pop(tid, None)
         self.unfused.discard(tid)
+        self.batched.discard(tid)
+        self.unbatched.discard(tid)
         self._headers.pop(tid, None)
         if self.debug:
             self.log.debug(
