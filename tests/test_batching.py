@@ -11,10 +11,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 import ray
 
 import ray_workflows as workflow
 from ray_workflows.engine import Engine
+from ray_workflows.exceptions import WorkflowCancellationError
 from ray_workflows.plan import compile_dag
 from ray_workflows.plugins import open_storage
 
@@ -100,4 +102,43 @@ async def test_a_batch_that_dies_is_not_charged_to_its_tasks(tmp_path: Path) -> 
     # It ran in the batch (and killed it), then once more alone.
     assert open(runs).read().count("run") == 1 + 2
     assert await (await busy) == 0.5
+    await engine.close()
+
+
+@ray.remote
+def sleeper(path: str, seconds: float) -> str:
+    time.sleep(seconds)
+    Path(path).write_text("done")
+    return path
+
+
+async def test_a_shared_batch_is_cancelled_only_once_no_workflow_wants_it(tmp_path: Path) -> None:
+    engine = await _engine()
+    warm = str(tmp_path / "warm")
+    assert await (await (await _start(engine, "warm", sleeper.bind(warm, 0)))) == warm
+
+    def started(name: str, seconds: float) -> Any:
+        return _start(engine, name, sleeper.bind(str(tmp_path / name), seconds))
+
+    first = await started("first", 1.0)  # sent alone: it holds the one CPU
+    c1, c2 = await asyncio.gather(started("c1", 1.0), started("c2", 1.0))  # one batch
+    await asyncio.sleep(0.2)
+    await engine.cancel("c1")
+    assert await (await c2) == str(tmp_path / "c2")  # its batch went on without c1
+    with pytest.raises(WorkflowCancellationError):
+        await c1
+    await (await first)
+
+    blocker = await started("blocker", 2.0)
+    d1, d2 = await asyncio.gather(started("d1", 1.5), started("d2", 1.5))
+    await asyncio.sleep(0.2)
+    await engine.cancel("d1")
+    await engine.cancel("d2")  # nobody wants the batch now: it is cancelled
+    for cancelled in (d1, d2):
+        with pytest.raises(WorkflowCancellationError):
+            await cancelled
+    await asyncio.sleep(1.8)
+    assert not (tmp_path / "d1").exists() and not (tmp_path / "d2").exists()
+    assert not engine.executor._batches
+    await (await blocker)
     await engine.close()

@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import math
 import os
+import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +25,7 @@ import ray
 from ray_workflows import serialization
 from ray_workflows.backends.clocks import Clock, SystemClock
 from ray_workflows.events import Mailbox
-from ray_workflows.scheduler import ReceiptWatcher
+from ray_workflows.scheduler import ReceiptWatcher, Submission, _cancel_ray_task
 from ray_workflows.storage import Storage
 from ray_workflows.store import WorkflowStore
 from ray_workflows.worker import (
@@ -39,23 +42,29 @@ _INLINE_FUNCTION_BYTES = 4096  # smaller pickled functions travel with each task
 QUICK_SECONDS = 0.01  # a function whose last attempt ran shorter may be fused (quick())
 # Quick ready tasks wait at most this long for a free CPU, then go anyway (see offer()).
 HOLD_SECONDS = 0.005
-MAX_BATCH = 32  # tasks (or pairs) per batch
+MAX_BATCH = 32  # tasks (or pairs) per batch...
+BATCH_SECONDS = 0.02  # ...and what their last attempts took, together, at most
+_BATCH_NAME = "ray_workflows.batch"
 _CPUS_REFRESH = 10.0  # seconds between looks at the cluster's CPU count
 BATCH = os.environ.get("RAY_WORKFLOWS_BATCH", "1") != "0"
 
 
 @dataclasses.dataclass
-class Submission:
-    """A quick, ready task attempt (or fused pair) for :meth:`Executor.offer`: the
-    arguments :func:`~ray_workflows.worker.execute_task` (or ``execute_pair``) gets,
-    and whom to tell its refs (2, or 4 for a pair; ``batched`` if it went with
-    others; ``later`` if not from within ``offer``)."""
+class _Batch:
+    ref: Any  # a ref of its Ray task
+    wanted: int  # attempts in it whose runs still wait for them
 
-    name: str
-    pair: bool
-    args: tuple[Any, ...]
-    deliver: Callable[[tuple[Any, ...], bool, bool], None]
-    alive: Callable[[], bool]
+
+def _take_batch(held: list[Submission], size: int) -> tuple[list[Submission], list[Submission]]:
+    """The first batch of ``held`` (at most ``size``, and BATCH_SECONDS together), and
+    the rest."""
+    total, n = 0.0, 0
+    for sub in held[:size]:
+        total += sub.seconds
+        if n and total > BATCH_SECONDS:
+            break
+        n += 1
+    return held[:n], held[n:]
 
 
 def _task_events() -> bool:
@@ -97,7 +106,9 @@ class Executor:
         self._sent = 0
         self._held: list[Submission] = []
         self._hold_timer: asyncio.TimerHandle | None = None
-        self._cpus, self._cpus_at = 1, -math.inf
+        self._cpus: int | None = None
+        self._cpus_at = -math.inf
+        self._batches: dict[Any, _Batch] = {}  # receipt ref of a batched attempt -> batch
         self.cpus: int | None = None  # the CPUs to plan batches for; None: the cluster's
 
     def function_ref(self, key: str, data: bytes) -> Any:
@@ -122,6 +133,10 @@ class Executor:
         durations[func_key] = seconds
         if len(durations) > 4096:
             durations.popitem(last=False)
+
+    def seconds(self, func_key: str) -> float:
+        """How long the function's last attempt ran (never seen: QUICK_SECONDS)."""
+        return self._durations.get(func_key, QUICK_SECONDS)
 
     def quick(self, func_key: str) -> bool:
         """Whether the function's last attempt ran for less than :data:`QUICK_SECONDS`
@@ -163,21 +178,12 @@ class Executor:
         return refs[0], refs[1], refs[2], refs[3]
 
     # -- batching: quick ready tasks share a Ray task while the CPUs are busy ------
-    def offer(
-        self,
-        name: str,
-        pair: bool,
-        args: tuple[Any, ...],
-        deliver: Callable[[tuple[Any, ...], bool, bool], None],
-        alive: Callable[[], bool],
-    ) -> bool:
+    def offer(self, sub: Submission) -> bool:
         """Submit a quick task (or pair) whose inputs all exist, with Ray's default
         options. While as many offered Ray tasks run as the cluster has CPUs, it is
         held instead, to go with the others held meanwhile in one Ray task once a CPU
         frees (a dispatch costs more than a quick task), or after
-        :data:`HOLD_SECONDS` at the latest. True if it was submitted now. The
-        arguments are those of :class:`Submission`."""
-        sub = Submission(name, pair, args, deliver, alive)
+        :data:`HOLD_SECONDS` at the latest. True if it was submitted now."""
         if not self._held and self._sent < self._capacity():
             self._send([sub], later=False)
             return True
@@ -188,66 +194,105 @@ class Executor:
         return False
 
     def _capacity(self) -> int:
+        """The CPUs to fill before holding (no limit until the cluster's are known).
+        Looked up in a thread: the GCS may be slow to answer, the loop must not wait."""
         if self.cpus is not None:
             return self.cpus
         now = time.monotonic()
         if now - self._cpus_at > _CPUS_REFRESH:
             self._cpus_at = now
-            try:
-                self._cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-            except Exception:  # keep the last count
-                pass
-        return self._cpus
+            threading.Thread(target=self._count_cpus, name="rwf-cpus", daemon=True).start()
+        return self._cpus or sys.maxsize
+
+    def _count_cpus(self) -> None:
+        try:
+            cpus = ray.cluster_resources().get("CPU")
+        except Exception:  # keep the last count
+            return
+        self._cpus = max(1, int(cpus)) if cpus else None
 
     def _release(self, due: bool = False) -> None:
         """Send what is held: as batches into the CPUs free now, or all of it once the
         oldest has waited long enough (``due``)."""
-        if due or not self._held:
-            if self._hold_timer is not None:
-                self._hold_timer.cancel()
+        if due and self._hold_timer is not None:
+            self._hold_timer.cancel()
+        if due:
             self._hold_timer = None
         held = [sub for sub in self._held if sub.alive()]
         self._held = []
-        capacity = self._capacity()
-        while held:
-            free = capacity - self._sent
-            if free <= 0 and not due:
-                break
-            size = min(MAX_BATCH, math.ceil(len(held) / max(free, 1 if not due else capacity)))
-            batch, held = held[:size], held[size:]
-            self._send(batch, later=True)
-        self._held = held
-        if not held and self._hold_timer is not None:
+        try:
+            free = self._capacity() - self._sent
+            if free > 0 or due:
+                count = max(free, 1) if not due else max(free, min(self._capacity(), len(held)))
+                size = min(MAX_BATCH, math.ceil(len(held) / max(count, 1)))
+                while held and (count > 0 or due):
+                    batch, held = _take_batch(held, size)
+                    count -= 1
+                    self._send(batch, later=True)
+        finally:
+            self._held = held + self._held
+        if not self._held and self._hold_timer is not None:
             self._hold_timer.cancel()
             self._hold_timer = None
+        elif self._held and self._hold_timer is None:
+            loop = asyncio.get_running_loop()
+            self._hold_timer = loop.call_later(HOLD_SECONDS, self._release, True)
 
     def _send(self, subs: list[Submission], later: bool) -> None:
-        if len(subs) == 1:
-            sub = subs[0]
-            remote = self._remote(self._execute_pair if sub.pair else self._execute, sub.name, {})
-            groups = [tuple(remote.remote(*sub.args))]
-        else:
-            layout = tuple((sub.pair, len(sub.args)) for sub in subs)
-            sizes = [4 if sub.pair else 2 for sub in subs]
-            remote = self._remote(
-                self._execute_batch, f"{subs[0].name} (+{len(subs) - 1})", {},
-                num_returns=sum(sizes),
-            )
-            refs = remote.remote(layout, *(arg for sub in subs for arg in sub.args))
-            groups, at = [], 0
-            for size in sizes:
-                groups.append(tuple(refs[at : at + size]))
-                at += size
-        if self.receipts.available(groups[0][0]):  # else not counted: held ones wait less
+        """One Ray task for ``subs``; each is told its refs. From within ``offer`` a
+        failure raises; later, each submission that it reaches is failed instead."""
+        try:
+            if len(subs) == 1:
+                sub = subs[0]
+                execute = self._execute_pair if sub.pair else self._execute
+                groups = [tuple(self._remote(execute, sub.name, {}).remote(*sub.args))]
+            else:
+                layout = tuple((sub.pair, len(sub.args)) for sub in subs)
+                sizes = [4 if sub.pair else 2 for sub in subs]
+                # One name per size: the dashboard shows batches as such.
+                remote = self._remote(self._execute_batch, _BATCH_NAME, {}, num_returns=sum(sizes))
+                refs = remote.remote(layout, *(arg for sub in subs for arg in sub.args))
+                groups, at = [], 0
+                for size in sizes:
+                    groups.append(tuple(refs[at : at + size]))
+                    at += size
+        except Exception as exc:
+            if not later:
+                raise
+            for sub in subs:
+                sub.fail(exc)
+            return
+        first = groups[0][0]
+        if self.receipts.available(first):  # else not counted: held ones wait less
             self._sent += 1
-            self.receipts.watch(groups[0][0], self._landed)
+            self.receipts.watch(first, functools.partial(self._landed, [g[0] for g in groups]))
+        if len(subs) > 1:
+            batch = _Batch(first, len(subs))
+            for refs in groups:
+                self._batches[refs[0]] = batch
         for sub, refs in zip(subs, groups, strict=True):
-            sub.deliver(refs, len(subs) > 1, later)
+            try:
+                sub.deliver(refs, len(subs) > 1, later)
+            except Exception as exc:
+                if not later:
+                    raise
+                sub.fail(exc)
 
-    def _landed(self, _result: Any) -> Callable[[], None] | None:
+    def _landed(self, receipts: list[Any], _result: Any) -> Callable[[], None] | None:
         # One of the offered Ray tasks finished (or died): a CPU is free.
         self._sent -= 1
+        for ref in receipts:
+            self._batches.pop(ref, None)
         return self._release if self._held else None
+
+    def abandon(self, receipt: Any) -> None:
+        """The run of a batched attempt (its receipt ref) ended before it: the batch
+        is cancelled once no attempt in it is wanted any more."""
+        batch = self._batches.pop(receipt, None)
+        if batch is not None:
+            batch.wanted -= 1
+            if batch.wanted == 0:
+                _cancel_ray_task(batch.ref)
 
     def _remote(self, execute: Any, name: str, ray_options: dict[str, Any], **extra: Any) -> Any:
         # The Ray task is named after the user's function, so the dashboard, `ray list

@@ -53,6 +53,22 @@ FUSE = SUBMIT_AHEAD and os.environ.get("RAY_WORKFLOWS_FUSE", "1") != "0"
 _PRODUCED = object()  # the input a fused consumer gets from its producer
 
 
+@dataclasses.dataclass
+class Submission:
+    """A quick, ready task attempt (or fused pair) for ``Executor.offer``: the
+    arguments :func:`~ray_workflows.worker.execute_task` (or ``execute_pair``) gets,
+    and whom to tell its refs (2, or 4 for a pair; ``batched`` if it went with
+    others; ``later`` if not from within ``offer``)."""
+
+    name: str
+    pair: bool
+    args: tuple[Any, ...]
+    deliver: Callable[[tuple[Any, ...], bool, bool], None]
+    alive: Callable[[], bool]
+    fail: Callable[[BaseException], None]  # it could not be submitted later on
+    seconds: float  # what its last attempt took
+
+
 class ReceiptWatcher:
     """Hands task receipts from Ray to the event loop in batches.
 
@@ -270,7 +286,11 @@ class WorkflowRun:
             for tid, (task, ref) in self.running.items():
                 if task is not None:
                     task.cancel()
-                if ref is not None and tid not in self.batched:  # quick, and not ours alone
+                if ref is None:
+                    continue
+                if tid in self.batched:  # shared: cancelled once no run wants it
+                    self.executor.abandon(ref)
+                else:
                     _cancel_ray_task(ref)
 
     def _flush_submits(self) -> None:
@@ -449,7 +469,13 @@ class WorkflowRun:
                 *then_values,
             )
             name, pair = f"{spec.name}+{then_spec.name}", True
-        if self.executor.offer(name, pair, args, self._delivered(tid, then), self._alive):
+        seconds = self.executor.seconds(spec.func_key)
+        if then is not None:
+            seconds += self.executor.seconds(self.specs[then].func_key)
+        sub = Submission(
+            name, pair, args, self._delivered(tid, then), self._alive, self._unsent(tid), seconds
+        )
+        if self.executor.offer(sub):
             return then
         self.running[tid] = (None, None)  # held: not submitted twice meanwhile
         if then is not None:
@@ -458,6 +484,13 @@ class WorkflowRun:
 
     def _alive(self) -> bool:
         return not self.result.done()
+
+    def _unsent(self, tid: str) -> Callable[[BaseException], None]:
+        def fail(exc: BaseException) -> None:  # a bug, or Ray refusing the task
+            self.log.error("task.submit_failed", task_id=tid, error=repr(exc))
+            self._fail(TaskFailure(tid, None, f"{type(exc).__name__}: {exc}"), exc)
+
+        return fail
 
     def _delivered(
         self, tid: str, then: str | None
@@ -787,9 +820,11 @@ class WorkflowRun:
                 self._resubmit(tid)
                 return
             if failure is not None and batched:
-                # Its batch died, maybe of another task: not counted; alone from now on.
+                # Its batch died, maybe of another task: not counted; alone from now on,
+                # from the stored copies of its inputs (they may have died with the node).
                 self.unbatched.add(tid)
                 self.running.pop(tid, None)
+                self._from_storage(tid)
                 self._resubmit(tid)
                 return
             if failure is not None:
@@ -990,11 +1025,7 @@ class WorkflowRun:
         if (system or retryable) and (max_retries == -1 or attempts < max_retries):
             self.attempts[tid] += 1
             if system:
-                # The inputs' objects may have died with their node: take the stored
-                # copies this time.
-                for u in spec.upstream:
-                    if u in self.stored and u not in self.packs.pending:
-                        self.values.pop(u, None)
+                self._from_storage(tid)
             delay = min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempts) * (0.5 + random.random() / 2)
             self.log.info(
                 "task.retrying",
@@ -1014,6 +1045,13 @@ class WorkflowRun:
             error=(failure.text.strip().splitlines() or [""])[-1],
         )
         self._fail(failure, None)
+
+    def _from_storage(self, tid: str) -> None:
+        """The inputs' objects may have died with their node: take the stored copies
+        for the next attempt of ``tid``."""
+        for u in self.specs[tid].upstream:
+            if u in self.stored and u not in self.packs.pending:
+                self.values.pop(u, None)
 
     def _fail(self, failure: TaskFailure, internal: BaseException | None) -> None:
         if self.result.done():
