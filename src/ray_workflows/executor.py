@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import math
 import os
+import pickle
 import sys
 import threading
 import time
@@ -45,6 +46,8 @@ HOLD_SECONDS = 0.005
 MAX_BATCH = 32  # tasks (or pairs) per batch...
 BATCH_SECONDS = 0.02  # ...and what their last attempts took, together, at most
 _BATCH_NAME = "ray_workflows.batch"
+# What a batch's fixed arguments may be to travel pickled together (no ObjectRefs).
+_PLAIN = (bytes, int, type(None))
 _CPUS_REFRESH = 10.0  # seconds between looks at the cluster's CPU count
 BATCH = os.environ.get("RAY_WORKFLOWS_BATCH", "1") != "0"
 
@@ -245,13 +248,25 @@ class Executor:
             if len(subs) == 1:
                 sub = subs[0]
                 execute = self._execute_pair if sub.pair else self._execute
-                groups = [tuple(self._remote(execute, sub.name, {}).remote(*sub.args))]
+                remote = self._remote(execute, sub.name, {})
+                groups = [tuple(remote.remote(*sub.fixed, *sub.values))]
             else:
-                layout = tuple((sub.pair, len(sub.args)) for sub in subs)
+                layout: list[tuple[bool, bool, int, int]] = []
+                packed: list[tuple[Any, ...]] = []
+                args: list[Any] = []
+                for sub in subs:
+                    plain = all(type(arg) in _PLAIN for arg in sub.fixed)
+                    own = 0 if plain else len(sub.fixed)
+                    layout.append((sub.pair, plain, own, len(sub.values)))
+                    if plain:
+                        packed.append(sub.fixed)
+                    else:
+                        args.extend(sub.fixed)
+                    args.extend(sub.values)
                 sizes = [4 if sub.pair else 2 for sub in subs]
                 # One name per size: the dashboard shows batches as such.
                 remote = self._remote(self._execute_batch, _BATCH_NAME, {}, num_returns=sum(sizes))
-                refs = remote.remote(layout, *(arg for sub in subs for arg in sub.args))
+                refs = remote.remote(tuple(layout), pickle.dumps(packed, protocol=5), *args)
                 groups, at = [], 0
                 for size in sizes:
                     groups.append(tuple(refs[at : at + size]))

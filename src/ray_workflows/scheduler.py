@@ -62,7 +62,8 @@ class Submission:
 
     name: str
     pair: bool
-    args: tuple[Any, ...]
+    fixed: tuple[Any, ...]  # the arguments before the input values
+    values: tuple[Any, ...]
     deliver: Callable[[tuple[Any, ...], bool, bool], None]
     alive: Callable[[], bool]
     fail: Callable[[BaseException], None]  # it could not be submitted later on
@@ -448,16 +449,16 @@ class WorkflowRun:
         """Hand ``tid`` (with its fused consumer ``then``) to ``Executor.offer``;
         ``then`` if it was submitted at once, else ``None`` (both wait in ``running``
         until their refs come, and then go ahead)."""
-        first = (header, self.attempts[tid], self.funcs[spec.func_key], refs)
+        first: tuple[Any, ...] = (header, self.attempts[tid], self.funcs[spec.func_key], refs)
         if then is None:
-            name, pair, args = spec.name, False, (*first, *values)
+            name, pair, fixed, inputs = spec.name, False, first, tuple(values)
         else:
             produced = self.root_of.get(tid, tid)
             then_spec = self.specs[then]
             then_values, then_header, then_refs, _ = self._inputs(then, then_spec, produced)
             slot = next(i for i, v in enumerate(then_values) if v is _PRODUCED)
             then_values[slot] = None
-            args = (
+            fixed = (
                 *first,
                 then_header,
                 self.attempts[then],
@@ -465,15 +466,21 @@ class WorkflowRun:
                 then_refs,
                 len(values),
                 slot,
-                *values,
-                *then_values,
             )
+            inputs = (*values, *then_values)
             name, pair = f"{spec.name}+{then_spec.name}", True
         seconds = self.executor.seconds(spec.func_key)
         if then is not None:
             seconds += self.executor.seconds(self.specs[then].func_key)
         sub = Submission(
-            name, pair, args, self._delivered(tid, then), self._alive, self._unsent(tid), seconds
+            name,
+            pair,
+            fixed,
+            inputs,
+            self._delivered(tid, then),
+            self._alive,
+            self._unsent(tid),
+            seconds,
         )
         if self.executor.offer(sub):
             return then

@@ -304,18 +304,30 @@ def execute_pair(
     return receipt.wire(), value, then_receipt.wire(), then_value
 
 
-def execute_batch(layout: tuple[tuple[bool, int], ...], *args: Any) -> tuple[Any, ...]:
+def execute_batch(
+    layout: tuple[tuple[bool, bool, int, int], ...], fixed: bytes, *args: Any
+) -> tuple[Any, ...]:
     """Several quick tasks (or fused pairs) in one Ray task, one after another (the
     engine batches them while the cluster's CPUs are busy: one dispatch for all).
-    ``layout`` says, for each, whether it is a pair and how many of ``args`` are its
-    own: the arguments :func:`execute_task` or :func:`execute_pair` would get. Returns
-    what each returns, in order, flattened."""
+    Each gets what :func:`execute_task` (or :func:`execute_pair`) would: its fixed
+    arguments (header, attempt, function, ...), pickled together in ``fixed`` where
+    they are plain data (Ray's cost is per argument), else from ``args``, then its
+    input values from ``args`` (so that Ray resolves them). ``layout`` says, for
+    each: whether it is a pair, whether its fixed arguments are in ``fixed``, how
+    many are in ``args`` if not, and how many values it has. Returns what each
+    returns, in order, flattened."""
+    packed = iter(pickle.loads(fixed))
     out: list[Any] = []
     at = 0
-    for pair, count in layout:
-        own = args[at : at + count]
-        at += count
-        out.extend(execute_pair(*own) if pair else execute_task(*own))
+    for pair, in_fixed, n_fixed, n_values in layout:
+        if in_fixed:
+            own = tuple(next(packed))
+        else:
+            own = args[at : at + n_fixed]
+            at += n_fixed
+        values = args[at : at + n_values]
+        at += n_values
+        out.extend(execute_pair(*own, *values) if pair else execute_task(*own, *values))
     return tuple(out)
 
 
