@@ -105,7 +105,7 @@ def test_a_late_hand_over_after_a_cancel_is_refused(
     plan, meta, record = _store_as_caller(storage, wid, counter_dir, info["owner"], info["ttl"])
     workflow.cancel(wid)
     with pytest.raises(WorkflowNotResumableError):
-        bridge.run(aio.get(handle.run.remote(wid, plan, meta, record)))
+        bridge.run(aio.get(handle.run.remote(aio.run_call(wid, plan, meta, record))))
     assert count_runs(counter_dir, "step") == 0
     assert workflow.get_status(wid) == workflow.CANCELED
 
@@ -124,7 +124,7 @@ def test_a_workflow_being_handed_over_is_live_until_its_lease_lapses(
     workflow.delete(wid)
     # A hand-over that comes after all that is refused; nothing ran.
     with pytest.raises(WorkflowNotFoundError):
-        bridge.run(aio.get(handle.run.remote(wid, plan, meta, record)))
+        bridge.run(aio.get(handle.run.remote(aio.run_call(wid, plan, meta, record))))
     assert count_runs(counter_dir, "step") == 0
     assert not Path(storage, "workflows", wid).exists()
 
@@ -139,7 +139,7 @@ def test_a_lease_granted_to_an_earlier_incarnation_is_taken_over(
     plan, meta, record = _store_as_caller(
         storage, wid, counter_dir, lineage + "host:1:dead", info["ttl"]
     )
-    assert bridge.run(aio.get(handle.run.remote(wid, plan, meta, record))) == 2
+    assert bridge.run(aio.get(handle.run.remote(aio.run_call(wid, plan, meta, record)))) == 2
     lease = _lease(storage, wid)
     assert (lease["owner"], lease["epoch"]) == (info["owner"], 2)
     assert count_runs(counter_dir, "step") == 1
@@ -150,8 +150,8 @@ def test_a_second_hand_over_joins_the_running_workflow(
 ) -> None:
     handle, info = _manager()
     plan, meta, record = _store_as_caller(storage, wid, counter_dir, info["owner"], info["ttl"])
-    first = handle.run.remote(wid, plan, meta, record)
-    second = handle.run.remote(wid, plan, meta, record)
+    first = handle.run.remote(aio.run_call(wid, plan, meta, record))
+    second = handle.run.remote(aio.run_call(wid, plan, meta, record))
     assert ray.get([first, second]) == [2, 2]
     assert count_runs(counter_dir, "step") == 1
 

@@ -14,6 +14,7 @@ Each function has the name and arguments of its blocking twin in
 from __future__ import annotations
 
 import asyncio
+import pickle
 import weakref
 from collections.abc import Iterable
 from typing import Any, NamedTuple
@@ -132,7 +133,14 @@ def _caller_lease(cfg: config.Config, prepared: Prepared) -> tuple[str, bytes] |
 def _hand_over(handle: Any, prepared: Prepared, lease: tuple[str, bytes], leased: bool) -> Any:
     """Hand a workflow the caller stored to the manager; the ref of its output."""
     wid, plan, meta = prepared
-    return handle.run.remote(wid, plan, meta, lease[1] if leased else None)
+    return handle.run.remote(run_call(wid, plan, meta, lease[1] if leased else None))
+
+
+def run_call(wid: str, plan: bytes, meta: dict[str, Any], lease: bytes | None) -> bytes:
+    """The one argument of the manager's ``run``. One pickled argument: Ray's cost is
+    per argument, and a dict costs it most (the manager's CPU per call measured
+    0.3-0.4 ms, against 0.57-0.64 ms for the four arguments apart)."""
+    return pickle.dumps((wid, plan, meta, lease), protocol=5)
 
 
 async def start(prepared: Prepared) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import pickle
 import secrets
 from typing import Any
 
@@ -211,10 +212,11 @@ class WorkflowManager:
             "probe": probe,
         }
 
-    async def run(
-        self, workflow_id: str, plan: bytes, meta: dict[str, Any], lease: bytes | None
-    ) -> ResolvingRef | InlineOutput:
-        """Run a workflow its caller has stored as started; reply with its output."""
+    async def run(self, call: bytes) -> ResolvingRef | InlineOutput:
+        """Run a workflow its caller has stored as started; reply with its output.
+        ``call`` is the pickled (workflow id, plan, meta, lease record or None): one
+        argument costs Ray about half of what four do (see ``aio._hand_over``)."""
+        workflow_id, plan, meta, lease = pickle.loads(call)
         decoded = WorkflowStore.decode_plan(plan, f"the plan of {workflow_id!r}")
         await self.engine.adopt(workflow_id, decoded, meta, lease)
         return await self.result(workflow_id)
