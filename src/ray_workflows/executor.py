@@ -31,7 +31,9 @@ from ray_workflows.storage import Storage
 from ray_workflows.store import WorkflowStore
 from ray_workflows.worker import (
     execute_batch,
+    execute_packed,
     execute_pair,
+    execute_pair_packed,
     execute_task,
     load_output,
     load_outputs,
@@ -89,6 +91,8 @@ class Executor:
         # (or a task's own enable_task_events=True).
         self._execute = ray.remote(num_returns=2, max_retries=0)(execute_task)
         self._execute_pair = ray.remote(num_returns=4, max_retries=0)(execute_pair)
+        self._execute_packed = ray.remote(num_returns=2, max_retries=0)(execute_packed)
+        self._execute_pair_packed = ray.remote(num_returns=4, max_retries=0)(execute_pair_packed)
         self._task_events = _task_events()
         self._load = ray.remote(num_cpus=0, max_retries=3)(load_output)
         self._load_many = ray.remote(num_cpus=0, max_retries=3)(load_outputs)
@@ -159,8 +163,8 @@ class Executor:
         ray_options: dict[str, Any],
     ) -> tuple[Any, Any]:
         """One attempt: the refs of its receipt and of its output value."""
-        remote = self._remote(self._execute, name, ray_options)
-        receipt, value = remote.remote(header, attempt, func_ref, refs, *values)
+        fixed = (header, attempt, func_ref, refs)
+        receipt, value = self._call(False, name, fixed, values, ray_options)
         return receipt, value
 
     def submit_pair(
@@ -176,9 +180,27 @@ class Executor:
         """Two attempts in one Ray task (see :func:`~ray_workflows.worker.execute_pair`):
         ``first`` and ``then`` are (header, attempt, function, refs); ``then`` takes
         ``first``'s output as its direct input ``slot``. Both receipts and outputs."""
-        remote = self._remote(self._execute_pair, name, ray_options)
-        refs = remote.remote(*first, *then, len(values), slot, *values, *then_values)
+        fixed = (*first, *then, len(values), slot)
+        refs = self._call(True, name, fixed, [*values, *then_values], ray_options)
         return refs[0], refs[1], refs[2], refs[3]
+
+    def _call(
+        self,
+        pair: bool,
+        name: str,
+        fixed: tuple[Any, ...],
+        values: Any,
+        ray_options: dict[str, Any],
+    ) -> Any:
+        """Submit one Ray task running one attempt (or a pair): its arguments before the
+        values pickled together where they are plain data, as Ray's cost is per
+        argument (160 small arguments: 1.2 ms; one blob: 31 us)."""
+        if all(type(arg) in _PLAIN for arg in fixed):
+            execute = self._execute_pair_packed if pair else self._execute_packed
+            remote = self._remote(execute, name, ray_options)
+            return remote.remote(pickle.dumps(fixed, protocol=5), *values)
+        remote = self._remote(self._execute_pair if pair else self._execute, name, ray_options)
+        return remote.remote(*fixed, *values)
 
     # -- batching: quick ready tasks share a Ray task while the CPUs are busy ------
     def offer(self, sub: Submission) -> bool:
@@ -247,9 +269,7 @@ class Executor:
         try:
             if len(subs) == 1:
                 sub = subs[0]
-                execute = self._execute_pair if sub.pair else self._execute
-                remote = self._remote(execute, sub.name, {})
-                groups = [tuple(remote.remote(*sub.fixed, *sub.values))]
+                groups = [tuple(self._call(sub.pair, sub.name, sub.fixed, sub.values, {}))]
             else:
                 layout: list[tuple[bool, bool, int, int]] = []
                 packed: list[tuple[Any, ...]] = []

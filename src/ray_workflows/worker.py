@@ -304,6 +304,19 @@ def execute_pair(
     return receipt.wire(), value, then_receipt.wire(), then_value
 
 
+def execute_packed(fixed: bytes, *values: Any) -> tuple[tuple[Any, ...], Any]:
+    """:func:`execute_task` with its arguments before the values pickled together in
+    ``fixed`` (plain data: Ray's cost is per argument)."""
+    return execute_task(*pickle.loads(fixed), *values)
+
+
+def execute_pair_packed(
+    fixed: bytes, *values: Any
+) -> tuple[tuple[Any, ...], Any, tuple[Any, ...], Any]:
+    """:func:`execute_pair`, its arguments before the values pickled in ``fixed``."""
+    return execute_pair(*pickle.loads(fixed), *values)
+
+
 def execute_batch(
     layout: tuple[tuple[bool, bool, int, int], ...], fixed: bytes, *args: Any
 ) -> tuple[Any, ...]:
@@ -558,7 +571,9 @@ __all__ = [
     "Receipt",
     "TaskCall",
     "execute_batch",
+    "execute_packed",
     "execute_pair",
+    "execute_pair_packed",
     "execute_task",
     "in_task",
     "load_output",
