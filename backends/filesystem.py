@@ -234,12 +234,7 @@ class FileStorage(Storage):
         # A batch's renames are made in its order and made durable by one syncfs, on a
         # filesystem that commits metadata in order (see _data_first). False until
         # the root's first batch has looked its filesystem up.
-        return (
-            _SYNC_FILE_RANGE is not None
-            and _SYNCFS is not None
-            and _syncfs_roots.get(self._root, False)
-            and _ordered_roots.get(self._root, False)
-        )
+        return _one_syncfs(self._root)
 
     async def get(self, key: str) -> bytes | None:
         return await self._run("get", repr(key), _read, self._path(key))
@@ -382,6 +377,12 @@ def _write_back(fd: int, flags: int, path: str) -> None:
         raise OSError(errno, f"sync_file_range: {os.strerror(errno)}", path)
 
 
+def _one_syncfs(root: str) -> bool:
+    """Whether a batch under ``root`` takes one ``syncfs`` (see :func:`_data_first`):
+    its filesystem, looked up at its first batch, commits metadata in order."""
+    return _SYNC_FILE_RANGE is not None and _ordered_roots.get(root, False)
+
+
 def _data_first(root: str, temps: list[str]) -> None:
     """Before a batch's names are made: its temp files' data on the device (``temps``:
     those holding any), so that no filesystem commit (ours or anyone's) can make a
@@ -393,7 +394,7 @@ def _data_first(root: str, temps: list[str]) -> None:
     together, and its cache flush comes before the commit record. The filesystems
     that take this path (see ``_ORDERED_FILESYSTEMS``) commit metadata in order, so a
     name never lands before the allocation of its data. Elsewhere: a ``syncfs``."""
-    if _SYNC_FILE_RANGE is None or not _ordered_roots.get(root, False):
+    if not _one_syncfs(root):
         _sync_filesystem(root)
         return
     for tmp in temps:

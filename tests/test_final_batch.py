@@ -59,12 +59,17 @@ def one_pack(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(PackWriter, "WINDOW", 10.0)
 
 
-async def test_ordered_batches_write_the_last_checkpoint_with_the_status(tmp_path: Path) -> None:
-    storage = Recording(f"file://{tmp_path / 's'}", ordered=True)
+async def _ran(tmp_path: Path, ordered: bool) -> tuple[Recording, Engine]:
+    """A two-task workflow "w" run to its end on a fresh recording storage."""
+    storage = Recording(f"file://{tmp_path / 's'}", ordered=ordered)
     engine = Engine(storage)
     finished = await engine.start("w", compile_dag(add.bind(add.bind(1, 2), 3)))
     assert await (await finished) == 6
+    return storage, engine
 
+
+async def test_ordered_batches_write_the_last_checkpoint_with_the_status(tmp_path: Path) -> None:
+    storage, engine = await _ran(tmp_path, ordered=True)
     _, keys = _final_batch(storage, "w")
     packs = _packs(keys, "w")
     assert packs, keys  # the output's record went with the status...
@@ -79,11 +84,7 @@ async def test_ordered_batches_write_the_last_checkpoint_with_the_status(tmp_pat
 
 
 async def test_unordered_batches_write_the_status_after_the_checkpoints(tmp_path: Path) -> None:
-    storage = Recording(f"file://{tmp_path / 's'}", ordered=False)
-    engine = Engine(storage)
-    finished = await engine.start("w", compile_dag(add.bind(add.bind(1, 2), 3)))
-    assert await (await finished) == 6
-
+    storage, engine = await _ran(tmp_path, ordered=False)
     final, keys = _final_batch(storage, "w")
     assert not _packs(keys, "w"), keys
     earlier = [k for batch in storage.batches[:final] for k in _packs(batch, "w")]

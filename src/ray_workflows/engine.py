@@ -48,6 +48,16 @@ from ray_workflows.worker import INLINE_RECORD_BYTES
 log = get_logger()
 
 
+def _unstored(wid: str, exc: Exception) -> WorkflowError:
+    error = WorkflowError(
+        f"Workflow {wid!r} finished, but its status could not be stored ({exc}); "
+        "it is RESUMABLE.",
+        workflow_id=wid,
+    )
+    error.__cause__ = exc
+    return error
+
+
 class _IdLock:
     """``async with``: serialise start/resume of one workflow id; the lock is dropped
     when nobody holds or waits for it, so the table does not grow."""
@@ -278,8 +288,9 @@ class Engine:
             meta.update(status=WorkflowStatus.FAILED.value, end_time=time.time(), error=str(exc))
             log.warning("workflow.failed", workflow_id=wid, error=str(exc))
         except Exception as exc:
-            if sealed is not None:  # the batch with the final status failed: see below
-                outcome = exc
+            if sealed is not None:  # the batch with the final status failed
+                log.exception("workflow.status_write_failed", workflow_id=wid)
+                outcome = _unstored(wid, exc)
             else:
                 outcome = WorkflowExecutionError(
                     f"Workflow {wid!r} failed inside the engine: {exc}", workflow_id=wid
@@ -292,8 +303,7 @@ class Engine:
         lease = run.lease
         try:
             if sealed is not None:
-                if isinstance(outcome, BaseException):
-                    raise outcome
+                pass  # written with the last checkpoints (or failed with them, above)
             elif lease.lost or not lease.valid():
                 if not isinstance(outcome, WorkflowRunningElsewhereError):
                     outcome = WorkflowRunningElsewhereError(
@@ -305,13 +315,8 @@ class Engine:
                 await self.store.write_meta(wid, meta, old)
         except Exception as exc:  # the status could not be stored: it stays resumable
             log.exception("workflow.status_write_failed", workflow_id=wid)
-            if not isinstance(outcome, BaseException) or outcome is exc:
-                outcome = WorkflowError(
-                    f"Workflow {wid!r} finished, but its status could not be stored ({exc}); "
-                    "it is RESUMABLE.",
-                    workflow_id=wid,
-                )
-                outcome.__cause__ = exc
+            if not isinstance(outcome, BaseException):
+                outcome = _unstored(wid, exc)
         self.runs.pop(wid, None)
         self._finished.pop(wid, None)
         self.admission.release(wid)

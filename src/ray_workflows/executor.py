@@ -60,6 +60,10 @@ class _Batch:
     wanted: int  # attempts in it whose runs still wait for them
 
 
+def _plain(fixed: tuple[Any, ...]) -> bool:
+    return all(type(arg) in _PLAIN for arg in fixed)
+
+
 def _take_batch(held: list[Submission], size: int) -> tuple[list[Submission], list[Submission]]:
     """The first batch of ``held`` (at most ``size``, and BATCH_SECONDS together), and
     the rest."""
@@ -154,48 +158,19 @@ class Executor:
 
     def submit(
         self,
-        name: str,
-        header: bytes,
-        attempt: int,
-        func_ref: Any,
-        refs: Any,
-        values: list[Any],
-        ray_options: dict[str, Any],
-    ) -> tuple[Any, Any]:
-        """One attempt: the refs of its receipt and of its output value."""
-        fixed = (header, attempt, func_ref, refs)
-        receipt, value = self._call(False, name, fixed, values, ray_options)
-        return receipt, value
-
-    def submit_pair(
-        self,
-        name: str,
-        first: tuple[bytes, int, Any, Any],
-        then: tuple[bytes, int, Any, Any],
-        slot: int,
-        values: list[Any],
-        then_values: list[Any],
-        ray_options: dict[str, Any],
-    ) -> tuple[Any, Any, Any, Any]:
-        """Two attempts in one Ray task (see :func:`~ray_workflows.worker.execute_pair`):
-        ``first`` and ``then`` are (header, attempt, function, refs); ``then`` takes
-        ``first``'s output as its direct input ``slot``. Both receipts and outputs."""
-        fixed = (*first, *then, len(values), slot)
-        refs = self._call(True, name, fixed, [*values, *then_values], ray_options)
-        return refs[0], refs[1], refs[2], refs[3]
-
-    def _call(
-        self,
         pair: bool,
         name: str,
         fixed: tuple[Any, ...],
         values: Any,
         ray_options: dict[str, Any],
     ) -> Any:
-        """Submit one Ray task running one attempt (or a pair): its arguments before the
-        values pickled together where they are plain data, as Ray's cost is per
-        argument (160 small arguments: 1.2 ms; one blob: 31 us)."""
-        if all(type(arg) in _PLAIN for arg in fixed):
+        """One Ray task running one attempt (:func:`~ray_workflows.worker.execute_task`
+        gets ``*fixed, *values``), or a producer and its only consumer (``pair``:
+        ``execute_pair``); the refs of its receipts and output values, in that order.
+        The arguments before the values travel pickled together where they are plain
+        data, as Ray's cost is per argument (160 small arguments: 1.2 ms; one blob:
+        31 us)."""
+        if _plain(fixed):
             execute = self._execute_pair_packed if pair else self._execute_packed
             remote = self._remote(execute, name, ray_options)
             return remote.remote(pickle.dumps(fixed, protocol=5), *values)
@@ -213,10 +188,14 @@ class Executor:
             self._send([sub], later=False)
             return True
         self._held.append(sub)
+        self._arm()
+        return False
+
+    def _arm(self) -> None:
+        # Held submissions go after HOLD_SECONDS at the latest.
         if self._hold_timer is None:
             loop = asyncio.get_running_loop()
             self._hold_timer = loop.call_later(HOLD_SECONDS, self._release, True)
-        return False
 
     def _capacity(self) -> int:
         """The CPUs to fill before holding (no limit until the cluster's are known).
@@ -239,16 +218,15 @@ class Executor:
     def _release(self, due: bool = False) -> None:
         """Send what is held: as batches into the CPUs free now, or all of it once the
         oldest has waited long enough (``due``)."""
-        if due and self._hold_timer is not None:
-            self._hold_timer.cancel()
-        if due:
+        if due:  # the timer that called: spent
             self._hold_timer = None
         held = [sub for sub in self._held if sub.alive()]
         self._held = []
         try:
-            free = self._capacity() - self._sent
+            capacity = self._capacity()
+            free = capacity - self._sent
             if free > 0 or due:
-                count = max(free, 1) if not due else max(free, min(self._capacity(), len(held)))
+                count = free if not due else max(free, min(capacity, len(held)))
                 size = min(MAX_BATCH, math.ceil(len(held) / max(count, 1)))
                 while held and (count > 0 or due):
                     batch, held = _take_batch(held, size)
@@ -259,9 +237,8 @@ class Executor:
         if not self._held and self._hold_timer is not None:
             self._hold_timer.cancel()
             self._hold_timer = None
-        elif self._held and self._hold_timer is None:
-            loop = asyncio.get_running_loop()
-            self._hold_timer = loop.call_later(HOLD_SECONDS, self._release, True)
+        elif self._held:
+            self._arm()
 
     def _send(self, subs: list[Submission], later: bool) -> None:
         """One Ray task for ``subs``; each is told its refs. From within ``offer`` a
@@ -269,13 +246,13 @@ class Executor:
         try:
             if len(subs) == 1:
                 sub = subs[0]
-                groups = [tuple(self._call(sub.pair, sub.name, sub.fixed, sub.values, {}))]
+                groups = [tuple(self.submit(sub.pair, sub.name, sub.fixed, sub.values, {}))]
             else:
                 layout: list[tuple[bool, bool, int, int]] = []
                 packed: list[tuple[Any, ...]] = []
                 args: list[Any] = []
                 for sub in subs:
-                    plain = all(type(arg) in _PLAIN for arg in sub.fixed)
+                    plain = _plain(sub.fixed)
                     own = 0 if plain else len(sub.fixed)
                     layout.append((sub.pair, plain, own, len(sub.values)))
                     if plain:

@@ -215,7 +215,7 @@ class WorkflowManager:
     async def run(self, call: bytes) -> ResolvingRef | InlineOutput:
         """Run a workflow its caller has stored as started; reply with its output.
         ``call`` is the pickled (workflow id, plan, meta, lease record or None): one
-        argument costs Ray about half of what four do (see ``aio._hand_over``)."""
+        argument costs Ray about half of what four do (see ``aio.run_call``)."""
         workflow_id, plan, meta, lease = pickle.loads(call)
         decoded = WorkflowStore.decode_plan(plan, f"the plan of {workflow_id!r}")
         await self.engine.adopt(workflow_id, decoded, meta, lease)

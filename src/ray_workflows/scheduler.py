@@ -392,38 +392,65 @@ class WorkflowRun:
             return None
         values, header, refs, ahead = self._inputs(tid, spec)
         then = self._fusable(tid, spec)
+        name, fixed, inputs = self._call(tid, spec, then, values, header, refs)
+        deliver = self._delivered(tid, then, ahead)
         if self._batchable(tid, spec, ahead):
-            return self._offer(tid, spec, then, values, header, refs)
-        if then is None:
-            receipt_ref, value_ref = self.executor.submit(
-                spec.name,
-                header,
-                self.attempts[tid],
-                self.funcs[spec.func_key],
-                refs,
-                values,
-                spec.options.ray_options,
+            seconds = self.executor.seconds(spec.func_key)
+            if then is not None:
+                seconds += self.executor.seconds(self.specs[then].func_key)
+            sub = Submission(
+                name,
+                then is not None,
+                fixed,
+                inputs,
+                deliver,
+                self._alive,
+                self._unsent(tid),
+                seconds,
             )
-            self._submitted(tid, receipt_ref, value_ref, ahead)
-            return None
-        produced = self.root_of.get(tid, tid)
+            if not self.executor.offer(sub):
+                self.running[tid] = (None, None)  # held: not submitted twice meanwhile
+                if then is not None:
+                    self.running[then] = (None, None)
+                return None
+            return then
+        sent = self.executor.submit(
+            then is not None, name, fixed, inputs, spec.options.ray_options
+        )
+        deliver(tuple(sent), False, False)
+        return then
+
+    def _call(
+        self,
+        tid: str,
+        spec: TaskSpec,
+        then: str | None,
+        values: list[Any],
+        header: bytes,
+        refs: Any,
+    ) -> tuple[str, tuple[Any, ...], tuple[Any, ...]]:
+        """The Ray task's name, its arguments before the input values, and the values:
+        what :func:`~ray_workflows.worker.execute_task` gets, or ``execute_pair`` for
+        ``tid`` with its fused consumer ``then``."""
+        first: tuple[Any, ...] = (header, self.attempts[tid], self.funcs[spec.func_key], refs)
+        if then is None:
+            return spec.name, first, tuple(values)
         then_spec = self.specs[then]
-        then_values, then_header, then_refs, _ = self._inputs(then, then_spec, produced)
+        then_values, then_header, then_refs, _ = self._inputs(
+            then, then_spec, self.root_of.get(tid, tid)
+        )
         slot = next(i for i, v in enumerate(then_values) if v is _PRODUCED)
         then_values[slot] = None
-        receipt_ref, value_ref, then_receipt, then_value = self.executor.submit_pair(
-            f"{spec.name}+{then_spec.name}",
-            (header, self.attempts[tid], self.funcs[spec.func_key], refs),
-            (then_header, self.attempts[then], self.funcs[then_spec.func_key], then_refs),
+        fixed = (
+            *first,
+            then_header,
+            self.attempts[then],
+            self.funcs[then_spec.func_key],
+            then_refs,
+            len(values),
             slot,
-            values,
-            then_values,
-            spec.options.ray_options,
         )
-        self._submitted(tid, receipt_ref, value_ref, ahead)
-        self._submitted(then, then_receipt, then_value, {produced: value_ref})
-        self.fused[tid] = then
-        return then
+        return f"{spec.name}+{then_spec.name}", fixed, (*values, *then_values)
 
     def _batchable(self, tid: str, spec: TaskSpec, ahead: dict[str, Any] | None) -> bool:
         """Whether ``tid`` may wait a moment to share a Ray task with others (see
@@ -437,58 +464,6 @@ class WorkflowRun:
             and self.executor.quick(spec.func_key)
         )
 
-    def _offer(
-        self,
-        tid: str,
-        spec: TaskSpec,
-        then: str | None,
-        values: list[Any],
-        header: bytes,
-        refs: Any,
-    ) -> str | None:
-        """Hand ``tid`` (with its fused consumer ``then``) to ``Executor.offer``;
-        ``then`` if it was submitted at once, else ``None`` (both wait in ``running``
-        until their refs come, and then go ahead)."""
-        first: tuple[Any, ...] = (header, self.attempts[tid], self.funcs[spec.func_key], refs)
-        if then is None:
-            name, pair, fixed, inputs = spec.name, False, first, tuple(values)
-        else:
-            produced = self.root_of.get(tid, tid)
-            then_spec = self.specs[then]
-            then_values, then_header, then_refs, _ = self._inputs(then, then_spec, produced)
-            slot = next(i for i, v in enumerate(then_values) if v is _PRODUCED)
-            then_values[slot] = None
-            fixed = (
-                *first,
-                then_header,
-                self.attempts[then],
-                self.funcs[then_spec.func_key],
-                then_refs,
-                len(values),
-                slot,
-            )
-            inputs = (*values, *then_values)
-            name, pair = f"{spec.name}+{then_spec.name}", True
-        seconds = self.executor.seconds(spec.func_key)
-        if then is not None:
-            seconds += self.executor.seconds(self.specs[then].func_key)
-        sub = Submission(
-            name,
-            pair,
-            fixed,
-            inputs,
-            self._delivered(tid, then),
-            self._alive,
-            self._unsent(tid),
-            seconds,
-        )
-        if self.executor.offer(sub):
-            return then
-        self.running[tid] = (None, None)  # held: not submitted twice meanwhile
-        if then is not None:
-            self.running[then] = (None, None)
-        return None
-
     def _alive(self) -> bool:
         return not self.result.done()
 
@@ -500,10 +475,13 @@ class WorkflowRun:
         return fail
 
     def _delivered(
-        self, tid: str, then: str | None
+        self, tid: str, then: str | None, ahead: dict[str, Any] | None
     ) -> Callable[[tuple[Any, ...], bool, bool], None]:
+        """What tracks ``tid``'s attempt (with ``then``'s) once its refs exist: now, or
+        ``later`` for one that waited in ``Executor.offer`` (it then goes ahead too)."""
+
         def deliver(refs: tuple[Any, ...], batched: bool, later: bool) -> None:
-            self._submitted(tid, refs[0], refs[1], None)
+            self._submitted(tid, refs[0], refs[1], ahead)
             if then is not None:
                 self._submitted(then, refs[2], refs[3], {self.root_of.get(tid, tid): refs[1]})
                 self.fused[tid] = then

@@ -295,8 +295,13 @@ class GroupCommit:
     def enqueue(self, key: str, data: bytes) -> Awaitable[dict[str, bool]]:
         """Queue a put now, in call order (keys queued without an await in between
         share a batch), and return what waits for its batch."""
-        self._queue.pop(key, None)  # a re-queued key takes its new place in the order
-        self._queue[key] = data
+        return self.enqueue_many({key: data})
+
+    def enqueue_many(self, items: Mapping[str, bytes]) -> Awaitable[dict[str, bool]]:
+        """:meth:`enqueue` of several keys, in their order, with one wait for all."""
+        for key, data in items.items():
+            self._queue.pop(key, None)  # a re-queued key takes its new place in the order
+            self._queue[key] = data
         return self._queued()
 
     def discard(self, key: str) -> None:
@@ -470,17 +475,17 @@ class WorkflowStore:
         """:meth:`write_meta`, queued now (in one batch with whatever was queued just
         before it); await the result for it to be durable."""
         new = meta["status"]
-        writes = []
+        items: dict[str, bytes] = {}
         if new != old:
-            # Queued first, so in the same batch the new marker lands before meta.json.
-            writes.append(self.commit.enqueue(f"status/{new}/{wid}", b""))
-        writes.append(self.commit.enqueue(wf_prefix(wid) + "meta.json", json.dumps(meta).encode()))
-        return self._meta_written(wid, new, old, writes)
+            # First, so in the batch the new marker lands before meta.json.
+            items[f"status/{new}/{wid}"] = b""
+        items[wf_prefix(wid) + "meta.json"] = json.dumps(meta).encode()
+        return self._meta_written(wid, new, old, self.commit.enqueue_many(items))
 
     async def _meta_written(
-        self, wid: str, new: str, old: str | None, writes: list[Awaitable[dict[str, bool]]]
+        self, wid: str, new: str, old: str | None, written: Awaitable[dict[str, bool]]
     ) -> None:
-        await asyncio.gather(*writes)
+        await written
         if old and new != old:
             # Once the new marker is durable: a crash that brings the old one back
             # leaves two markers, settled from meta.json (see indexed()).

@@ -334,7 +334,7 @@ def execute_batch(
     at = 0
     for pair, in_fixed, n_fixed, n_values in layout:
         if in_fixed:
-            own = tuple(next(packed))
+            own = next(packed)
         else:
             own = args[at : at + n_fixed]
             at += n_fixed
