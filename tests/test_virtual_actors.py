@@ -395,24 +395,27 @@ class Flaky:
         return int(self.total)
 
 
-def _method_step(storage: str, actor_id: str, method: str, *args: Any, **options: Any) -> Any:
+def _method_step(storage: str, actor: Any, method: str, *args: Any, **options: Any) -> Any:
     """The step ``self.<method>.step(*args)`` makes inside one of the actor's methods,
     here with Ray options, for a workflow of the test's own to run (the public way to
-    make one is inside a method, whose sub-workflow's id is never run twice)."""
+    make one is inside a method, whose sub-workflow's id is never run twice). The
+    actor is created first: the step goes to the manager directly, not through the
+    handle, which would wait for that itself."""
     from ray_workflows.actors import _method_task
 
+    ray.get(actor.ready())
     task = _method_task.options(**options) if options else _method_task
-    return task.bind(config.normalise_storage(storage), actor_id, method, False, *args)
+    return task.bind(config.normalise_storage(storage), actor.actor_id, method, False, *args)
 
 
 def test_a_method_step_of_a_workflow_run_again_after_delete_calls_again(
     storage: str, wid: str, counter_dir: Path
 ) -> None:
     actor = Flaky.get_or_create(wid + "-actor", str(counter_dir), 0)
-    assert workflow.run(_method_step(storage, actor.actor_id, "add", 5), workflow_id=wid) == 5
+    assert workflow.run(_method_step(storage, actor, "add", 5), workflow_id=wid) == 5
     workflow.delete(wid)
     # A new run of the id: its step is a new call, not the old run's logged one.
-    assert workflow.run(_method_step(storage, actor.actor_id, "add", 5), workflow_id=wid) == 10
+    assert workflow.run(_method_step(storage, actor, "add", 5), workflow_id=wid) == 10
     assert count_runs(counter_dir, "add") == 2
     assert actor.value.run() == 10
 
@@ -421,7 +424,7 @@ def test_a_retried_method_step_calls_the_method_again(
     storage: str, wid: str, counter_dir: Path
 ) -> None:
     actor = Flaky.get_or_create(wid + "-actor", str(counter_dir), 1)
-    step = _method_step(storage, actor.actor_id, "add", 7, max_retries=2, retry_exceptions=True)
+    step = _method_step(storage, actor, "add", 7, max_retries=2, retry_exceptions=True)
     # The first attempt's call raised; the retry is a call of its own, which succeeds.
     assert workflow.run(step, workflow_id=wid) == 7
     assert count_runs(counter_dir, "add") == 2
@@ -433,7 +436,7 @@ def test_resuming_a_failed_workflow_calls_its_failed_method_step_again(
 ) -> None:
     actor = Flaky.get_or_create(wid + "-actor", str(counter_dir), 1)
     with pytest.raises(workflow.WorkflowExecutionError, match="not yet"):
-        workflow.run(_method_step(storage, actor.actor_id, "add", 3), workflow_id=wid)
+        workflow.run(_method_step(storage, actor, "add", 3), workflow_id=wid)
     assert workflow.get_status(wid) == workflow.FAILED
     assert workflow.resume(wid) == 3
     assert count_runs(counter_dir, "add") == 2
