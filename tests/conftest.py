@@ -85,3 +85,11 @@ def counter_dir(tmp_path: Path) -> Path:
 
 
 
+
+
+@pytest.fixture
+def manager_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workflows started in this test run in the manager, never directly (see
+    ray_workflows.direct): for tests of the manager's scheduler, whose small chains
+    would otherwise run directly, without it."""
+    monkeypatch.setenv("RAY_WORKFLOWS_DIRECT", "0")

@@ -39,6 +39,7 @@ def faulty(tmp_path: Path):  # type: ignore[no-untyped-def]
     kill_manager(uri)
 
 
+@pytest.mark.usefixtures("manager_runs")  # the manager's pack timing
 def test_failing_writes_fail_the_workflow_clearly_and_it_resumes(
         faulty: tuple[str, Path], counter_dir: Path) -> None:
     _, control = faulty

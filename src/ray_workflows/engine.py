@@ -12,7 +12,7 @@ import asyncio
 import collections
 import dataclasses
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import ray
@@ -34,7 +34,7 @@ from ray_workflows.exceptions import (
 )
 from ray_workflows.executor import Executor
 from ray_workflows.ids import IdAllocator
-from ray_workflows.lease import Lease, LeaseInfo, LeaseManager, new_owner_id
+from ray_workflows.lease import Lease, LeaseInfo, LeaseManager, is_direct, new_owner_id
 from ray_workflows.log import get_logger
 from ray_workflows.options import check_metadata
 from ray_workflows.plan import Plan
@@ -85,7 +85,9 @@ class Engine:
     A workflow runs only while this engine holds its lease (:mod:`ray_workflows.lease`),
     so two engines sharing a storage never run it at once. ``owner_prefix`` names this
     engine's lineage: leases of an owner with that prefix belong to an earlier, dead
-    incarnation (the manager actor restarted by Ray) and are taken over at once.
+    incarnation (the manager actor restarted by Ray) and are taken over at once; so
+    are those of owners for which ``dead_owner(owner)`` is true (direct runs whose
+    job or cluster ended: :class:`ray_workflows.direct.DeadOwners`).
     """
 
     def __init__(
@@ -95,19 +97,24 @@ class Engine:
         owner_prefix: str | None = None,
         lease_ttl: float | None = None,
         clock: Clock | str | None = None,
+        dead_owner: Callable[[str], bool] | None = None,
     ) -> None:
         self.storage = storage
         if isinstance(clock, str):
             clock = load_clock(clock)
         owner = new_owner_id(owner_prefix or "")
+
+        def supersedes(other: str) -> bool:
+            if owner_prefix and other.startswith(owner_prefix) and other != owner:
+                return True
+            return dead_owner is not None and dead_owner(other)
+
         self.leases = LeaseManager(
             storage,
             owner,
             ttl=lease_ttl,
             on_lost=self._lease_lost,
-            supersedes=(
-                (lambda o: o.startswith(owner_prefix) and o != owner) if owner_prefix else None
-            ),
+            supersedes=supersedes if owner_prefix or dead_owner else None,
         )
         self.executor = Executor(storage, clock)
         self.store = self.executor.store
@@ -462,6 +469,11 @@ class Engine:
             return True
         return handed_over and workflow_id not in self.leases.held
 
+    async def runs_directly(self, workflow_id: str) -> bool:
+        """Whether a direct run (:mod:`ray_workflows.direct`) holds the workflow's lease."""
+        info = await self.leases.holder(workflow_id)
+        return info is not None and is_direct(info.owner)
+
     def _close(self, workflow_id: str) -> None:
         self._closed[workflow_id] = None
         if len(self._closed) > 10_000:
@@ -532,11 +544,18 @@ class Engine:
             if not await self.store.exists(workflow_id):
                 raise WorkflowNotFoundError.of(workflow_id, self.storage.uri)
             meta = {"status": WorkflowStatus.RUNNING.value}
-        status = self._derive(workflow_id, meta["status"])
+        return await self._held_status(workflow_id, meta["status"], handed_over=handed_over)
+
+    async def _held_status(
+        self, workflow_id: str, stored: str, *, handed_over: bool = True
+    ) -> WorkflowStatus:
+        """The status of a workflow whose stored status is ``stored``: RESUMABLE if it
+        was running but nobody runs it now (here, another manager, or a direct run)."""
+        status = self._derive(workflow_id, stored)
         if status == WorkflowStatus.RESUMABLE and await self._held_elsewhere(
             workflow_id, handed_over=handed_over
         ):
-            return WorkflowStatus(meta["status"])
+            return WorkflowStatus(stored)
         return status
 
     def _live_status(self, workflow_id: str) -> WorkflowStatus:
@@ -614,7 +633,19 @@ class Engine:
                     status=status.value,
                 )
         assert task_id is not None
-        key = await self.recovery.locate(workflow_id, task_id)
+        try:
+            key = await self.recovery.locate(workflow_id, task_id)
+        except TaskNotFoundError:
+            if status not in (
+                WorkflowStatus.RUNNING,
+                WorkflowStatus.PENDING,
+                WorkflowStatus.RESUMABLE,
+            ):
+                raise
+            # Not stored yet, in a run elsewhere (another manager, a direct run) or
+            # orphaned: ask again once the workflow is over, as for a run here.
+            await self.result(workflow_id)
+            key = await self.recovery.locate(workflow_id, task_id)
         return await self._stored_output(workflow_id, key)
 
     async def metadata(self, workflow_id: str, task_id: str | None = None) -> dict[str, Any]:
@@ -625,7 +656,7 @@ class Engine:
             stats = {k: meta[k] for k in ("start_time", "end_time") if k in meta}
             result = {
                 "workflow_id": workflow_id,
-                "status": self._derive(workflow_id, meta["status"]).value,
+                "status": (await self._held_status(workflow_id, meta["status"])).value,
                 "user_metadata": meta.get("user_metadata", {}),
                 "stats": stats,
             }
@@ -690,8 +721,14 @@ class Engine:
                 log.info("workflow.cancel_ignored", workflow_id=workflow_id, status=status.value)
                 return
             if status in (WorkflowStatus.RUNNING, WorkflowStatus.PENDING):
-                raise await self._elsewhere(workflow_id)
-            meta = await self.store.read_meta(workflow_id) or {"user_metadata": {}}
+                if not await self.runs_directly(workflow_id):
+                    raise await self._elsewhere(workflow_id)
+                # A direct run stops at its next task boundary once it reads this.
+            meta = (
+                await self.store.read_meta(workflow_id)
+                or await self.store.started_meta(workflow_id)
+                or {"user_metadata": {}}
+            )
             previous = meta.get("status")
             meta.update(status=WorkflowStatus.CANCELED.value, end_time=time.time())
             await self.store.write_meta(workflow_id, meta, previous)
@@ -706,10 +743,10 @@ class Engine:
             status = await self._status(workflow_id, handed_over=True)
             # Another manager may also be resuming it while its stored status is still
             # FAILED: its live lease says so.
-            if status in (
-                WorkflowStatus.RUNNING,
-                WorkflowStatus.PENDING,
-            ) or await self._held_elsewhere(workflow_id):
+            # (A direct run leaves its lease to expire when it succeeds.)
+            if status in (WorkflowStatus.RUNNING, WorkflowStatus.PENDING) or (
+                status != WorkflowStatus.SUCCESSFUL and await self._held_elsewhere(workflow_id)
+            ):
                 raise WorkflowStillActiveError.of("delete", workflow_id)
             removed = await self.store.delete_workflow(workflow_id)
             self._close(workflow_id)

@@ -16,9 +16,10 @@ from typing import Any
 
 import ray
 
-from ray_workflows import serialization
+from ray_workflows import direct, serialization
 from ray_workflows.actors import Actors
 from ray_workflows.engine import Engine, load_clock
+from ray_workflows.exceptions import WorkflowRunningElsewhereError
 from ray_workflows.log import get_logger
 from ray_workflows.plan import Plan
 from ray_workflows.plugins import open_storage
@@ -101,7 +102,11 @@ class WorkflowManager:
         # the actor, or the head came back at the same address) are taken over at once.
         lineage = f"{ray.get_runtime_context().gcs_address}|{manager_name(storage_uri)}|"
         self.engine = Engine(
-            open_storage(storage_uri), owner_prefix=lineage, lease_ttl=lease_ttl, clock=clock
+            open_storage(storage_uri),
+            owner_prefix=lineage,
+            lease_ttl=lease_ttl,
+            clock=clock,
+            dead_owner=direct.DeadOwners(),
         )
         self.actors = Actors(self.engine.storage, self._start_sub, self._sub_output)
         self._probe: tuple[str, bytes] | None = None  # see describe()
@@ -210,6 +215,8 @@ class WorkflowManager:
             "ttl": self.engine.leases.ttl,
             "caller_stores": caller_stores,
             "probe": probe,
+            # A workflow run directly is not counted by the running limit.
+            "direct": caller_stores and admission.max_running == -1 and direct.supported(),
         }
 
     async def run(self, call: bytes) -> ResolvingRef | InlineOutput:
@@ -245,7 +252,11 @@ class WorkflowManager:
     async def resume(self, workflow_id: str) -> None:
         """Resume a stored workflow; joins it if it already runs (e.g. auto-recovered)."""
         await self._recovered()
-        await self.engine.resume(workflow_id, existing_ok=True, load=False)
+        try:
+            await self.engine.resume(workflow_id, existing_ok=True, load=False)
+        except WorkflowRunningElsewhereError:
+            if not await self.engine.runs_directly(workflow_id):
+                raise  # (a direct run is joined, as a run here is: result() waits)
 
     async def result(self, workflow_id: str) -> ResolvingRef | InlineOutput:
         """The workflow's output, when it is done (resuming it if its manager died):

@@ -1011,7 +1011,7 @@ class WorkflowRun:
             self.attempts[tid] += 1
             if system:
                 self._from_storage(tid)
-            delay = min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempts) * (0.5 + random.random() / 2)
+            delay = retry_delay(attempts)
             self.log.info(
                 "task.retrying",
                 task_id=tid,
@@ -1041,13 +1041,7 @@ class WorkflowRun:
     def _fail(self, failure: TaskFailure, internal: BaseException | None) -> None:
         if self.result.done():
             return
-        error = WorkflowExecutionError(
-            f"Workflow {self.workflow_id!r} failed: task {failure.task_id!r} raised "
-            f"{(failure.text.strip().splitlines() or ['an error'])[-1]}",
-            workflow_id=self.workflow_id,
-            task_id=failure.task_id,
-            cause_bytes=failure.error,
-        )
+        error = execution_error(self.workflow_id, failure)
         error.__cause__ = internal
         self.failure = failure
         self.result.set_exception(error)
@@ -1089,6 +1083,23 @@ class WorkflowRun:
         self._waiters.clear()
 
 
+def execution_error(workflow_id: str, failure: TaskFailure) -> WorkflowExecutionError:
+    """What a workflow failed by ``failure`` raises to whoever waits for it."""
+    return WorkflowExecutionError(
+        f"Workflow {workflow_id!r} failed: task {failure.task_id!r} raised "
+        f"{(failure.text.strip().splitlines() or ['an error'])[-1]}",
+        workflow_id=workflow_id,
+        task_id=failure.task_id,
+        cause_bytes=failure.error,
+    )
+
+
+def retry_delay(attempts: int) -> float:
+    """The backoff before the retry that follows ``attempts`` failed attempts."""
+    delay: float = min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempts) * (0.5 + random.random() / 2)
+    return delay
+
+
 def _no_up(pid: Any) -> None:
     return None
 
@@ -1105,4 +1116,4 @@ def _cancel_ray_task(ref: Any) -> None:
         pass
 
 
-__all__ = ["TaskFailure", "WorkflowRun"]
+__all__ = ["TaskFailure", "WorkflowRun", "execution_error", "retry_delay"]

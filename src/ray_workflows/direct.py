@@ -1,0 +1,577 @@
+"""Direct runs: a small workflow run by one Ray task that its caller submits.
+
+A chain of plain tasks (each takes the previous one's output; Ray's default
+resources; checkpointed) needs no scheduling: its tasks run one after another
+whatever runs them. Where the caller stores a new workflow itself
+(:func:`ray_workflows.aio.start`), it submits such a chain as one Ray task,
+:func:`run`, instead of handing it to the manager, and the ref of that task is
+the ref ``run_async`` returns. The manager takes no part unless something
+unusual happens: when many small workflows start at once, the manager actor's
+CPU per workflow was the limit (docs/performance.md).
+
+The worker does what the scheduler would, with the scheduler's own code for an
+attempt (``worker._execute``), retries and backoff:
+
+* **The lease.** The caller grants the workflow's lease to a direct owner
+  (:func:`owner_id`: ``direct:<cluster>|<session>|<job>|...``), so no manager
+  resumes it while it runs. A thread renews it every ``ttl / 3``. A manager takes
+  it over at once when that owner is dead: its cluster restarted (another
+  session) or its job (the driver) ended, which ends its tasks
+  (:class:`DeadOwners`); another cluster's direct run is waited for until expiry.
+* **Checkpoints.** Outputs go in packs, as the scheduler commits them. Before a
+  task whose function has not run quickly in this process yet, everything before
+  it is made durable; so is everything done once a task has been running for
+  ``FUSED_FLUSH_SECONDS`` (by the thread); the rest, with the final status, in
+  one durable batch at the end. So a crash may run again only the quick tasks of
+  the last ``FUSED_FLUSH_SECONDS``, as the manager's pack window allows.
+* **Failures.** Errors are retried as the task's options say; a workflow that
+  fails is stored FAILED and raises what the manager raises. A worker that dies
+  makes Ray run the task again: the new attempt resumes from the stored
+  checkpoints and charges the death to the first task without one, as the
+  scheduler charges a system failure.
+* **Cancel.** A cancel stores CANCELED. The run stops at its next task boundary;
+  a task still running a second later is stopped the way ``ray.cancel(force=True)``
+  does it, by ending its worker process (the attempt Ray makes then only reports
+  the cancel). Checkpoints stay, as they do for a cancel in the manager.
+* **Hand-over.** A task that continues into a sub-workflow (stored as the
+  scheduler stores it), a lost lease, or a status that another writer stored,
+  hands the workflow to the manager: what is done is committed, the lease
+  released, and the manager's reply returned.
+
+The stored records are the ones a run by the manager writes, so any manager can
+resume, query, cancel or delete a workflow started directly.
+``RAY_WORKFLOWS_DIRECT=0`` turns direct runs off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import threading
+import time
+from typing import Any
+
+import ray
+from ray.exceptions import RayTaskError
+
+from ray_workflows import bridge
+from ray_workflows.exceptions import WorkflowCancellationError
+from ray_workflows.ids import IdAllocator
+from ray_workflows.lease import DIRECT_PREFIX, BlockingLease, is_direct, new_owner_id
+from ray_workflows.log import get_logger
+from ray_workflows.plan import Plan, TaskSpec
+from ray_workflows.plugins import open_storage
+from ray_workflows.scheduler import TaskFailure, execution_error, retry_delay
+from ray_workflows.status import WorkflowStatus
+from ray_workflows.storage import Storage
+from ray_workflows.store import WorkflowStore, encode_pack, pack_ref, task_key, wf_prefix
+from ray_workflows.worker import (
+    FUSED_FLUSH_SECONDS,
+    Receipt,
+    _copy,
+    _execute,
+    load_output,
+    task_header,
+)
+
+ENV_DIRECT = "RAY_WORKFLOWS_DIRECT"
+#: A longer chain goes to the manager: it is rarely all quick, and a plan that size
+#: costs the manager little next to its tasks.
+MAX_TASKS = 64
+#: How often a run that has lasted this long looks for a cancel while a task runs.
+CANCEL_POLL_SECONDS = 1.0
+
+log = get_logger()
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_DIRECT, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def eligible(plan: Plan) -> bool:
+    """Whether ``plan`` can run directly: a chain of at most :data:`MAX_TASKS` plain,
+    checkpointed tasks with Ray's default options and no ObjectRef arguments, each
+    taking the previous task's output as a direct argument."""
+    if len(plan.tasks) > MAX_TASKS:
+        return False
+    previous: str | None = None
+    for tid, spec in plan.tasks.items():
+        if (
+            spec.kind != "function"
+            or spec.arg_refs
+            or spec.options.ray_options
+            or not spec.checkpoint
+            or spec.upstream != ([] if previous is None else [previous])
+            or (previous is not None and (spec.direct != [True] or spec.nested != [False]))
+        ):
+            return False
+        previous = tid
+    return previous == plan.output_task_id
+
+
+def _core() -> Any:
+    return getattr(ray._private.worker.global_worker, "core_worker", None)
+
+
+def supported() -> bool:
+    """Whether this Ray tells a task that it is a retry (the retry must know)."""
+    return hasattr(_core(), "get_current_task_attempt_number")
+
+
+def _session() -> str:
+    node = getattr(ray._private.worker.global_worker, "node", None)
+    return str(getattr(node, "session_name", "") or "")
+
+
+def owner_id() -> str:
+    """A direct owner for a run this process starts: its cluster, the cluster's
+    session, its job, then what any owner id has (see :func:`lease.new_owner_id`)."""
+    ctx = ray.get_runtime_context()
+    return new_owner_id(f"{DIRECT_PREFIX}{ctx.gcs_address}|{_session()}|{ctx.get_job_id()}|")
+
+
+class DeadOwners:
+    """``owner -> bool``: whether a direct owner of this cluster is dead (for the
+    manager's leases: its run is taken over at once, not after its lease expires).
+    Dead means its cluster restarted since (another session at the same address)
+    or its job ended: Ray ends a job's tasks with its driver. The job table is
+    read at most once a second."""
+
+    def __init__(self) -> None:
+        self._alive: set[str] = set()
+        self._read_at = -1.0
+
+    def __call__(self, owner: str) -> bool:
+        if not is_direct(owner):
+            return False
+        parts = owner[len(DIRECT_PREFIX) :].split("|", 3)
+        if len(parts) != 4 or parts[0] != ray.get_runtime_context().gcs_address:
+            return False  # another cluster's run: it may be alive; wait for the expiry
+        if parts[1] != _session():
+            return True
+        return parts[2] not in self._jobs()
+
+    def _jobs(self) -> set[str]:
+        now = time.monotonic()
+        if now - self._read_at > 1.0:
+            try:
+                worker: Any = ray._private.worker.global_worker
+                jobs = worker.gcs_client.get_all_job_info()
+            except Exception as exc:  # unknown: assume alive (the lease expires anyway)
+                log.warning("lease.job_table_unreadable", error=str(exc))
+                return self._alive | {""}
+            self._alive = {job.hex() for job, info in jobs.items() if not info.is_dead}
+            self._read_at = now
+        return self._alive
+
+
+def call(
+    wid: str, plan: bytes, meta: dict[str, Any], uri: str, owner: str, lease: bytes, manager: str
+) -> bytes:
+    """The one argument of :func:`run` (one pickled argument: Ray's cost is per argument)."""
+    return pickle.dumps((wid, plan, meta, uri, owner, lease, manager), protocol=5)
+
+
+_remote: Any = None
+
+
+def submit(data: bytes) -> Any:
+    """Submit :func:`run` for ``data`` (from :func:`call`); the ref of the output."""
+    global _remote
+    if _remote is None:
+        # Ray runs it again after its worker dies, for as long as the tasks' own
+        # max_retries allow (the new attempt counts; see _DirectRun.go).
+        _remote = ray.remote(run).options(
+            name="ray_workflows.direct", max_retries=-1, retry_exceptions=False
+        )
+    return _remote.remote(data)
+
+
+def run(data: bytes) -> Any:
+    """A direct run, as a Ray task: returns the workflow's output."""
+    return _DirectRun(*pickle.loads(data)).go()
+
+
+#: What the last attempt of each function took in this process (monotonic seconds).
+_durations: dict[str, float] = {}
+
+
+class _Keeper:
+    """One thread per worker process for the direct runs in it: renews their
+    leases, commits what a run has done once a task has run for
+    ``FUSED_FLUSH_SECONDS``, and looks for a cancel of a run that lasts."""
+
+    def __init__(self) -> None:
+        self._runs: set[_DirectRun] = set()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+        self._deadline = float("inf")  # when the thread wakes up next
+
+    def add(self, run: _DirectRun) -> None:
+        with self._cond:
+            self._runs.add(run)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="ray-workflows-direct", daemon=True
+                )
+                self._thread.start()
+            self._wake(run.due())
+
+    def wake(self, at: float) -> None:
+        with self._cond:
+            self._wake(at)
+
+    def _wake(self, at: float) -> None:
+        if at < self._deadline:
+            self._cond.notify()
+
+    def discard(self, run: _DirectRun) -> None:
+        with self._cond:
+            self._runs.discard(run)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                runs = list(self._runs)
+                due = min((r.due() for r in runs), default=time.monotonic() + 3600)
+                wait = due - time.monotonic()
+                if wait > 0:
+                    self._deadline = due
+                    self._cond.wait(wait)
+                    self._deadline = float("inf")
+                    continue
+            for r in runs:
+                try:
+                    r.tend()
+                except Exception:  # never let the thread die; the run sees its lease
+                    log.exception("direct.keeper_failed", workflow_id=r.wid)
+
+
+_keeper = _Keeper()
+
+
+class _DirectRun:
+    def __init__(
+        self,
+        wid: str,
+        plan: bytes,
+        meta: dict[str, Any],
+        uri: str,
+        owner: str,
+        lease: bytes,
+        manager: str,
+    ) -> None:
+        self.wid, self.encoded, self.meta, self.owner = wid, plan, meta, owner
+        self.manager = manager
+        self.storage: Storage = open_storage(uri)
+        self.lease = BlockingLease(self.storage, wid, lease)
+        self.members: dict[str, bytes] = {}  # output records not committed yet
+        self.pack: str | None = None
+        self.log = log.bind(workflow_id=wid)
+        self._lock = threading.Lock()  # the records, between this thread and the keeper
+        now = time.monotonic()
+        self.began = now
+        self.renew_at = now + self.lease.info.ttl / 3
+        self.flush_at: float | None = None  # while a task runs with records queued
+        self.poll_at = now + CANCEL_POLL_SECONDS
+
+    # -- the keeper's side ------------------------------------------------------
+    def due(self) -> float:
+        return min(self.renew_at, self.poll_at, self.flush_at or self.renew_at)
+
+    def tend(self) -> None:
+        now = time.monotonic()
+        if self.flush_at is not None and now >= self.flush_at:
+            self.flush_at = None
+            self._commit({})
+        if now >= self.renew_at:
+            self.renew_at = now + self.lease.info.ttl / 3
+            self.lease.renew()
+        if now >= self.poll_at:
+            self.poll_at = now + CANCEL_POLL_SECONDS
+            stored = self._stored_meta()
+            if stored is not None and stored.get("status") == WorkflowStatus.CANCELED.value:
+                # As ray.cancel(force=True) stops a task: its process ends. Ray runs this
+                # task again, and that attempt reports the cancel (see go()).
+                self._commit({})
+                self.log.info("workflow.canceled", direct=True, note="ending the worker")
+                os._exit(1)
+
+    # -- running ------------------------------------------------------------------
+    def go(self) -> Any:
+        plan = WorkflowStore.decode_plan(self.encoded, f"the plan of {self.wid!r}")
+        retry = _core().get_current_task_attempt_number()
+        start, values, charged = 0, (), 0
+        if retry > 0:
+            resumed = self._resumed(plan, retry)
+            if not isinstance(resumed, tuple):
+                return resumed.reply()
+            start, values, charged = resumed
+        _keeper.add(self)
+        try:
+            return self._run(plan, start, values, charged)
+        finally:
+            _keeper.discard(self)
+
+    def _resumed(self, plan: Plan, retry: int) -> Any:
+        """After Ray ran this task again (its worker died): where to go on from, or what
+        to answer instead (:class:`_Reply`)."""
+        held = BlockingLease.stored(self.storage, self.wid, self.owner)
+        self.log.info("workflow.direct_retried", attempt=retry, held=held is not None)
+        if held is None:  # taken over meanwhile: the manager has it
+            return _Reply(lambda: self._hand_over(None))
+        self.lease = held
+        stored = self._stored_meta()
+        if stored is not None:
+            return _Reply(lambda: self._after(stored))
+        records = bridge.run(WorkflowStore(self.storage).task_records(self.wid))
+        specs = list(plan.tasks.values())
+        start = 0
+        while start < len(specs) and "out" in records.get(specs[start].task_id, set()):
+            start += 1
+        values: tuple[Any, ...] = ()
+        if start > 0:
+            ref = records.output_ref(specs[start - 1].task_id)
+            values = (load_output(self.storage, self.wid, None, ref),)
+        if start == len(specs):  # it finished but died before its status: store it now
+            return _Reply(lambda: self._finish(values[0], ref))
+        return start, values, retry
+
+    def _run(self, plan: Plan, start: int, values: tuple[Any, ...], charged: int) -> Any:
+        specs = list(plan.tasks.values())
+        value: Any = None
+        output_ref = ""
+        for i in range(start, len(specs)):
+            spec = specs[i]
+            if i > start and time.monotonic() - self.began > FUSED_FLUSH_SECONDS:
+                if not self.lease.valid():
+                    return self._hand_over(self.lease)
+                stored = self._stored_meta()
+                if stored is not None:  # canceled meanwhile
+                    return self._after(stored)
+            if self.members and _durations.get(spec.func_key, 1.0) > FUSED_FLUSH_SECONDS:
+                self._commit({})  # before a task that may take long
+            receipt, value = self._attempts(plan, spec, values, charged if i == start else 0)
+            if isinstance(receipt, _Reply):
+                return receipt.reply()
+            if receipt.kind == "continuation":
+                self._continued(spec.task_id, receipt, plan)
+                return self._hand_over(self.lease)
+            output_ref = self._add(spec.task_id, receipt)
+            if i + 1 < len(specs):
+                assert receipt.pickled is not None
+                values = (_copy(value, receipt.pickled),)
+        return self._finish(value, output_ref)
+
+    def _attempts(
+        self, plan: Plan, spec: TaskSpec, values: tuple[Any, ...], deaths: int
+    ) -> tuple[Any, Any]:
+        """Run ``spec`` until it succeeds or may not be retried; ``deaths``: workers
+        that died running it, each an attempt (a system failure, as in the scheduler)."""
+        retries = spec.options.max_retries
+        attempt = deaths
+        if deaths and retries != -1 and deaths > retries:
+            text = f"WorkerCrashedError: the worker running the task died {deaths} times"
+            return self._failure(TaskFailure(spec.task_id, None, text)), None
+        header = task_header(self.wid, self.storage, spec, [0] if spec.upstream else [])
+        func = plan.functions[spec.func_key]
+        while True:
+            began = time.monotonic()
+            with self._lock:
+                if self.members:
+                    self.flush_at = began + FUSED_FLUSH_SECONDS
+            if self.flush_at is not None:
+                _keeper.wake(self.flush_at)
+            try:
+                receipt, value = _execute(header, attempt, func, None, values)
+            finally:
+                with self._lock:
+                    self.flush_at = None
+            _durations[spec.func_key] = time.monotonic() - began
+            if len(_durations) > 1024:
+                _durations.pop(next(iter(_durations)))
+            if receipt.kind != "error":
+                return receipt, value
+            if not receipt.retryable or (retries != -1 and attempt >= retries):
+                failure = TaskFailure(spec.task_id, receipt.error, receipt.error_text)
+                return self._failure(failure), None
+            time.sleep(retry_delay(attempt))
+            attempt += 1
+
+    # -- records ------------------------------------------------------------------
+    def _add(self, tid: str, receipt: Receipt) -> str:
+        """Queue ``tid``'s output record (a big one the attempt wrote itself)."""
+        if receipt.record is None:
+            return task_key(self.wid, tid, "out")
+        with self._lock:
+            if self.pack is None:
+                self.pack = task_key(self.wid, tid, "pack")
+            self.members[tid] = receipt.record
+            return pack_ref(self.pack, tid)
+
+    def _create(self, items: dict[str, bytes]) -> dict[str, bool]:
+        if self.storage.blocking_batches:
+            return self.storage.put_if_absent_many_blocking(items)
+        return bridge.run(self.storage.put_if_absent_many(items))
+
+    def _commit(self, status: dict[str, bytes]) -> dict[str, bool]:
+        """Make the queued records durable, then ``status`` (in one batch where the
+        storage keeps a batch's order). Returns what was created."""
+        with self._lock:
+            records = {}
+            if self.members:
+                assert self.pack is not None
+                records[self.pack] = encode_pack(self.members)
+            if status and records and not self.storage.ordered_batches:
+                self._create(records)
+                records = {}
+            created = self._create({**records, **status})
+            # A pack exists already only if an earlier attempt wrote it, with these records.
+            self.members, self.pack = {}, None
+            return created
+
+    def _stored_meta(self) -> dict[str, Any] | None:
+        """meta.json, which no one writes while a direct run goes on but a cancel."""
+        data = bridge.run(self.storage.get(wf_prefix(self.wid) + "meta.json"))
+        return None if data is None else dict(json.loads(data))
+
+    def _status(self, status: WorkflowStatus, **fields: Any) -> dict[str, Any] | None:
+        """Store the final ``status`` after the queued records; the meta.json stored
+        instead if another writer (a cancel) stored one first."""
+        meta = dict(self.meta, status=status.value, end_time=time.time(), **fields)
+        meta_key = wf_prefix(self.wid) + "meta.json"
+        marker = f"status/{status.value}/{self.wid}"
+        created = self._commit({marker: b"", meta_key: json.dumps(meta).encode()})
+        if not created.get(meta_key):
+            self._discard(marker)
+            return self._stored_meta() or {"status": WorkflowStatus.RUNNING.value}
+        # Once the new marker is durable, as WorkflowStore.queue_meta does.
+        self._discard(f"status/{WorkflowStatus.RUNNING.value}/{self.wid}")
+        return None
+
+    def _discard(self, key: str) -> None:
+        if self.storage.blocking_batches:
+            self.storage.discard_many_blocking([key])
+        else:
+            bridge.run(self.storage.discard_many([key]))
+
+    # -- endings ------------------------------------------------------------------
+    def _finish(self, value: Any, output_ref: str) -> Any:
+        if not self.lease.valid():
+            return self._hand_over(self.lease)
+        try:
+            other = self._status(WorkflowStatus.SUCCESSFUL, output_key=output_ref)
+        except Exception as exc:  # the checkpoints could not be stored
+            failure = TaskFailure(
+                next(iter(self.members), ""), None, f"{type(exc).__name__}: {exc}"
+            )
+            return self._failure(failure, exc).reply()
+        if other is not None:
+            return self._after(other)
+        # The lease is left to expire, as the manager leaves a finished workflow's.
+        self.log.info("workflow.succeeded", direct=True)
+        return value
+
+    def _failure(self, failure: TaskFailure, cause: BaseException | None = None) -> _Reply:
+        """The workflow failed by ``failure`` (``cause``: an error of ours, such as a
+        failed write): store FAILED; what ``run`` answers."""
+        error = execution_error(self.wid, failure)
+        error.__cause__ = cause
+        self.log.warning(
+            "task.failed",
+            task_id=failure.task_id,
+            error=(failure.text.strip().splitlines() or [""])[-1],
+        )
+        if not self.lease.valid():
+            return _Reply(lambda: self._hand_over(self.lease))
+        if cause is not None:
+            with self._lock:  # the records whose write failed (the rest is committed)
+                self.members, self.pack = {}, None
+        try:
+            other = self._status(WorkflowStatus.FAILED, error=str(error))
+        except Exception:  # not even the status: it stays RUNNING and is resumed later
+            self.log.exception("workflow.status_write_failed")
+            return _Reply(lambda: _raise(error))
+        if other is not None:
+            return _Reply(lambda: self._after(other))
+        self.lease.release()  # a FAILED workflow may be resumed at once, anywhere
+        return _Reply(lambda: _raise(error))
+
+    def _after(self, meta: dict[str, Any]) -> Any:
+        """Another writer stored the workflow's status first (a cancel)."""
+        if meta.get("status") == WorkflowStatus.CANCELED.value:
+            self._commit({})
+            self._discard(f"status/{WorkflowStatus.RUNNING.value}/{self.wid}")
+            self.lease.release()
+            raise WorkflowCancellationError.of(self.wid)
+        return self._hand_over(self.lease)
+
+    def _continued(self, tid: str, receipt: Receipt, plan: Plan) -> None:
+        """Store a continuation as the scheduler does (see ``WorkflowRun._continued``)."""
+        assert receipt.plan is not None
+        allocator = IdAllocator(plan.counters)
+        sub = receipt.plan.renamed(allocator, creator=tid)
+        stored = Plan(
+            {
+                t: dataclasses.replace(s, arg_refs=s.arg_keys or [], arg_keys=None)
+                for t, s in sub.tasks.items()
+            },
+            sub.output_task_id,
+            sub.functions,
+        )
+        self._commit({})
+        cont = WorkflowStore.encode_plan(
+            stored, "continuation", start_time=receipt.start_time, end_time=receipt.end_time
+        )
+        ids = json.dumps(dict(allocator.counters)).encode()
+        bridge.run(
+            self.storage.put_many(
+                {wf_prefix(self.wid) + "ids.json": ids, task_key(self.wid, tid, "cont"): cont}
+            )
+        )
+
+    def _hand_over(self, lease: BlockingLease | None) -> Any:
+        """Let the manager finish the workflow from what is stored; its reply."""
+        from ray_workflows.aio import run_call, unwrap
+        from ray_workflows.manager import NAMESPACE
+
+        self._commit({})
+        if lease is not None:
+            lease.release()
+        self.log.info("workflow.handed_over")
+        handle = ray.get_actor(self.manager, namespace=NAMESPACE)
+        try:
+            return ray.get(handle.run.remote(run_call(self.wid, self.encoded, self.meta, None)))
+        except RayTaskError as exc:
+            raise unwrap(exc) from None
+
+
+class _Reply:
+    """What a run answers instead of going on (called once it has let go of things)."""
+
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+
+    def reply(self) -> Any:
+        return self.answer()
+
+
+def _raise(error: BaseException) -> Any:
+    raise error
+
+
+__all__ = [
+    "ENV_DIRECT",
+    "MAX_TASKS",
+    "DeadOwners",
+    "call",
+    "eligible",
+    "enabled",
+    "owner_id",
+    "run",
+    "submit",
+    "supported",
+]

@@ -1,0 +1,207 @@
+"""Direct runs (ray_workflows.direct): a small chain run by one Ray task its caller
+submits, with the records, statuses and failure handling of a run by the manager."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+import ray
+from helpers import count_runs, record_run
+
+import ray_workflows as workflow
+from ray_workflows import bridge, config, direct
+from ray_workflows.lease import lease_key
+from ray_workflows.plugins import open_storage
+
+MOD = __name__
+
+
+@ray.remote
+def step(x: int, runs: str, name: str) -> int:
+    record_run(runs, name)
+    return x + 1
+
+
+@ray.remote
+def flaky(x: int, runs: str, gate: str) -> int:
+    record_run(runs, "flaky")
+    if not os.path.exists(gate):
+        raise ValueError("not yet")
+    return x * 10
+
+
+@ray.remote
+def continues(x: int, runs: str) -> object:
+    record_run(runs, "continues")
+    return workflow.continuation(step.bind(x, runs, "continued"))
+
+
+def _owner(uri: str, wid: str) -> str:
+    raw = bridge.run(open_storage(config.normalise_storage(uri)).get(lease_key(wid)))
+    assert raw is not None
+    return str(json.loads(raw)["owner"])
+
+
+def _keys(uri: str, prefix: str) -> list[str]:
+    return bridge.run(open_storage(config.normalise_storage(uri)).list(prefix))
+
+
+def test_a_small_chain_runs_directly_and_is_stored_as_the_manager_stores_it(
+    storage: str, wid: str, counter_dir: Path
+) -> None:
+    runs = str(counter_dir)
+    dag = step.bind(step.bind(step.bind(0, runs, "a"), runs, "b"), runs, "c")
+    ref = workflow.run_async(dag, workflow_id=wid, metadata={"k": 1})
+    assert isinstance(ref, ray.ObjectRef)
+    assert ray.get(ref, timeout=60) == 3
+    assert _owner(storage, wid).startswith("direct:")
+    assert [count_runs(counter_dir, n) for n in "abc"] == [1, 1, 1]
+    assert workflow.get_status(wid) == workflow.SUCCESSFUL
+    assert workflow.get_output(wid) == 3
+    assert workflow.get_output(wid, task_id=f"{MOD}.step_1") == 2
+    meta = workflow.get_metadata(wid)
+    assert meta["status"] == "SUCCESSFUL" and meta["user_metadata"] == {"k": 1}
+    assert meta["stats"]["end_time"] >= meta["stats"]["start_time"]
+    task = workflow.get_metadata(wid, task_id=f"{MOD}.step")
+    assert task["stats"]["end_time"] >= task["stats"]["start_time"]
+    # One status marker, as after a run by the manager.
+    assert [k for k in _keys(storage, "status/") if k.endswith("/" + wid)] == [
+        f"status/SUCCESSFUL/{wid}"
+    ]
+    assert (wid, workflow.SUCCESSFUL) in workflow.list_all()
+    assert workflow.resume(wid) == 3  # finished: nothing runs again
+    assert [count_runs(counter_dir, n) for n in "abc"] == [1, 1, 1]
+    workflow.delete(wid)  # at once, though the direct run's lease has not expired
+    with pytest.raises(workflow.WorkflowNotFoundError):
+        workflow.get_status(wid)
+
+
+def test_what_is_not_a_plain_chain_goes_to_the_manager(
+    storage: str, wid: str, counter_dir: Path
+) -> None:
+    runs = str(counter_dir)
+    fan_in = step.bind(step.bind(0, runs, "x"), runs, "y")
+    plans = {
+        "fan-in": (
+            ray.remote(lambda a, b: a + b).bind(step.bind(0, runs, "p"), step.bind(0, runs, "q")),
+            2,
+        ),
+        "resources": (step.options(num_cpus=0.5).bind(0, runs, "r"), 1),
+        "no-checkpoint": (
+            step.options(**workflow.options(checkpoint=False)).bind(0, runs, "n"),
+            1,
+        ),
+        "chain": (fan_in, 2),
+    }
+    for name, (dag, expected) in plans.items():
+        assert workflow.run(dag, workflow_id=f"{wid}-{name}") == expected
+        owner = _owner(storage, f"{wid}-{name}")
+        assert owner.startswith("direct:") == (name == "chain"), (name, owner)
+
+
+def test_direct_runs_can_be_turned_off(
+    storage: str, wid: str, counter_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(direct.ENV_DIRECT, "0")
+    assert workflow.run(step.bind(0, str(counter_dir), "off"), workflow_id=wid) == 1
+    assert not _owner(storage, wid).startswith("direct:")
+
+
+def test_a_failing_task_is_retried_as_its_options_say_then_fails_and_resumes(
+    storage: str, wid: str, counter_dir: Path, tmp_path: Path
+) -> None:
+    runs, gate = str(counter_dir), str(tmp_path / "gate")
+    opts = workflow.options(max_retries=2, retry_exceptions=True)
+    dag = flaky.options(**opts).bind(step.bind(1, runs, "first"), runs, gate)
+    with pytest.raises(workflow.WorkflowExecutionError) as info:
+        ray.get(workflow.run_async(dag, workflow_id=wid), timeout=60)
+    assert "ValueError: not yet" in str(info.value)
+    assert count_runs(counter_dir, "flaky") == 3  # one attempt and two retries
+    assert workflow.get_status(wid) == workflow.FAILED
+    assert "not yet" in workflow.get_metadata(wid)["error"]
+    Path(gate).touch()
+    assert workflow.resume(wid) == 20  # resumable at once: its lease was released
+    assert count_runs(counter_dir, "first") == 1  # its output was stored
+    assert count_runs(counter_dir, "flaky") == 4
+
+
+def test_a_caught_error_is_the_durable_result(storage: str, wid: str, tmp_path: Path) -> None:
+    runs, gate = str(tmp_path), str(tmp_path / "never")
+    dag = flaky.options(**workflow.options(catch_exceptions=True)).bind(1, runs, gate)
+    value, error = workflow.run(dag, workflow_id=wid)
+    assert value is None and isinstance(error, ValueError)
+    value, error = workflow.get_output(wid)  # the same, from storage
+    assert value is None and isinstance(error, ValueError)
+    assert count_runs(tmp_path, "flaky") == 1
+
+
+def test_a_continuation_goes_on_in_the_manager_without_running_its_task_again(
+    storage: str, wid: str, counter_dir: Path
+) -> None:
+    runs = str(counter_dir)
+    dag = continues.bind(step.bind(1, runs, "before"), runs)
+    assert workflow.run(dag, workflow_id=wid) == 3
+    assert [count_runs(counter_dir, n) for n in ("before", "continues", "continued")] == [1, 1, 1]
+    assert workflow.get_status(wid) == workflow.SUCCESSFUL
+
+
+def faulty_uri(inner: Path, control: Path) -> str:
+    return f"faulty://?inner={quote(str(inner), safe='')}&control={quote(str(control), safe='')}"
+
+
+def test_a_failed_checkpoint_write_fails_the_workflow_and_it_resumes(
+    tmp_path: Path, counter_dir: Path
+) -> None:
+    from conftest import kill_manager
+
+    control = tmp_path / "faults.json"
+    uri = faulty_uri(tmp_path / "inner", control)
+    workflow.init(uri)
+    try:
+        runs = str(counter_dir)
+        dag = step.bind(step.bind(0, runs, "a"), runs, "b")
+        control.write_text(json.dumps({"fail": r"tasks/[^/]*\.pack$"}))
+        with pytest.raises(workflow.WorkflowExecutionError) as info:
+            workflow.run(dag, workflow_id="w")
+        assert "injected write failure" in str(info.value)
+        assert type(info.value.__cause__).__name__ == "StorageError"
+        assert workflow.get_status("w") == workflow.FAILED
+        control.write_text("{}")
+        assert workflow.resume("w") == 2
+    finally:
+        kill_manager(uri)
+
+
+def test_cancel_between_tasks_stops_the_chain(
+    storage: str, wid: str, counter_dir: Path, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+
+    runs = str(counter_dir)
+    dag = step.bind(_waits.bind(0, str(gate)), runs, "after")
+    ref = workflow.run_async(dag, workflow_id=wid)
+    deadline = time.monotonic() + 30
+    while workflow.get_status(wid) != workflow.RUNNING and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workflow.cancel(wid)
+    assert workflow.get_status(wid) == workflow.CANCELED
+    gate.touch()  # the first task ends (well within the poll) and the run stops
+    with pytest.raises(workflow.WorkflowCancellationError):
+        ray.get(ref, timeout=30)
+    assert count_runs(counter_dir, "after") == 0
+    assert [k for k in _keys(storage, "status/") if k.endswith("/" + wid)] == [
+        f"status/CANCELED/{wid}"
+    ]
+
+
+@ray.remote
+def _waits(x: int, gate: str) -> int:
+    deadline = time.monotonic() + 0.5
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return x
