@@ -538,6 +538,25 @@ def _create(path: str, data: bytes) -> bool:
     return True
 
 
+_EMPTY = "<empty>"  # in _create_many: a key whose empty file is created in place
+
+
+def _create_empty(path: str) -> bool:
+    """Create an empty file at ``path`` unless something is there (atomic: there is no
+    content to be torn); made durable by the batch's ``syncfs``."""
+    for attempt in range(_DIR_RETRIES):
+        try:
+            os.close(os.open(path, _CREATE_FLAGS, 0o666))
+            return True
+        except FileExistsError:
+            return False
+        except FileNotFoundError:
+            if attempt == _DIR_RETRIES - 1:
+                raise
+            _ensure_dir(os.path.dirname(path), sync=False)
+    return False
+
+
 def _create_many(root: str, pairs: list[tuple[str, bytes]]) -> list[bool]:
     if not _batched(root, pairs):
         return [_create(path, data) for path, data in pairs]
@@ -545,20 +564,27 @@ def _create_many(root: str, pairs: list[tuple[str, bytes]]) -> list[bool]:
     created = [False] * len(pairs)
     try:
         for path, data in pairs:
-            absent = not os.path.lexists(path)
-            temps.append(_write_temp(os.path.dirname(path), data, sync=False) if absent else None)
+            if os.path.lexists(path):
+                temps.append(None)
+            elif not data:
+                temps.append(_EMPTY)  # created in place below: an empty file needs no temp
+            else:
+                temps.append(_write_temp(os.path.dirname(path), data, sync=False))
         if not any(temps):
             return created
-        written = [tmp for tmp, (_, data) in zip(temps, pairs, strict=True) if tmp and data]
+        written = [t for t, (_, data) in zip(temps, pairs, strict=True) if t and data]
         _data_first(root, written)
+        # In the batch's order (see ordered_batches): each name after the ones before it.
         for i, (tmp, (path, _)) in enumerate(zip(temps, pairs, strict=True)):
-            if tmp is not None:
+            if tmp is _EMPTY:
+                created[i] = _create_empty(path)
+            elif tmp is not None:
                 with contextlib.suppress(FileExistsError):
                     os.link(tmp, path)
                     created[i] = True
     finally:
         for tmp in temps:
-            if tmp is not None:
+            if tmp is not None and tmp is not _EMPTY:
                 _unlink_quietly(tmp)
     if any(created):
         _sync_filesystem(root)  # the new names (and directories)
