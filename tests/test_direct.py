@@ -11,7 +11,7 @@ from urllib.parse import quote
 
 import pytest
 import ray
-from helpers import count_runs, record_run
+from helpers import count_runs, record_run, wait_for
 
 import ray_workflows as workflow
 from ray_workflows import bridge, config, direct
@@ -122,6 +122,7 @@ def test_a_failing_task_is_retried_as_its_options_say_then_fails_and_resumes(
         ray.get(workflow.run_async(dag, workflow_id=wid), timeout=60)
     assert "ValueError: not yet" in str(info.value)
     assert count_runs(counter_dir, "flaky") == 3  # one attempt and two retries
+    assert _owner(storage, wid).startswith("direct:")
     assert workflow.get_status(wid) == workflow.FAILED
     assert "not yet" in workflow.get_metadata(wid)["error"]
     Path(gate).touch()
@@ -135,6 +136,7 @@ def test_a_caught_error_is_the_durable_result(storage: str, wid: str, tmp_path: 
     dag = flaky.options(**workflow.options(catch_exceptions=True)).bind(1, runs, gate)
     value, error = workflow.run(dag, workflow_id=wid)
     assert value is None and isinstance(error, ValueError)
+    assert _owner(storage, wid).startswith("direct:")
     value, error = workflow.get_output(wid)  # the same, from storage
     assert value is None and isinstance(error, ValueError)
     assert count_runs(tmp_path, "flaky") == 1
@@ -171,6 +173,7 @@ def test_a_failed_checkpoint_write_fails_the_workflow_and_it_resumes(
         assert "injected write failure" in str(info.value)
         assert type(info.value.__cause__).__name__ == "StorageError"
         assert workflow.get_status("w") == workflow.FAILED
+        assert _owner(uri, "w").startswith("direct:")
         control.write_text("{}")
         assert workflow.resume("w") == 2
     finally:
@@ -182,15 +185,15 @@ def test_cancel_between_tasks_stops_the_chain(
 ) -> None:
     gate = tmp_path / "gate"
 
+    started = tmp_path / "started"
     runs = str(counter_dir)
-    dag = step.bind(_waits.bind(0, str(gate)), runs, "after")
+    dag = step.bind(_waits.bind(0, str(gate), str(started)), runs, "after")
     ref = workflow.run_async(dag, workflow_id=wid)
-    deadline = time.monotonic() + 30
-    while workflow.get_status(wid) != workflow.RUNNING and time.monotonic() < deadline:
-        time.sleep(0.05)
-    workflow.cancel(wid)
+    wait_for(started.exists)
+    assert _owner(storage, wid).startswith("direct:")
+    workflow.cancel(wid)  # returns once the run has stopped
     assert workflow.get_status(wid) == workflow.CANCELED
-    gate.touch()  # the first task ends (well within the poll) and the run stops
+    gate.touch()
     with pytest.raises(workflow.WorkflowCancellationError):
         ray.get(ref, timeout=30)
     assert count_runs(counter_dir, "after") == 0
@@ -200,8 +203,42 @@ def test_cancel_between_tasks_stops_the_chain(
 
 
 @ray.remote
-def _waits(x: int, gate: str) -> int:
-    deadline = time.monotonic() + 0.5
+def _waits(x: int, gate: str, started: str) -> int:
+    Path(started).touch()
+    deadline = time.monotonic() + 0.8  # below the cancel poll: it ends by itself
     while not os.path.exists(gate) and time.monotonic() < deadline:
         time.sleep(0.01)
     return x
+
+
+@ray.remote
+def dies(x: int, runs: str, name: str, times: int) -> int:
+    record_run(runs, name)
+    if count_runs(runs, name) <= times:
+        os._exit(1)  # the worker dies, as if killed
+    return x + 1
+
+
+def test_worker_deaths_are_charged_to_the_task_that_died(
+    storage: str, wid: str, counter_dir: Path
+) -> None:
+    runs = str(counter_dir)
+    opts = workflow.options(max_retries=2)
+    # a's worker dies twice, b's once: each within its own max_retries, though Ray's
+    # own count of attempts of the one direct task reaches three.
+    dag = dies.options(**opts).bind(dies.options(**opts).bind(0, runs, "a", 2), runs, "b", 1)
+    assert ray.get(workflow.run_async(dag, workflow_id=wid), timeout=120) == 2
+    assert [count_runs(counter_dir, n) for n in "ab"] == [3, 2]
+    assert _owner(storage, wid).startswith("direct:")
+    assert workflow.get_status(wid) == workflow.SUCCESSFUL
+
+
+def test_a_task_killing_its_worker_too_often_fails_the_workflow(
+    storage: str, wid: str, counter_dir: Path
+) -> None:
+    dag = dies.options(**workflow.options(max_retries=1)).bind(0, str(counter_dir), "d", 9)
+    with pytest.raises(workflow.WorkflowExecutionError) as info:
+        ray.get(workflow.run_async(dag, workflow_id=wid), timeout=120)
+    assert "died" in str(info.value)
+    assert count_runs(counter_dir, "d") == 2
+    assert workflow.get_status(wid) == workflow.FAILED

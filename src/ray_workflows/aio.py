@@ -131,7 +131,7 @@ def _caller_lease(cfg: config.Config, prepared: Prepared) -> tuple[str, bytes, s
     if not isinstance(prepared.plan, bytes) or info is None or not info["caller_stores"]:
         return None
     wid = prepared.workflow_id
-    if prepared.direct and info.get("direct"):
+    if prepared.direct and info.get("direct") and direct.caller_may():
         owner = direct.owner_id()
         return lease_key(wid), grant(wid, owner, info["ttl"]), owner
     return lease_key(wid), grant(wid, info["owner"], info["ttl"]), None
@@ -150,7 +150,8 @@ def _hand_over(
     _, record, owner = lease
     if owner is not None and leased:
         name = manager_name(cfg.storage)
-        return direct.submit(direct.call(wid, plan, meta, cfg.storage, owner, record, name))
+        data = direct.call(wid, plan, meta, cfg.storage, owner, record, name)
+        return direct.submit(data, wid, owner, name)
     return handle.run.remote(
         run_call(wid, plan, meta, record if leased and owner is None else None)
     )

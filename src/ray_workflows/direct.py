@@ -45,19 +45,22 @@ resume, query, cancel or delete a workflow started directly.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
 import json
 import os
 import pickle
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import ray
 from ray.exceptions import RayTaskError
 
 from ray_workflows import bridge
-from ray_workflows.exceptions import WorkflowCancellationError
+from ray_workflows.exceptions import CheckpointError, WorkflowCancellationError, WorkflowError
 from ray_workflows.ids import IdAllocator
 from ray_workflows.lease import DIRECT_PREFIX, BlockingLease, is_direct, new_owner_id
 from ray_workflows.log import get_logger
@@ -66,7 +69,14 @@ from ray_workflows.plugins import open_storage
 from ray_workflows.scheduler import TaskFailure, execution_error, retry_delay
 from ray_workflows.status import WorkflowStatus
 from ray_workflows.storage import Storage
-from ray_workflows.store import WorkflowStore, encode_pack, pack_ref, task_key, wf_prefix
+from ray_workflows.store import (
+    WorkflowStore,
+    decode_pack,
+    encode_pack,
+    pack_ref,
+    task_key,
+    wf_prefix,
+)
 from ray_workflows.worker import (
     FUSED_FLUSH_SECONDS,
     Receipt,
@@ -120,6 +130,13 @@ def supported() -> bool:
     return hasattr(_core(), "get_current_task_attempt_number")
 
 
+def caller_may() -> bool:
+    """Whether this process may start direct runs: a driver. A task or actor (say, a
+    Serve replica) may outlive the job in the owner id, which would look dead."""
+    worker: Any = ray._private.worker.global_worker
+    return bool(getattr(worker, "mode", None) == ray.SCRIPT_MODE)
+
+
 def _session() -> str:
     node = getattr(ray._private.worker.global_worker, "node", None)
     return str(getattr(node, "session_name", "") or "")
@@ -136,35 +153,48 @@ class DeadOwners:
     """``owner -> bool``: whether a direct owner of this cluster is dead (for the
     manager's leases: its run is taken over at once, not after its lease expires).
     Dead means its cluster restarted since (another session at the same address)
-    or its job ended: Ray ends a job's tasks with its driver. The job table is
-    read at most once a second."""
+    or its job ended: Ray ends a job's tasks with its driver (only drivers run
+    directly, see :func:`caller_may`). The job table is read at most once a second."""
 
     def __init__(self) -> None:
-        self._alive: set[str] = set()
+        self._dead: set[str] = set()
         self._read_at = -1.0
+        self._given_up: set[str] = set()  # owners whose driver handed their runs over
+
+    def add(self, owners: Iterable[str]) -> None:
+        self._given_up.update(owners)
+        if len(self._given_up) > 100_000:
+            self._given_up.clear()  # (their leases expire by themselves meanwhile)
 
     def __call__(self, owner: str) -> bool:
         if not is_direct(owner):
             return False
+        if owner in self._given_up:
+            return True
         parts = owner[len(DIRECT_PREFIX) :].split("|", 3)
         if len(parts) != 4 or parts[0] != ray.get_runtime_context().gcs_address:
             return False  # another cluster's run: it may be alive; wait for the expiry
         if parts[1] != _session():
             return True
-        return parts[2] not in self._jobs()
+        return parts[2] in self._dead_jobs()
 
-    def _jobs(self) -> set[str]:
+    def _dead_jobs(self) -> set[str]:
+        """Jobs the table says ended (a job not in it yet is alive: it just started)."""
         now = time.monotonic()
         if now - self._read_at > 1.0:
             try:
                 worker: Any = ray._private.worker.global_worker
-                jobs = worker.gcs_client.get_all_job_info()
-            except Exception as exc:  # unknown: assume alive (the lease expires anyway)
+                jobs = worker.gcs_client.get_all_job_info(
+                    skip_submission_job_info_field=True,
+                    skip_is_running_tasks_field=True,
+                    timeout=5,
+                )
+            except Exception as exc:  # unknown: alive (its lease expires by itself)
                 log.warning("lease.job_table_unreadable", error=str(exc))
-                return self._alive | {""}
-            self._alive = {job.hex() for job, info in jobs.items() if not info.is_dead}
+                return self._dead
+            self._dead = {job.hex() for job, info in jobs.items() if info.is_dead}
             self._read_at = now
-        return self._alive
+        return self._dead
 
 
 def call(
@@ -175,9 +205,13 @@ def call(
 
 
 _remote: Any = None
+#: This driver's direct runs that may still be running: workflow id -> (ref, owner,
+#: manager name), for :func:`hand_over_at_exit`.
+_running: dict[str, tuple[Any, str, str]] = {}
+ENV_EXIT_WAIT = "RAY_WORKFLOWS_DIRECT_EXIT_WAIT"
 
 
-def submit(data: bytes) -> Any:
+def submit(data: bytes, wid: str, owner: str, manager: str) -> Any:
     """Submit :func:`run` for ``data`` (from :func:`call`); the ref of the output."""
     global _remote
     if _remote is None:
@@ -186,7 +220,46 @@ def submit(data: bytes) -> Any:
         _remote = ray.remote(run).options(
             name="ray_workflows.direct", max_retries=-1, retry_exceptions=False
         )
-    return _remote.remote(data)
+        atexit.register(hand_over_at_exit)  # after ray.init's: runs before Ray's shutdown
+    ref = _remote.remote(data)
+    if len(_running) >= 1024:
+        _prune()
+    _running[wid] = (ref, owner, manager)
+    return ref
+
+
+def _prune() -> None:
+    refs = [ref for ref, _, _ in _running.values()]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+    done = set(ready)
+    for wid in [w for w, (ref, _, _) in _running.items() if ref in done]:
+        del _running[wid]
+
+
+def hand_over_at_exit() -> None:
+    """At this driver's exit, Ray ends the tasks it owns: wait a little for its direct
+    runs to finish (``RAY_WORKFLOWS_DIRECT_EXIT_WAIT`` seconds, default 2), then hand
+    the rest to their manager, which resumes them from their checkpoints at once (a
+    task under way may then run twice, as after a crash)."""
+    if not _running or not ray.is_initialized():
+        return
+    try:
+        wait = float(os.environ.get(ENV_EXIT_WAIT, "2"))
+        refs = [ref for ref, _, _ in _running.values()]
+        ray.wait(refs, num_returns=len(refs), timeout=wait, fetch_local=False)
+        _prune()
+        by_manager: dict[str, list[tuple[str, str]]] = {}
+        for wid, (_, owner, manager) in _running.items():
+            by_manager.setdefault(manager, []).append((wid, owner))
+        from ray_workflows.manager import NAMESPACE
+
+        for manager, runs in by_manager.items():
+            handle = ray.get_actor(manager, namespace=NAMESPACE)
+            taken: Any = ray.get(handle.take_over.remote(runs), timeout=30)
+            log.info("workflow.direct_handed_over_at_exit", workflows=taken)
+    except Exception as exc:  # they resume later anyway: their driver's job is dead
+        log.warning("direct.exit_hand_over_failed", error=str(exc))
+    _running.clear()
 
 
 def run(data: bytes) -> Any:
@@ -274,7 +347,8 @@ class _DirectRun:
         self._lock = threading.Lock()  # the records, between this thread and the keeper
         now = time.monotonic()
         self.began = now
-        self.renew_at = now + self.lease.info.ttl / 3
+        self.renew_at = now
+        self._renewed()
         self.flush_at: float | None = None  # while a task runs with records queued
         self.poll_at = now + CANCEL_POLL_SECONDS
 
@@ -304,48 +378,81 @@ class _DirectRun:
     def go(self) -> Any:
         plan = WorkflowStore.decode_plan(self.encoded, f"the plan of {self.wid!r}")
         retry = _core().get_current_task_attempt_number()
-        start, values, charged = 0, (), 0
-        if retry > 0:
-            resumed = self._resumed(plan, retry)
-            if not isinstance(resumed, tuple):
-                return resumed.reply()
-            start, values, charged = resumed
-        _keeper.add(self)
+        current: list[str] = [next(iter(plan.tasks))]  # the task under way, for errors
         try:
-            return self._run(plan, start, values, charged)
-        finally:
-            _keeper.discard(self)
+            if retry > 0:
+                resumed = self._resumed(plan, retry)
+            elif not self.lease.valid():  # queued for CPUs until its grant ran out
+                resumed = _Reply(lambda: self._hand_over(self.lease))
+            else:
+                stored = self._stored_meta()  # canceled while it was queued?
+                resumed = (0, (), 0) if stored is None else _Reply(lambda: self._after(stored))
+            if isinstance(resumed, _Reply):
+                return resumed.reply()
+            _keeper.add(self)
+            try:
+                return self._run(plan, *resumed, current)
+            finally:
+                _keeper.discard(self)
+        except WorkflowError:
+            raise  # what the run answers (a failure, a cancel, the manager's reply)
+        except Exception as exc:  # a bug or a storage failure: fail the workflow loudly
+            self.log.exception("direct.error", task_id=current[0])
+            failure = TaskFailure(current[0], None, f"{type(exc).__name__}: {exc}")
+            return self._failure(failure, exc).reply()
 
-    def _resumed(self, plan: Plan, retry: int) -> Any:
-        """After Ray ran this task again (its worker died): where to go on from, or what
-        to answer instead (:class:`_Reply`)."""
+    def _resumed(self, plan: Plan, retry: int) -> tuple[int, tuple[Any, ...], int] | _Reply:
+        """After Ray ran this task again (its worker died): where to go on from (as the
+        manager's recovery would), or what to answer instead."""
         held = BlockingLease.stored(self.storage, self.wid, self.owner)
         self.log.info("workflow.direct_retried", attempt=retry, held=held is not None)
-        if held is None:  # taken over meanwhile: the manager has it
-            return _Reply(lambda: self._hand_over(None))
+        if held is None or not (held.valid() or held.renew()):
+            return _Reply(lambda: self._hand_over(None))  # taken over: the manager has it
         self.lease = held
+        self._renewed()
         stored = self._stored_meta()
         if stored is not None:
             return _Reply(lambda: self._after(stored))
         records = bridge.run(WorkflowStore(self.storage).task_records(self.wid))
+        if any("cont" in r for r in records.values()):
+            return _Reply(lambda: self._hand_over(self.lease))  # the recovery follows it
         specs = list(plan.tasks.values())
-        start = 0
-        while start < len(specs) and "out" in records.get(specs[start].task_id, set()):
-            start += 1
+        start = len(specs)
+        while start > 0 and "out" not in records.get(specs[start - 1].task_id, set()):
+            start -= 1
         values: tuple[Any, ...] = ()
         if start > 0:
             ref = records.output_ref(specs[start - 1].task_id)
             values = (load_output(self.storage, self.wid, None, ref),)
         if start == len(specs):  # it finished but died before its status: store it now
             return _Reply(lambda: self._finish(values[0], ref))
-        return start, values, retry
+        # The death is charged to the task that was under way, with the earlier ones
+        # of the same task (stored: Ray's attempt number counts those of every task).
+        key = task_key(self.wid, specs[start].task_id, "deaths")
+        data = bridge.run(self.storage.get(key))
+        deaths = (int(data) if data else 0) + 1
+        bridge.run(self.storage.put(key, str(deaths).encode()))
+        return start, values, deaths
 
-    def _run(self, plan: Plan, start: int, values: tuple[Any, ...], charged: int) -> Any:
+    def _renewed(self) -> None:
+        """Schedule the next renewal from the record's own renewal time."""
+        left = self.lease.info.renewed_at + self.lease.info.ttl / 3 - time.time()
+        self.renew_at = time.monotonic() + max(0.0, left)
+
+    def _run(
+        self,
+        plan: Plan,
+        start: int,
+        values: tuple[Any, ...],
+        charged: int,
+        current: list[str],
+    ) -> Any:
         specs = list(plan.tasks.values())
         value: Any = None
         output_ref = ""
         for i in range(start, len(specs)):
             spec = specs[i]
+            current[0] = spec.task_id
             if i > start and time.monotonic() - self.began > FUSED_FLUSH_SECONDS:
                 if not self.lease.valid():
                     return self._hand_over(self.lease)
@@ -361,6 +468,10 @@ class _DirectRun:
                 self._continued(spec.task_id, receipt, plan)
                 return self._hand_over(self.lease)
             output_ref = self._add(spec.task_id, receipt)
+            if charged and i + 1 < len(specs):
+                # After a death, each output at once: the next death must be charged
+                # to the task that died, not to one whose output it lost.
+                self._commit({})
             if i + 1 < len(specs):
                 assert receipt.pickled is not None
                 values = (_copy(value, receipt.pickled),)
@@ -398,6 +509,7 @@ class _DirectRun:
             if not receipt.retryable or (retries != -1 and attempt >= retries):
                 failure = TaskFailure(spec.task_id, receipt.error, receipt.error_text)
                 return self._failure(failure), None
+            self._commit({})  # the outputs before it, while it waits (as the manager would)
             time.sleep(retry_delay(attempt))
             attempt += 1
 
@@ -426,12 +538,24 @@ class _DirectRun:
                 assert self.pack is not None
                 records[self.pack] = encode_pack(self.members)
             if status and records and not self.storage.ordered_batches:
-                self._create(records)
+                if not self._create(records)[next(iter(records))]:
+                    self._check_pack()
                 records = {}
             created = self._create({**records, **status})
-            # A pack exists already only if an earlier attempt wrote it, with these records.
+            if records and not created[next(iter(records))]:
+                self._check_pack()  # an earlier write of it that raised but landed?
             self.members, self.pack = {}, None
             return created
+
+    def _check_pack(self) -> None:
+        assert self.pack is not None
+        data = bridge.run(self.storage.get(self.pack))
+        stored = decode_pack(data, self.pack) if data is not None else {}
+        if any(stored.get(tid) != record for tid, record in self.members.items()):
+            raise CheckpointError(
+                f"Checkpoint {self.pack!r} exists with other records; not overwritten.",
+                key=self.pack,
+            )
 
     def _stored_meta(self) -> dict[str, Any] | None:
         """meta.json, which no one writes while a direct run goes on but a cancel."""
@@ -446,7 +570,8 @@ class _DirectRun:
         marker = f"status/{status.value}/{self.wid}"
         created = self._commit({marker: b"", meta_key: json.dumps(meta).encode()})
         if not created.get(meta_key):
-            self._discard(marker)
+            if created.get(marker):
+                self._discard(marker)
             return self._stored_meta() or {"status": WorkflowStatus.RUNNING.value}
         # Once the new marker is durable, as WorkflowStore.queue_meta does.
         self._discard(f"status/{WorkflowStatus.RUNNING.value}/{self.wid}")
@@ -454,9 +579,10 @@ class _DirectRun:
 
     def _discard(self, key: str) -> None:
         if self.storage.blocking_batches:
-            self.storage.discard_many_blocking([key])
-        else:
-            bridge.run(self.storage.discard_many([key]))
+            with contextlib.suppress(NotImplementedError):  # (a plugin without it)
+                self.storage.discard_many_blocking([key])
+                return
+        bridge.run(self.storage.discard_many([key]))
 
     # -- endings ------------------------------------------------------------------
     def _finish(self, value: Any, output_ref: str) -> Any:
@@ -538,8 +664,12 @@ class _DirectRun:
         from ray_workflows.aio import run_call, unwrap
         from ray_workflows.manager import NAMESPACE
 
+        _keeper.discard(self)  # no renewals of a released lease, no cancel by exit
         self._commit({})
         if lease is not None:
+            stored = self._stored_meta()
+            if stored is not None and stored.get("status") == WorkflowStatus.CANCELED.value:
+                return self._after(stored)
             lease.release()
         self.log.info("workflow.handed_over")
         handle = ray.get_actor(self.manager, namespace=NAMESPACE)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import json
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -42,7 +43,7 @@ from ray_workflows.recovery import Recovery
 from ray_workflows.scheduler import WorkflowRun
 from ray_workflows.status import WorkflowStatus
 from ray_workflows.storage import Storage
-from ray_workflows.store import running_meta, task_key
+from ray_workflows.store import running_meta, task_key, wf_prefix
 from ray_workflows.worker import INLINE_RECORD_BYTES
 
 log = get_logger()
@@ -636,11 +637,8 @@ class Engine:
         try:
             key = await self.recovery.locate(workflow_id, task_id)
         except TaskNotFoundError:
-            if status not in (
-                WorkflowStatus.RUNNING,
-                WorkflowStatus.PENDING,
-                WorkflowStatus.RESUMABLE,
-            ):
+            held = await self._held_status(workflow_id, meta["status"] if meta else "RUNNING")
+            if held not in (WorkflowStatus.RUNNING, WorkflowStatus.PENDING):
                 raise
             # Not stored yet, in a run elsewhere (another manager, a direct run) or
             # orphaned: ask again once the workflow is over, as for a run here.
@@ -723,7 +721,8 @@ class Engine:
             if status in (WorkflowStatus.RUNNING, WorkflowStatus.PENDING):
                 if not await self.runs_directly(workflow_id):
                     raise await self._elsewhere(workflow_id)
-                # A direct run stops at its next task boundary once it reads this.
+                await self._cancel_direct(workflow_id)
+                return
             meta = (
                 await self.store.read_meta(workflow_id)
                 or await self.store.started_meta(workflow_id)
@@ -734,6 +733,29 @@ class Engine:
             await self.store.write_meta(workflow_id, meta, previous)
             self._close(workflow_id)
             log.info("workflow.canceled", workflow_id=workflow_id, was=status.value)
+
+    async def _cancel_direct(self, workflow_id: str) -> None:
+        """Cancel a direct run (:mod:`ray_workflows.direct`): store CANCELED unless it
+        stored its own final status first (then that stands), and wait a while for it
+        to stop (it reads the status at its next task boundary, or within a second
+        ends the worker running a long task), as a cancel here waits for the run."""
+        meta = await self.store.started_meta(workflow_id) or {"user_metadata": {}}
+        meta.update(status=WorkflowStatus.CANCELED.value, end_time=time.time())
+        marker = f"status/{WorkflowStatus.CANCELED.value}/{workflow_id}"
+        await self.storage.put(marker, b"")  # first: an index scan must find it
+        created = await self.storage.put_if_absent(
+            wf_prefix(workflow_id) + "meta.json", json.dumps(meta).encode()
+        )
+        if not created:  # it finished first: its status stands
+            await self.storage.discard_many([marker])
+            log.info("workflow.cancel_ignored", workflow_id=workflow_id, note="finished first")
+            return
+        self._close(workflow_id)
+        log.info("workflow.canceled", workflow_id=workflow_id, direct=True)
+        delay, deadline = 0.02, time.monotonic() + 10
+        while await self.runs_directly(workflow_id) and time.monotonic() < deadline:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
     async def delete(self, workflow_id: str) -> None:
         """Remove everything stored for a workflow that is not running or pending."""

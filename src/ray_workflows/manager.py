@@ -19,7 +19,7 @@ import ray
 from ray_workflows import direct, serialization
 from ray_workflows.actors import Actors
 from ray_workflows.engine import Engine, load_clock
-from ray_workflows.exceptions import WorkflowRunningElsewhereError
+from ray_workflows.exceptions import WorkflowError, WorkflowRunningElsewhereError
 from ray_workflows.log import get_logger
 from ray_workflows.plan import Plan
 from ray_workflows.plugins import open_storage
@@ -101,12 +101,13 @@ class WorkflowManager:
         # Leases of this manager's earlier incarnations in this cluster (Ray restarted
         # the actor, or the head came back at the same address) are taken over at once.
         lineage = f"{ray.get_runtime_context().gcs_address}|{manager_name(storage_uri)}|"
+        self._dead_owners = direct.DeadOwners()
         self.engine = Engine(
             open_storage(storage_uri),
             owner_prefix=lineage,
             lease_ttl=lease_ttl,
             clock=clock,
-            dead_owner=direct.DeadOwners(),
+            dead_owner=self._dead_owners,
         )
         self.actors = Actors(self.engine.storage, self._start_sub, self._sub_output)
         self._probe: tuple[str, bytes] | None = None  # see describe()
@@ -248,6 +249,20 @@ class WorkflowManager:
         return await self.actors.call(
             actor_id, call_id, method, call, readonly, options, order, step
         )
+
+    async def take_over(self, runs: list[tuple[str, str]]) -> int:
+        """Resume the direct runs ``(workflow id, owner)`` of a driver that is exiting
+        (see ``direct.hand_over_at_exit``): Ray ends their tasks with it. Returns how
+        many were taken over."""
+        self._dead_owners.add(owner for _, owner in runs)
+        taken = 0
+        for wid, _ in runs:
+            try:
+                await self.engine.resume(wid, existing_ok=True, load=False)
+                taken += 1
+            except WorkflowError as exc:  # finished meanwhile, canceled, ...
+                log.info("workflow.take_over_skipped", workflow_id=wid, error=str(exc))
+        return taken
 
     async def resume(self, workflow_id: str) -> None:
         """Resume a stored workflow; joins it if it already runs (e.g. auto-recovered)."""
