@@ -251,3 +251,20 @@ def test_a_task_killing_its_worker_too_often_fails_the_workflow(
     # death to the producer. From then on each death is charged to the task that died.
     assert count_runs(counter_dir, "d") in (2, 3)
     assert workflow.get_status(wid) == workflow.FAILED
+
+
+def test_dead_owners_are_those_of_ended_jobs_restarted_clusters_or_given_up(
+    storage: str,
+) -> None:
+    dead = direct.DeadOwners()
+    mine = direct.owner_id()
+    ctx = ray.get_runtime_context()
+    gcs, session, job, rest = mine[len("direct:") :].split("|", 3)
+    assert (gcs, job) == (ctx.gcs_address, ctx.get_job_id())
+    assert not dead(mine)  # this driver's job is alive
+    assert not dead("192.0.2.1:1|" + mine)  # not a direct owner at all
+    assert not dead(f"direct:10.9.9.9:6379|{session}|{job}|{rest}")  # another cluster
+    assert dead(f"direct:{gcs}|session_other|{job}|{rest}")  # this cluster restarted
+    assert not dead(f"direct:{gcs}|{session}|ff000000|{rest}")  # a job not seen yet
+    dead.add([mine])  # its driver handed its runs over at exit
+    assert dead(mine)
