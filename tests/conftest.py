@@ -70,6 +70,18 @@ def kill_manager(uri: str, *, no_restart: bool = True) -> None:
 
 
 @pytest.fixture
+def faulty(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A ``faulty`` storage of this test's own and its control file (see helpers.faulty_uri)."""
+    from helpers import faulty_uri
+
+    control = tmp_path / "faults.json"
+    uri = faulty_uri(tmp_path / "inner", control)
+    workflow.init(uri)
+    yield uri, control
+    kill_manager(uri)
+
+
+@pytest.fixture
 def wid(request: pytest.FixtureRequest) -> str:
     """A workflow id unique to this test."""
     name = request.node.name[:120].replace("/", "_").replace("[", "_").replace("]", "_")

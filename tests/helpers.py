@@ -7,6 +7,13 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import quote
+
+
+def faulty_uri(inner: Path, control: Path) -> str:
+    """A ``faulty`` storage over the directory ``inner``, told what to fail by the JSON
+    file ``control`` (see ray_workflows.testing)."""
+    return f"faulty://?inner={quote(str(inner), safe='')}&control={quote(str(control), safe='')}"
 
 
 def record_run(directory: str | os.PathLike[str], name: str) -> None:

@@ -7,7 +7,6 @@ import json
 import os
 import time
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
 import ray
@@ -156,32 +155,21 @@ def test_a_continuation_goes_on_in_the_manager_without_running_its_task_again(
     assert workflow.get_status(wid) == workflow.SUCCESSFUL
 
 
-def faulty_uri(inner: Path, control: Path) -> str:
-    return f"faulty://?inner={quote(str(inner), safe='')}&control={quote(str(control), safe='')}"
-
-
 def test_a_failed_checkpoint_write_fails_the_workflow_and_it_resumes(
-    tmp_path: Path, counter_dir: Path
+    faulty: tuple[str, Path], counter_dir: Path
 ) -> None:
-    from conftest import kill_manager
-
-    control = tmp_path / "faults.json"
-    uri = faulty_uri(tmp_path / "inner", control)
-    workflow.init(uri)
-    try:
-        runs = str(counter_dir)
-        dag = step.bind(step.bind(0, runs, "a"), runs, "b")
-        control.write_text(json.dumps({"fail": r"tasks/[^/]*\.pack$"}))
-        with pytest.raises(workflow.WorkflowExecutionError) as info:
-            workflow.run(dag, workflow_id="w")
-        assert "injected write failure" in str(info.value)
-        assert type(info.value.__cause__).__name__ == "StorageError"
-        assert workflow.get_status("w") == workflow.FAILED
-        assert _owner(uri, "w").startswith("direct:")
-        control.write_text("{}")
-        assert workflow.resume("w") == 2
-    finally:
-        kill_manager(uri)
+    uri, control = faulty
+    runs = str(counter_dir)
+    dag = step.bind(step.bind(0, runs, "a"), runs, "b")
+    control.write_text(json.dumps({"fail": r"tasks/[^/]*\.pack$"}))
+    with pytest.raises(workflow.WorkflowExecutionError) as info:
+        workflow.run(dag, workflow_id="w")
+    assert "injected write failure" in str(info.value)
+    assert type(info.value.__cause__).__name__ == "StorageError"
+    assert workflow.get_status("w") == workflow.FAILED
+    assert _owner(uri, "w").startswith("direct:")
+    control.write_text("{}")
+    assert workflow.resume("w") == 2
 
 
 def test_cancel_between_tasks_stops_the_chain(

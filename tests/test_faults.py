@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
 import ray
-from helpers import count_runs, record_run
+from helpers import count_runs, faulty_uri, record_run
 
 import ray_workflows as workflow
 from ray_workflows.testing import StorageConformance
@@ -22,21 +21,6 @@ def step(x: int, name: str, runs: str) -> int:
     # records for 20 ms), which is named after it and can be failed by name.
     time.sleep(0.3)
     return x + 1
-
-
-def faulty_uri(inner: Path, control: Path) -> str:
-    return f"faulty://?inner={quote(str(inner), safe='')}&control={quote(str(control), safe='')}"
-
-
-@pytest.fixture
-def faulty(tmp_path: Path):  # type: ignore[no-untyped-def]
-    from conftest import kill_manager
-
-    control = tmp_path / "faults.json"
-    uri = faulty_uri(tmp_path / "inner", control)
-    workflow.init(uri)
-    yield uri, control
-    kill_manager(uri)
 
 
 @pytest.mark.usefixtures("manager_runs")  # the manager's pack timing

@@ -14,9 +14,9 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import pytest
+from helpers import faulty_uri
 
 from ray_workflows.exceptions import StorageError
 from ray_workflows.lease import (
@@ -56,10 +56,6 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
-
-
-def faulty_uri(inner: Path, control: Path) -> str:
-    return f"faulty://?inner={quote(str(inner), safe='')}&control={quote(str(control), safe='')}"
 
 
 async def stored(storage: Storage, key: str = KEY) -> dict[str, Any]:

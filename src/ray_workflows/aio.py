@@ -131,10 +131,9 @@ def _caller_lease(cfg: config.Config, prepared: Prepared) -> tuple[str, bytes, s
     if not isinstance(prepared.plan, bytes) or info is None or not info["caller_stores"]:
         return None
     wid = prepared.workflow_id
-    if prepared.direct and info.get("direct") and direct.caller_may():
-        owner = direct.owner_id()
-        return lease_key(wid), grant(wid, owner, info["ttl"]), owner
-    return lease_key(wid), grant(wid, info["owner"], info["ttl"]), None
+    mine = prepared.direct and info.get("direct") and direct.caller_may()
+    owner = direct.owner_id() if mine else None
+    return lease_key(wid), grant(wid, owner or info["owner"], info["ttl"]), owner
 
 
 def _hand_over(

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import dataclasses
 import json
 import os
 import pickle
@@ -73,7 +72,9 @@ from ray_workflows.store import (
     WorkflowStore,
     decode_pack,
     encode_pack,
+    ids_key,
     pack_ref,
+    status_key,
     task_key,
     wf_prefix,
 )
@@ -334,6 +335,8 @@ _keeper = _Keeper()
 
 
 class _DirectRun:
+    renew_at: float  # when the keeper renews the lease next (see _renewed)
+
     def __init__(
         self,
         wid: str,
@@ -354,7 +357,6 @@ class _DirectRun:
         self._lock = threading.Lock()  # the records, between this thread and the keeper
         now = time.monotonic()
         self.began = now
-        self.renew_at = now
         self._renewed()
         self.flush_at: float | None = None  # while a task runs with records queued
         self.poll_at = now + CANCEL_POLL_SECONDS
@@ -573,14 +575,14 @@ class _DirectRun:
         instead if another writer (a cancel) stored one first."""
         meta = dict(self.meta, status=status.value, end_time=time.time(), **fields)
         meta_key = wf_prefix(self.wid) + "meta.json"
-        marker = f"status/{status.value}/{self.wid}"
+        marker = status_key(status.value, self.wid)
         created = self._commit({marker: b"", meta_key: json.dumps(meta).encode()})
         if not created.get(meta_key):
             if created.get(marker):
                 self._discard(marker)
             return self._stored_meta() or {"status": WorkflowStatus.RUNNING.value}
         # Once the new marker is durable, as WorkflowStore.queue_meta does.
-        self._discard(f"status/{WorkflowStatus.RUNNING.value}/{self.wid}")
+        self._discard(status_key(WorkflowStatus.RUNNING.value, self.wid))
         return None
 
     def _discard(self, key: str) -> None:
@@ -636,7 +638,7 @@ class _DirectRun:
         """Another writer stored the workflow's status first (a cancel)."""
         if meta.get("status") == WorkflowStatus.CANCELED.value:
             self._commit({})
-            self._discard(f"status/{WorkflowStatus.RUNNING.value}/{self.wid}")
+            self._discard(status_key(WorkflowStatus.RUNNING.value, self.wid))
             self.lease.release()
             raise WorkflowCancellationError.of(self.wid)
         return self._hand_over(self.lease)
@@ -646,23 +648,11 @@ class _DirectRun:
         assert receipt.plan is not None
         allocator = IdAllocator(plan.counters)
         sub = receipt.plan.renamed(allocator, creator=tid)
-        stored = Plan(
-            {
-                t: dataclasses.replace(s, arg_refs=s.arg_keys or [], arg_keys=None)
-                for t, s in sub.tasks.items()
-            },
-            sub.output_task_id,
-            sub.functions,
-        )
         self._commit({})
-        cont = WorkflowStore.encode_plan(
-            stored, "continuation", start_time=receipt.start_time, end_time=receipt.end_time
-        )
+        cont = WorkflowStore.encode_continuation(sub, receipt.start_time, receipt.end_time)
         ids = json.dumps(dict(allocator.counters)).encode()
         bridge.run(
-            self.storage.put_many(
-                {wf_prefix(self.wid) + "ids.json": ids, task_key(self.wid, tid, "cont"): cont}
-            )
+            self.storage.put_many({ids_key(self.wid): ids, task_key(self.wid, tid, "cont"): cont})
         )
 
     def _hand_over(self, lease: BlockingLease | None) -> Any:

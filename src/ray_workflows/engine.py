@@ -43,7 +43,7 @@ from ray_workflows.recovery import Recovery
 from ray_workflows.scheduler import WorkflowRun
 from ray_workflows.status import WorkflowStatus
 from ray_workflows.storage import Storage
-from ray_workflows.store import running_meta, task_key, wf_prefix
+from ray_workflows.store import running_meta, status_key, task_key, wf_prefix
 from ray_workflows.worker import INLINE_RECORD_BYTES
 
 log = get_logger()
@@ -741,7 +741,7 @@ class Engine:
         ends the worker running a long task), as a cancel here waits for the run."""
         meta = await self.store.started_meta(workflow_id) or {"user_metadata": {}}
         meta.update(status=WorkflowStatus.CANCELED.value, end_time=time.time())
-        marker = f"status/{WorkflowStatus.CANCELED.value}/{workflow_id}"
+        marker = status_key(WorkflowStatus.CANCELED.value, workflow_id)
         await self.storage.put(marker, b"")  # first: an index scan must find it
         created = await self.storage.put_if_absent(
             wf_prefix(workflow_id) + "meta.json", json.dumps(meta).encode()

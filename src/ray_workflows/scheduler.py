@@ -963,25 +963,10 @@ class WorkflowRun:
         self.root_of[plan.output_task_id] = root
         self.roots.add(root)
         if spec.checkpoint:
-            stored = Plan(
-                {
-                    t: dataclasses.replace(s, arg_refs=s.arg_keys or [], arg_keys=None)
-                    for t, s in plan.tasks.items()
-                },
-                plan.output_task_id,
-                plan.functions,
-            )
+            cont = WorkflowStore.encode_continuation(plan, receipt.start_time, receipt.end_time)
             writes = [
                 self.store.save_ids(self.workflow_id, dict(self.allocator.counters)),
-                self.store.put(
-                    task_key(self.workflow_id, tid, "cont"),
-                    WorkflowStore.encode_plan(
-                        stored,
-                        "continuation",
-                        start_time=receipt.start_time,
-                        end_time=receipt.end_time,
-                    ),
-                ),
+                self.store.put(task_key(self.workflow_id, tid, "cont"), cont),
             ]
             if root != tid:
                 writes.append(

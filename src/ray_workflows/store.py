@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import pickle
 import time
@@ -68,6 +69,15 @@ def task_key(wid: str, tid: str, record: str) -> str:
     # Flat: every record of a workflow's tasks in one directory, so a task's output
     # costs one file and one directory sync, not a new directory per task.
     return f"workflows/{wid}/tasks/{tid}.{record}"
+
+
+def status_key(status: str, wid: str) -> str:
+    """The workflow's marker in the status index (``status`` is the enum's value)."""
+    return f"status/{status}/{wid}"
+
+
+def ids_key(wid: str) -> str:
+    return wf_prefix(wid) + "ids.json"
 
 
 def objects_prefix(wid: str) -> str:
@@ -258,7 +268,7 @@ def _started_records(
     wid: str, encoded: bytes, status: str, lease: tuple[str, bytes]
 ) -> dict[str, bytes]:
     """A caller's start: the plan, first (the commit point), the lease, the marker."""
-    return {wf_prefix(wid) + "plan": encoded, lease[0]: lease[1], f"status/{status}/{wid}": b""}
+    return {wf_prefix(wid) + "plan": encoded, lease[0]: lease[1], status_key(status, wid): b""}
 
 
 def _started_outcome(
@@ -398,6 +408,22 @@ class WorkflowStore:
         return serialization.encode(kind, payload, **meta)
 
     @staticmethod
+    def encode_continuation(plan: Plan, start_time: float, end_time: float) -> bytes:
+        """The ``cont`` record of a task that continued into ``plan`` (renamed into the
+        workflow's ids), stored with its arguments' object keys in place of refs."""
+        stored = Plan(
+            {
+                t: dataclasses.replace(s, arg_refs=s.arg_keys or [], arg_keys=None)
+                for t, s in plan.tasks.items()
+            },
+            plan.output_task_id,
+            plan.functions,
+        )
+        return WorkflowStore.encode_plan(
+            stored, "continuation", start_time=start_time, end_time=end_time
+        )
+
+    @staticmethod
     def decode_plan(data: bytes, where: str) -> Plan:
         _, payload = serialization.decode(data, where)
         plan: Plan = serialization.loads(payload, [])
@@ -478,7 +504,7 @@ class WorkflowStore:
         items: dict[str, bytes] = {}
         if new != old:
             # First, so in the batch the new marker lands before meta.json.
-            items[f"status/{new}/{wid}"] = b""
+            items[status_key(new, wid)] = b""
         items[wf_prefix(wid) + "meta.json"] = json.dumps(meta).encode()
         return self._meta_written(wid, new, old, self.commit.enqueue_many(items))
 
@@ -489,7 +515,7 @@ class WorkflowStore:
         if old and new != old:
             # Once the new marker is durable: a crash that brings the old one back
             # leaves two markers, settled from meta.json (see indexed()).
-            self.commit.discard(f"status/{old}/{wid}")
+            self.commit.discard(status_key(old, wid))
 
     async def indexed(self) -> dict[str, str]:
         """wid -> stored status, from the index (settling duplicates from meta.json)."""
@@ -552,10 +578,10 @@ class WorkflowStore:
         await self.commit.put(key, data)
 
     async def save_ids(self, wid: str, counters: dict[str, int]) -> None:
-        await self.commit.put(wf_prefix(wid) + "ids.json", json.dumps(counters).encode())
+        await self.commit.put(ids_key(wid), json.dumps(counters).encode())
 
     async def load_ids(self, wid: str) -> dict[str, int]:
-        data = await self.storage.get(wf_prefix(wid) + "ids.json")
+        data = await self.storage.get(ids_key(wid))
         return {} if data is None else dict(json.loads(data))
 
     async def delete_workflow(self, wid: str) -> int:
@@ -565,7 +591,7 @@ class WorkflowStore:
         # The plan is the commit point: without it nobody resumes a half-deleted workflow.
         removed = int(await self.storage.delete(wf_prefix(wid) + "plan"))
         for status in STORED_STATUSES:
-            removed += int(await self.storage.delete(f"status/{status.value}/{wid}"))
+            removed += int(await self.storage.delete(status_key(status.value, wid)))
         return removed + await self.storage.delete_prefix(wf_prefix(wid))
 
 
