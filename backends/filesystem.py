@@ -388,10 +388,10 @@ def _one_syncfs(root: str) -> bool:
     return _SYNC_FILE_RANGE is not None and _ordered_roots.get(root, False)
 
 
-def _data_first(root: str, temps: list[str]) -> None:
+def _data_first(root: str, temps: list[tuple[int, str]]) -> None:
     """Before a batch's names are made: its temp files' data on the device (``temps``:
-    those holding any), so that no filesystem commit (ours or anyone's) can make a
-    name durable without its data.
+    ``(open fd, path)`` of those holding any), so that no filesystem commit (ours or
+    anyone's) can make a name durable without its data.
 
     With ``sync_file_range``, each temp's data is written back (its blocks allocated,
     in the running journal transaction) and waited for, but not flushed from the
@@ -402,12 +402,8 @@ def _data_first(root: str, temps: list[str]) -> None:
     if not _one_syncfs(root):
         _sync_filesystem(root)
         return
-    for tmp in temps:
-        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            _write_back(fd, _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER, tmp)
-        finally:
-            os.close(fd)
+    for fd, tmp in temps:
+        _write_back(fd, _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER, tmp)
 
 
 def _ensure_dir(path: str, sync: bool = True) -> None:
@@ -453,6 +449,14 @@ def _open_temp(directory: str, sync: bool = True) -> tuple[int, str]:
 
 
 def _write_temp(directory: str, data: bytes, sync: bool = True) -> str:
+    fd, tmp = _write_temp_open(directory, data, sync)
+    os.close(fd)
+    return tmp
+
+
+def _write_temp_open(directory: str, data: bytes, sync: bool = True) -> tuple[int, str]:
+    """A temp file holding ``data``, still open (for :func:`_data_first`, which waits
+    on the write-back started here when ``sync`` is false); fsynced if ``sync``."""
     fd, tmp = _open_temp(directory, sync)
     try:
         view = memoryview(data)
@@ -466,8 +470,7 @@ def _write_temp(directory: str, data: bytes, sync: bool = True) -> str:
         os.close(fd)
         _unlink_quietly(tmp)
         raise
-    os.close(fd)
-    return tmp
+    return fd, tmp
 
 
 def _unlink_quietly(path: str) -> None:
@@ -503,16 +506,24 @@ def _batched(root: str, items: Sized) -> bool:
 def _replace_many(root: str, pairs: list[tuple[str, bytes]]) -> None:
     batched = _batched(root, pairs)
     temps: list[str] = []
+    fds: list[int] = []  # the temps' (batched: kept open for _data_first)
     renamed = 0
     try:
         for path, data in pairs:
-            temps.append(_write_temp(os.path.dirname(path), data, sync=not batched))
+            fd, tmp = _write_temp_open(os.path.dirname(path), data, sync=not batched)
+            temps.append(tmp)
+            fds.append(fd)
+            if not batched:
+                os.close(fds.pop())
         if batched:
-            _data_first(root, [tmp for tmp, (_, data) in zip(temps, pairs, strict=True) if data])
+            _data_first(root, [(fd, tmp) for fd, tmp, (_, data) in zip(fds, temps, pairs,
+                                                                       strict=True) if data])
         for tmp, (path, _) in zip(temps, pairs, strict=False):
             os.replace(tmp, path)
             renamed += 1
     finally:
+        for fd in fds:
+            os.close(fd)
         for tmp in temps[renamed:]:
             _unlink_quietly(tmp)
     if batched:
@@ -560,31 +571,33 @@ def _create_empty(path: str) -> bool:
 def _create_many(root: str, pairs: list[tuple[str, bytes]]) -> list[bool]:
     if not _batched(root, pairs):
         return [_create(path, data) for path, data in pairs]
-    temps: list[str | None] = []
+    # No early lexists per key: a new workflow's keys are absent, and link() and
+    # O_EXCL decide anyway (a key that exists costs a temp file, not a wrong answer).
+    temps: list[str] = []  # per key: its temp file, or _EMPTY (created in place)
+    fds: list[tuple[int, str]] = []  # the temps holding data, open for _data_first
     created = [False] * len(pairs)
     try:
         for path, data in pairs:
-            if os.path.lexists(path):
-                temps.append(None)
-            elif not data:
+            if not data:
                 temps.append(_EMPTY)  # created in place below: an empty file needs no temp
             else:
-                temps.append(_write_temp(os.path.dirname(path), data, sync=False))
-        if not any(temps):
-            return created
-        written = [t for t, (_, data) in zip(temps, pairs, strict=True) if t and data]
-        _data_first(root, written)
+                fd, tmp = _write_temp_open(os.path.dirname(path), data, sync=False)
+                fds.append((fd, tmp))
+                temps.append(tmp)
+        _data_first(root, fds)
         # In the batch's order (see ordered_batches): each name after the ones before it.
         for i, (tmp, (path, _)) in enumerate(zip(temps, pairs, strict=True)):
             if tmp is _EMPTY:
                 created[i] = _create_empty(path)
-            elif tmp is not None:
+            else:
                 with contextlib.suppress(FileExistsError):
                     os.link(tmp, path)
                     created[i] = True
     finally:
+        for fd, _ in fds:
+            os.close(fd)
         for tmp in temps:
-            if tmp is not None and tmp is not _EMPTY:
+            if tmp is not _EMPTY:
                 _unlink_quietly(tmp)
     if any(created):
         _sync_filesystem(root)  # the new names (and directories)

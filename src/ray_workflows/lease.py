@@ -171,9 +171,12 @@ class Lease:
         return not self.lost and not self.released and self._clock() < self.deadline
 
 
+_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(LeaseInfo) if f.name != "workflow_id")
+
+
 def _encode(info: LeaseInfo) -> bytes:
-    record = dataclasses.asdict(info)
-    del record["workflow_id"]
+    # Not dataclasses.asdict: it deep-copies every field, about 5% of a start's CPU.
+    record = {name: getattr(info, name) for name in _RECORD_FIELDS}
     return json.dumps({"v": 1, **record}, sort_keys=True, separators=(",", ":")).encode()
 
 
