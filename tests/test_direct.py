@@ -40,10 +40,15 @@ def continues(x: int, runs: str) -> object:
     return workflow.continuation(step.bind(x, runs, "continued"))
 
 
-def _owner(uri: str, wid: str) -> str:
+def _lease(uri: str, wid: str) -> dict[str, object]:
     raw = bridge.run(open_storage(config.normalise_storage(uri)).get(lease_key(wid)))
     assert raw is not None
-    return str(json.loads(raw)["owner"])
+    record: dict[str, object] = json.loads(raw)
+    return record
+
+
+def _owner(uri: str, wid: str) -> str:
+    return str(_lease(uri, wid)["owner"])
 
 
 def _keys(uri: str, prefix: str) -> list[str]:
@@ -256,3 +261,41 @@ def test_dead_owners_are_those_of_ended_jobs_restarted_clusters_or_given_up(
     assert not dead(f"direct:{gcs}|{session}|ff000000|{rest}")  # a job not seen yet
     dead.add([mine])  # its driver handed its runs over at exit
     assert dead(mine)
+
+
+@ray.remote
+def _sleeps(x: int, runs: str, seconds: float) -> int:
+    record_run(runs, "sleeps")
+    time.sleep(seconds)
+    return x + 1
+
+
+def test_a_run_longer_than_its_lease_ttl_keeps_the_lease_by_renewing_it(
+    tmp_path: Path, counter_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A manager with a 1.5 s ttl sweeps for expired leases every ttl: a direct run
+    # whose renewals stopped would be resumed by it, and the slow task run twice.
+    monkeypatch.setenv("RAY_WORKFLOWS_LEASE_TTL", "1.5")
+    uri = str(tmp_path / "storage")
+    workflow.init(uri)
+    try:
+        runs, wid = str(counter_dir), "outlasts-ttl"
+        ref = workflow.run_async(
+            step.bind(_sleeps.bind(0, runs, 5.0), runs, "after"), workflow_id=wid
+        )
+        wait_for(lambda: count_runs(counter_dir, "sleeps") == 1)
+        first = _lease(uri, wid)
+        assert first["owner"].startswith("direct:") and first["ttl"] == 1.5
+        time.sleep(3.0)  # two ttls into the slow task
+        assert workflow.get_status(wid) == workflow.RUNNING
+        now = _lease(uri, wid)
+        assert now["owner"] == first["owner"], "a manager took the lease of a live run"
+        assert now["renewed_at"] > first["renewed_at"] + 1.0
+        assert now["expires_at"] > time.time()
+        assert ray.get(ref, timeout=60) == 2
+        assert [count_runs(counter_dir, n) for n in ("sleeps", "after")] == [1, 1]
+        assert workflow.get_status(wid) == workflow.SUCCESSFUL
+    finally:
+        from conftest import kill_manager
+
+        kill_manager(uri)
