@@ -59,7 +59,7 @@ import ray
 from ray.exceptions import RayTaskError
 
 from ray_workflows import bridge
-from ray_workflows.exceptions import CheckpointError, WorkflowCancellationError, WorkflowError
+from ray_workflows.exceptions import WorkflowCancellationError, WorkflowError
 from ray_workflows.ids import IdAllocator
 from ray_workflows.lease import DIRECT_PREFIX, BlockingLease, is_direct, new_owner_id
 from ray_workflows.log import get_logger
@@ -467,10 +467,12 @@ class _DirectRun:
                 if not self.lease.valid():
                     return self._hand_over(self.lease)
                 stored = self._stored_meta()
-                if stored is not None:  # canceled meanwhile
+                if stored is not None:  # canceled, or taken over by a manager, meanwhile
                     return self._after(stored)
             if self.members and _durations.get(spec.func_key, 1.0) > FUSED_FLUSH_SECONDS:
                 self._commit({})  # before a task that may take long
+            if self.lease.lost:  # (a renewal or a commit found that another run has it)
+                return self._hand_over(self.lease)
             receipt, value = self._attempts(plan, spec, values, charged if i == start else 0)
             if isinstance(receipt, _Reply):
                 return receipt.reply()
@@ -539,31 +541,39 @@ class _DirectRun:
 
     def _commit(self, status: dict[str, bytes]) -> dict[str, bool]:
         """Make the queued records durable, then ``status`` (in one batch where the
-        storage keeps a batch's order). Returns what was created."""
+        storage keeps a batch's order). Returns what was created: nothing of ``status``
+        where another run stored the pack first (see :meth:`_ours`)."""
         with self._lock:
             records = {}
             if self.members:
                 assert self.pack is not None
                 records[self.pack] = encode_pack(self.members)
             if status and records and not self.storage.ordered_batches:
-                if not self._create(records)[next(iter(records))]:
-                    self._check_pack()
+                if not self._create(records)[next(iter(records))] and not self._ours():
+                    return {}
                 records = {}
             created = self._create({**records, **status})
             if records and not created[next(iter(records))]:
-                self._check_pack()  # an earlier write of it that raised but landed?
+                self._ours()
             self.members, self.pack = {}, None
             return created
 
-    def _check_pack(self) -> None:
+    def _ours(self) -> bool:
+        """Whether the pack that this run found stored holds its own records (an earlier
+        write of it that raised but landed). If not, another run of the workflow stored
+        it: a manager that took the workflow over (its driver handed it over, or its
+        lease ran out while a task held up this worker), which holds the lease now and
+        stored its status before any pack (so a status of this run's batch is not
+        created either). Its records stand; this run drops its own and hands over."""
         assert self.pack is not None
         data = bridge.run(self.storage.get(self.pack))
         stored = decode_pack(data, self.pack) if data is not None else {}
-        if any(stored.get(tid) != record for tid, record in self.members.items()):
-            raise CheckpointError(
-                f"Checkpoint {self.pack!r} exists with other records; not overwritten.",
-                key=self.pack,
-            )
+        if all(stored.get(tid) == record for tid, record in self.members.items()):
+            return True
+        self.log.warning("direct.superseded", key=self.pack, note="another run stored it first")
+        self.members, self.pack = {}, None
+        self.lease.lose()
+        return False
 
     def _stored_meta(self) -> dict[str, Any] | None:
         """meta.json, which no one writes while a direct run goes on but a cancel."""
@@ -635,12 +645,14 @@ class _DirectRun:
         return _Reply(lambda: _raise(error))
 
     def _after(self, meta: dict[str, Any]) -> Any:
-        """Another writer stored the workflow's status first (a cancel)."""
+        """Another writer stored the workflow's status first: a cancel (which leaves the
+        lease to this run), or a manager that took the workflow over."""
         if meta.get("status") == WorkflowStatus.CANCELED.value:
             self._commit({})
             self._discard(status_key(WorkflowStatus.RUNNING.value, self.wid))
             self.lease.release()
             raise WorkflowCancellationError.of(self.wid)
+        self.lease.lose()  # only the lease's holder writes any other status
         return self._hand_over(self.lease)
 
     def _continued(self, tid: str, receipt: Receipt, plan: Plan) -> None:
@@ -649,6 +661,8 @@ class _DirectRun:
         allocator = IdAllocator(plan.counters)
         sub = receipt.plan.renamed(allocator, creator=tid)
         self._commit({})
+        if self.lease.lost:
+            return  # another run has the workflow: its own run of the task decides
         cont = WorkflowStore.encode_continuation(sub, receipt.start_time, receipt.end_time)
         ids = json.dumps(dict(allocator.counters)).encode()
         bridge.run(
@@ -656,13 +670,19 @@ class _DirectRun:
         )
 
     def _hand_over(self, lease: BlockingLease | None) -> Any:
-        """Let the manager finish the workflow from what is stored; its reply."""
+        """Let the manager finish the workflow from what is stored; its reply. What this
+        run did is committed if it holds ``lease`` (or, run out, can renew it: nobody
+        took it meanwhile), and the lease released; a run that lost it writes nothing
+        more: the manager runs again the tasks whose outputs were not committed."""
         from ray_workflows.aio import run_call, unwrap
         from ray_workflows.manager import NAMESPACE
 
         _keeper.discard(self)  # no renewals of a released lease, no cancel by exit
-        self._commit({})
-        if lease is not None:
+        if lease is not None and (lease.valid() or lease.renew()):
+            self._commit({})
+        with self._lock:
+            self.members, self.pack = {}, None
+        if lease is not None and not lease.lost:
             stored = self._stored_meta()
             if stored is not None and stored.get("status") == WorkflowStatus.CANCELED.value:
                 return self._after(stored)

@@ -713,16 +713,25 @@ class Engine:
             log.info("workflow.canceled", workflow_id=workflow_id)
             return
         async with self._lock(workflow_id):
-            # One being handed over to this engine is canceled before it starts.
-            status = await self._status(workflow_id, handed_over=False)
-            if status in (WorkflowStatus.SUCCESSFUL, WorkflowStatus.CANCELED):
-                log.info("workflow.cancel_ignored", workflow_id=workflow_id, status=status.value)
-                return
-            if status in (WorkflowStatus.RUNNING, WorkflowStatus.PENDING):
-                if not await self.runs_directly(workflow_id):
+            for _ in range(3):
+                # One being handed over to this engine is canceled before it starts.
+                status = await self._status(workflow_id, handed_over=False)
+                if status in (WorkflowStatus.SUCCESSFUL, WorkflowStatus.CANCELED):
+                    log.info(
+                        "workflow.cancel_ignored", workflow_id=workflow_id, status=status.value
+                    )
+                    return
+                if status not in (WorkflowStatus.RUNNING, WorkflowStatus.PENDING):
+                    break
+                if await self.runs_directly(workflow_id):
+                    if await self._cancel_direct(workflow_id):
+                        return
+                elif await self._held_elsewhere(workflow_id):
                     raise await self._elsewhere(workflow_id)
-                await self._cancel_direct(workflow_id)
-                return
+                # Its run ended meanwhile (a direct run that failed and let its lease go,
+                # say): what it stored decides, as for a cancel that came after it.
+            else:
+                raise await self._elsewhere(workflow_id)
             meta = (
                 await self.store.read_meta(workflow_id)
                 or await self.store.started_meta(workflow_id)
@@ -734,11 +743,13 @@ class Engine:
             self._close(workflow_id)
             log.info("workflow.canceled", workflow_id=workflow_id, was=status.value)
 
-    async def _cancel_direct(self, workflow_id: str) -> None:
+    async def _cancel_direct(self, workflow_id: str) -> bool:
         """Cancel a direct run (:mod:`ray_workflows.direct`): store CANCELED unless it
-        stored its own final status first (then that stands), and wait a while for it
-        to stop (it reads the status at its next task boundary, or within a second
-        ends the worker running a long task), as a cancel here waits for the run."""
+        stored its own final status first, and wait a while for it to stop (it reads
+        the status at its next task boundary, or within a second ends the worker
+        running a long task), as a cancel here waits for the run. ``False`` if the run
+        stored its status first: the caller looks at it again (a failure is then
+        marked CANCELED, as a cancel after it would; a success stands)."""
         meta = await self.store.started_meta(workflow_id) or {"user_metadata": {}}
         meta.update(status=WorkflowStatus.CANCELED.value, end_time=time.time())
         marker = status_key(WorkflowStatus.CANCELED.value, workflow_id)
@@ -746,16 +757,18 @@ class Engine:
         created = await self.storage.put_if_absent(
             wf_prefix(workflow_id) + "meta.json", json.dumps(meta).encode()
         )
-        if not created:  # it finished first: its status stands
-            await self.storage.discard_many([marker])
-            log.info("workflow.cancel_ignored", workflow_id=workflow_id, note="finished first")
-            return
+        if not created:  # it finished first
+            stored = await self.store.read_meta(workflow_id)
+            if stored is None or stored.get("status") != WorkflowStatus.CANCELED.value:
+                await self.storage.discard_many([marker])  # (not another cancel's)
+            return False
         self._close(workflow_id)
         log.info("workflow.canceled", workflow_id=workflow_id, direct=True)
         delay, deadline = 0.02, time.monotonic() + 10
         while await self.runs_directly(workflow_id) and time.monotonic() < deadline:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
+        return True
 
     async def delete(self, workflow_id: str) -> None:
         """Remove everything stored for a workflow that is not running or pending."""

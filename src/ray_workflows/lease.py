@@ -235,6 +235,11 @@ class BlockingLease:
         now = time.time()
         return self._replace(dataclasses.replace(self.info, expires_at=now, released=True))
 
+    def lose(self) -> None:
+        """Known to be held by another owner now (it wrote what this lease guards)."""
+        with self._lock:
+            self.lost = True
+
     def _replace(self, info: LeaseInfo) -> bool:
         from ray_workflows import bridge
 
