@@ -507,6 +507,20 @@ def durable_put_ms(path: str, n: int = 50) -> str:
     return f"{statistics.median(times) * 1000:.2f}"
 
 
+def cpu_probe_ms(n: int = 1_000_000, rounds: int = 5) -> str:
+    """Median ms of a plain Python loop of ``n`` additions: this host's CPU speed at the
+    moment (on the shared 2-core machines of this project it varied about 3x between
+    minutes; the 'many' rows move with it), printed at the start and the end."""
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        x = 0
+        for i in range(n):
+            x += i
+        times.append(time.perf_counter() - t0)
+    return f"{statistics.median(times) * 1000:.0f}"
+
+
 def code_version() -> str:
     """The commit under test, and whether the library's source differs from it."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -599,7 +613,8 @@ def run_all(args: argparse.Namespace, names: list[str], sizes: dict[str, int],
     print(f"ray.init {t_init:.1f}s, warm-up {t_warm:.1f}s | ratio = workflow / plain Ray | "
           f"target <= {TARGET:.1f} (rows above it marked '!!')")
     print("Ray 2.47 reference ratios: chain 13.6x, fan-out 20.8x, 100 workflows 24.6x")
-    print(f"load average before ray.init {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}"
+    print(f"load average before ray.init {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} | "
+          f"CPU probe {cpu_probe_ms()} ms (1M-addition Python loop)"
           + ("  WARNING: the machine is busy, numbers are not comparable"
              if load0[0] > 1.5 else ""))
     print()
@@ -654,7 +669,8 @@ def run_all(args: argparse.Namespace, names: list[str], sizes: dict[str, int],
               f"{ratio_s:>7} {mark:2} {ref:>6}  {'; '.join(failures + notes)}", flush=True)
     print()
     load = os.getloadavg()
-    print(f"load average at end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(f"load average at end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} | "
+          f"CPU probe {cpu_probe_ms()} ms")
     if worst:
         print(f"worst ratio: {worst[1]} {worst[0]:.1f}x "
               f"({'meets' if worst[0] <= TARGET else 'misses'} the target <= {TARGET:.1f})")

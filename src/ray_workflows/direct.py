@@ -35,8 +35,12 @@ attempt (``worker._execute``), retries and backoff:
   the cancel). Checkpoints stay, as they do for a cancel in the manager.
 * **Hand-over.** A task that continues into a sub-workflow (stored as the
   scheduler stores it), a lost lease, or a status that another writer stored,
-  hands the workflow to the manager: what is done is committed, the lease
-  released, and the manager's reply returned.
+  hands the workflow to the manager: what is done is committed while the run
+  still holds its lease, the lease released, and the manager's reply returned. A
+  run that lost its lease to a manager (its driver handed it over at exit, or its
+  lease ran out while a task held the worker) writes nothing more; a pack of its
+  that it finds stored with other records means the same, and the manager's
+  records stand.
 
 The stored records are the ones a run by the manager writes, so any manager can
 resume, query, cancel or delete a workflow started directly.
@@ -542,8 +546,12 @@ class _DirectRun:
     def _commit(self, status: dict[str, bytes]) -> dict[str, bool]:
         """Make the queued records durable, then ``status`` (in one batch where the
         storage keeps a batch's order). Returns what was created: nothing of ``status``
-        where another run stored the pack first (see :meth:`_ours`)."""
+        where another run stored the pack first (see :meth:`_ours`), or at all once
+        the lease is known lost (a renewal found another owner's record)."""
         with self._lock:
+            if self.lease.lost:
+                self.members, self.pack = {}, None
+                return {}
             records = {}
             if self.members:
                 assert self.pack is not None
