@@ -60,6 +60,17 @@ def fresh_storage(tmp_path: Path) -> Iterator[str]:
     kill_manager(uri)
 
 
+@pytest.fixture
+def short_ttl_storage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A storage of this test's own whose manager grants and holds 1.5 s leases (and
+    so sweeps for expired ones every 1.5 s); its manager is removed afterwards."""
+    monkeypatch.setenv("RAY_WORKFLOWS_LEASE_TTL", "1.5")
+    uri = str(tmp_path / "storage")
+    workflow.init(uri)
+    yield uri
+    kill_manager(uri)
+
+
 def kill_manager(uri: str, *, no_restart: bool = True) -> None:
     try:
         handle = ray.get_actor(manager_name(config.normalise_storage(uri)), namespace=NAMESPACE)

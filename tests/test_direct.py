@@ -271,31 +271,21 @@ def _sleeps(x: int, runs: str, seconds: float) -> int:
 
 
 def test_a_run_longer_than_its_lease_ttl_keeps_the_lease_by_renewing_it(
-    tmp_path: Path, counter_dir: Path, monkeypatch: pytest.MonkeyPatch
+    short_ttl_storage: str, counter_dir: Path
 ) -> None:
     # A manager with a 1.5 s ttl sweeps for expired leases every ttl: a direct run
     # whose renewals stopped would be resumed by it, and the slow task run twice.
-    monkeypatch.setenv("RAY_WORKFLOWS_LEASE_TTL", "1.5")
-    uri = str(tmp_path / "storage")
-    workflow.init(uri)
-    try:
-        runs, wid = str(counter_dir), "outlasts-ttl"
-        ref = workflow.run_async(
-            step.bind(_sleeps.bind(0, runs, 5.0), runs, "after"), workflow_id=wid
-        )
-        wait_for(lambda: count_runs(counter_dir, "sleeps") == 1)
-        first = _lease(uri, wid)
-        assert first["owner"].startswith("direct:") and first["ttl"] == 1.5
-        time.sleep(3.0)  # two ttls into the slow task
-        assert workflow.get_status(wid) == workflow.RUNNING
-        now = _lease(uri, wid)
-        assert now["owner"] == first["owner"], "a manager took the lease of a live run"
-        assert now["renewed_at"] > first["renewed_at"] + 1.0
-        assert now["expires_at"] > time.time()
-        assert ray.get(ref, timeout=60) == 2
-        assert [count_runs(counter_dir, n) for n in ("sleeps", "after")] == [1, 1]
-        assert workflow.get_status(wid) == workflow.SUCCESSFUL
-    finally:
-        from conftest import kill_manager
-
-        kill_manager(uri)
+    uri, runs, wid = short_ttl_storage, str(counter_dir), "outlasts-ttl"
+    ref = workflow.run_async(step.bind(_sleeps.bind(0, runs, 5.0), runs, "after"), workflow_id=wid)
+    wait_for(lambda: count_runs(counter_dir, "sleeps") == 1)
+    first = _lease(uri, wid)
+    assert first["owner"].startswith("direct:") and first["ttl"] == 1.5
+    time.sleep(3.0)  # two ttls into the slow task
+    assert workflow.get_status(wid) == workflow.RUNNING
+    now = _lease(uri, wid)
+    assert now["owner"] == first["owner"], "a manager took the lease of a live run"
+    assert now["renewed_at"] > first["renewed_at"] + 1.0
+    assert now["expires_at"] > time.time()
+    assert ray.get(ref, timeout=60) == 2
+    assert [count_runs(counter_dir, n) for n in ("sleeps", "after")] == [1, 1]
+    assert workflow.get_status(wid) == workflow.SUCCESSFUL

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import ray
-from conftest import NUM_CPUS, kill_manager
+from conftest import NUM_CPUS
 from helpers import count_runs, record_run, wait_for
 
 import ray_workflows as workflow
@@ -118,22 +118,17 @@ def test_a_run_whose_lease_was_taken_over_and_finished_elsewhere_answers_with_th
 
 
 def test_a_run_queued_past_its_lease_grant_hands_over_instead_of_running_beside_the_manager(
-    tmp_path: Path, counter_dir: Path, monkeypatch: pytest.MonkeyPatch
+    short_ttl_storage: str, counter_dir: Path, tmp_path: Path
 ) -> None:
     # The caller grants the lease when it submits the run; the run's task then waits
     # for a CPU. Past the grant, a manager may have resumed the workflow: the run must
     # not start its tasks too, but hand over. Here every CPU is busy for two ttls.
-    monkeypatch.setenv("RAY_WORKFLOWS_LEASE_TTL", "1.5")
-    uri = str(tmp_path / "storage")
-    workflow.init(uri)
-    runs, gate, wid = str(counter_dir), str(tmp_path / "gate"), "queued"
+    uri, runs, gate, wid = short_ttl_storage, str(counter_dir), str(tmp_path / "gate"), "queued"
     try:
         assert workflow.run(step.bind(step.bind(0, runs, "warm"), runs, "warm")) == 2
         holders = [hold_cpu.remote(gate) for _ in range(NUM_CPUS)]
         wait_for(lambda: len(ray.wait(holders, timeout=0)[0]) == 0 and _busy(NUM_CPUS))
-        ref = workflow.run_async(
-            step.bind(step.bind(0, runs, "a"), runs, "b"), workflow_id=wid
-        )
+        ref = workflow.run_async(step.bind(step.bind(0, runs, "a"), runs, "b"), workflow_id=wid)
         assert str(_lease(uri, wid)["owner"]).startswith("direct:")
         time.sleep(3.0)  # two ttls: the grant has run out
         assert count_runs(counter_dir, "a") == 0  # (still queued)
@@ -145,8 +140,7 @@ def test_a_run_queued_past_its_lease_grant_hands_over_instead_of_running_beside_
         assert not str(_lease(uri, wid)["owner"]).startswith("direct:")
         assert _status_keys(uri, wid) == [f"status/SUCCESSFUL/{wid}"]
     finally:
-        Path(gate).touch()
-        kill_manager(uri)
+        Path(gate).touch()  # (the CPUs back for the tests after this one)
 
 
 def _busy(cpus: int) -> bool:
