@@ -510,7 +510,7 @@ def durable_put_ms(path: str, n: int = 50) -> str:
 def cpu_probe_ms(n: int = 1_000_000, rounds: int = 5) -> str:
     """Median ms of a plain Python loop of ``n`` additions: this host's CPU speed at the
     moment (on the shared 2-core machines of this project it varied about 4x between
-    minutes; the 'many' rows move with it), printed at the start and the end."""
+    minutes, and every row's times with it), printed at the start and the end."""
     times = []
     for _ in range(rounds):
         t0 = time.perf_counter()
