@@ -447,3 +447,37 @@ def test_context_outside_a_task_raises() -> None:
         workflow.get_current_workflow_id()
     with pytest.raises(RuntimeError):
         workflow.get_current_task_id()
+
+
+@ray.remote
+def _slow_inc(x: int, runs: str) -> int:
+    record_run(runs, "slow")
+    time.sleep(2.0)
+    return x + 1
+
+
+@ray.remote
+def _other(x: int, runs: str) -> int:
+    record_run(runs, "other")
+    return x
+
+
+@pytest.mark.parametrize("direct", ["1", "0"], ids=["direct", "manager"])
+def test_run_or_resume_of_a_live_id_joins_it_without_running_the_new_dag(
+    storage: str, wid: str, counter_dir: Path, monkeypatch: pytest.MonkeyPatch, direct: str
+) -> None:
+    # An id that is already stored resumes that workflow; one that is running is
+    # joined, whether its manager runs it or its driver's direct run does (Ray 2.47
+    # raised RuntimeError; a workflow engine's caller wants the one result).
+    monkeypatch.setenv("RAY_WORKFLOWS_DIRECT", direct)
+    runs = str(counter_dir)
+    first = workflow.run_async(
+        _other.bind(_slow_inc.bind(1, runs), runs), workflow_id=wid
+    )
+    time.sleep(0.5)
+    assert workflow.get_status(wid) == workflow.RUNNING
+    again = workflow.run_async(_other.bind(_other.bind(100, runs), runs), workflow_id=wid)
+    resumed = workflow.resume_async(wid)
+    assert workflow.run(_other.bind(_other.bind(200, runs), runs), workflow_id=wid) == 2
+    assert ray.get([first, again, resumed], timeout=60) == [2, 2, 2]
+    assert [count_runs(counter_dir, n) for n in ("slow", "other")] == [1, 1]

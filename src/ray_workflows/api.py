@@ -61,7 +61,7 @@ def run(
     """Run a workflow to completion and return its output.
 
     ``args``/``kwargs`` feed the DAG's ``InputNode``. An id that is already stored
-    resumes that workflow (its stored DAG, not this one).
+    resumes that workflow (its stored DAG, not this one), or joins it if it runs.
 
     >>> workflow.run(add.bind(1, 2), workflow_id="sum-1")
     3

@@ -417,13 +417,15 @@ class Engine:
 
     async def _elsewhere(self, workflow_id: str) -> WorkflowRunningElsewhereError:
         info = await self.leases.holder(workflow_id)
-        where = "another manager"
+        where, who = "another manager", "that manager"
         if info is not None:
             left = max(0.0, info.expires_at - time.time())
-            where = f"manager {info.owner!r} (its lease expires in {left:.0f} s)"
+            kind = "the direct run" if is_direct(info.owner) else "manager"
+            where = f"{kind} {info.owner!r} (its lease expires in {left:.0f} s)"
+            who = "it" if is_direct(info.owner) else who
         return WorkflowRunningElsewhereError(
             f"Workflow {workflow_id!r} is running in {where} sharing this storage; it is "
-            "taken over here only if that manager stops renewing its lease.",
+            f"taken over here only if {who} stops renewing its lease.",
             workflow_id=workflow_id,
         )
 

@@ -191,7 +191,12 @@ class WorkflowManager:
             plan = WorkflowStore.decode_plan(plan, f"the plan of {workflow_id!r}")
         else:
             encoded = None
-        await self.engine.start(workflow_id, plan, metadata, encoded=encoded)
+        try:
+            await self.engine.start(workflow_id, plan, metadata, encoded=encoded)
+        except WorkflowRunningElsewhereError:
+            if not await self.engine.runs_directly(workflow_id):
+                raise
+            # A direct run of that id is joined, as resume joins it (result() waits).
 
     async def describe(self) -> dict[str, Any]:
         """What a caller needs to store new workflows itself (see ``aio.run_async``):
