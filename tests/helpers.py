@@ -25,6 +25,33 @@ def count_runs(directory: str | os.PathLike[str], name: str) -> int:
     return sum(1 for p in Path(directory).iterdir() if p.name.startswith(name + "."))
 
 
+def lease_record(uri: str, wid: str) -> dict[str, object]:
+    """The stored lease record of workflow ``wid`` in storage ``uri`` (it must exist)."""
+    import json
+
+    from ray_workflows import bridge, config
+    from ray_workflows.lease import lease_key
+    from ray_workflows.plugins import open_storage
+
+    raw = bridge.run(open_storage(config.normalise_storage(uri)).get(lease_key(wid)))
+    assert raw is not None
+    record: dict[str, object] = json.loads(raw)
+    return record
+
+
+def lease_owner(uri: str, wid: str) -> str:
+    return str(lease_record(uri, wid)["owner"])
+
+
+def status_keys(uri: str, wid: str) -> list[str]:
+    """The status markers stored for workflow ``wid`` (one once its status settled)."""
+    from ray_workflows import bridge, config
+    from ray_workflows.plugins import open_storage
+
+    keys = bridge.run(open_storage(config.normalise_storage(uri)).list("status/"))
+    return sorted(k for k in keys if k.endswith("/" + wid))
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float = 60.0) -> None:
     """Poll ``predicate`` every 50 ms until it is true; TimeoutError after ``timeout`` s."""
     deadline = time.monotonic() + timeout

@@ -10,12 +10,10 @@ from pathlib import Path
 
 import pytest
 import ray
-from helpers import count_runs, record_run, wait_for
+from helpers import count_runs, lease_owner, lease_record, record_run, status_keys, wait_for
 
 import ray_workflows as workflow
-from ray_workflows import bridge, config, direct
-from ray_workflows.lease import lease_key
-from ray_workflows.plugins import open_storage
+from ray_workflows import direct
 
 MOD = __name__
 
@@ -40,21 +38,6 @@ def continues(x: int, runs: str) -> object:
     return workflow.continuation(step.bind(x, runs, "continued"))
 
 
-def _lease(uri: str, wid: str) -> dict[str, object]:
-    raw = bridge.run(open_storage(config.normalise_storage(uri)).get(lease_key(wid)))
-    assert raw is not None
-    record: dict[str, object] = json.loads(raw)
-    return record
-
-
-def _owner(uri: str, wid: str) -> str:
-    return str(_lease(uri, wid)["owner"])
-
-
-def _keys(uri: str, prefix: str) -> list[str]:
-    return bridge.run(open_storage(config.normalise_storage(uri)).list(prefix))
-
-
 def test_a_small_chain_runs_directly_and_is_stored_as_the_manager_stores_it(
     storage: str, wid: str, counter_dir: Path
 ) -> None:
@@ -63,7 +46,7 @@ def test_a_small_chain_runs_directly_and_is_stored_as_the_manager_stores_it(
     ref = workflow.run_async(dag, workflow_id=wid, metadata={"k": 1})
     assert isinstance(ref, ray.ObjectRef)
     assert ray.get(ref, timeout=60) == 3
-    assert _owner(storage, wid).startswith("direct:")
+    assert lease_owner(storage, wid).startswith("direct:")
     assert [count_runs(counter_dir, n) for n in "abc"] == [1, 1, 1]
     assert workflow.get_status(wid) == workflow.SUCCESSFUL
     assert workflow.get_output(wid) == 3
@@ -74,9 +57,7 @@ def test_a_small_chain_runs_directly_and_is_stored_as_the_manager_stores_it(
     task = workflow.get_metadata(wid, task_id=f"{MOD}.step")
     assert task["stats"]["end_time"] >= task["stats"]["start_time"]
     # One status marker, as after a run by the manager.
-    assert [k for k in _keys(storage, "status/") if k.endswith("/" + wid)] == [
-        f"status/SUCCESSFUL/{wid}"
-    ]
+    assert status_keys(storage, wid) == [f"status/SUCCESSFUL/{wid}"]
     assert (wid, workflow.SUCCESSFUL) in workflow.list_all()
     assert workflow.resume(wid) == 3  # finished: nothing runs again
     assert [count_runs(counter_dir, n) for n in "abc"] == [1, 1, 1]
@@ -105,7 +86,7 @@ def test_what_is_not_a_plain_chain_goes_to_the_manager(
     plans["one task"] = (step.bind(0, runs, "one"), 1)  # most often a dynamic root
     for name, (dag, expected) in plans.items():
         assert workflow.run(dag, workflow_id=f"{wid}-{name}") == expected
-        owner = _owner(storage, f"{wid}-{name}")
+        owner = lease_owner(storage, f"{wid}-{name}")
         assert owner.startswith("direct:") == (name == "chain"), (name, owner)
 
 
@@ -115,7 +96,7 @@ def test_direct_runs_can_be_turned_off(
     monkeypatch.setenv(direct.ENV_DIRECT, "0")
     runs = str(counter_dir)
     assert workflow.run(step.bind(step.bind(0, runs, "a"), runs, "b"), workflow_id=wid) == 2
-    assert not _owner(storage, wid).startswith("direct:")
+    assert not lease_owner(storage, wid).startswith("direct:")
 
 
 def test_a_failing_task_is_retried_as_its_options_say_then_fails_and_resumes(
@@ -128,7 +109,7 @@ def test_a_failing_task_is_retried_as_its_options_say_then_fails_and_resumes(
         ray.get(workflow.run_async(dag, workflow_id=wid), timeout=60)
     assert "ValueError: not yet" in str(info.value)
     assert count_runs(counter_dir, "flaky") == 3  # one attempt and two retries
-    assert _owner(storage, wid).startswith("direct:")
+    assert lease_owner(storage, wid).startswith("direct:")
     assert workflow.get_status(wid) == workflow.FAILED
     assert "not yet" in workflow.get_metadata(wid)["error"]
     Path(gate).touch()
@@ -144,7 +125,7 @@ def test_a_caught_error_is_the_durable_result(storage: str, wid: str, tmp_path: 
     )
     value, error = workflow.run(dag, workflow_id=wid)
     assert value is None and isinstance(error, ValueError)
-    assert _owner(storage, wid).startswith("direct:")
+    assert lease_owner(storage, wid).startswith("direct:")
     value, error = workflow.get_output(wid)  # the same, from storage
     assert value is None and isinstance(error, ValueError)
     assert count_runs(tmp_path, "flaky") == 1
@@ -172,7 +153,7 @@ def test_a_failed_checkpoint_write_fails_the_workflow_and_it_resumes(
     assert "injected write failure" in str(info.value)
     assert type(info.value.__cause__).__name__ == "StorageError"
     assert workflow.get_status("w") == workflow.FAILED
-    assert _owner(uri, "w").startswith("direct:")
+    assert lease_owner(uri, "w").startswith("direct:")
     control.write_text("{}")
     assert workflow.resume("w") == 2
 
@@ -187,16 +168,14 @@ def test_cancel_between_tasks_stops_the_chain(
     dag = step.bind(_waits.bind(0, str(gate), str(started)), runs, "after")
     ref = workflow.run_async(dag, workflow_id=wid)
     wait_for(started.exists)
-    assert _owner(storage, wid).startswith("direct:")
+    assert lease_owner(storage, wid).startswith("direct:")
     workflow.cancel(wid)  # returns once the run has stopped
     assert workflow.get_status(wid) == workflow.CANCELED
     gate.touch()
     with pytest.raises(workflow.WorkflowCancellationError):
         ray.get(ref, timeout=30)
     assert count_runs(counter_dir, "after") == 0
-    assert [k for k in _keys(storage, "status/") if k.endswith("/" + wid)] == [
-        f"status/CANCELED/{wid}"
-    ]
+    assert status_keys(storage, wid) == [f"status/CANCELED/{wid}"]
 
 
 @ray.remote
@@ -226,7 +205,7 @@ def test_worker_deaths_are_charged_to_the_task_that_died(
     dag = dies.options(**opts).bind(dies.options(**opts).bind(0, runs, "a", 2), runs, "b", 1)
     assert ray.get(workflow.run_async(dag, workflow_id=wid), timeout=120) == 2
     assert [count_runs(counter_dir, n) for n in "ab"] == [3, 2]
-    assert _owner(storage, wid).startswith("direct:")
+    assert lease_owner(storage, wid).startswith("direct:")
     assert workflow.get_status(wid) == workflow.SUCCESSFUL
 
 
@@ -278,11 +257,11 @@ def test_a_run_longer_than_its_lease_ttl_keeps_the_lease_by_renewing_it(
     uri, runs, wid = short_ttl_storage, str(counter_dir), "outlasts-ttl"
     ref = workflow.run_async(step.bind(_sleeps.bind(0, runs, 5.0), runs, "after"), workflow_id=wid)
     wait_for(lambda: count_runs(counter_dir, "sleeps") == 1)
-    first = _lease(uri, wid)
+    first = lease_record(uri, wid)
     assert first["owner"].startswith("direct:") and first["ttl"] == 1.5
     time.sleep(3.0)  # two ttls into the slow task
     assert workflow.get_status(wid) == workflow.RUNNING
-    now = _lease(uri, wid)
+    now = lease_record(uri, wid)
     assert now["owner"] == first["owner"], "a manager took the lease of a live run"
     assert now["renewed_at"] > first["renewed_at"] + 1.0
     assert now["expires_at"] > time.time()

@@ -5,7 +5,6 @@ point where the manager took over runs once."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -14,14 +13,11 @@ from typing import Any
 import pytest
 import ray
 from conftest import NUM_CPUS
-from helpers import count_runs, record_run, wait_for
+from helpers import count_runs, lease_owner, record_run, status_keys, wait_for
 
 import ray_workflows as workflow
-from ray_workflows import bridge, config
-from ray_workflows.lease import lease_key
+from ray_workflows import config
 from ray_workflows.manager import NAMESPACE, manager_name
-from ray_workflows.plugins import open_storage
-from ray_workflows.storage import Storage
 
 
 @ray.remote
@@ -46,22 +42,6 @@ def hold_cpu(gate: str) -> None:
         time.sleep(0.01)
 
 
-def _storage(uri: str) -> Storage:
-    return open_storage(config.normalise_storage(uri))
-
-
-def _lease(uri: str, wid: str) -> dict[str, object]:
-    raw = bridge.run(_storage(uri).get(lease_key(wid)))
-    assert raw is not None
-    record: dict[str, object] = json.loads(raw)
-    return record
-
-
-def _status_keys(uri: str, wid: str) -> list[str]:
-    keys = bridge.run(_storage(uri).list("status/"))
-    return sorted(k for k in keys if k.endswith("/" + wid))
-
-
 def _manager(uri: str) -> Any:
     return ray.get_actor(manager_name(config.normalise_storage(uri)), namespace=NAMESPACE)
 
@@ -77,19 +57,19 @@ def test_a_run_whose_lease_is_taken_over_hands_over_and_its_later_tasks_run_once
     runs, gate, wid = str(counter_dir), str(tmp_path / "gate"), "taken-over"
     ref = workflow.run_async(step.bind(gated.bind(0, runs, gate), runs, "after"), workflow_id=wid)
     wait_for(lambda: count_runs(counter_dir, "gated") == 1)
-    owner = str(_lease(fresh_storage, wid)["owner"])
+    owner = lease_owner(fresh_storage, wid)
     assert owner.startswith("direct:")
     taken = ray.get(_manager(fresh_storage).take_over.remote([(wid, owner)]))
     assert taken == 1
     wait_for(lambda: count_runs(counter_dir, "gated") == 2)  # the manager's run of it
-    assert not str(_lease(fresh_storage, wid)["owner"]).startswith("direct:")
+    assert not lease_owner(fresh_storage, wid).startswith("direct:")
     Path(gate).touch()
     assert ray.get(ref, timeout=60) == 11
     assert workflow.get_output(wid) == 11
     time.sleep(1.0)  # (the manager's run of "after", had the direct run not stopped)
     assert count_runs(counter_dir, "after") == 1
     assert workflow.get_status(wid) == workflow.SUCCESSFUL
-    assert _status_keys(fresh_storage, wid) == [f"status/SUCCESSFUL/{wid}"]
+    assert status_keys(fresh_storage, wid) == [f"status/SUCCESSFUL/{wid}"]
 
 
 def test_a_run_whose_lease_was_taken_over_and_finished_elsewhere_answers_with_that_result(
@@ -104,7 +84,7 @@ def test_a_run_whose_lease_was_taken_over_and_finished_elsewhere_answers_with_th
     dag = step.bind(gated.bind(0, runs, gate, first_gate), runs, "after")
     ref = workflow.run_async(dag, workflow_id=wid)
     wait_for(lambda: count_runs(counter_dir, "gated") == 1)
-    owner = str(_lease(fresh_storage, wid)["owner"])
+    owner = lease_owner(fresh_storage, wid)
     taken = ray.get(_manager(fresh_storage).take_over.remote([(wid, owner)]))
     assert taken == 1
     Path(gate).touch()
@@ -114,7 +94,7 @@ def test_a_run_whose_lease_was_taken_over_and_finished_elsewhere_answers_with_th
     assert ray.get(ref, timeout=60) == 11
     assert workflow.get_output(wid) == 11
     assert count_runs(counter_dir, "after") == 1
-    assert _status_keys(fresh_storage, wid) == [f"status/SUCCESSFUL/{wid}"]
+    assert status_keys(fresh_storage, wid) == [f"status/SUCCESSFUL/{wid}"]
 
 
 def test_a_run_queued_past_its_lease_grant_hands_over_instead_of_running_beside_the_manager(
@@ -129,7 +109,7 @@ def test_a_run_queued_past_its_lease_grant_hands_over_instead_of_running_beside_
         holders = [hold_cpu.remote(gate) for _ in range(NUM_CPUS)]
         wait_for(lambda: len(ray.wait(holders, timeout=0)[0]) == 0 and _busy(NUM_CPUS))
         ref = workflow.run_async(step.bind(step.bind(0, runs, "a"), runs, "b"), workflow_id=wid)
-        assert str(_lease(uri, wid)["owner"]).startswith("direct:")
+        assert lease_owner(uri, wid).startswith("direct:")
         time.sleep(3.0)  # two ttls: the grant has run out
         assert count_runs(counter_dir, "a") == 0  # (still queued)
         Path(gate).touch()
@@ -137,8 +117,8 @@ def test_a_run_queued_past_its_lease_grant_hands_over_instead_of_running_beside_
         time.sleep(1.0)  # (a second run of the tasks, had the direct run gone on)
         assert [count_runs(counter_dir, n) for n in "ab"] == [1, 1]
         assert workflow.get_status(wid) == workflow.SUCCESSFUL
-        assert not str(_lease(uri, wid)["owner"]).startswith("direct:")
-        assert _status_keys(uri, wid) == [f"status/SUCCESSFUL/{wid}"]
+        assert not lease_owner(uri, wid).startswith("direct:")
+        assert status_keys(uri, wid) == [f"status/SUCCESSFUL/{wid}"]
     finally:
         Path(gate).touch()  # (the CPUs back for the tests after this one)
 
@@ -174,7 +154,7 @@ def test_a_cancel_racing_the_final_status_leaves_one_status_everywhere(
         answers.add(answer)
         final = "CANCELED" if answer == "FAILED" else answer
         assert workflow.get_status(w).value == final, (w, answer)
-        assert _status_keys(storage, w) == [f"status/{final}/{w}"]
+        assert status_keys(storage, w) == [f"status/{final}/{w}"]
         if final == "SUCCESSFUL":
             assert workflow.get_output(w) == 2
         else:

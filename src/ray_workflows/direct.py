@@ -688,8 +688,9 @@ class _DirectRun:
         _keeper.discard(self)  # no renewals of a released lease, no cancel by exit
         if lease is not None and (lease.valid() or lease.renew()):
             self._commit({})
-        with self._lock:
-            self.members, self.pack = {}, None
+        else:
+            with self._lock:  # not this run's to write any more
+                self.members, self.pack = {}, None
         if lease is not None and not lease.lost:
             stored = self._stored_meta()
             if stored is not None and stored.get("status") == WorkflowStatus.CANCELED.value:

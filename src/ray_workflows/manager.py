@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import pickle
 import secrets
+from collections.abc import Awaitable
 from typing import Any
 
 import ray
@@ -191,12 +192,9 @@ class WorkflowManager:
             plan = WorkflowStore.decode_plan(plan, f"the plan of {workflow_id!r}")
         else:
             encoded = None
-        try:
-            await self.engine.start(workflow_id, plan, metadata, encoded=encoded)
-        except WorkflowRunningElsewhereError:
-            if not await self.engine.runs_directly(workflow_id):
-                raise
-            # A direct run of that id is joined, as resume joins it (result() waits).
+        await self._joining(
+            workflow_id, self.engine.start(workflow_id, plan, metadata, encoded=encoded)
+        )
 
     async def describe(self) -> dict[str, Any]:
         """What a caller needs to store new workflows itself (see ``aio.run_async``):
@@ -272,11 +270,18 @@ class WorkflowManager:
     async def resume(self, workflow_id: str) -> None:
         """Resume a stored workflow; joins it if it already runs (e.g. auto-recovered)."""
         await self._recovered()
+        await self._joining(
+            workflow_id, self.engine.resume(workflow_id, existing_ok=True, load=False)
+        )
+
+    async def _joining(self, workflow_id: str, started: Awaitable[Any]) -> None:
+        """Await ``started`` (the engine starting or resuming ``workflow_id``). A direct
+        run of that id is joined instead, as a run here is: ``result()`` waits for it."""
         try:
-            await self.engine.resume(workflow_id, existing_ok=True, load=False)
+            await started
         except WorkflowRunningElsewhereError:
             if not await self.engine.runs_directly(workflow_id):
-                raise  # (a direct run is joined, as a run here is: result() waits)
+                raise
 
     async def result(self, workflow_id: str) -> ResolvingRef | InlineOutput:
         """The workflow's output, when it is done (resuming it if its manager died):
