@@ -424,3 +424,48 @@ def test_checkpoint_false_output_is_not_stored(storage: str, wid: str) -> None:
     meta = workflow.get_metadata(wid, "volatile")
     assert meta["task_options"]["checkpoint"] is False
     assert workflow.get_metadata(wid, "durable")["task_options"]["checkpoint"] is True
+
+
+def test_compiled_options_are_per_node_and_per_workflow_defaults() -> None:
+    """Options and defaults are cached per function across compiles (the driver
+    parses them once); a cached entry must never leak into another node's options,
+    another workflow's defaults, or the argument values."""
+    from ray_workflows.plan import compile_dag, serialization
+
+    plain = compile_dag(add.bind(1, 2))
+    retried = compile_dag(add.options(**workflow.options(max_retries=7)).bind(1, 2))
+    spread = compile_dag(add.options(num_cpus=0.5).bind(1, 2))
+    assert plain.tasks[plain.output_task_id].options.max_retries == 3
+    assert retried.tasks[retried.output_task_id].options.max_retries == 7
+    assert spread.tasks[spread.output_task_id].options.ray_options == {"num_cpus": 0.5}
+    assert plain.tasks[plain.output_task_id].options.ray_options == {}
+
+    for checkpoint, catch in [(True, False), (False, True), (True, True), (False, False)]:
+        dag = add.bind(add.bind(1, 2), 3)
+        compiled = compile_dag(dag, checkpoint=checkpoint, catch_exceptions=catch)
+        out = compiled.tasks[compiled.output_task_id].options
+        inner = next(t for t in compiled.tasks.values() if t.task_id != compiled.output_task_id)
+        assert (out.checkpoint, out.catch_exceptions) == (checkpoint, catch)
+        # catch_exceptions defaults only to the output task; checkpoint to all.
+        assert (inner.options.checkpoint, inner.options.catch_exceptions) == (checkpoint, False)
+
+    explicit = compile_dag(
+        add.options(**workflow.options(checkpoint=False)).bind(1, 2), checkpoint=True
+    )
+    assert explicit.tasks[explicit.output_task_id].options.checkpoint is False
+
+    # Plain arguments take the C pickler; they must load back with their exact types.
+    mixed = compile_dag(value.bind((True, 1, 1.5, "s", b"b", None)))
+    flat = compile_dag(add.bind(True, 2**70))
+    for plan, expected in [(mixed, ((True, 1, 1.5, "s", b"b", None),)), (flat, (True, 2**70))]:
+        spec = plan.tasks[plan.output_task_id]
+        args, kwargs = serialization.loads(spec.args, [])
+        assert args == expected and kwargs == {}
+        assert [type(a) for a in args] == [type(e) for e in expected]
+
+    with pytest.raises(TypeError, match="do not match"):
+        compile_dag(add.bind(1))
+    with pytest.raises(TypeError, match="do not match"):
+        compile_dag(add.bind(1, 2, 3))
+    with pytest.raises(TypeError, match="do not match"):
+        compile_dag(add.bind(1, c=2))

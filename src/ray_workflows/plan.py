@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import hashlib
 import inspect
+import pickle
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -183,22 +184,74 @@ def _pickled(func: Callable[..., Any], name: str) -> tuple[str, bytes]:
     return found
 
 
-_SIGNATURES: weakref.WeakKeyDictionary[Callable[..., Any], inspect.Signature | None]
-_SIGNATURES = weakref.WeakKeyDictionary()
+class _FuncInfo:
+    """What compiling needs to know about one task function, worked out once per
+    process: a driver that starts a thousand workflows of ``f`` names ``f``, reads
+    its signature and parses each distinct ``.options(...)`` of it once."""
+
+    __slots__ = ("arity", "defaulted", "kind", "name", "options", "qualname", "signature")
+
+    def __init__(self, func: Callable[..., Any]) -> None:
+        self.name = default_task_name(func)
+        self.qualname: str = getattr(func, "__qualname__", self.name)
+        self.kind: str = getattr(func, "__ray_workflows_kind__", "function")
+        try:
+            self.signature: inspect.Signature | None = inspect.signature(func)
+        except ValueError:  # builtins without a signature
+            self.signature = None
+        self.arity = _arity(self.signature)
+        self.options: dict[Any, tuple[TaskOptions, str | None]] = {}
+        self.defaulted: dict[Any, TaskOptions] = {}
 
 
-def _signature(func: Callable[..., Any]) -> inspect.Signature | None:
+def _arity(signature: inspect.Signature | None) -> tuple[int, int] | None:
+    """``(required, total)`` positional parameters if the signature has nothing else
+    (no ``*args``, ``**kwargs`` or keyword-only parameters): then a call with only
+    positional arguments binds iff their count is in that range."""
+    if signature is None:
+        return None
+    required = 0
+    for param in signature.parameters.values():
+        if param.kind not in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+            return None
+        if param.default is param.empty:
+            required += 1
+    return required, len(signature.parameters)
+
+
+_FUNCS: weakref.WeakKeyDictionary[Callable[..., Any], _FuncInfo] = weakref.WeakKeyDictionary()
+
+
+def _info(func: Callable[..., Any]) -> _FuncInfo:
     try:
-        return _SIGNATURES[func]
-    except (KeyError, TypeError):
-        pass
-    try:
-        found: inspect.Signature | None = inspect.signature(func)
-    except ValueError:  # builtins without a signature
-        found = None
-    with contextlib.suppress(TypeError):
-        _SIGNATURES[func] = found
+        found = _FUNCS.get(func)
+    except TypeError:  # not weakly referenceable: worked out every time
+        return _FuncInfo(func)
+    if found is None:
+        found = _FUNCS[func] = _FuncInfo(func)
     return found
+
+
+def _options_key(ray_options: dict[str, Any]) -> Any:
+    """A hashable key for a node's Ray options (the workflow options ride in the
+    ``_labels`` dict), or None if a value is unhashable."""
+    items = []
+    for key, value in ray_options.items():
+        if type(value) is dict:
+            value = (dict, tuple(sorted(value.items())))
+        items.append((key, value))
+    frozen = tuple(sorted(items))
+    try:
+        hash(frozen)
+    except TypeError:
+        return None
+    return frozen
+
+
+# The argument values that the C pickler writes exactly as cloudpickle would (with no
+# ObjectRef or DAG node that needs lifting out): a task bound to such values, or to
+# upstream outputs, skips the Python-level pickler.
+_PLAIN_ARGS = frozenset({int, float, str, bytes, bool, type(None), Up})
 
 
 class _Compiler:
@@ -217,50 +270,33 @@ class _Compiler:
         self.creator = creator
         self.functions: dict[str, bytes] = {}
         self._func_keys: dict[int, str] = {}
-        # Per function (a fan-out binds one function thousands of times): its
-        # signature, its default task name, and its parsed options by content.
-        self._signatures: dict[int, inspect.Signature | None] = {}
-        self._names: dict[int, str] = {}
-        self._options: dict[Any, tuple[TaskOptions, str | None]] = {}
-        self._defaulted: dict[tuple[int, bool], TaskOptions] = {}
-        self._keep: list[TaskOptions] = []
 
-    def defaulted(self, opts: TaskOptions, is_output: bool) -> TaskOptions:
-        """``opts`` with the workflow's defaults filled in (shared, like ``opts``)."""
-        key = (id(opts), is_output)
-        found = self._defaulted.get(key)
+    def options_of(
+        self, info: _FuncInfo, ray_options: dict[str, Any], is_output: bool
+    ) -> tuple[TaskOptions, str | None]:
+        """The task's options with the workflow's defaults filled in, and its explicit
+        task id (parsed once per function and distinct options; shared, frozen)."""
+        key = _options_key(ray_options)
+        found = info.options.get(key) if key is not None else None
         if found is None:
-            found = opts
-            if found.checkpoint is None:
-                found = dataclasses.replace(found, checkpoint=self.checkpoint)
-            if found.catch_exceptions is None:
-                catch = self.catch_exceptions if is_output else False
-                found = dataclasses.replace(found, catch_exceptions=catch)
-            self._defaulted[key] = found
-            self._keep.append(opts)  # ids stay unique while the key is in use
-        return found
-
-    def name_of(self, func: Callable[..., Any]) -> str:
-        name = self._names.get(id(func))
-        if name is None:
-            name = self._names[id(func)] = default_task_name(func)
-        return name
-
-    def signature_of(self, func: Callable[..., Any]) -> inspect.Signature | None:
-        if id(func) not in self._signatures:
-            self._signatures[id(func)] = _signature(func)
-        return self._signatures[id(func)]
-
-    def options_of(self, func: Callable[..., Any], ray_options: dict[str, Any]) -> Any:
-        try:
-            key: Any = (id(func), tuple(sorted(ray_options.items())))
-            hash(key)
-        except TypeError:  # an unhashable option value: parse it every time
-            return TaskOptions.from_ray_options(ray_options)
-        found = self._options.get(key)
-        if found is None:
-            found = self._options[key] = TaskOptions.from_ray_options(ray_options)
-        return found
+            found = TaskOptions.from_ray_options(ray_options)
+            if key is not None:
+                info.options[key] = found
+        opts, explicit = found
+        if opts.checkpoint is not None and opts.catch_exceptions is not None:
+            return opts, explicit
+        catch = self.catch_exceptions if is_output else False
+        variant = (key, self.checkpoint, catch)
+        defaulted = info.defaulted.get(variant) if key is not None else None
+        if defaulted is None:
+            defaulted = dataclasses.replace(
+                opts,
+                checkpoint=self.checkpoint if opts.checkpoint is None else opts.checkpoint,
+                catch_exceptions=catch if opts.catch_exceptions is None else opts.catch_exceptions,
+            )
+            if key is not None:
+                info.defaulted[variant] = defaulted
+        return defaulted, explicit
 
     def func_key(self, func: Callable[..., Any], name: str) -> str:
         key = self._func_keys.get(id(func))
@@ -297,16 +333,15 @@ class _Compiler:
             node, args, refs, children, direct, nested = prepared[uid]
             is_output = uid == root_uid
             func = node._body
-            opts, explicit = self.options_of(func, node.get_options())
-            base = explicit or self.name_of(func)
+            info = _info(func)
+            opts, explicit = self.options_of(info, node.get_options(), is_output)
+            base = explicit or info.name
             task_id = self.allocator.allocate(base)
             task_ids[uid] = task_id
-            if opts.checkpoint is None or opts.catch_exceptions is None:
-                opts = self.defaulted(opts, is_output)
             tasks[task_id] = TaskSpec(
                 task_id=task_id,
                 base=base,
-                name=getattr(func, "__qualname__", base),
+                name=info.qualname,
                 func_key=self.func_key(func, task_id),
                 args=args,
                 arg_refs=refs,
@@ -320,7 +355,7 @@ class _Compiler:
                 nested=nested,
                 options=opts,
                 creator=self.creator,
-                kind=getattr(func, "__ray_workflows_kind__", "function"),
+                kind=info.kind,
             )
         return Plan(tasks, task_ids[root_uid], self.functions, dict(self.allocator.counters))
 
@@ -333,14 +368,18 @@ class _Compiler:
                 "remote functions (fn.bind(...)); actors and class nodes are not supported."
             )
         func = node._body
-        name = self.name_of(func)
+        info = _info(func)
+        name = info.name
         in_args, in_kwargs = self.inputs
         args = [_substitute_inputs(a, in_args, in_kwargs) for a in node.get_args()]
         kwargs = {
             k: _substitute_inputs(v, in_args, in_kwargs) for k, v in node.get_kwargs().items()
         }
-        signature = self.signature_of(func)
-        if signature is not None:
+        signature = info.signature
+        arity = info.arity
+        if signature is not None and (
+            kwargs or arity is None or not arity[0] <= len(args) <= arity[1]
+        ):
             try:
                 signature.bind(*args, **kwargs)
             except TypeError as exc:
@@ -384,8 +423,14 @@ class _Compiler:
             return None
 
         payload = (tuple(top(a) for a in args), {k: top(v) for k, v in kwargs.items()})
+        refs: list[Any] = []
         try:
-            data, refs = serialization.dumps(payload, hook)
+            if all(type(v) in _PLAIN_ARGS for v in payload[0]) and all(
+                type(v) in _PLAIN_ARGS for v in payload[1].values()
+            ):
+                data = pickle.dumps(payload, protocol=5)
+            else:
+                data, refs = serialization.dumps(payload, hook)
         except Exception as exc:
             raise TypeError(
                 f"Task {name!r}: an argument cannot be pickled ({type(exc).__name__}: {exc}). "
