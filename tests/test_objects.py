@@ -470,3 +470,30 @@ def test_list_of_refs_upstream_after_recovery(
     assert kind == "ref" and len(inner) == 2
     assert all(isinstance(r, ray.ObjectRef) for r in inner) and ray.get(inner) == [3, 4]
     assert count_runs(counter_dir, "x") == 1
+
+
+class Label(str):
+    """A str subclass: it must keep its class through a checkpoint."""
+
+
+def test_values_keep_their_exact_types_through_the_record_pickling() -> None:
+    """Flat values take the C pickler, the rest cloudpickle with refs lifted out; both
+    must give back what went in, type for type (bool is not int, tuple not list)."""
+    from ray_workflows import serialization
+
+    ref = ray.put(41)
+    cases: list[Any] = [
+        True, 7, 2**80, 1.5, "s", b"b", None,
+        [True, 1], (1, "a"), {"a": 1, 2: None}, {}, (),
+        list(range(100)),  # too long for the flat path
+        [[1]], {"k": [1]}, Label("x"), [Label("y")], {"r": ref}, [ref, ref],
+    ]
+    for value in cases:
+        data, refs = serialization.dumps(value)
+        back = serialization.loads(data, refs)
+        assert back == value and type(back) is type(value), value
+        if isinstance(value, (list, tuple)) and value:
+            assert [type(v) for v in back] == [type(v) for v in value]
+    data, refs = serialization.dumps([ref, ref])
+    assert refs == [ref]  # one ref, lifted out once
+    assert ray.get(serialization.loads(data, refs)[1]) == 41

@@ -88,7 +88,7 @@ from ray_workflows.worker import (
     _copy,
     _execute,
     load_output,
-    task_header,
+    task_call,
 )
 
 ENV_DIRECT = "RAY_WORKFLOWS_DIRECT"
@@ -503,7 +503,7 @@ class _DirectRun:
         if deaths and retries != -1 and deaths > retries:
             text = f"WorkerCrashedError: the worker running the task died {deaths} times"
             return self._failure(TaskFailure(spec.task_id, None, text)), None
-        header = task_header(self.wid, self.storage, spec, [0] if spec.upstream else [])
+        header = task_call(self.wid, self.storage, spec, [0] if spec.upstream else [])
         func = plan.functions[spec.func_key]
         while True:
             began = time.monotonic()

@@ -67,12 +67,33 @@ class _Unpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
 
 
+# Values the C pickler writes exactly as cloudpickle does, with nothing to lift out:
+# atoms, and short flat lists, tuples and dicts of them (most task outputs).
+_ATOMS = frozenset({int, float, str, bytes, bool, type(None)})
+_FLAT = 64
+
+
+def _plain(value: Any) -> bool:
+    kind = type(value)
+    if kind in _ATOMS:
+        return True
+    if kind is list or kind is tuple:
+        return len(value) <= _FLAT and all(type(v) in _ATOMS for v in value)
+    if kind is dict:
+        return len(value) <= _FLAT and all(
+            type(k) in _ATOMS and type(v) in _ATOMS for k, v in value.items()
+        )
+    return False
+
+
 def dumps(value: Any, hook: Callable[[Any], Any] | None = None) -> tuple[bytes, list[Any]]:
     """Pickle ``value``; return the bytes and the ObjectRefs found in it, in order.
 
     ``hook(obj)`` may return a persistent id for other objects (DAG nodes when
     compiling a plan); :func:`loads` then needs the matching hook.
     """
+    if _plain(value):
+        return pickle.dumps(value, protocol=5), []
     buffer = io.BytesIO()
     refs: list[Any] = []
     _Pickler(buffer, refs, hook).dump(value)
@@ -81,6 +102,8 @@ def dumps(value: Any, hook: Callable[[Any], Any] | None = None) -> tuple[bytes, 
 
 def loads(data: bytes, refs: list[Any], hook: Callable[[Any], Any] | None = None) -> Any:
     """Unpickle bytes from :func:`dumps`, putting ``refs[i]`` where the i-th ref was."""
+    if not refs and hook is None:  # no persistent ids in it: the C unpickler alone
+        return pickle.loads(data)
     return _Unpickler(io.BytesIO(data), refs, hook).load()
 
 

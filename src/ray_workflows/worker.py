@@ -90,7 +90,28 @@ def task_header(
     return data
 
 
-def _call_of(header: bytes, attempt: int, refs: tuple[Any, Any] | None) -> TaskCall:
+def task_call(
+    workflow_id: str, storage: Storage, spec: TaskSpec, slots: list[int | None]
+) -> TaskCall:
+    """What :func:`task_header` holds, unpickled: for a task run in this process."""
+    return TaskCall(
+        workflow_id=workflow_id,
+        task_id=spec.task_id,
+        storage=storage,
+        func_key=spec.func_key,
+        args=spec.args,
+        arg_refs=spec.arg_refs,
+        direct_slots=slots,
+        nested_refs=[None] * len(slots),
+        attempt=0,
+        options=spec.options,
+    )
+
+
+def _call_of(header: bytes | TaskCall, attempt: int, refs: tuple[Any, Any] | None) -> TaskCall:
+    if isinstance(header, TaskCall):
+        assert refs is None
+        return header if header.attempt == attempt else dataclasses.replace(header, attempt=attempt)
     wid, tid, uri, func_key, args, keys, slots, options = pickle.loads(header)
     arg_refs, nested = refs if refs is not None else (None, None)
     return TaskCall(
@@ -210,7 +231,10 @@ def _arguments(
     def hook(pid: Any) -> Any:
         return call.nested_refs[pid[1]]
 
-    args, kwargs = serialization.loads(call.args, refs, hook)
+    if refs or any(n is not None for n in call.nested_refs):
+        args, kwargs = serialization.loads(call.args, refs, hook)
+    else:  # (most tasks: nothing lifted out of the arguments)
+        args, kwargs = serialization.loads(call.args, [])
 
     def resolve(value: Any) -> Any:
         if isinstance(value, Up):
@@ -429,7 +453,11 @@ _flusher = _Flusher()
 
 
 def _execute(
-    header: bytes, attempt: int, func_data: bytes, refs: tuple[Any, Any] | None, values: Any
+    header: bytes | TaskCall,
+    attempt: int,
+    func_data: bytes,
+    refs: tuple[Any, Any] | None,
+    values: Any,
 ) -> tuple[Receipt, Any]:
     start = time.time()
     for value in values:
