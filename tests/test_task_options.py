@@ -463,6 +463,19 @@ def test_compiled_options_are_per_node_and_per_workflow_defaults() -> None:
         assert args == expected and kwargs == {}
         assert [type(a) for a in args] == [type(e) for e in expected]
 
+    # A driver making new option values for every run does not grow the cache forever.
+    from ray_workflows import plan as plan_module
+
+    for i in range(200):
+        many = compile_dag(add.options(num_cpus=i / 1000).bind(1, 2))
+        assert many.tasks[many.output_task_id].options.ray_options == {"num_cpus": i / 1000}
+    info = plan_module._FUNCS[add._function]
+    assert len(info.options) <= plan_module._OPTIONS_PER_FUNCTION
+    # Option values that cannot be a cache key are parsed every time, still correctly.
+    env = {"env_vars": {"A": "1"}}
+    odd = compile_dag(add.options(runtime_env=env).bind(1, 2))
+    assert odd.tasks[odd.output_task_id].options.ray_options == {"runtime_env": env}
+
     with pytest.raises(TypeError, match="do not match"):
         compile_dag(add.bind(1))
     with pytest.raises(TypeError, match="do not match"):

@@ -235,17 +235,22 @@ def _info(func: Callable[..., Any]) -> _FuncInfo:
 def _options_key(ray_options: dict[str, Any]) -> Any:
     """A hashable key for a node's Ray options (the workflow options ride in the
     ``_labels`` dict), or None if a value is unhashable."""
-    items = []
-    for key, value in ray_options.items():
-        if type(value) is dict:
-            value = (dict, tuple(sorted(value.items())))
-        items.append((key, value))
-    frozen = tuple(sorted(items))
     try:
+        items = []
+        for key, value in ray_options.items():
+            if type(value) is dict:
+                value = (dict, tuple(sorted(value.items())))
+            items.append((key, value))
+        frozen = tuple(sorted(items))
         hash(frozen)
-    except TypeError:
+    except TypeError:  # an unhashable value, or dict keys that do not sort
         return None
     return frozen
+
+
+#: Distinct options kept per function: a driver that makes new option values for
+#: every run (a new scheduling strategy object, say) must not grow the cache forever.
+_OPTIONS_PER_FUNCTION = 64
 
 
 # The argument values that the C pickler writes exactly as cloudpickle would (with no
@@ -281,6 +286,9 @@ class _Compiler:
         if found is None:
             found = TaskOptions.from_ray_options(ray_options)
             if key is not None:
+                if len(info.options) >= _OPTIONS_PER_FUNCTION:
+                    info.options.clear()
+                    info.defaulted.clear()
                 info.options[key] = found
         opts, explicit = found
         if opts.checkpoint is not None and opts.catch_exceptions is not None:
