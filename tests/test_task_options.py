@@ -471,6 +471,13 @@ def test_compiled_options_are_per_node_and_per_workflow_defaults() -> None:
         assert many.tasks[many.output_task_id].options.ray_options == {"num_cpus": i / 1000}
     info = plan_module._FUNCS[add._function]
     assert len(info.options) <= plan_module._OPTIONS_PER_FUNCTION
+    # A dict option changed in place after a compile does not change what is cached.
+    res = {"custom": 1}
+    compile_dag(add.options(resources=res).bind(1, 2))
+    res["custom"] = 2
+    compile_dag(add.options(resources=res).bind(1, 2))
+    again = compile_dag(add.options(resources={"custom": 1}).bind(1, 2))
+    assert again.tasks[again.output_task_id].options.ray_options == {"resources": {"custom": 1}}
     # Option values that cannot be a cache key are parsed every time, still correctly.
     env = {"env_vars": {"A": "1"}}
     odd = compile_dag(add.options(runtime_env=env).bind(1, 2))

@@ -284,6 +284,8 @@ class _Compiler:
         key = _options_key(ray_options)
         found = info.options.get(key) if key is not None else None
         if found is None:
+            if key is not None:  # cached: its own copies of dict values the caller may change
+                ray_options = {k: dict(v) if type(v) is dict else v for k, v in ray_options.items()}
             found = TaskOptions.from_ray_options(ray_options)
             if key is not None:
                 if len(info.options) >= _OPTIONS_PER_FUNCTION:
