@@ -13,7 +13,6 @@ an ``ObjectRef``. This holds for fresh runs and after recovery alike.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import inspect
@@ -155,41 +154,23 @@ def _substitute_inputs(value: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     return value
 
 
-# A function is pickled once per process, as Ray pickles a remote function once, at
-# its first call: a workflow started a thousand times does not pickle it a thousand
-# times. (Weak keys: a function that goes away takes its entry with it.)
-_PICKLED: weakref.WeakKeyDictionary[Callable[..., Any], tuple[str, bytes]]
-_PICKLED = weakref.WeakKeyDictionary()
-
-
-def _pickled(func: Callable[..., Any], name: str) -> tuple[str, bytes]:
-    """``(content key, pickled bytes)`` of a task's function."""
-    try:
-        found = _PICKLED.get(func)
-    except TypeError:  # not weakly referenceable: pickled every time
-        found = None
-    if found is not None:
-        return found
-    try:
-        data = cloudpickle.dumps(func)
-    except Exception as exc:
-        raise TypeError(
-            f"Task {name!r}: its function cannot be pickled ({type(exc).__name__}: "
-            f"{exc}). A workflow task's function is checkpointed, so it must not "
-            "capture locks, sockets or other process-local objects."
-        ) from exc
-    found = (hashlib.sha1(data).hexdigest()[:20], data)
-    with contextlib.suppress(TypeError):
-        _PICKLED[func] = found
-    return found
-
-
 class _FuncInfo:
     """What compiling needs to know about one task function, worked out once per
     process: a driver that starts a thousand workflows of ``f`` names ``f``, reads
-    its signature and parses each distinct ``.options(...)`` of it once."""
+    its signature, parses each distinct ``.options(...)`` of it and pickles it once
+    (as Ray pickles a remote function once, at its first call). Weak keys: a function
+    that goes away takes its entry with it."""
 
-    __slots__ = ("arity", "defaulted", "kind", "name", "options", "qualname", "signature")
+    __slots__ = (
+        "arity",
+        "defaulted",
+        "kind",
+        "name",
+        "options",
+        "pickled",
+        "qualname",
+        "signature",
+    )
 
     def __init__(self, func: Callable[..., Any]) -> None:
         self.name = default_task_name(func)
@@ -202,6 +183,21 @@ class _FuncInfo:
         self.arity = _arity(self.signature)
         self.options: dict[Any, tuple[TaskOptions, str | None]] = {}
         self.defaulted: dict[Any, TaskOptions] = {}
+        self.pickled: tuple[str, bytes] | None = None  # (content key, bytes), at first use
+
+    def pickle(self, func: Callable[..., Any], name: str) -> tuple[str, bytes]:
+        """``(content key, pickled bytes)`` of the function (``name``: for errors)."""
+        if self.pickled is None:
+            try:
+                data = cloudpickle.dumps(func)
+            except Exception as exc:
+                raise TypeError(
+                    f"Task {name!r}: its function cannot be pickled ({type(exc).__name__}: "
+                    f"{exc}). A workflow task's function is checkpointed, so it must not "
+                    "capture locks, sockets or other process-local objects."
+                ) from exc
+            self.pickled = (hashlib.sha1(data).hexdigest()[:20], data)
+        return self.pickled
 
 
 def _arity(signature: inspect.Signature | None) -> tuple[int, int] | None:
@@ -256,7 +252,7 @@ _OPTIONS_PER_FUNCTION = 64
 # The argument values that the C pickler writes exactly as cloudpickle would (with no
 # ObjectRef or DAG node that needs lifting out): a task bound to such values, or to
 # upstream outputs, skips the Python-level pickler.
-_PLAIN_ARGS = frozenset({int, float, str, bytes, bool, type(None), Up})
+_PLAIN_ARGS = serialization.ATOMS | {Up}
 
 
 class _Compiler:
@@ -283,15 +279,15 @@ class _Compiler:
         task id (parsed once per function and distinct options; shared, frozen)."""
         key = _options_key(ray_options)
         found = info.options.get(key) if key is not None else None
-        if found is None:
-            if key is not None:  # cached: its own copies of dict values the caller may change
-                ray_options = {k: dict(v) if type(v) is dict else v for k, v in ray_options.items()}
+        if found is None and key is None:  # not a key: parsed every time
             found = TaskOptions.from_ray_options(ray_options)
-            if key is not None:
-                if len(info.options) >= _OPTIONS_PER_FUNCTION:
-                    info.options.clear()
-                    info.defaulted.clear()
-                info.options[key] = found
+        elif found is None:  # cached: with its own copies of dicts the caller may change
+            own = {k: dict(v) if type(v) is dict else v for k, v in ray_options.items()}
+            found = TaskOptions.from_ray_options(own)
+            if len(info.options) >= _OPTIONS_PER_FUNCTION:
+                info.options.clear()
+                info.defaulted.clear()
+            info.options[key] = found
         opts, explicit = found
         if opts.checkpoint is not None and opts.catch_exceptions is not None:
             return opts, explicit
@@ -308,10 +304,10 @@ class _Compiler:
                 info.defaulted[variant] = defaulted
         return defaulted, explicit
 
-    def func_key(self, func: Callable[..., Any], name: str) -> str:
+    def func_key(self, func: Callable[..., Any], info: _FuncInfo, name: str) -> str:
         key = self._func_keys.get(id(func))
         if key is None:
-            key, data = _pickled(func, name)
+            key, data = info.pickle(func, name)
             self.functions[key] = data
             self._func_keys[id(func)] = key
         return key
@@ -352,7 +348,7 @@ class _Compiler:
                 task_id=task_id,
                 base=base,
                 name=info.qualname,
-                func_key=self.func_key(func, task_id),
+                func_key=self.func_key(func, info, task_id),
                 args=args,
                 arg_refs=refs,
                 upstream=[

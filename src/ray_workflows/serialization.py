@@ -69,19 +69,19 @@ class _Unpickler(pickle.Unpickler):
 
 # Values the C pickler writes exactly as cloudpickle does, with nothing to lift out:
 # atoms, and short flat lists, tuples and dicts of them (most task outputs).
-_ATOMS = frozenset({int, float, str, bytes, bool, type(None)})
+ATOMS = frozenset({int, float, str, bytes, bool, type(None)})
 _FLAT = 64
 
 
 def _plain(value: Any) -> bool:
     kind = type(value)
-    if kind in _ATOMS:
+    if kind in ATOMS:
         return True
     if kind is list or kind is tuple:
-        return len(value) <= _FLAT and all(type(v) in _ATOMS for v in value)
+        return len(value) <= _FLAT and all(type(v) in ATOMS for v in value)
     if kind is dict:
         return len(value) <= _FLAT and all(
-            type(k) in _ATOMS and type(v) in _ATOMS for k, v in value.items()
+            type(k) in ATOMS and type(v) in ATOMS for k, v in value.items()
         )
     return False
 
@@ -211,4 +211,4 @@ class ObjectStore:
         return ref
 
 
-__all__ = ["MAGIC", "ObjectStore", "decode", "dumps", "encode", "loads", "peek_header"]
+__all__ = ["ATOMS", "MAGIC", "ObjectStore", "decode", "dumps", "encode", "loads", "peek_header"]
