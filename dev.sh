@@ -2,6 +2,7 @@
 # Set up a virtual environment and run the quickstart example or the tests.
 #   ./dev.sh example   run examples/quickstart.py on the embedded default (local Ray, local dir)
 #   ./dev.sh test      run the test suite (pytest arguments may follow)
+#   ./dev.sh lint      ruff check, ruff format --check and mypy --strict on the whole tree
 # Needs only Python >= 3.10 with pip; installs uv into .venv for fast installs.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -33,8 +34,14 @@ case "$cmd" in
     setup test
     exec .venv/bin/python -m pytest "$@"
     ;;
+  lint)
+    setup test
+    .venv/bin/ruff check .
+    .venv/bin/ruff format --check .
+    exec .venv/bin/mypy --strict src backends listeners
+    ;;
   *)
-    echo "usage: ./dev.sh example | test [pytest args]" >&2
+    echo "usage: ./dev.sh example | test [pytest args] | lint" >&2
     exit 2
     ;;
 esac

@@ -63,6 +63,7 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
         _executor = concurrent.futures.ThreadPoolExecutor(_THREADS, "rwf-file")
     return _executor
 
+
 # Names the backend keeps for itself: temp files and the lock directory. ``list``
 # skips them and keys may not use them, so no user key can ever collide with one.
 _RESERVED = ".rwf-"
@@ -516,8 +517,10 @@ def _replace_many(root: str, pairs: list[tuple[str, bytes]]) -> None:
             if not batched:
                 os.close(fds.pop())
         if batched:
-            _data_first(root, [(fd, tmp) for fd, tmp, (_, data) in zip(fds, temps, pairs,
-                                                                       strict=True) if data])
+            _data_first(
+                root,
+                [(fd, tmp) for fd, tmp, (_, data) in zip(fds, temps, pairs, strict=True) if data],
+            )
         for tmp, (path, _) in zip(temps, pairs, strict=False):
             os.replace(tmp, path)
             renamed += 1

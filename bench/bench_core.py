@@ -206,8 +206,11 @@ def manager_pid() -> int | None:
     try:
         from ray.util.state import list_actors
 
-        alive = [a for a in list_actors(filters=[("class_name", "=", "WorkflowManager")])
-                 if a.state == "ALIVE"]
+        alive = [
+            a
+            for a in list_actors(filters=[("class_name", "=", "WorkflowManager")])
+            if a.state == "ALIVE"
+        ]
         if len(alive) == 1 and alive[0].pid:
             return int(alive[0].pid)
     except Exception:
@@ -215,9 +218,13 @@ def manager_pid() -> int | None:
     try:
         from ray._private import state
 
-        pids = [int(a["Pid"]) for a in state.actors().values()
-                if a.get("ActorClassName") == "WorkflowManager" and a.get("State") == "ALIVE"
-                and a.get("Pid")]
+        pids = [
+            int(a["Pid"])
+            for a in state.actors().values()
+            if a.get("ActorClassName") == "WorkflowManager"
+            and a.get("State") == "ALIVE"
+            and a.get("Pid")
+        ]
         if len(pids) == 1:
             return pids[0]
     except Exception:
@@ -295,6 +302,7 @@ def make_workloads(sizes: dict[str, int]) -> dict[str, Workload]:
             t = time.perf_counter() - t0
             check("fanout", value, n * (n - 1) // 2)
             return Sample(t)
+
         return run
 
     def fan_flow(n: int, memory: bool) -> Callable[[str, Deadline], Sample]:
@@ -324,13 +332,16 @@ def make_workloads(sizes: dict[str, int]) -> dict[str, Workload]:
             if memory:
                 if sampler:
                     after = read_rss_kib(pid) if pid else None
-                    notes.append(f"manager RSS base {mib(base)} MiB, peak {mib(sampler.peak_kib)}"
-                                 f" MiB, after {mib(after)} MiB (pid {pid}, {sampler.samples}"
-                                 " samples)")
+                    notes.append(
+                        f"manager RSS base {mib(base)} MiB, peak {mib(sampler.peak_kib)}"
+                        f" MiB, after {mib(after)} MiB (pid {pid}, {sampler.samples}"
+                        " samples)"
+                    )
                 else:
                     notes.append("manager pid not found: no RSS")
                 notes.append(f"driver RSS base {mib(driver_base)} peak {mib(driver.peak_kib)} MiB")
             return Sample(t, notes)
+
         return run
 
     # (3) fib by continuations ----------------------------------------------
@@ -364,8 +375,10 @@ def make_workloads(sizes: dict[str, int]) -> dict[str, Workload]:
 
     def many_flow(wid: str, dl: Deadline) -> Sample:
         t0 = time.perf_counter()
-        refs = [workflow.run_async(add.bind(inc.bind(i), 1), workflow_id=f"{wid}-{i}")
-                for i in range(n_many)]
+        refs = [
+            workflow.run_async(add.bind(inc.bind(i), 1), workflow_id=f"{wid}-{i}")
+            for i in range(n_many)
+        ]
         t_submit = time.perf_counter() - t0
         values = get(refs, dl)
         t = time.perf_counter() - t0
@@ -379,8 +392,10 @@ def make_workloads(sizes: dict[str, int]) -> dict[str, Workload]:
         from ray_workflows import aio
 
         async def start_all() -> list[Any]:
-            starts = [aio.run_async(add.bind(inc.bind(i), 1), workflow_id=f"{wid}-{i}")
-                      for i in range(n_many)]
+            starts = [
+                aio.run_async(add.bind(inc.bind(i), 1), workflow_id=f"{wid}-{i}")
+                for i in range(n_many)
+            ]
             return list(await asyncio.gather(*starts))
 
         t0 = time.perf_counter()
@@ -403,20 +418,28 @@ def make_workloads(sizes: dict[str, int]) -> dict[str, Workload]:
         values = get(refs, dl)
         t = time.perf_counter() - t0
         check("many", values, [i + 2 for i in range(n_many)])
-        return Sample(t, ["a bare async actor doing the same two tasks: the floor of "
-                          "any manager actor, not a workflow"])
+        return Sample(
+            t,
+            [
+                "a bare async actor doing the same two tasks: the floor of "
+                "any manager actor, not a workflow"
+            ],
+        )
 
     return {
         "chain": Workload("chain", f"chain {n_chain}", chain_plain, chain_flow),
-        "fanout": Workload("fanout", f"fan-out {n_fan}", fan_plain(n_fan),
-                           fan_flow(n_fan, memory=False)),
+        "fanout": Workload(
+            "fanout", f"fan-out {n_fan}", fan_plain(n_fan), fan_flow(n_fan, memory=False)
+        ),
         "fib": Workload("fib", f"fib({n_fib}) cont.", fib_plain, fib_flow),
         "many": Workload("many", f"{n_many} workflows x2", many_plain, many_flow),
         "many_aio": Workload("many_aio", f"{n_many} wf x2, aio", many_plain, many_aio_flow),
-        "many_floor": Workload("many_floor", f"{n_many} x2, bare actor", many_plain, many_floor,
-                               reference=True),
-        "bigfanout": Workload("bigfanout", f"fan-out {n_big}", fan_plain(n_big),
-                              fan_flow(n_big, memory=True)),
+        "many_floor": Workload(
+            "many_floor", f"{n_many} x2, bare actor", many_plain, many_floor, reference=True
+        ),
+        "bigfanout": Workload(
+            "bigfanout", f"fan-out {n_big}", fan_plain(n_big), fan_flow(n_big, memory=True)
+        ),
     }
 
 
@@ -525,11 +548,18 @@ def code_version() -> str:
     """The commit under test, and whether the library's source differs from it."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "src",
-                                "backends", "listeners"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--", "src", "backends", "listeners"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return (head or "?") + (" +uncommitted changes in src/" if dirty else "")
     except Exception:  # noqa: BLE001
         return "?"
@@ -543,13 +573,15 @@ def fmt_seconds(values: list[float]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--storage", help="workflow storage (default: a fresh temp dir, removed "
-                        "afterwards)")
+    parser.add_argument(
+        "--storage", help="workflow storage (default: a fresh temp dir, removed afterwards)"
+    )
     parser.add_argument("--only", help=f"comma-separated workloads: {','.join(ORDER)}")
     parser.add_argument("--repeat", type=int, default=1, help="runs per side; the median is shown")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    parser.add_argument("--timeout", type=float, default=300.0,
-                        help="seconds allowed per measurement (default 300)")
+    parser.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds allowed per measurement (default 300)"
+    )
     parser.add_argument("--keep-storage", action="store_true", help="keep the temp storage")
     parser.add_argument("--log-to-driver", action="store_true", help="show worker/manager logs")
     args = parser.parse_args()
@@ -577,8 +609,9 @@ def start_ray(log_to_driver: bool) -> None:
     """A local 2-CPU Ray for a benchmark (shared by the bench_* scripts)."""
     for attempt in (1, 2):  # on an overloaded machine the node can time out starting up
         try:
-            ray.init(address="local", num_cpus=2, include_dashboard=False,
-                     log_to_driver=log_to_driver)
+            ray.init(
+                address="local", num_cpus=2, include_dashboard=False, log_to_driver=log_to_driver
+            )
             return
         except Exception as exc:  # noqa: BLE001
             if attempt == 2:
@@ -587,14 +620,14 @@ def start_ray(log_to_driver: bool) -> None:
             ray.shutdown()
 
 
-def run_all(args: argparse.Namespace, names: list[str], sizes: dict[str, int],
-            storage: str) -> int:
+def run_all(args: argparse.Namespace, names: list[str], sizes: dict[str, int], storage: str) -> int:
     run_tag = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
     # Workers import this module by name, so functions are shipped by reference.
     here = os.path.dirname(os.path.abspath(__file__))
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        [here, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    os.environ["PYTHONPATH"] = os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]).rstrip(
+        os.pathsep
+    )
 
     load0 = os.getloadavg()
     t0 = time.perf_counter()
@@ -604,24 +637,32 @@ def run_all(args: argparse.Namespace, names: list[str], sizes: dict[str, int],
     t_warm = warm_up(run_tag)
 
     print()
-    print(f"ray-workflows {workflow.__version__} ({code_version()}) core benchmark | Ray "
-          f"{ray.__version__} | Python {platform.python_version()} | num_cpus=2 "
-          f"(machine: {os.cpu_count()} cores)")
-    print(f"storage {storage} ({fs_type(storage)}, durable 1 KiB put {durable_put_ms(storage)} "
-          f"ms) | sizes {'quick' if args.quick else 'full'} | repeat {args.repeat} (median) "
-          f"| timeout {args.timeout:g}s/measurement")
-    print(f"ray.init {t_init:.1f}s, warm-up {t_warm:.1f}s | ratio = workflow / plain Ray | "
-          f"target <= {TARGET:.1f} (rows above it marked '!!')")
+    print(
+        f"ray-workflows {workflow.__version__} ({code_version()}) core benchmark | Ray "
+        f"{ray.__version__} | Python {platform.python_version()} | num_cpus=2 "
+        f"(machine: {os.cpu_count()} cores)"
+    )
+    print(
+        f"storage {storage} ({fs_type(storage)}, durable 1 KiB put {durable_put_ms(storage)} "
+        f"ms) | sizes {'quick' if args.quick else 'full'} | repeat {args.repeat} (median) "
+        f"| timeout {args.timeout:g}s/measurement"
+    )
+    print(
+        f"ray.init {t_init:.1f}s, warm-up {t_warm:.1f}s | ratio = workflow / plain Ray | "
+        f"target <= {TARGET:.1f} (rows above it marked '!!')"
+    )
     print("Ray 2.47 reference ratios: chain 13.6x, fan-out 20.8x, 100 workflows 24.6x")
-    print(f"load average before ray.init {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} | "
-          f"CPU probe {cpu_probe_ms()} ms (1M-addition Python loop)"
-          + ("  WARNING: the machine is busy, numbers are not comparable"
-             if load0[0] > 1.5 else ""))
+    print(
+        f"load average before ray.init {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} | "
+        f"CPU probe {cpu_probe_ms()} ms (1M-addition Python loop)"
+        + ("  WARNING: the machine is busy, numbers are not comparable" if load0[0] > 1.5 else "")
+    )
     print()
 
     workloads = make_workloads(sizes)
-    header = (f"{'workload':<20} {'plain s':>9} {'workflow s':>11} {'ratio':>7} {'':2} "
-              f"{'2.47':>6}  notes")
+    header = (
+        f"{'workload':<20} {'plain s':>9} {'workflow s':>11} {'ratio':>7} {'':2} {'2.47':>6}  notes"
+    )
     print(header)
     print("-" * len(header))
     worst: tuple[float, str] | None = None
@@ -665,15 +706,22 @@ def run_all(args: argparse.Namespace, names: list[str], sizes: dict[str, int],
                 spread.append(f"wf {min(flow_times):.3f}-{max(flow_times):.3f}")
             notes.insert(0, "range " + ", ".join(spread))
         ref = f"{RAY_247[name]:.1f}x" if name in RAY_247 else "-"
-        print(f"{w.label:<20} {fmt_seconds(plain_times):>9} {fmt_seconds(flow_times):>11} "
-              f"{ratio_s:>7} {mark:2} {ref:>6}  {'; '.join(failures + notes)}", flush=True)
+        print(
+            f"{w.label:<20} {fmt_seconds(plain_times):>9} {fmt_seconds(flow_times):>11} "
+            f"{ratio_s:>7} {mark:2} {ref:>6}  {'; '.join(failures + notes)}",
+            flush=True,
+        )
     print()
     load = os.getloadavg()
-    print(f"load average at end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} | "
-          f"CPU probe {cpu_probe_ms()} ms")
+    print(
+        f"load average at end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} | "
+        f"CPU probe {cpu_probe_ms()} ms"
+    )
     if worst:
-        print(f"worst ratio: {worst[1]} {worst[0]:.1f}x "
-              f"({'meets' if worst[0] <= TARGET else 'misses'} the target <= {TARGET:.1f})")
+        print(
+            f"worst ratio: {worst[1]} {worst[0]:.1f}x "
+            f"({'meets' if worst[0] <= TARGET else 'misses'} the target <= {TARGET:.1f})"
+        )
     return 0
 
 

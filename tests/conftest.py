@@ -13,7 +13,8 @@ TESTS_DIR = Path(__file__).resolve().parent
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Ray workers import the functions defined in test modules by name: let them find them.
 os.environ["PYTHONPATH"] = os.pathsep.join(
-    [str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    [str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]
+).rstrip(os.pathsep)
 
 import ray  # noqa: E402
 import s3server  # noqa: E402
@@ -33,8 +34,7 @@ NUM_CPUS = 4
 def ray_session() -> Iterator[None]:
     """A real local Ray, started once (``address="local"`` never joins a stray cluster)."""
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=NUM_CPUS, include_dashboard=False,
-                 log_to_driver=False)
+        ray.init(address="local", num_cpus=NUM_CPUS, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -105,9 +105,6 @@ def counter_dir(tmp_path: Path) -> Path:
     path = tmp_path / "runs"
     path.mkdir()
     return path
-
-
-
 
 
 @pytest.fixture

@@ -333,10 +333,7 @@ def _exception_classes() -> list:
         if isinstance(obj := getattr(wf_exceptions, name), type) and issubclass(obj, BaseException)
     ]
     assert len(classes) >= 12
-    return [
-        pytest.param(cls, id=cls.__name__)
-        for cls in classes
-    ]
+    return [pytest.param(cls, id=cls.__name__) for cls in classes]
 
 
 @pytest.mark.parametrize("cls", _exception_classes())
@@ -471,9 +468,7 @@ def test_run_or_resume_of_a_live_id_joins_it_without_running_the_new_dag(
     # raised RuntimeError; a workflow engine's caller wants the one result).
     monkeypatch.setenv("RAY_WORKFLOWS_DIRECT", direct)
     runs = str(counter_dir)
-    first = workflow.run_async(
-        _other.bind(_slow_inc.bind(1, runs), runs), workflow_id=wid
-    )
+    first = workflow.run_async(_other.bind(_slow_inc.bind(1, runs), runs), workflow_id=wid)
     time.sleep(0.5)
     assert workflow.get_status(wid) == workflow.RUNNING
     again = workflow.run_async(_other.bind(_other.bind(100, runs), runs), workflow_id=wid)

@@ -42,8 +42,13 @@ def _chain(n: int, runs: Path, delay: float) -> object:
 
 @pytest.mark.parametrize("runs_in", ["direct", "manager"])
 def test_worker_killed_mid_task_is_retried_and_finished_tasks_do_not_rerun(
-        storage: str, wid: str, counter_dir: Path, tmp_path: Path, runs_in: str,
-        request: pytest.FixtureRequest) -> None:
+    storage: str,
+    wid: str,
+    counter_dir: Path,
+    tmp_path: Path,
+    runs_in: str,
+    request: pytest.FixtureRequest,
+) -> None:
     if runs_in == "manager":
         request.getfixturevalue("manager_runs")
     pid_file = tmp_path / "victim.pid"
@@ -60,12 +65,14 @@ def test_worker_killed_mid_task_is_retried_and_finished_tasks_do_not_rerun(
 
 @pytest.mark.usefixtures("manager_runs")  # the manager's own recovery
 def test_manager_killed_mid_workflow_resumes_without_rerunning(
-        fresh_storage: str, wid: str, counter_dir: Path) -> None:
+    fresh_storage: str, wid: str, counter_dir: Path
+) -> None:
     n = 50  # the issue: a 50-task workflow
     ref = workflow.run_async(_chain(n, counter_dir, 0.1), workflow_id=wid)
     wait_for(lambda: count_runs(counter_dir, "step9") == 1)
-    manager = ray.get_actor(manager_name(config.normalise_storage(fresh_storage)),
-                            namespace=NAMESPACE)
+    manager = ray.get_actor(
+        manager_name(config.normalise_storage(fresh_storage)), namespace=NAMESPACE
+    )
     ray.kill(manager, no_restart=False)  # the actor restarts, with no memory of the run
     # Ray replays the in-flight `run` call on the restarted manager, which finds the
     # workflow in storage and resumes it from its checkpoints.
@@ -81,7 +88,8 @@ def test_manager_killed_mid_workflow_resumes_without_rerunning(
 
 
 def test_torn_checkpoint_is_never_read_as_an_output(
-        storage: str, wid: str, counter_dir: Path) -> None:
+    storage: str, wid: str, counter_dir: Path
+) -> None:
     # Steps of 0.1 s: each output lands in a pack of its own (a pack gathers 20 ms).
     assert workflow.run(_chain(3, counter_dir, 0.1), workflow_id=wid) == 3
     # Small outputs are committed in packs, several per write; a torn pack loses
@@ -121,7 +129,8 @@ def picky_sum(*values: int, gate: str) -> int:
 
 
 def test_resumed_fan_in_loads_its_stored_inputs_in_batches(
-        storage: str, wid: str, counter_dir: Path, tmp_path: Path) -> None:
+    storage: str, wid: str, counter_dir: Path, tmp_path: Path
+) -> None:
     gate = tmp_path / "gate"
     runs = str(counter_dir)
     leaves = [leaf_value.bind(i, runs) for i in range(60)]

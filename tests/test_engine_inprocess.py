@@ -65,7 +65,6 @@ async def test_engine_runs_workflows_in_process_on_memory_storage() -> None:
     await engine.close()
 
 
-
 async def test_packs_gather_records_and_drain_makes_them_durable() -> None:
     storage = open_storage(f"memory://{uuid.uuid4().hex}")
     store = Engine(storage).store
@@ -102,9 +101,25 @@ async def test_a_long_tail_chain_keeps_the_live_state_of_one_level() -> None:
     engine = Engine(storage)
     finished = await engine.start("chain", compile_dag(countdown.bind(1000)))
     run = engine.runs["chain"]
-    tables = ("specs", "values", "stored", "done", "waiting", "consumers", "needed",
-              "root_of", "roots", "running", "started", "attempts", "inflight", "ahead",
-              "_headers", "_indirect", "_waiters")
+    tables = (
+        "specs",
+        "values",
+        "stored",
+        "done",
+        "waiting",
+        "consumers",
+        "needed",
+        "root_of",
+        "roots",
+        "running",
+        "started",
+        "attempts",
+        "inflight",
+        "ahead",
+        "_headers",
+        "_indirect",
+        "_waiters",
+    )
     peak = dict.fromkeys(tables, 0)
     samples = 0
     while not finished.done():

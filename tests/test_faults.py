@@ -25,7 +25,8 @@ def step(x: int, name: str, runs: str) -> int:
 
 @pytest.mark.usefixtures("manager_runs")  # the manager's pack timing
 def test_failing_writes_fail_the_workflow_clearly_and_it_resumes(
-        faulty: tuple[str, Path], counter_dir: Path) -> None:
+    faulty: tuple[str, Path], counter_dir: Path
+) -> None:
     _, control = faulty
     runs = str(counter_dir)
     dag = step.bind(step.bind(step.bind(0, "a", runs), "b", runs), "c", runs)
@@ -46,7 +47,8 @@ def test_failing_writes_fail_the_workflow_clearly_and_it_resumes(
 
 
 def test_a_torn_write_is_never_read_as_an_output(
-        faulty: tuple[str, Path], tmp_path: Path, counter_dir: Path) -> None:
+    faulty: tuple[str, Path], tmp_path: Path, counter_dir: Path
+) -> None:
     _, control = faulty
     runs = str(counter_dir)
     control.write_text(json.dumps({"tear": r"tasks/test_faults\.step_1\.(out|pack)$"}))

@@ -150,11 +150,15 @@ async def test_an_untrusted_root_fsyncs_each_file(
     ("ordered", "syncfs_calls"),
     [
         pytest.param(
-            False, 5, id="two-per-batch",
+            False,
+            5,
+            id="two-per-batch",
             marks=pytest.mark.skipif(filesystem._SYNCFS is None, reason="no syncfs (Linux < 5.8)"),
         ),
         pytest.param(
-            True, 3, id="one-per-batch",
+            True,
+            3,
+            id="one-per-batch",
             marks=pytest.mark.skipif(
                 filesystem._SYNC_FILE_RANGE is None, reason="no syncfs and sync_file_range"
             ),

@@ -141,9 +141,7 @@ def test_a_post_to_an_unknown_workflow_is_404(client: httpx.Client, storage: str
     assert pending_keys(storage, "no-such-workflow", "k") == []
 
 
-def test_a_post_to_a_finished_workflow_is_409(
-    client: httpx.Client, storage: str, wid: str
-) -> None:
+def test_a_post_to_a_finished_workflow_is_409(client: httpx.Client, storage: str, wid: str) -> None:
     assert workflow.run(consume.bind("done"), workflow_id=wid) == {"got": "done"}
     response = post(client, wid, "k", 1)
     assert response.status_code == 409, response.text

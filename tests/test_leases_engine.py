@@ -139,8 +139,12 @@ async def test_a_lost_lease_stops_the_run_without_writing_its_status(
             raw = await storage.get(lease_key("w"))
             assert raw is not None
             record = json.loads(raw)
-            record.update(owner="another-manager", epoch=record["epoch"] + 1,
-                          expires_at=time.time() + 60, renewed_at=time.time())
+            record.update(
+                owner="another-manager",
+                epoch=record["epoch"] + 1,
+                expires_at=time.time() + 60,
+                renewed_at=time.time(),
+            )
             if await storage.compare_and_set(lease_key("w"), raw, json.dumps(record).encode()):
                 break
         engine.leases._lose(lease, "test: taken over")

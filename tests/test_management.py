@@ -43,8 +43,9 @@ def test_cancel_stops_the_running_task(storage: str, wid: str, counter_dir: Path
         workflow.resume(wid)
 
 
-def test_cancel_of_unknown_and_finished_workflows(storage: str, wid: str, counter_dir: Path
-                                                  ) -> None:
+def test_cancel_of_unknown_and_finished_workflows(
+    storage: str, wid: str, counter_dir: Path
+) -> None:
     with pytest.raises(workflow.WorkflowNotFoundError):
         workflow.cancel(wid + "-nobody")
     with pytest.raises(workflow.WorkflowNotFoundError):
@@ -55,8 +56,7 @@ def test_cancel_of_unknown_and_finished_workflows(storage: str, wid: str, counte
     assert workflow.get_output(wid) == "quick"
 
 
-def test_delete_of_a_live_workflow_raises_intact(storage: str, wid: str, counter_dir: Path
-                                                 ) -> None:
+def test_delete_of_a_live_workflow_raises_intact(storage: str, wid: str, counter_dir: Path) -> None:
     ref = workflow.run_async(sleeper.bind(2, str(counter_dir), "d"), workflow_id=wid)
     with pytest.raises(WorkflowStillActiveError) as info:
         workflow.delete(wid)
@@ -87,8 +87,10 @@ def gated(marker: str, runs: str, name: str) -> str:
 def test_queue_limits_fifo_and_full_queue(fresh_storage: str, counter_dir: Path) -> None:
     workflow.init(fresh_storage, max_running_workflows=1, max_pending_workflows=2)
     marker = str(counter_dir.parent / "go")
-    refs = [workflow.run_async(gated.bind(marker, str(counter_dir), f"q{i}"), workflow_id=f"q{i}")
-            for i in range(3)]
+    refs = [
+        workflow.run_async(gated.bind(marker, str(counter_dir), f"q{i}"), workflow_id=f"q{i}")
+        for i in range(3)
+    ]
     assert workflow.get_status("q0") == workflow.RUNNING
     assert workflow.get_status("q1") == workflow.PENDING
     assert workflow.get_status("q2") == workflow.PENDING
@@ -102,20 +104,25 @@ def test_queue_limits_fifo_and_full_queue(fresh_storage: str, counter_dir: Path)
     Path(marker).touch()
     assert ray.get(refs[:2]) == ["q0", "q1"]
     assert count_runs(counter_dir, "q2-start") == 0
-    assert workflow.list_all({"SUCCESSFUL"}) == [("q0", workflow.SUCCESSFUL),
-                                                 ("q1", workflow.SUCCESSFUL)]
+    assert workflow.list_all({"SUCCESSFUL"}) == [
+        ("q0", workflow.SUCCESSFUL),
+        ("q1", workflow.SUCCESSFUL),
+    ]
 
 
 @pytest.mark.usefixtures("manager_runs")  # the manager's own recovery
 def test_manager_restart_resumes_running_workflows_by_itself(
-        fresh_storage: str, wid: str, counter_dir: Path) -> None:
+    fresh_storage: str, wid: str, counter_dir: Path
+) -> None:
     dag = sleeper.bind(0.3, str(counter_dir), "final")
     for i in range(6):
         dag = _then.bind(dag, i, str(counter_dir))
     workflow.run_async(dag, workflow_id=wid)
     wait_for(lambda: count_runs(counter_dir, "then2") == 1)
-    ray.kill(ray.get_actor(manager_name(config.normalise_storage(fresh_storage)),
-                           namespace=NAMESPACE), no_restart=False)
+    ray.kill(
+        ray.get_actor(manager_name(config.normalise_storage(fresh_storage)), namespace=NAMESPACE),
+        no_restart=False,
+    )
     # Nobody calls resume: the restarted manager resumes what storage says was running.
     wait_for(lambda: count_runs(counter_dir, "then5") == 1, timeout=120)
     assert count_runs(counter_dir, "final") == 1
@@ -134,7 +141,8 @@ def _then(prev: str, i: int, runs: str) -> str:
 
 
 def test_resume_all_brings_back_resumable_and_failed_on_request(
-        fresh_storage: str, counter_dir: Path) -> None:
+    fresh_storage: str, counter_dir: Path
+) -> None:
     workflow.init(fresh_storage, auto_resume=False)
     marker = counter_dir / "allow"
 

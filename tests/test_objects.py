@@ -483,10 +483,25 @@ def test_values_keep_their_exact_types_through_the_record_pickling() -> None:
 
     ref = ray.put(41)
     cases: list[Any] = [
-        True, 7, 2**80, 1.5, "s", b"b", None,
-        [True, 1], (1, "a"), {"a": 1, 2: None}, {}, (),
+        True,
+        7,
+        2**80,
+        1.5,
+        "s",
+        b"b",
+        None,
+        [True, 1],
+        (1, "a"),
+        {"a": 1, 2: None},
+        {},
+        (),
         list(range(100)),  # too long for the flat path
-        [[1]], {"k": [1]}, Label("x"), [Label("y")], {"r": ref}, [ref, ref],
+        [[1]],
+        {"k": [1]},
+        Label("x"),
+        [Label("y")],
+        {"r": ref},
+        [ref, ref],
     ]
     for value in cases:
         data, refs = serialization.dumps(value)

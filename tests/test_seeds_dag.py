@@ -153,12 +153,13 @@ def test_inplace_execution(storage: str, wid: str) -> None:
         if n == 0:
             return k
         return workflow.continuation(
-            exp_inplace.options(**workflow.options(allow_inplace=True)).bind(2 * k, n - 1))
+            exp_inplace.options(**workflow.options(allow_inplace=True)).bind(2 * k, n - 1)
+        )
 
-    assert workflow.create(exp_inplace.bind(3, 7)).run() == 3 * 2 ** 7
+    assert workflow.create(exp_inplace.bind(3, 7)).run() == 3 * 2**7
 
     # The same recursion without inplace execution, one task per step, agrees.
-    assert workflow.run(exp_remote.bind(3, 7), workflow_id=wid) == 3 * 2 ** 7
+    assert workflow.run(exp_remote.bind(3, 7), workflow_id=wid) == 3 * 2**7
     assert workflow.create(exp_inplace.bind(3, 7)).run(workflow_id=wid + "-inplace") == 384
     assert workflow.get_output(wid + "-inplace") == 384
 

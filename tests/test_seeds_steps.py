@@ -232,8 +232,10 @@ def test_example_9_idempotency_token_is_durable(storage: str, wid: str, counter_
     request_id = generate_id.step(runs)
     ticket = book_flight_idempotent.step(request_id, runs).run(wid)
     # The token is checkpointed: the same workflow again never makes a new one.
-    assert workflow.run(book_flight_idempotent.step(generate_id.step(runs), runs),
-                        workflow_id=wid) == ticket
+    assert (
+        workflow.run(book_flight_idempotent.step(generate_id.step(runs), runs), workflow_id=wid)
+        == ticket
+    )
     assert workflow.resume(wid) == ticket
     assert (count_runs(runs, "generate_id"), count_runs(runs, "book")) == (1, 1)
 

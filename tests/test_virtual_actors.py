@@ -252,7 +252,12 @@ def test_calls_that_reach_the_manager_out_of_order_run_in_the_handles_order(
     caller = uuid.uuid4().hex
     refs = {
         n: handle.actor_call.remote(
-            wid, uuid.uuid4().hex, "visit", ray.cloudpickle.dumps(((n,), {})), False, {},
+            wid,
+            uuid.uuid4().hex,
+            "visit",
+            ray.cloudpickle.dumps(((n,), {})),
+            False,
+            {},
             (caller, n),
         )
         for n in reversed(range(6))
@@ -368,9 +373,7 @@ def test_a_readonly_method_may_not_return_a_sub_workflow(storage: str, wid: str)
         Peek.get_or_create(wid).doubled.run()
 
 
-def test_an_actor_whose_id_ends_in_a_dot_may_return_a_sub_workflow(
-    storage: str, wid: str
-) -> None:
+def test_an_actor_whose_id_ends_in_a_dot_may_return_a_sub_workflow(storage: str, wid: str) -> None:
     actor = Actor.get_or_create(wid + ".")
     assert actor.double.run(False) == 2  # a sub-workflow computes double(1)
 
@@ -505,8 +508,7 @@ def test_a_step_calls_until_a_call_succeeds_and_never_after(
     call = ray.cloudpickle.dumps(((2,), {}))
 
     def attempt() -> Any:
-        ref = handle.actor_call.remote(actor.actor_id, "task", "add", call, False, {}, None,
-                                       wid)
+        ref = handle.actor_call.remote(actor.actor_id, "task", "add", call, False, {}, None, wid)
         return bridge.run(aio.get(ref))
 
     with pytest.raises(ValueError, match="not yet"):

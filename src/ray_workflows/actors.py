@@ -240,15 +240,19 @@ class Actors:
         (``self.m.step``), whose task id is ``call_id``: see :meth:`_step_call`."""
         actor = await self._get(actor_id)
         if readonly:
-            _, outcome, plan = await self._run(actor_id, actor, actor.state, method, call,
-                                               ray_options)
+            _, outcome, plan = await self._run(
+                actor_id, actor, actor.state, method, call, ray_options
+            )
             if plan is not None:
                 # A readonly call is not logged, so a sub-workflow it started could not be
                 # found again after a crash (and its steps could change the state twice).
-                outcome = _outcome("error", TypeError(
-                    f"Readonly virtual actor method {method!r} returned a step or DAG: only "
-                    "writer methods (logged, so their sub-workflow survives a crash) may."
-                ))
+                outcome = _outcome(
+                    "error",
+                    TypeError(
+                        f"Readonly virtual actor method {method!r} returned a step or DAG: only "
+                        "writer methods (logged, so their sub-workflow survives a crash) may."
+                    ),
+                )
             return await self._resolve(outcome)
         run = None if step is None else await self._run_of(step)
         if order is not None:
@@ -379,8 +383,9 @@ class Actors:
         call: bytes,
         ray_options: dict[str, Any],
     ) -> bytes:
-        state, outcome, plan = await self._run(actor_id, actor, actor.state, method, call,
-                                               ray_options)
+        state, outcome, plan = await self._run(
+            actor_id, actor, actor.state, method, call, ray_options
+        )
         if plan is not None:  # stored before the call commits; a replay finds it stored
             outcome = await self._sub_workflow(_sub_workflow_id(actor_id, seq), plan)
         await self.storage.put(_key(actor_id, "results", _seq(seq)), outcome)

@@ -51,8 +51,7 @@ log = get_logger()
 
 def _unstored(wid: str, exc: Exception) -> WorkflowError:
     error = WorkflowError(
-        f"Workflow {wid!r} finished, but its status could not be stored ({exc}); "
-        "it is RESUMABLE.",
+        f"Workflow {wid!r} finished, but its status could not be stored ({exc}); it is RESUMABLE.",
         workflow_id=wid,
     )
     error.__cause__ = exc

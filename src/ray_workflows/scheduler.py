@@ -270,8 +270,10 @@ class WorkflowRun:
             # Consumers start as soon as a receipt arrives; the workflow is done only
             # when every output it reported is durable.
             self._acks = {t for t in self._acks if not t.done()}
-            if seal is not None and self.store.storage.ordered_batches and not (
-                self._acks or self.running
+            if (
+                seal is not None
+                and self.store.storage.ordered_batches
+                and not (self._acks or self.running)
             ):
                 # Nothing left that could add a record or an acknowledgement.
                 await self.packs.drain(then=seal)
@@ -414,9 +416,7 @@ class WorkflowRun:
                     self.running[then] = (None, None)
                 return None
             return then
-        sent = self.executor.submit(
-            then is not None, name, fixed, inputs, spec.options.ray_options
-        )
+        sent = self.executor.submit(then is not None, name, fixed, inputs, spec.options.ray_options)
         deliver(tuple(sent), False, False)
         return then
 
@@ -580,9 +580,7 @@ class WorkflowRun:
                 functools.partial(self._arrived, tid, receipt_ref, value_ref, activity),
             )
         else:
-            task = asyncio.get_running_loop().create_task(
-                self._await(tid, receipt_ref, value_ref)
-            )
+            task = asyncio.get_running_loop().create_task(self._await(tid, receipt_ref, value_ref))
             self.running[tid] = (task, receipt_ref)
         if self.debug:
             self.log.debug(

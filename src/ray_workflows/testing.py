@@ -100,9 +100,7 @@ class StorageConformance:
         assert await storage.put_if_absent_many({}) == {}
         assert await storage.put_if_absent_many({"many/a": b"x"}) == {"many/a": False}
 
-    async def test_concurrent_put_if_absent_many_one_winner_per_key(
-        self, storage: Storage
-    ) -> None:
+    async def test_concurrent_put_if_absent_many_one_winner_per_key(self, storage: Storage) -> None:
         keys = ["race/a", "race/b", "race/sub/c"]
         results = await asyncio.gather(
             *(
