@@ -291,11 +291,6 @@ class FileStorage(Storage):
         if paths:
             await self._run("discard_many", _several(keys), _unlink_all, paths)
 
-    def discard_many_blocking(self, keys: list[str]) -> None:
-        paths = [self._path(key) for key in keys]
-        if paths:
-            self._call("discard_many", _several(keys), _unlink_all, paths)
-
     async def delete_prefix(self, prefix: str) -> int:
         check_prefix(prefix)
         return await self._run("delete_prefix", repr(prefix), _delete_prefix, self._root, prefix)

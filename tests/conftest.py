@@ -105,11 +105,3 @@ def counter_dir(tmp_path: Path) -> Path:
     path = tmp_path / "runs"
     path.mkdir()
     return path
-
-
-@pytest.fixture
-def manager_runs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Workflows started in this test run in the manager, never directly (see
-    ray_workflows.direct): for tests of the manager's scheduler, whose small chains
-    would otherwise run directly, without it."""
-    monkeypatch.setenv("RAY_WORKFLOWS_DIRECT", "0")

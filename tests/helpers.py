@@ -39,19 +39,6 @@ def lease_record(uri: str, wid: str) -> dict[str, object]:
     return record
 
 
-def lease_owner(uri: str, wid: str) -> str:
-    return str(lease_record(uri, wid)["owner"])
-
-
-def status_keys(uri: str, wid: str) -> list[str]:
-    """The status markers stored for workflow ``wid`` (one once its status settled)."""
-    from ray_workflows import bridge, config
-    from ray_workflows.plugins import open_storage
-
-    keys = bridge.run(open_storage(config.normalise_storage(uri)).list("status/"))
-    return sorted(k for k in keys if k.endswith("/" + wid))
-
-
 def wait_for(predicate: Callable[[], bool], timeout: float = 60.0) -> None:
     """Poll ``predicate`` every 50 ms until it is true; TimeoutError after ``timeout`` s."""
     deadline = time.monotonic() + timeout

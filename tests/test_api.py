@@ -459,14 +459,12 @@ def _other(x: int, runs: str) -> int:
     return x
 
 
-@pytest.mark.parametrize("direct", ["1", "0"], ids=["direct", "manager"])
 def test_run_or_resume_of_a_live_id_joins_it_without_running_the_new_dag(
-    storage: str, wid: str, counter_dir: Path, monkeypatch: pytest.MonkeyPatch, direct: str
+    storage: str, wid: str, counter_dir: Path
 ) -> None:
     # An id that is already stored resumes that workflow; one that is running is
-    # joined, whether its manager runs it or its driver's direct run does (Ray 2.47
-    # raised RuntimeError; a workflow engine's caller wants the one result).
-    monkeypatch.setenv("RAY_WORKFLOWS_DIRECT", direct)
+    # joined (Ray 2.47 raised RuntimeError; a workflow engine's caller wants the one
+    # result).
     runs = str(counter_dir)
     first = workflow.run_async(_other.bind(_slow_inc.bind(1, runs), runs), workflow_id=wid)
     time.sleep(0.5)

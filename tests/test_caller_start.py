@@ -28,9 +28,6 @@ from ray_workflows.lease import grant, lease_key
 from ray_workflows.plugins import open_storage
 from ray_workflows.store import WorkflowStore
 
-# The manager's scheduler is what these tests test: no direct runs.
-pytestmark = pytest.mark.usefixtures("manager_runs")
-
 
 @ray.remote
 def step(runs: str, value: int) -> int:

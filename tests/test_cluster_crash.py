@@ -125,9 +125,7 @@ def crashed(live_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> 
             emit(started=True)  # and exit: the workflows go on without this driver
             """,
         )
-        # Run by the manager, so that its task in flight outlives this driver (a direct
-        # run's task ends with its driver: ray_workflows.direct, hand_over_at_exit).
-        assert old.run(driver, env={"RAY_WORKFLOWS_DIRECT": "0"}) == {"started": True}
+        assert old.run(driver) == {"started": True}
         for case in (auto, manual):
             # Half-way: steps before the gate finished, the gate's task in flight.
             assert case.counts("done")[:GATE] == [1] * GATE

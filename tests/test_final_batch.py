@@ -17,9 +17,6 @@ from ray_workflows.plan import compile_dag
 from ray_workflows.status import WorkflowStatus
 from ray_workflows.store import PackWriter
 
-# The manager's scheduler is what these tests test: no direct runs.
-pytestmark = pytest.mark.usefixtures("manager_runs")
-
 
 @ray.remote
 def add(a: int, b: int) -> int:

@@ -13,7 +13,6 @@ import signal
 import time
 from pathlib import Path
 
-import pytest
 import ray
 from helpers import count_runs, record_run, wait_for
 
@@ -21,9 +20,6 @@ import ray_workflows as workflow
 from ray_workflows import bridge, config
 from ray_workflows.plugins import open_storage
 from ray_workflows.store import task_key
-
-# The manager's scheduler is what these tests test: no direct runs.
-pytestmark = pytest.mark.usefixtures("manager_runs")
 
 
 def _task() -> str:

@@ -12,7 +12,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import pytest
 import ray
 from helpers import count_runs, record_run
 
@@ -20,9 +19,6 @@ import ray_workflows as workflow
 from ray_workflows.engine import Engine
 from ray_workflows.plan import compile_dag
 from ray_workflows.plugins import open_storage
-
-# The manager's scheduler is what these tests test: no direct runs.
-pytestmark = pytest.mark.usefixtures("manager_runs")
 
 
 @ray.remote

@@ -21,10 +21,9 @@ from typing import Any, NamedTuple
 
 from ray.exceptions import RayTaskError
 
-from ray_workflows import config, direct
+from ray_workflows import config
 from ray_workflows.ids import check_id, new_workflow_id
 from ray_workflows.lease import grant, lease_key
-from ray_workflows.manager import manager_name
 from ray_workflows.options import check_metadata
 from ray_workflows.plan import EXTERNAL, compile_dag
 from ray_workflows.plugins import open_storage
@@ -56,7 +55,6 @@ class Prepared(NamedTuple):
     workflow_id: str
     plan: Any  # the Plan, or its stored record (bytes) when it holds no live ObjectRefs
     meta: dict[str, Any]  # its meta.json as it starts (also in the encoded plan's header)
-    direct: bool = False  # it may run directly (see ray_workflows.direct)
 
 
 def prepare(
@@ -89,7 +87,7 @@ def prepare(
     meta = running_meta(plan.output_task_id, check_metadata(metadata))
     if not any(spec.arg_refs for spec in plan.tasks.values()):
         encoded = WorkflowStore.encode_plan(plan, meta=meta)
-        return Prepared(wid, encoded, meta, direct.enabled() and direct.eligible(plan))
+        return Prepared(wid, encoded, meta)
     return Prepared(wid, plan, meta)
 
 
@@ -118,42 +116,25 @@ def start_blocking(prepared: Prepared) -> Any:
     store = WorkflowStore(open_storage(cfg.storage))
     if handle is None or lease is None or not store.storage.blocking_batches:
         return None
-    wid, plan, meta, _ = prepared
-    leased = store.create_started_blocking(wid, plan, meta["status"], lease[:2])
-    return None if leased is None else _hand_over(cfg, handle, prepared, lease, leased)
+    wid, plan, meta = prepared
+    leased = store.create_started_blocking(wid, plan, meta["status"], lease)
+    return None if leased is None else _hand_over(handle, prepared, lease, leased)
 
 
-def _caller_lease(cfg: config.Config, prepared: Prepared) -> tuple[str, bytes, str | None] | None:
+def _caller_lease(cfg: config.Config, prepared: Prepared) -> tuple[str, bytes] | None:
     """The lease record to store with a new workflow if the caller stores it (see
-    :func:`start`), else ``None``: ``(key, record, direct owner)``. Granted to the
-    manager, or to a direct run (the owner is then the third item, else ``None``)."""
+    :func:`start`), granted to the manager, else ``None``: ``(key, record)``."""
     info = config.described(cfg)
     if not isinstance(prepared.plan, bytes) or info is None or not info["caller_stores"]:
         return None
     wid = prepared.workflow_id
-    mine = prepared.direct and info.get("direct") and direct.caller_may()
-    owner = direct.owner_id() if mine else None
-    return lease_key(wid), grant(wid, owner or info["owner"], info["ttl"]), owner
+    return lease_key(wid), grant(wid, info["owner"], info["ttl"])
 
 
-def _hand_over(
-    cfg: config.Config,
-    handle: Any,
-    prepared: Prepared,
-    lease: tuple[str, bytes, str | None],
-    leased: bool,
-) -> Any:
-    """Hand a workflow the caller stored to the manager, or run it directly (see
-    :mod:`ray_workflows.direct`); the ref of its output."""
-    wid, plan, meta, _ = prepared
-    _, record, owner = lease
-    if owner is not None and leased:
-        name = manager_name(cfg.storage)
-        data = direct.call(wid, plan, meta, cfg.storage, owner, record, name)
-        return direct.submit(data, wid, owner, name)
-    return handle.run.remote(
-        run_call(wid, plan, meta, record if leased and owner is None else None)
-    )
+def _hand_over(handle: Any, prepared: Prepared, lease: tuple[str, bytes], leased: bool) -> Any:
+    """Hand a workflow the caller stored to the manager; the ref of its output."""
+    wid, plan, meta = prepared
+    return handle.run.remote(run_call(wid, plan, meta, lease[1] if leased else None))
 
 
 def run_call(wid: str, plan: bytes, meta: dict[str, Any], lease: bytes | None) -> bytes:
@@ -176,12 +157,12 @@ async def start(prepared: Prepared) -> Any:
     it stores it instead."""
     cfg = config.current()
     handle = await config.manager(cfg)
-    wid, plan, meta, _ = prepared
+    wid, plan, meta = prepared
     lease = _caller_lease(cfg, prepared)
     if lease is not None:
-        leased = await _store(cfg.storage).create_started(wid, plan, meta["status"], lease[:2])
+        leased = await _store(cfg.storage).create_started(wid, plan, meta["status"], lease)
         if leased is not None:
-            return _hand_over(cfg, handle, prepared, lease, leased)
+            return _hand_over(handle, prepared, lease, leased)
     await get(handle.submit.remote(wid, plan, meta["user_metadata"]))
     return handle.result.remote(wid)
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import json
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
 import ray
@@ -35,7 +34,7 @@ from ray_workflows.exceptions import (
 )
 from ray_workflows.executor import Executor
 from ray_workflows.ids import IdAllocator
-from ray_workflows.lease import Lease, LeaseInfo, LeaseManager, is_direct, new_owner_id
+from ray_workflows.lease import Lease, LeaseInfo, LeaseManager, new_owner_id
 from ray_workflows.log import get_logger
 from ray_workflows.options import check_metadata
 from ray_workflows.plan import Plan
@@ -43,7 +42,7 @@ from ray_workflows.recovery import Recovery
 from ray_workflows.scheduler import WorkflowRun
 from ray_workflows.status import WorkflowStatus
 from ray_workflows.storage import Storage
-from ray_workflows.store import running_meta, status_key, task_key, wf_prefix
+from ray_workflows.store import running_meta, task_key
 from ray_workflows.worker import INLINE_RECORD_BYTES
 
 log = get_logger()
@@ -85,9 +84,7 @@ class Engine:
     A workflow runs only while this engine holds its lease (:mod:`ray_workflows.lease`),
     so two engines sharing a storage never run it at once. ``owner_prefix`` names this
     engine's lineage: leases of an owner with that prefix belong to an earlier, dead
-    incarnation (the manager actor restarted by Ray) and are taken over at once; so
-    are those of owners for which ``dead_owner(owner)`` is true (direct runs whose
-    job or cluster ended: :class:`ray_workflows.direct.DeadOwners`).
+    incarnation (the manager actor restarted by Ray) and are taken over at once.
     """
 
     def __init__(
@@ -97,7 +94,6 @@ class Engine:
         owner_prefix: str | None = None,
         lease_ttl: float | None = None,
         clock: Clock | str | None = None,
-        dead_owner: Callable[[str], bool] | None = None,
     ) -> None:
         self.storage = storage
         if isinstance(clock, str):
@@ -105,16 +101,14 @@ class Engine:
         owner = new_owner_id(owner_prefix or "")
 
         def supersedes(other: str) -> bool:
-            if owner_prefix and other.startswith(owner_prefix) and other != owner:
-                return True
-            return dead_owner is not None and dead_owner(other)
+            return bool(owner_prefix) and other.startswith(owner_prefix or "") and other != owner
 
         self.leases = LeaseManager(
             storage,
             owner,
             ttl=lease_ttl,
             on_lost=self._lease_lost,
-            supersedes=supersedes if owner_prefix or dead_owner else None,
+            supersedes=supersedes if owner_prefix else None,
         )
         self.executor = Executor(storage, clock)
         self.store = self.executor.store
@@ -419,9 +413,7 @@ class Engine:
         where, who = "another manager", "that manager"
         if info is not None:
             left = max(0.0, info.expires_at - time.time())
-            kind = "the direct run" if is_direct(info.owner) else "manager"
-            where = f"{kind} {info.owner!r} (its lease expires in {left:.0f} s)"
-            who = "it" if is_direct(info.owner) else who
+            where = f"manager {info.owner!r} (its lease expires in {left:.0f} s)"
         return WorkflowRunningElsewhereError(
             f"Workflow {workflow_id!r} is running in {where} sharing this storage; it is "
             f"taken over here only if {who} stops renewing its lease.",
@@ -470,11 +462,6 @@ class Engine:
         if info.owner != self.leases.owner:
             return True
         return handed_over and workflow_id not in self.leases.held
-
-    async def runs_directly(self, workflow_id: str) -> bool:
-        """Whether a direct run (:mod:`ray_workflows.direct`) holds the workflow's lease."""
-        info = await self.leases.holder(workflow_id)
-        return info is not None and is_direct(info.owner)
 
     def _close(self, workflow_id: str) -> None:
         self._closed[workflow_id] = None
@@ -552,7 +539,7 @@ class Engine:
         self, workflow_id: str, stored: str, *, handed_over: bool = True
     ) -> WorkflowStatus:
         """The status of a workflow whose stored status is ``stored``: RESUMABLE if it
-        was running but nobody runs it now (here, another manager, or a direct run)."""
+        was running but nobody runs it now (here, or another manager)."""
         status = self._derive(workflow_id, stored)
         if status == WorkflowStatus.RESUMABLE and await self._held_elsewhere(
             workflow_id, handed_over=handed_over
@@ -641,7 +628,7 @@ class Engine:
             held = await self._held_status(workflow_id, meta["status"] if meta else "RUNNING")
             if held not in (WorkflowStatus.RUNNING, WorkflowStatus.PENDING):
                 raise
-            # Not stored yet, in a run elsewhere (another manager, a direct run) or
+            # Not stored yet, in a run elsewhere (another manager) or
             # orphaned: ask again once the workflow is over, as for a run here.
             await self.result(workflow_id)
             key = await self.recovery.locate(workflow_id, task_id)
@@ -714,24 +701,15 @@ class Engine:
             log.info("workflow.canceled", workflow_id=workflow_id)
             return
         async with self._lock(workflow_id):
-            for _ in range(3):
-                # One being handed over to this engine is canceled before it starts.
-                status = await self._status(workflow_id, handed_over=False)
-                if status in (WorkflowStatus.SUCCESSFUL, WorkflowStatus.CANCELED):
-                    log.info(
-                        "workflow.cancel_ignored", workflow_id=workflow_id, status=status.value
-                    )
-                    return
-                if status not in (WorkflowStatus.RUNNING, WorkflowStatus.PENDING):
-                    break
-                if await self.runs_directly(workflow_id):
-                    if await self._cancel_direct(workflow_id):
-                        return
-                elif await self._held_elsewhere(workflow_id):
-                    raise await self._elsewhere(workflow_id)
-                # Its run ended meanwhile (a direct run that failed and let its lease go,
-                # say): what it stored decides, as for a cancel that came after it.
-            else:
+            # One being handed over to this engine is canceled before it starts.
+            status = await self._status(workflow_id, handed_over=False)
+            if status in (WorkflowStatus.SUCCESSFUL, WorkflowStatus.CANCELED):
+                log.info("workflow.cancel_ignored", workflow_id=workflow_id, status=status.value)
+                return
+            if status in (
+                WorkflowStatus.RUNNING,
+                WorkflowStatus.PENDING,
+            ) and await self._held_elsewhere(workflow_id):
                 raise await self._elsewhere(workflow_id)
             meta = (
                 await self.store.read_meta(workflow_id)
@@ -744,33 +722,6 @@ class Engine:
             self._close(workflow_id)
             log.info("workflow.canceled", workflow_id=workflow_id, was=status.value)
 
-    async def _cancel_direct(self, workflow_id: str) -> bool:
-        """Cancel a direct run (:mod:`ray_workflows.direct`): store CANCELED unless it
-        stored its own final status first, and wait a while for it to stop (it reads
-        the status at its next task boundary, or within a second ends the worker
-        running a long task), as a cancel here waits for the run. ``False`` if the run
-        stored its status first: the caller looks at it again (a failure is then
-        marked CANCELED, as a cancel after it would; a success stands)."""
-        meta = await self.store.started_meta(workflow_id) or {"user_metadata": {}}
-        meta.update(status=WorkflowStatus.CANCELED.value, end_time=time.time())
-        marker = status_key(WorkflowStatus.CANCELED.value, workflow_id)
-        await self.storage.put(marker, b"")  # first: an index scan must find it
-        created = await self.storage.put_if_absent(
-            wf_prefix(workflow_id) + "meta.json", json.dumps(meta).encode()
-        )
-        if not created:  # it finished first
-            stored = await self.store.read_meta(workflow_id)
-            if stored is None or stored.get("status") != WorkflowStatus.CANCELED.value:
-                await self.storage.discard_many([marker])  # (not another cancel's)
-            return False
-        self._close(workflow_id)
-        log.info("workflow.canceled", workflow_id=workflow_id, direct=True)
-        delay, deadline = 0.02, time.monotonic() + 10
-        while await self.runs_directly(workflow_id) and time.monotonic() < deadline:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.5)
-        return True
-
     async def delete(self, workflow_id: str) -> None:
         """Remove everything stored for a workflow that is not running or pending."""
         async with self._lock(workflow_id):
@@ -779,7 +730,6 @@ class Engine:
             status = await self._status(workflow_id, handed_over=True)
             # Another manager may also be resuming it while its stored status is still
             # FAILED: its live lease says so.
-            # (A direct run leaves its lease to expire when it succeeds.)
             if status in (WorkflowStatus.RUNNING, WorkflowStatus.PENDING) or (
                 status != WorkflowStatus.SUCCESSFUL and await self._held_elsewhere(workflow_id)
             ):

@@ -79,7 +79,6 @@ import math
 import os
 import secrets
 import socket
-import threading
 import time
 import types
 from collections.abc import Callable, Mapping
@@ -186,78 +185,6 @@ def grant(workflow_id: str, owner: str, ttl: float, now: float | None = None) ->
     it with :meth:`LeaseManager.adopt`. Written with ``put_if_absent`` like any acquire."""
     now = time.time() if now is None else now
     return _encode(LeaseInfo(workflow_id, owner, 1, now + ttl, ttl, now, now))
-
-
-#: Owners of this prefix are direct runs (:mod:`ray_workflows.direct`): one Ray task
-#: that a caller submitted runs the workflow, without a manager.
-DIRECT_PREFIX = "direct:"
-
-
-def is_direct(owner: str) -> bool:
-    return owner.startswith(DIRECT_PREFIX)
-
-
-class BlockingLease:
-    """A lease held by blocking code without an event loop of its own (a direct run in
-    a worker): the record bytes it last wrote, renewed and released by
-    ``compare_and_set`` through the bridge loop, like :class:`LeaseManager` does. Valid
-    until ``ttl / 5`` (the default ``max_skew``) before its stored expiry."""
-
-    def __init__(self, storage: Storage, workflow_id: str, raw: bytes) -> None:
-        info = _decode(workflow_id, raw)
-        if info is None:
-            raise ValueError(f"not a lease record: {raw!r:.80}")
-        self.storage, self.info, self.raw = storage, info, raw
-        self.lost = False
-        self._lock = threading.Lock()
-
-    @classmethod
-    def stored(cls, storage: Storage, workflow_id: str, owner: str) -> BlockingLease | None:
-        """The stored lease of ``workflow_id`` if ``owner`` still holds it, else ``None``."""
-        from ray_workflows import bridge
-
-        raw = bridge.run(storage.get(lease_key(workflow_id)))
-        info = None if raw is None else _decode(workflow_id, raw)
-        if raw is None or info is None or info.owner != owner or info.released:
-            return None
-        return cls(storage, workflow_id, raw)
-
-    def valid(self) -> bool:
-        return not self.lost and time.time() < self.info.expires_at - self.info.ttl / 5
-
-    def renew(self) -> bool:
-        now = time.time()
-        return self._replace(
-            dataclasses.replace(self.info, renewed_at=now, expires_at=now + self.info.ttl)
-        )
-
-    def release(self) -> bool:
-        now = time.time()
-        return self._replace(dataclasses.replace(self.info, expires_at=now, released=True))
-
-    def lose(self) -> None:
-        """Known to be held by another owner now (it wrote what this lease guards)."""
-        with self._lock:
-            self.lost = True
-
-    def _replace(self, info: LeaseInfo) -> bool:
-        from ray_workflows import bridge
-
-        with self._lock:
-            if self.lost:
-                return False
-            data = _encode(info)
-            key = lease_key(info.workflow_id)
-            try:
-                done = bridge.run(self.storage.compare_and_set(key, self.raw, data))
-            except Exception as exc:  # it expires by itself; valid() says when
-                log.warning("lease.renew_failed", workflow_id=info.workflow_id, error=str(exc))
-                return False
-            if not done:
-                self.lost = True
-                return False
-            self.info, self.raw = info, data
-            return True
 
 
 def _decode(workflow_id: str, raw: bytes) -> LeaseInfo | None:

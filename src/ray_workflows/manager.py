@@ -12,15 +12,13 @@ import asyncio
 import hashlib
 import pickle
 import secrets
-from collections.abc import Awaitable
 from typing import Any
 
 import ray
 
-from ray_workflows import direct, serialization
+from ray_workflows import serialization
 from ray_workflows.actors import Actors
 from ray_workflows.engine import Engine, load_clock
-from ray_workflows.exceptions import WorkflowError, WorkflowRunningElsewhereError
 from ray_workflows.log import get_logger
 from ray_workflows.plan import Plan
 from ray_workflows.plugins import open_storage
@@ -102,13 +100,11 @@ class WorkflowManager:
         # Leases of this manager's earlier incarnations in this cluster (Ray restarted
         # the actor, or the head came back at the same address) are taken over at once.
         lineage = f"{ray.get_runtime_context().gcs_address}|{manager_name(storage_uri)}|"
-        self._dead_owners = direct.DeadOwners()
         self.engine = Engine(
             open_storage(storage_uri),
             owner_prefix=lineage,
             lease_ttl=lease_ttl,
             clock=clock,
-            dead_owner=self._dead_owners,
         )
         self.actors = Actors(self.engine.storage, self._start_sub, self._sub_output)
         self._probe: tuple[str, bytes] | None = None  # see describe()
@@ -192,9 +188,7 @@ class WorkflowManager:
             plan = WorkflowStore.decode_plan(plan, f"the plan of {workflow_id!r}")
         else:
             encoded = None
-        await self._joining(
-            workflow_id, self.engine.start(workflow_id, plan, metadata, encoded=encoded)
-        )
+        await self.engine.start(workflow_id, plan, metadata, encoded=encoded)
 
     async def describe(self) -> dict[str, Any]:
         """What a caller needs to store new workflows itself (see ``aio.run_async``):
@@ -219,8 +213,6 @@ class WorkflowManager:
             "ttl": self.engine.leases.ttl,
             "caller_stores": caller_stores,
             "probe": probe,
-            # A workflow run directly is not counted by the running limit.
-            "direct": caller_stores and admission.max_running == -1 and direct.supported(),
         }
 
     async def run(self, call: bytes) -> ResolvingRef | InlineOutput:
@@ -253,35 +245,10 @@ class WorkflowManager:
             actor_id, call_id, method, call, readonly, options, order, step
         )
 
-    async def take_over(self, runs: list[tuple[str, str]]) -> int:
-        """Resume the direct runs ``(workflow id, owner)`` of a driver that is exiting
-        (see ``direct.hand_over_at_exit``): Ray ends their tasks with it. Returns how
-        many were taken over."""
-        self._dead_owners.add(owner for _, owner in runs)
-        taken = 0
-        for wid, _ in runs:
-            try:
-                await self.engine.resume(wid, existing_ok=True, load=False)
-                taken += 1
-            except WorkflowError as exc:  # finished meanwhile, canceled, ...
-                log.info("workflow.take_over_skipped", workflow_id=wid, error=str(exc))
-        return taken
-
     async def resume(self, workflow_id: str) -> None:
         """Resume a stored workflow; joins it if it already runs (e.g. auto-recovered)."""
         await self._recovered()
-        await self._joining(
-            workflow_id, self.engine.resume(workflow_id, existing_ok=True, load=False)
-        )
-
-    async def _joining(self, workflow_id: str, started: Awaitable[Any]) -> None:
-        """Await ``started`` (the engine starting or resuming ``workflow_id``). A direct
-        run of that id is joined instead, as a run here is: ``result()`` waits for it."""
-        try:
-            await started
-        except WorkflowRunningElsewhereError:
-            if not await self.engine.runs_directly(workflow_id):
-                raise
+        await self.engine.resume(workflow_id, existing_ok=True, load=False)
 
     async def result(self, workflow_id: str) -> ResolvingRef | InlineOutput:
         """The workflow's output, when it is done (resuming it if its manager died):

@@ -103,12 +103,6 @@ class Storage(abc.ABC):
         durable write). Only where :attr:`blocking_batches` is true."""
         raise NotImplementedError(f"{type(self).__name__} has no blocking batches")
 
-    def discard_many_blocking(self, keys: list[str]) -> None:
-        """:meth:`discard_many` in the calling thread, blocking it (a direct run drops
-        its workflow's old status marker with it). Only where :attr:`blocking_batches`
-        is true."""
-        raise NotImplementedError(f"{type(self).__name__} has no blocking batches")
-
     @abc.abstractmethod
     async def compare_and_set(self, key: str, expected: bytes | None, data: bytes) -> bool:
         """Replace the value of ``key`` with ``data`` only if it currently equals

@@ -90,28 +90,7 @@ def task_header(
     return data
 
 
-def task_call(
-    workflow_id: str, storage: Storage, spec: TaskSpec, slots: list[int | None]
-) -> TaskCall:
-    """What :func:`task_header` holds, unpickled: for a task run in this process."""
-    return TaskCall(
-        workflow_id=workflow_id,
-        task_id=spec.task_id,
-        storage=storage,
-        func_key=spec.func_key,
-        args=spec.args,
-        arg_refs=spec.arg_refs,
-        direct_slots=slots,
-        nested_refs=[None] * len(slots),
-        attempt=0,
-        options=spec.options,
-    )
-
-
-def _call_of(header: bytes | TaskCall, attempt: int, refs: tuple[Any, Any] | None) -> TaskCall:
-    if isinstance(header, TaskCall):
-        assert refs is None
-        return header if header.attempt == attempt else dataclasses.replace(header, attempt=attempt)
+def _call_of(header: bytes, attempt: int, refs: tuple[Any, Any] | None) -> TaskCall:
     wid, tid, uri, func_key, args, keys, slots, options = pickle.loads(header)
     arg_refs, nested = refs if refs is not None else (None, None)
     return TaskCall(
@@ -453,7 +432,7 @@ _flusher = _Flusher()
 
 
 def _execute(
-    header: bytes | TaskCall,
+    header: bytes,
     attempt: int,
     func_data: bytes,
     refs: tuple[Any, Any] | None,
