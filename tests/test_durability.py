@@ -88,7 +88,7 @@ def test_torn_checkpoint_is_never_read_as_an_output(
     assert workflow.run(_chain(3, counter_dir, 0.1), workflow_id=wid) == 3
     # Small outputs are committed in packs, several per write; a torn pack loses
     # every output in it, and only those. Tear the one holding the last step.
-    packs = sorted(Path(storage, "workflows", wid, "tasks").glob("*.pack"))
+    packs = sorted(Path(storage, "workflows", wid, "tasks").glob("*/*.pack"))
     members = {p: set(decode_pack(p.read_bytes(), str(p))) for p in packs}
     [out] = [p for p, tids in members.items() if "test_durability.step_2" in tids]
     lost = members[out]

@@ -69,7 +69,7 @@ async def test_packs_gather_records_and_drain_makes_them_durable() -> None:
     storage = open_storage(f"memory://{uuid.uuid4().hex}")
     store = Engine(storage).store
     flushed: list[str] = []
-    packs = PackWriter(store, "w", flushed.extend, lambda tid, exc: None)
+    packs = PackWriter(store, "w", flushed.extend, lambda tid, exc: None, lambda: 1)
     # Records that come within the gathering window share one write...
     for i in range(300):
         packs.add(f"t{i}", f"t{i}", b"record %d" % i)

@@ -29,7 +29,7 @@ def test_failing_writes_fail_the_workflow_clearly_and_it_resumes(
     _, control = faulty
     runs = str(counter_dir)
     dag = step.bind(step.bind(step.bind(0, "a", runs), "b", runs), "c", runs)
-    control.write_text(json.dumps({"fail": r"tasks/test_faults\.step_1\.(out|pack)$"}))
+    control.write_text(json.dumps({"fail": r"tasks/\d+/test_faults\.step_1\.(out|pack)$"}))
     with pytest.raises(workflow.WorkflowExecutionError) as info:
         workflow.run(dag, workflow_id="w")
     assert "injected write failure" in str(info.value)
@@ -50,7 +50,7 @@ def test_a_torn_write_is_never_read_as_an_output(
 ) -> None:
     _, control = faulty
     runs = str(counter_dir)
-    control.write_text(json.dumps({"tear": r"tasks/test_faults\.step_1\.(out|pack)$"}))
+    control.write_text(json.dumps({"tear": r"tasks/\d+/test_faults\.step_1\.(out|pack)$"}))
     assert workflow.run(step.bind(step.bind(0, "a", runs), "b", runs), workflow_id="t") == 2
     control.write_text("{}")
     # The final output was torn on its way to storage: reading it back is an error,

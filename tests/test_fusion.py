@@ -195,7 +195,7 @@ def test_a_producer_whose_consumer_runs_long_is_saved_before_the_consumer_ends(
     # The worker itself wrote the producer's output while the consumer still runs (an
     # output the engine commits would be in a pack, not under this key).
     store = open_storage(config.normalise_storage(storage))
-    key = task_key(wid, "source", "out")
+    key = task_key(wid, "source", "out", 1)  # the first lease's epoch
     wait_for(lambda: bridge.run(store.exists(key)), timeout=10)
     os.kill(int(pid_file.read_text()), signal.SIGKILL)
     assert ray.get(ref, timeout=120) == 21

@@ -12,7 +12,6 @@ import asyncio
 import collections
 import dataclasses
 import time
-from collections.abc import Coroutine
 from typing import Any
 
 import ray
@@ -42,7 +41,7 @@ from ray_workflows.recovery import Recovery
 from ray_workflows.scheduler import WorkflowRun
 from ray_workflows.status import WorkflowStatus
 from ray_workflows.storage import Storage
-from ray_workflows.store import running_meta, task_key
+from ray_workflows.store import running_meta
 from ray_workflows.worker import INLINE_RECORD_BYTES
 
 log = get_logger()
@@ -222,12 +221,14 @@ class Engine:
         lease: Lease,
         *,
         written: str | None = None,
+        stored: bytes | None = None,
     ) -> asyncio.Future[Any]:
         """Register ``run`` and start driving it. ``written``: the status already stored
-        with ``meta`` (the caller stored the workflow), which is not written again."""
+        with ``meta`` (the caller stored the workflow), which is not written again;
+        ``stored``: the bytes of its ``meta.json`` (``None``: it has none yet)."""
         wid = run.workflow_id
         self.leases.start()
-        run.lease = lease
+        run.lease, run.epoch = lease, lease.epoch
         self.runs[wid] = run
         finished: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._finished[wid] = finished
@@ -235,7 +236,7 @@ class Engine:
         if gate is not None:
             meta["status"] = WorkflowStatus.PENDING.value
         driver = asyncio.get_running_loop().create_task(
-            self._drive(run, meta, previous, finished, gate, lease, written)
+            self._drive(run, meta, previous, finished, gate, lease, written, stored)
         )
         self._drivers.add(driver)
         driver.add_done_callback(self._drivers.discard)
@@ -250,34 +251,36 @@ class Engine:
         gate: asyncio.Future[None] | None,
         lease: Lease,
         written: str | None,
+        stored: bytes | None,
     ) -> None:
+        """Run ``run`` to its end and store its status. ``stored``: the bytes of its
+        ``meta.json`` as the lease was taken (``None``: it has none yet); every status
+        write replaces exactly what this run last saw (see ``WorkflowStore.swap_meta``)."""
         wid = run.workflow_id
         old = meta["status"]
         outcome: Any
-        sealed: dict[str, Any] | None = None
 
-        def seal() -> Coroutine[Any, Any, None] | None:
-            # The final status, queued with the last checkpoints (see WorkflowRun.run).
-            nonlocal sealed
-            if run.lease.lost or not run.lease.valid():
-                return None  # said below, once the checkpoints are written
-            sealed = self._succeeded(meta, run)
-            return self.store.queue_meta(wid, sealed, old)
+        async def swap(status_was: str | None) -> None:
+            nonlocal stored
+            meta["lease_epoch"] = run.epoch
+            now = await self.store.swap_meta(wid, dict(meta), status_was, stored)
+            if now is None:
+                raise self._lost(wid)
+            stored = now
 
         try:
             # The status is written while the first tasks already run: the plan is
             # what makes the workflow durable, and it was stored before start returned.
             if meta["status"] != written:
-                await self.store.write_meta(wid, dict(meta), previous)
+                await swap(previous)
             if gate is not None:
                 log.info("workflow.pending", workflow_id=wid)
                 await gate
                 meta.update(status=WorkflowStatus.RUNNING.value, start_time=time.time())
-                await self.store.write_meta(wid, dict(meta), old)
+                await swap(old)
                 old = meta["status"]
-            outcome = await run.run(seal)
-            meta.update(sealed or self._succeeded(meta, run))
-            meta.pop("error", None)
+            outcome = await run.run()
+            meta.update(self._succeeded(meta, run))
             log.info("workflow.succeeded", workflow_id=wid)
         except WorkflowRunningElsewhereError as exc:
             outcome = exc  # the lease was lost: the new holder owns the status now
@@ -289,39 +292,27 @@ class Engine:
             meta.update(status=WorkflowStatus.FAILED.value, end_time=time.time(), error=str(exc))
             log.warning("workflow.failed", workflow_id=wid, error=str(exc))
         except Exception as exc:
-            if sealed is not None:  # the batch with the final status failed
-                log.exception("workflow.status_write_failed", workflow_id=wid)
-                outcome = _unstored(wid, exc)
-            else:
-                outcome = WorkflowExecutionError(
-                    f"Workflow {wid!r} failed inside the engine: {exc}", workflow_id=wid
-                )
-                outcome.__cause__ = exc
-                meta.update(
-                    status=WorkflowStatus.FAILED.value, end_time=time.time(), error=str(exc)
-                )
-                log.exception("workflow.engine_error", workflow_id=wid)
+            outcome = WorkflowExecutionError(
+                f"Workflow {wid!r} failed inside the engine: {exc}", workflow_id=wid
+            )
+            outcome.__cause__ = exc
+            meta.update(status=WorkflowStatus.FAILED.value, end_time=time.time(), error=str(exc))
+            log.exception("workflow.engine_error", workflow_id=wid)
         lease = run.lease
-        try:
-            if sealed is not None:
-                pass  # written with the last checkpoints (or failed with them, above)
-            elif lease.lost or not lease.valid():
-                if not isinstance(outcome, WorkflowRunningElsewhereError):
-                    outcome = WorkflowRunningElsewhereError(
-                        f"Workflow {wid!r} lost its lease before its final status was stored; "
-                        "another manager sharing the storage resumes it.",
-                        workflow_id=wid,
-                    )
-            else:
-                await self.store.write_meta(wid, meta, old)
-        except Exception as exc:  # the status could not be stored: it stays resumable
-            log.exception("workflow.status_write_failed", workflow_id=wid)
-            if not isinstance(outcome, BaseException):
+        final = False  # whether this run stored its final status
+        if not isinstance(outcome, WorkflowRunningElsewhereError):
+            try:
+                await swap(old)
+                final = True
+            except WorkflowRunningElsewhereError as exc:
+                outcome = exc
+            except Exception as exc:  # the status could not be stored: it stays resumable
+                log.exception("workflow.status_write_failed", workflow_id=wid)
                 outcome = _unstored(wid, exc)
         self.runs.pop(wid, None)
         self._finished.pop(wid, None)
         self.admission.release(wid)
-        if meta["status"] == WorkflowStatus.SUCCESSFUL.value and not lease.lost:
+        if final and meta["status"] == WorkflowStatus.SUCCESSFUL.value and not lease.lost:
             self.leases.drop(lease)  # nobody needs to take a finished workflow over
         else:
             await self.leases.release(lease)
@@ -330,6 +321,14 @@ class Engine:
             finished.set_exception(outcome)
         else:
             finished.set_result(outcome)
+
+    @staticmethod
+    def _lost(wid: str) -> WorkflowRunningElsewhereError:
+        return WorkflowRunningElsewhereError(
+            f"Workflow {wid!r} lost its lease before its status was stored; another manager "
+            "sharing the storage runs it now (nothing more of this run is stored).",
+            workflow_id=wid,
+        )
 
     @staticmethod
     def _succeeded(meta: dict[str, Any], run: WorkflowRun) -> dict[str, Any]:
@@ -393,11 +392,12 @@ class Engine:
             raise await self._elsewhere(workflow_id)
         try:
             # Re-read under the lease: the previous holder may have finished it meanwhile.
-            meta = await self.store.read_meta(workflow_id) or meta
+            now, stored = await self.store.read_meta_record(workflow_id)
+            meta = now or meta
             if meta["status"] in (WorkflowStatus.SUCCESSFUL.value, WorkflowStatus.CANCELED.value):
                 await self.leases.release(lease)
                 return await self._resume(workflow_id, existing_ok=existing_ok)
-            run = await self.recovery.rebuild(workflow_id, plan)
+            run = await self.recovery.rebuild(workflow_id, plan, lease.epoch)
         except BaseException:
             await self.leases.release(lease)
             raise
@@ -406,7 +406,7 @@ class Engine:
         meta.pop("end_time", None)
         meta.pop("error", None)
         log.info("workflow.resumed", workflow_id=workflow_id, pending=len(run.specs))
-        return self._launch(run, meta, previous, lease)
+        return self._launch(run, meta, previous, lease, stored=stored)
 
     async def _elsewhere(self, workflow_id: str) -> WorkflowRunningElsewhereError:
         info = await self.leases.holder(workflow_id)
@@ -438,8 +438,18 @@ class Engine:
             lease = None
         if lease is not None and self.runs.get(workflow_id) is run:
             log.info("lease.retaken", workflow_id=workflow_id, epoch=lease.epoch)
-            run.lease = lease
-            return
+            try:
+                # A new epoch: what the run wrote under the old one counts as far as
+                # it is stored now; later writes of the old epoch are a stale holder's.
+                await self.store.seal(
+                    workflow_id, lease.epoch, await self.store.task_records(workflow_id)
+                )
+            except Exception:
+                await self.leases.release(lease)
+                lease = None
+            else:
+                run.retake(lease)
+                return
         if lease is not None:
             await self.leases.release(lease)
         if self.runs.get(workflow_id) is run:
@@ -663,13 +673,12 @@ class Engine:
                 task_id=task_id,
             )
         stats: dict[str, Any] = {}
-        data = await self.store.read(task_key(workflow_id, task_id, "out"))
-        if data is None:  # a small output, committed in a pack
-            records = await self.store.task_records(workflow_id)
-            if task_id in records.packed:
-                data = records.members[records.packed[task_id]]
-        if data is None:  # a task that returned a continuation
-            data = await self.store.read(task_key(workflow_id, task_id, "cont"))
+        records = await self.store.task_records(workflow_id)
+        data = records.members.get(records.packed.get(task_id, ""))  # a small output
+        for record in ("out", "cont"):  # a big output; a task that continued
+            key = records.key(task_id, record)
+            if data is None and key is not None and key not in records.members:
+                data = await self.store.read(key)
         if data is not None:
             header = serialization.peek_header(data, task_id)
             stats = {k: header[k] for k in ("start_time", "end_time") if k in header}
@@ -711,14 +720,14 @@ class Engine:
                 WorkflowStatus.PENDING,
             ) and await self._held_elsewhere(workflow_id):
                 raise await self._elsewhere(workflow_id)
-            meta = (
-                await self.store.read_meta(workflow_id)
-                or await self.store.started_meta(workflow_id)
-                or {"user_metadata": {}}
-            )
+            meta, stored = await self.store.read_meta_record(workflow_id)
+            if meta is None:
+                meta = await self.store.started_meta(workflow_id) or {"user_metadata": {}}
             previous = meta.get("status")
             meta.update(status=WorkflowStatus.CANCELED.value, end_time=time.time())
-            await self.store.write_meta(workflow_id, meta, previous)
+            if await self.store.swap_meta(workflow_id, meta, previous, stored) is None:
+                # A run took it up (or ended it) meanwhile: cancel what it is now.
+                return await self.cancel(workflow_id)
             self._close(workflow_id)
             log.info("workflow.canceled", workflow_id=workflow_id, was=status.value)
 

@@ -22,7 +22,7 @@ from ray_workflows.ids import IdAllocator
 from ray_workflows.log import get_logger
 from ray_workflows.plan import Plan, TaskSpec
 from ray_workflows.scheduler import WorkflowRun
-from ray_workflows.store import TaskRecords, WorkflowStore, task_key
+from ray_workflows.store import TaskRecords, WorkflowStore
 
 if TYPE_CHECKING:
     from ray_workflows.executor import Executor
@@ -35,14 +35,18 @@ class Recovery:
         self.store = store
         self.executor = executor
 
-    async def rebuild(self, workflow_id: str, plan: Plan) -> WorkflowRun:
+    async def rebuild(self, workflow_id: str, plan: Plan, epoch: int) -> WorkflowRun:
+        """The run of ``workflow_id`` as its records say, for the holder of the lease at
+        ``epoch``: seals the records of earlier epochs first (see ray_workflows.store)."""
         records = await self.store.task_records(workflow_id)
+        await self.store.seal(workflow_id, epoch, records)
         counters = dict(plan.counters)
-        for base, n in (await self.store.load_ids(workflow_id)).items():
+        for base, n in (await self.store.load_ids(records)).items():
             counters[base] = max(n, counters.get(base, 0))
         run = WorkflowRun(
             workflow_id, self.store, self.executor, plan.output_task_id, IdAllocator(counters)
         )
+        run.epoch = epoch
         specs: dict[str, TaskSpec] = dict(plan.tasks)
         functions = dict(plan.functions)
         needed: dict[str, TaskSpec] = {}
@@ -79,9 +83,14 @@ class Recovery:
         for spec in needed.values():
             run.add_task(spec)
         for tid, recs in records.items():
+            for record in ("deadline", "unacked"):
+                key = records.key(tid, record)
+                if key is not None:
+                    run.recorded[(tid, record)] = key
             if "unacked" in recs and "out" in recs:
-                spec = specs.get(tid) or await self.find_spec(workflow_id, tid)
+                spec = specs.get(tid) or await self.find_spec(workflow_id, tid, records)
                 if spec is not None:
+                    run.recorded[(tid, "out")] = records.output_ref(tid)
                     run.unacked.append(spec)
         return run
 
@@ -117,15 +126,20 @@ class Recovery:
     ) -> str:
         """The newest task of the continuation chain rooted at ``root``; loads its plan."""
         parent = root
-        if "latest" in records.get(root, set()):
-            data = await self.store.read(task_key(workflow_id, root, "latest"))
+        latest = records.key(root, "latest")
+        if latest is not None:
+            data = await self.store.read(latest)
             if data is not None:
                 parent = serialization.peek_header(data, "latest")["task"]
         while True:
-            key = task_key(workflow_id, parent, "cont")
-            data = await self.store.read(key)
-            if data is None:
-                raise CheckpointError(f"Continuation record {key!r} is missing.", key=key)
+            key = records.key(parent, "cont")
+            data = None if key is None else await self.store.read(key)
+            if key is None or data is None:
+                raise CheckpointError(
+                    f"The continuation record of task {parent!r} of workflow {workflow_id!r} "
+                    "is missing.",
+                    key=key or parent,
+                )
             sub = WorkflowStore.decode_plan(data, key)
             specs.update(sub.tasks)
             functions.update(sub.functions)
@@ -150,16 +164,19 @@ class Recovery:
             task_id=task_id,
         )
 
-    async def find_spec(self, workflow_id: str, task_id: str) -> TaskSpec | None:
+    async def find_spec(
+        self, workflow_id: str, task_id: str, records: TaskRecords | None = None
+    ) -> TaskSpec | None:
         plan = await self.store.load_plan(workflow_id)
         if plan is None:
             raise WorkflowNotFoundError.of(workflow_id, self.store.storage.uri)
         if task_id in plan.tasks:
             return plan.tasks[task_id]
-        records = await self.store.task_records(workflow_id)
-        for tid, recs in records.items():
-            if "cont" in recs:
-                key = task_key(workflow_id, tid, "cont")
+        if records is None:
+            records = await self.store.task_records(workflow_id)
+        for tid in records:
+            key = records.key(tid, "cont")
+            if key is not None:
                 data = await self.store.read(key)
                 if data is not None:
                     sub = WorkflowStore.decode_plan(data, key)

@@ -22,7 +22,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -169,10 +169,16 @@ class WorkflowRun:
         self.result: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiters: dict[str, list[asyncio.Future[Any]]] = collections.defaultdict(list)
         self._pending_submit: list[str] = []
+        self._unleased: list[str] = []  # held back while the lease is not valid
         self._headers: dict[str, bytes] = {}  # pickled once per task, for every attempt
         # Event tasks committed before a crash, maybe without their acknowledgement.
         self.unacked: list[TaskSpec] = []
+        # Recovery: (task, record) -> the key of a record an earlier epoch wrote.
+        self.recorded: dict[tuple[str, str], str] = {}
         self.lease: Any = None  # the engine's lease on this workflow, while it runs
+        # The epoch of that lease: every record of this run is written under it (see
+        # ray_workflows.store, Fencing).
+        self.epoch = 0
         self._acks: set[asyncio.Task[None]] = set()  # event acknowledgements under way
         self._waits: dict[str, tuple[int, float | None]] = {}  # wait task -> its limits
         # Submitting ahead: the output ref (and a "receipt arrived" event) of each task
@@ -193,7 +199,9 @@ class WorkflowRun:
         self.unbatched: set[str] = set()  # tasks whose batch died: they run alone
         self.submit_ahead = SUBMIT_AHEAD
         self.fuse = FUSE
-        self.packs = PackWriter(store, workflow_id, self._packed, self._pack_failed)
+        self.packs = PackWriter(
+            store, workflow_id, self._packed, self._pack_failed, lambda: self.epoch
+        )
 
     # -- building the graph -----------------------------------------------------
     def add_plan(self, plan: Plan) -> None:
@@ -239,19 +247,23 @@ class WorkflowRun:
         self.done.add(tid)
         self.stored[tid] = ref
 
+    def retake(self, lease: Any) -> None:
+        """Go on under ``lease``, taken again after the old one ran out: new records
+        are written under its epoch."""
+        self.lease, self.epoch = lease, lease.epoch
+        self._headers.clear()
+        self._pending_submit.extend(self._unleased)
+        self._unleased.clear()
+        self._flush_submits()
+
     def link(self, output: str, root: str) -> None:
         self.root_of[output] = root
         self.roots.add(root)
 
     # -- running -----------------------------------------------------------------
-    async def run(self, seal: Callable[[], Coroutine[Any, Any, None] | None] | None = None) -> Any:
-        """Run until the output task is done; return the output's ObjectRef.
-
-        ``seal`` queues the final status, where the storage's batches land in order:
-        it is called once the output is done, so that the last checkpoints and the
-        status share one batch (it returns ``None`` if it queued nothing). Whether it
-        was called is its caller's to track; it is not called while anything still
-        runs (an event's acknowledgement finishes before the workflow does)."""
+    async def run(self) -> Any:
+        """Run until the output task is done and every output it reported is durable;
+        return the output's ObjectRef."""
         if self.output_task_id in self.done:
             self._resolve_output()
         for spec in self.unacked:
@@ -270,14 +282,6 @@ class WorkflowRun:
             # Consumers start as soon as a receipt arrives; the workflow is done only
             # when every output it reported is durable.
             self._acks = {t for t in self._acks if not t.done()}
-            if (
-                seal is not None
-                and self.store.storage.ordered_batches
-                and not (self._acks or self.running)
-            ):
-                # Nothing left that could add a record or an acknowledgement.
-                await self.packs.drain(then=seal)
-                return output
             await self.packs.drain()
             # Acknowledgements finish before the workflow does: a crash before then
             # repeats them on recovery (at least once).
@@ -387,6 +391,11 @@ class WorkflowRun:
         """Submit one attempt of ``tid``; return the consumer fused into its Ray task,
         if any (see :meth:`_fusable`)."""
         spec = self.specs[tid]
+        if self.lease is not None and not self.lease.valid():
+            # Past its lease's deadline (a paused process, a renewal too late): nothing
+            # starts until the lease is taken again (retake) or the run is abandoned.
+            self._unleased.append(tid)
+            return None
         if spec.kind in ("event", "wait"):
             self.started.setdefault(tid, time.time())
             runner = self._run_event(tid) if spec.kind == "event" else self._run_wait(tid)
@@ -525,7 +534,7 @@ class WorkflowRun:
         header = self._headers.get(tid)
         if header is None:
             header = self._headers[tid] = task_header(
-                self.workflow_id, self.store.storage, spec, slots
+                self.workflow_id, self.store.storage, spec, slots, self.epoch
             )
         live = None if all(isinstance(r, str) for r in spec.arg_refs) else spec.arg_refs
         refs = None if live is None and nested is None else (live, nested)
@@ -623,8 +632,8 @@ class WorkflowRun:
     async def _run_event(self, tid: str) -> None:
         spec = self.specs[tid]
         start = time.time()
-        key = task_key(self.workflow_id, tid, "out")
-        unacked = task_key(self.workflow_id, tid, "unacked")
+        key = task_key(self.workflow_id, tid, "out", self.epoch)
+        unacked = task_key(self.workflow_id, tid, "unacked", self.epoch)
 
         async def commit(event: Any) -> None:
             record = await self._value_record(event, start, time.time())
@@ -632,8 +641,8 @@ class WorkflowRun:
             await self.store.storage.put_many({unacked: b"", key: record})
 
         async def deadline(seconds: float) -> float:
-            stored_key = task_key(self.workflow_id, tid, "deadline")
-            data = await self.store.read(stored_key)
+            stored_key = task_key(self.workflow_id, tid, "deadline", self.epoch)
+            data = await self.store.read(self.recorded.get((tid, "deadline"), stored_key))
             if data is not None:
                 return float(data)
             at: float = self.executor.clock.time() + seconds
@@ -670,7 +679,7 @@ class WorkflowRun:
     async def _acknowledge(self, tid: str, listener: Any, event: Any) -> None:
         try:
             await event_tasks.acknowledge(self._event_context(tid), listener, event)
-            await self.store.storage.delete(task_key(self.workflow_id, tid, "unacked"))
+            await self.store.storage.delete(task_key(self.workflow_id, tid, "unacked", self.epoch))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -712,11 +721,9 @@ class WorkflowRun:
         try:
             # Only the listener (the first argument, a plain class or name) matters here.
             args, _ = serialization.loads(spec.args, [None] * len(spec.arg_refs), lambda p: None)
-            event = await self.executor.load(
-                self.workflow_id, task_key(self.workflow_id, tid, "out")
-            )
+            event = await self.executor.load(self.workflow_id, self.recorded[(tid, "out")])
             await event_tasks.acknowledge(self._event_context(tid), args[0], event)
-            await self.store.storage.delete(task_key(self.workflow_id, tid, "unacked"))
+            await self.store.storage.delete(self.recorded[(tid, "unacked")])
         except Exception:
             self.log.exception("event.acknowledge_failed", task_id=tid)
 
@@ -850,7 +857,7 @@ class WorkflowRun:
         spec = self.specs.get(tid)
         if spec is None or not spec.checkpoint or not self.store.storage.shared:
             return False
-        key = task_key(self.workflow_id, tid, "out")
+        key = task_key(self.workflow_id, tid, "out", self.epoch)
         if not await self.store.storage.exists(key):
             return False
         now = time.time()
@@ -914,7 +921,7 @@ class WorkflowRun:
         if receipt.record is not None:
             self.stored[target] = self.packs.add(target, tid, receipt.record)
         elif spec.checkpoint:
-            self.stored[target] = task_key(self.workflow_id, tid, "out")
+            self.stored[target] = task_key(self.workflow_id, tid, "out", self.epoch)
         self._release_inputs(spec)
         for waiter in self._waiters.pop(target, []):
             if not waiter.done():
@@ -963,13 +970,13 @@ class WorkflowRun:
         if spec.checkpoint:
             cont = WorkflowStore.encode_continuation(plan, receipt.start_time, receipt.end_time)
             writes = [
-                self.store.save_ids(self.workflow_id, dict(self.allocator.counters)),
-                self.store.put(task_key(self.workflow_id, tid, "cont"), cont),
+                self.store.save_ids(self.workflow_id, dict(self.allocator.counters), self.epoch),
+                self.store.put(task_key(self.workflow_id, tid, "cont", self.epoch), cont),
             ]
             if root != tid:
                 writes.append(
                     self.store.put(
-                        task_key(self.workflow_id, root, "latest"),
+                        task_key(self.workflow_id, root, "latest", self.epoch),
                         serialization.encode("latest", b"", task=tid),
                     )
                 )

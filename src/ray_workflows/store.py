@@ -7,16 +7,28 @@ Layout (all keys relative to the storage URI)::
                                           (absent until the first status change of a
                                           workflow its caller stored: the plan's header
                                           holds it, see started_meta)
-    workflows/<wid>/ids.json              task-id counters (continuations name their tasks)
     workflows/<wid>/lease                 which manager runs it, until when (ray_workflows.lease)
     workflows/<wid>/mailbox/...           events sent to the workflow (events.Mailbox owns it)
-    workflows/<wid>/tasks/<tid>.out       a task's committed output (its existence = done)
-    workflows/<wid>/tasks/<tid>.pack      several small outputs committed in one write, named
+    workflows/<wid>/tasks/<E>/<tid>.out   a task's committed output (its existence = done)
+    workflows/<wid>/tasks/<E>/<tid>.pack  several small outputs committed in one write, named
                                           after the first task in it (membership = done)
-    workflows/<wid>/tasks/<tid>.cont      the continuation plan the task returned
-    workflows/<wid>/tasks/<tid>.latest    newest continuation of the chain rooted here
+    workflows/<wid>/tasks/<E>/<tid>.cont  the continuation plan the task returned
+    workflows/<wid>/tasks/<E>/<tid>.latest  newest continuation of the chain rooted here
+    workflows/<wid>/tasks/<E>/ids.json    task-id counters (continuations name their tasks)
+    workflows/<wid>/seals/<E>             the records of epochs before E that count (JSON)
     workflows/<wid>/objects/<sha256>      checkpointed ObjectRef values
     status/<STATUS>/<wid>                 empty marker: the status index for list_all
+
+Fencing. ``<E>`` is the epoch of the lease its writer held (:mod:`ray_workflows.lease`):
+a runner, and every worker on its behalf, writes task records only under its own
+epoch, so no write of a stale runner can replace a record of a newer one. A runner
+that takes a workflow over at epoch ``E`` lists the records, then stores the keys it
+found in ``seals/<E>`` (written once) before it writes anything; readers believe a
+record of an epoch below the newest seal only if that seal names it. A stale holder
+that wakes up after the takeover (a paused process, a slow storage) can still add
+records under its old epoch, but no reader ever sees them. ``meta.json`` is the one
+record a runner replaces: it names the epoch that wrote it, and a runner replaces it
+only by ``compare_and_set`` against the bytes it last saw (:meth:`WorkflowStore.swap_meta`).
 
 A status change writes the new marker, then ``meta.json``, then deletes the old
 marker. A crash in between leaves two markers, and readers settle them from
@@ -42,7 +54,7 @@ import dataclasses
 import json
 import pickle
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from ray_workflows import bridge, serialization
@@ -65,10 +77,14 @@ def wf_prefix(wid: str) -> str:
     return f"workflows/{wid}/"
 
 
-def task_key(wid: str, tid: str, record: str) -> str:
-    # Flat: every record of a workflow's tasks in one directory, so a task's output
+def task_key(wid: str, tid: str, record: str, epoch: int) -> str:
+    # Flat per epoch: every record a holder writes in one directory, so a task's output
     # costs one file and one directory sync, not a new directory per task.
-    return f"workflows/{wid}/tasks/{tid}.{record}"
+    return f"workflows/{wid}/tasks/{epoch}/{tid}.{record}"
+
+
+def seal_key(wid: str, epoch: int) -> str:
+    return f"workflows/{wid}/seals/{epoch}"
 
 
 def status_key(status: str, wid: str) -> str:
@@ -76,8 +92,11 @@ def status_key(status: str, wid: str) -> str:
     return f"status/{status}/{wid}"
 
 
-def ids_key(wid: str) -> str:
-    return wf_prefix(wid) + "ids.json"
+def ids_key(wid: str, epoch: int) -> str:
+    return f"workflows/{wid}/tasks/{epoch}/{_IDS}"
+
+
+_IDS = "ids.json"
 
 
 def objects_prefix(wid: str) -> str:
@@ -94,7 +113,7 @@ def pack_ref(pack_key: str, tid: str) -> str:
 def split_ref(ref: str) -> tuple[str, str | None]:
     """``(storage key, member)`` of a record ref; member is None for an ``out`` key."""
     head, _, tail = ref.rpartition("/")
-    if head.endswith(".pack") and head.rsplit("/", 2)[-2] == "tasks":
+    if head.endswith(".pack") and head.rsplit("/", 3)[-3] == "tasks":
         return head, tail
     return ref, None
 
@@ -143,16 +162,32 @@ def running_meta(output_task_id: str, user_metadata: dict[str, Any]) -> dict[str
 
 class TaskRecords(dict[str, set[str]]):
     """tid -> the records it has ("out", "cont", "latest"); "out" also for outputs held
-    in packs, whose refs are in ``packed`` and member records in ``members``."""
+    in packs, whose refs are in ``packed`` and member records in ``members``. Only
+    records that count (see Fencing above); of several, the newest epoch's."""
 
     def __init__(self, wid: str) -> None:
         super().__init__()
         self.wid = wid
         self.packed: dict[str, str] = {}
         self.members: dict[str, bytes] = {}
+        self.where: dict[tuple[str, str], tuple[int, str]] = {}  # (tid, record) -> epoch, key
+        self.ids: tuple[int, str] | None = None  # the newest ids.json: epoch, key
+        self.counted: list[str] = []  # every key that counts, packs and ids.json included
+
+    def add(self, tid: str, record: str, epoch: int, key: str) -> None:
+        self.setdefault(tid, set()).add(record)
+        known = self.where.get((tid, record))
+        if known is None or known[0] <= epoch:
+            self.where[(tid, record)] = (epoch, key)
+
+    def key(self, tid: str, record: str) -> str | None:
+        """The key of ``tid``'s ``record`` that counts, if there is one."""
+        known = self.where.get((tid, record))
+        return None if known is None else known[1]
 
     def output_ref(self, tid: str) -> str:
-        return self.packed.get(tid) or task_key(self.wid, tid, "out")
+        packed = self.packed.get(tid)
+        return packed if packed is not None else self.where[(tid, "out")][1]
 
 
 class PackWriter:
@@ -175,8 +210,10 @@ class PackWriter:
         wid: str,
         on_flushed: Callable[[list[str]], None],
         on_error: Callable[[str, BaseException], None],
+        epoch: Callable[[], int],
     ) -> None:
         self._store, self._wid = store, wid
+        self._epoch = epoch  # of the lease the run holds: packs are written under it
         self._on_flushed, self._on_error = on_flushed, on_error
         self._batch: dict[str, bytes] = {}
         self._holders: list[str] = []
@@ -184,7 +221,6 @@ class PackWriter:
         self._task: asyncio.Task[None] | None = None
         self._hurry: asyncio.Future[None] | None = None  # cuts the gathering short
         self._draining = False
-        self._then: Callable[[], Coroutine[Any, Any, None] | None] | None = None
         self.pending: set[str] = set()  # holders whose record is not durable yet
         self.error: BaseException | None = None
 
@@ -192,7 +228,7 @@ class PackWriter:
         """Queue ``tid``'s record; ``holder`` (the task whose output it is) stays in
         ``pending`` until the record is durable."""
         if self._key is None:
-            self._key = task_key(self._wid, tid, "pack")
+            self._key = task_key(self._wid, tid, "pack", self._epoch())
         self._batch[tid] = record
         self._holders.append(holder)
         self.pending.add(holder)
@@ -222,10 +258,8 @@ class PackWriter:
             batch, holders, key = self._batch, self._holders, self._key
             self._batch, self._holders, self._key = {}, [], None
             assert key is not None
-            written = self._store.commit.enqueue(key, encode_pack(batch))
             try:
-                then = self._take_then() if self._draining else None
-                await (written if then is None else asyncio.gather(written, then))
+                await self._store.commit.enqueue(key, encode_pack(batch))
             except Exception as exc:
                 self.error = exc
                 self._on_error(next(iter(batch)), exc)
@@ -233,35 +267,14 @@ class PackWriter:
             self.pending.difference_update(holders)
             self._on_flushed(holders)
 
-    async def drain(
-        self, then: Callable[[], Coroutine[Any, Any, None] | None] | None = None
-    ) -> None:
-        """Wait until every queued record is durable (or raise the write's error).
-
-        ``then`` queues writes that must not land before the records (it returns what
-        waits for them, or ``None`` if it queued nothing), for a caller that adds no
-        more records. It is called once: right after the pack of the records still
-        gathering is queued, so that on a storage with ``ordered_batches`` both share
-        one batch; with nothing left gathering, once the pack being written landed."""
+    async def drain(self) -> None:
+        """Wait until every queued record is durable (or raise the write's error)."""
         self._draining = True
-        self._then = then
-        try:
-            while self._task is not None and not self._task.done():
-                self._hurry_up()
-                await asyncio.shield(self._task)
-        except BaseException:
-            self._then = None  # a drain given up on (the run is closing) writes nothing
-            raise
+        while self._task is not None and not self._task.done():
+            self._hurry_up()
+            await asyncio.shield(self._task)
         if self.error is not None:
-            self._then = None
             raise self.error
-        after = self._take_then()
-        if after is not None:
-            await after
-
-    def _take_then(self) -> Coroutine[Any, Any, None] | None:
-        then, self._then = self._then, None
-        return None if then is None else then()
 
 
 def _started_records(
@@ -488,34 +501,35 @@ class WorkflowStore:
 
     # -- meta and the status index --------------------------------------------
     async def read_meta(self, wid: str) -> dict[str, Any] | None:
+        return (await self.read_meta_record(wid))[0]
+
+    async def read_meta_record(self, wid: str) -> tuple[dict[str, Any] | None, bytes | None]:
+        """``meta.json`` and its bytes (what :meth:`swap_meta` expects), or ``None``s."""
         data = await self.storage.get(wf_prefix(wid) + "meta.json")
-        return None if data is None else dict(json.loads(data))
+        return (None, None) if data is None else (dict(json.loads(data)), data)
 
-    async def write_meta(self, wid: str, meta: dict[str, Any], old: str | None) -> None:
-        """Write ``meta`` (whose "status" may have changed from ``old``) and the index."""
-        await self.queue_meta(wid, meta, old)
-
-    def queue_meta(
-        self, wid: str, meta: dict[str, Any], old: str | None
-    ) -> Coroutine[Any, Any, None]:
-        """:meth:`write_meta`, queued now (in one batch with whatever was queued just
-        before it); await the result for it to be durable."""
+    async def swap_meta(
+        self, wid: str, meta: dict[str, Any], old: str | None, expected: bytes | None
+    ) -> bytes | None:
+        """Write ``meta`` (whose "status" may have changed from ``old``) and the index,
+        only if ``meta.json`` still holds ``expected`` (``None``: there is none): a
+        runner passes what it last wrote or read, so that nothing it writes after
+        another runner took the workflow over lands (see Fencing above). Returns the
+        bytes now stored, or ``None`` if ``meta.json`` had changed: nothing was
+        written but, maybe, the marker of the new status, which readers settle from
+        ``meta.json`` as they settle any pair of markers."""
         new = meta["status"]
-        items: dict[str, bytes] = {}
         if new != old:
-            # First, so in the batch the new marker lands before meta.json.
-            items[status_key(new, wid)] = b""
-        items[wf_prefix(wid) + "meta.json"] = json.dumps(meta).encode()
-        return self._meta_written(wid, new, old, self.commit.enqueue_many(items))
-
-    async def _meta_written(
-        self, wid: str, new: str, old: str | None, written: Awaitable[dict[str, bool]]
-    ) -> None:
-        await written
+            # First: an index scan must find the new status once meta.json has it.
+            await self.commit.put(status_key(new, wid), b"")
+        data = json.dumps(meta).encode()
+        if not await self.storage.compare_and_set(wf_prefix(wid) + "meta.json", expected, data):
+            return None
         if old and new != old:
             # Once the new marker is durable: a crash that brings the old one back
             # leaves two markers, settled from meta.json (see indexed()).
             self.commit.discard(status_key(old, wid))
+        return data
 
     async def indexed(self) -> dict[str, str]:
         """wid -> stored status, from the index (settling duplicates from meta.json)."""
@@ -535,19 +549,34 @@ class WorkflowStore:
 
     # -- task records ----------------------------------------------------------
     async def task_records(self, wid: str) -> TaskRecords:
-        """Every task record of a workflow. Packs are read (and checked: a torn pack is
-        deleted, so its tasks run again) to learn which outputs they hold."""
+        """Every task record of a workflow that counts (see Fencing above). Packs are
+        read (and checked: a torn pack is deleted, so its tasks run again) to learn
+        which outputs they hold."""
         prefix = wf_prefix(wid) + "tasks/"
+        listed, (sealed, counted) = await asyncio.gather(
+            self.storage.list(prefix), self._newest_seal(wid)
+        )
         records = TaskRecords(wid)
-        packs = []
-        for key in await self.storage.list(prefix):
-            tid, _, record = key[len(prefix) :].rpartition(".")
+        packs: list[tuple[int, str]] = []
+        for key in listed:
+            epoch_text, _, name = key[len(prefix) :].partition("/")
+            if not epoch_text.isdigit() or not name:
+                continue  # not a record (a stray key)
+            epoch = int(epoch_text)
+            if epoch < sealed and key not in counted:
+                continue  # a stale holder's, written after the takeover
+            records.counted.append(key)
+            if name == _IDS:
+                if records.ids is None or records.ids[0] <= epoch:
+                    records.ids = (epoch, key)
+                continue
+            tid, _, record = name.rpartition(".")
             if record == "pack":
-                packs.append(key)
+                packs.append((epoch, key))
             else:
-                records.setdefault(tid, set()).add(record)
-        datas = await asyncio.gather(*(self.storage.get(key) for key in packs))
-        for key, data in zip(packs, datas, strict=True):
+                records.add(tid, record, epoch, key)
+        datas = await asyncio.gather(*(self.storage.get(key) for _, key in packs))
+        for (epoch, key), data in zip(packs, datas, strict=True):
             if data is None:
                 continue
             try:
@@ -557,11 +586,34 @@ class WorkflowStore:
                 await self.storage.delete(key)
                 continue
             for tid, member in members.items():
+                known = records.where.get((tid, "out"))
+                if known is not None and known[0] > epoch:
+                    continue
                 ref = pack_ref(key, tid)
-                records.setdefault(tid, set()).add("out")
+                records.add(tid, "out", epoch, ref)
                 records.packed[tid] = ref
                 records.members[ref] = member
         return records
+
+    async def _newest_seal(self, wid: str) -> tuple[int, frozenset[str]]:
+        """The epoch of the newest seal and the keys of earlier epochs it counts."""
+        prefix = wf_prefix(wid) + "seals/"
+        epochs = [int(k[len(prefix) :]) for k in await self.storage.list(prefix)]
+        epochs = [e for e in epochs if e > 0]
+        if not epochs:
+            return 0, frozenset()
+        newest = max(epochs)
+        data = await self.storage.get(seal_key(wid, newest))
+        if data is None:  # deleted with the workflow meanwhile
+            return 0, frozenset()
+        return newest, frozenset(json.loads(data)["keys"])
+
+    async def seal(self, wid: str, epoch: int, records: TaskRecords) -> None:
+        """Before a runner that took ``wid`` over at ``epoch`` writes anything: only
+        ``records`` count of what earlier epochs wrote (see Fencing above)."""
+        data = json.dumps({"epoch": epoch, "keys": records.counted}).encode()
+        # Only the holder of ``epoch`` writes its seal; one that exists is its own.
+        await self.storage.put_if_absent(seal_key(wid, epoch), data)
 
     async def read(self, key: str) -> bytes | None:
         return await self.storage.get(key)
@@ -577,11 +629,13 @@ class WorkflowStore:
     async def put(self, key: str, data: bytes) -> None:
         await self.commit.put(key, data)
 
-    async def save_ids(self, wid: str, counters: dict[str, int]) -> None:
-        await self.commit.put(ids_key(wid), json.dumps(counters).encode())
+    async def save_ids(self, wid: str, counters: dict[str, int], epoch: int) -> None:
+        await self.commit.put(ids_key(wid, epoch), json.dumps(counters).encode())
 
-    async def load_ids(self, wid: str) -> dict[str, int]:
-        data = await self.storage.get(ids_key(wid))
+    async def load_ids(self, records: TaskRecords) -> dict[str, int]:
+        if records.ids is None:
+            return {}
+        data = await self.storage.get(records.ids[1])
         return {} if data is None else dict(json.loads(data))
 
     async def delete_workflow(self, wid: str) -> int:
@@ -606,6 +660,7 @@ __all__ = [
     "pack_ref",
     "read_record",
     "running_meta",
+    "seal_key",
     "split_ref",
     "objects_prefix",
     "task_key",

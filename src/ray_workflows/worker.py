@@ -64,10 +64,11 @@ class TaskCall:
     nested_refs: list[Any]  # per upstream: an ObjectRef of its output, if used nested
     attempt: int
     options: TaskOptions
+    epoch: int  # of the lease its runner holds: the output is written under it
 
 
 def task_header(
-    workflow_id: str, storage: Storage, spec: TaskSpec, slots: list[int | None]
+    workflow_id: str, storage: Storage, spec: TaskSpec, slots: list[int | None], epoch: int
 ) -> bytes:
     """Everything fixed about one task, pickled once for all its attempts. Live
     ObjectRefs are not in it: they travel beside it, so Ray tracks them."""
@@ -81,6 +82,7 @@ def task_header(
         keys,
         slots,
         spec.options,
+        epoch,
     )
     # Plain pickle is several times faster, and enough: the fields are plain data
     # (exception classes to retry on are already cloudpickled bytes in the options).
@@ -91,7 +93,7 @@ def task_header(
 
 
 def _call_of(header: bytes, attempt: int, refs: tuple[Any, Any] | None) -> TaskCall:
-    wid, tid, uri, func_key, args, keys, slots, options = pickle.loads(header)
+    wid, tid, uri, func_key, args, keys, slots, options, epoch = pickle.loads(header)
     arg_refs, nested = refs if refs is not None else (None, None)
     return TaskCall(
         workflow_id=wid,
@@ -104,6 +106,7 @@ def _call_of(header: bytes, attempt: int, refs: tuple[Any, Any] | None) -> TaskC
         nested_refs=nested if nested is not None else [None] * len(slots),
         attempt=attempt,
         options=options,
+        epoch=epoch,
     )
 
 
@@ -365,9 +368,10 @@ class _Flush:
     output): a long consumer does not leave a finished output unsaved for long."""
 
     def __init__(self, header: bytes, receipt: Receipt) -> None:
-        wid, tid, uri = pickle.loads(header)[:3]
+        fields = pickle.loads(header)
+        wid, tid, uri, epoch = fields[0], fields[1], fields[2], fields[-1]
         self.storage, self.receipt = open_storage(uri), receipt
-        self.key = task_key(wid, tid, "out")
+        self.key = task_key(wid, tid, "out", epoch)
         self.lock = threading.Lock()
         self.cancelled = False
         if self.storage.shared:  # the engine alone can write to a storage that is not
@@ -521,7 +525,7 @@ def _commit(
             "value", payload, objects.save(refs), start_time=start, end_time=end
         )
         if call.storage.shared and len(record) > INLINE_RECORD_BYTES:
-            key = task_key(call.workflow_id, call.task_id, "out")
+            key = task_key(call.workflow_id, call.task_id, "out", call.epoch)
             bridge.run(call.storage.put(key, record))
         else:
             receipt.record = record
