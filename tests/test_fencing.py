@@ -17,8 +17,8 @@ from typing import Any
 
 import ray
 from helpers import count_runs, record_run
-
 from ray_workflows.backends.filesystem import FileStorage
+
 from ray_workflows.engine import Engine
 from ray_workflows.exceptions import WorkflowRunningElsewhereError
 from ray_workflows.plan import compile_dag
