@@ -117,8 +117,16 @@ def lease_ttl(ttl: float | None = None) -> float:
 
 
 def new_owner_id(prefix: str = "") -> str:
-    """A unique name for one manager incarnation: ``<prefix>host:pid:random``."""
-    return f"{prefix}{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(6)}"
+    """A unique name for one manager incarnation: ``<prefix>host:pid:random``.
+
+    ``prefix`` is the manager's lineage (:func:`ray_workflows.incarnation.lineage`:
+    ``<cluster token>|<manager name>|``), which names the cluster by its id, never by
+    an address; owners that share it are incarnations of one manager in one cluster.
+    Host and pid are for people reading the record: two containers may well share
+    both (and an address), so the random part alone makes the id unique. ``|`` in the
+    host name becomes ``_``, so the lineage is everything up to the last ``|``."""
+    host = socket.gethostname().replace("|", "_")
+    return f"{prefix}{host}:{os.getpid()}:{secrets.token_hex(6)}"
 
 
 def lease_key(workflow_id: str) -> str:

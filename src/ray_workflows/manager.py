@@ -16,7 +16,7 @@ from typing import Any
 
 import ray
 
-from ray_workflows import serialization
+from ray_workflows import incarnation, serialization
 from ray_workflows.actors import Actors
 from ray_workflows.engine import Engine, load_clock
 from ray_workflows.log import get_logger
@@ -98,8 +98,10 @@ class WorkflowManager:
         clock: str = "system",
     ) -> None:
         # Leases of this manager's earlier incarnations in this cluster (Ray restarted
-        # the actor, or the head came back at the same address) are taken over at once.
-        lineage = f"{ray.get_runtime_context().gcs_address}|{manager_name(storage_uri)}|"
+        # the actor, or a head with GCS fault tolerance came back) are taken over at once.
+        # The cluster is named by its id (incarnation.cluster_token), never by its address:
+        # another cluster at the same address string never matches.
+        lineage = incarnation.lineage(manager_name(storage_uri))
         self.engine = Engine(
             open_storage(storage_uri),
             owner_prefix=lineage,
@@ -108,7 +110,7 @@ class WorkflowManager:
         )
         self.actors = Actors(self.engine.storage, self._start_sub, self._sub_output)
         self._probe: tuple[str, bytes] | None = None  # see describe()
-        self._lineage = lineage.replace("|", ".").replace(":", "_")
+        self._lineage = lineage.replace(incarnation.SEPARATOR, ".")  # hex token, manager name
         self._clock = clock
         self._recovering: asyncio.Task[list[str]] | None = None
         self._sweeper: asyncio.Task[None] | None = None
