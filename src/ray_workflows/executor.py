@@ -24,21 +24,14 @@ from typing import Any
 import ray
 
 from ray_workflows import serialization
-from ray_workflows.backends.clocks import Clock, SystemClock
+from ray_workflows.backends.clocks import SystemClock
+from ray_workflows.clock import Clock
 from ray_workflows.events import Mailbox
-from ray_workflows.scheduler import ReceiptWatcher, Submission, _cancel_ray_task
+from ray_workflows.receipts import ReceiptWatcher, cancel_ray_task
 from ray_workflows.storage import Storage
 from ray_workflows.store import WorkflowStore
-from ray_workflows.worker import (
-    execute_batch,
-    execute_packed,
-    execute_pair,
-    execute_pair_packed,
-    execute_task,
-    load_output,
-    load_outputs,
-    save_objects,
-)
+from ray_workflows.wire import Attempt, Unit
+from ray_workflows.worker import execute_group, load_output, load_outputs, save_objects
 
 _LOAD_BATCH = 500  # stored outputs per loading helper task
 _INLINE_FUNCTION_BYTES = 4096  # smaller pickled functions travel with each task
@@ -48,20 +41,31 @@ HOLD_SECONDS = 0.005
 MAX_BATCH = 32  # tasks (or pairs) per batch...
 BATCH_SECONDS = 0.02  # ...and what their last attempts took, together, at most
 _BATCH_NAME = "ray_workflows.batch"
-# What a batch's fixed arguments may be to travel pickled together (no ObjectRefs).
-_PLAIN = (bytes, int, type(None))
 _CPUS_REFRESH = 10.0  # seconds between looks at the cluster's CPU count
 BATCH = os.environ.get("RAY_WORKFLOWS_BATCH", "1") != "0"
+
+
+@dataclasses.dataclass
+class Submission:
+    """One unit for a Ray task (see :mod:`ray_workflows.wire`): an attempt, or a fused
+    pair, with its input values, and whom to tell its refs (2, or 4 for a pair;
+    ``batched`` if it went with others; ``later`` if not from within ``offer``)."""
+
+    name: str
+    attempts: tuple[Attempt, ...]
+    values: tuple[Any, ...]
+    split: int  # a pair: how many of the values are the producer's
+    slot: int  # a pair: the consumer's input that is the producer's output
+    deliver: Callable[[tuple[Any, ...], bool, bool], None]
+    alive: Callable[[], bool]
+    fail: Callable[[BaseException], None]  # it could not be submitted later on
+    seconds: float  # what its last attempt took
 
 
 @dataclasses.dataclass
 class _Batch:
     ref: Any  # a ref of its Ray task
     wanted: int  # attempts in it whose runs still wait for them
-
-
-def _plain(fixed: tuple[Any, ...]) -> bool:
-    return all(type(arg) in _PLAIN for arg in fixed)
 
 
 def _take_batch(held: list[Submission], size: int) -> tuple[list[Submission], list[Submission]]:
@@ -93,10 +97,7 @@ class Executor:
         # and the manager a quarter of a small task's overhead; workflow tasks report
         # through get_metadata and the logs. RAY_WORKFLOWS_TASK_EVENTS=1 turns them on
         # (or a task's own enable_task_events=True).
-        self._execute = ray.remote(num_returns=2, max_retries=0)(execute_task)
-        self._execute_pair = ray.remote(num_returns=4, max_retries=0)(execute_pair)
-        self._execute_packed = ray.remote(num_returns=2, max_retries=0)(execute_packed)
-        self._execute_pair_packed = ray.remote(num_returns=4, max_retries=0)(execute_pair_packed)
+        self._execute = ray.remote(max_retries=0)(execute_group)
         self._task_events = _task_events()
         self._load = ray.remote(num_cpus=0, max_retries=3)(load_output)
         self._load_many = ray.remote(num_cpus=0, max_retries=3)(load_outputs)
@@ -113,7 +114,6 @@ class Executor:
         # Batching (see offer()): Ray tasks of offered submissions not finished yet,
         # the submissions held meanwhile, and the cluster's CPU count.
         self.batching = BATCH
-        self._execute_batch = ray.remote(max_retries=0)(execute_batch)
         self._sent = 0
         self._held: list[Submission] = []
         self._hold_timer: asyncio.TimerHandle | None = None
@@ -156,26 +156,38 @@ class Executor:
         seconds = self._durations.get(func_key)
         return seconds is not None and seconds < QUICK_SECONDS
 
-    def submit(
-        self,
-        pair: bool,
-        name: str,
-        fixed: tuple[Any, ...],
-        values: Any,
-        ray_options: dict[str, Any],
-    ) -> Any:
-        """One Ray task running one attempt (:func:`~ray_workflows.worker.execute_task`
-        gets ``*fixed, *values``), or a producer and its only consumer (``pair``:
-        ``execute_pair``); the refs of its receipts and output values, in that order.
-        The arguments before the values travel pickled together where they are plain
-        data, as Ray's cost is per argument (160 small arguments: 1.2 ms; one blob:
-        31 us)."""
-        if _plain(fixed):
-            execute = self._execute_pair_packed if pair else self._execute_packed
-            remote = self._remote(execute, name, ray_options)
-            return remote.remote(pickle.dumps(fixed, protocol=5), *values)
-        remote = self._remote(self._execute_pair if pair else self._execute, name, ray_options)
-        return remote.remote(*fixed, *values)
+    def submit(self, sub: Submission, ray_options: dict[str, Any]) -> tuple[Any, ...]:
+        """One Ray task for one unit, now, with the task's own Ray options; the refs
+        of its receipts and output values, in that order."""
+        return self._group([sub], sub.name, ray_options)[0]
+
+    def _group(
+        self, subs: list[Submission], name: str, ray_options: dict[str, Any]
+    ) -> list[tuple[Any, ...]]:
+        """One Ray task of :func:`~ray_workflows.worker.execute_group` for ``subs``;
+        per submission, the refs of its receipts and values. Attempts of plain data
+        travel pickled together, as Ray's cost is per argument (160 small arguments:
+        1.2 ms; one blob: 31 us)."""
+        units: list[Unit] = []
+        packed: list[tuple[Attempt, ...]] = []
+        args: list[Any] = []
+        for sub in subs:
+            plain = all(a.plain() for a in sub.attempts)
+            units.append(Unit(len(sub.attempts), plain, len(sub.values), sub.split, sub.slot))
+            if plain:
+                packed.append(sub.attempts)
+            else:
+                for attempt in sub.attempts:
+                    args.extend(attempt)
+            args.extend(sub.values)
+        returns = sum(unit.returns for unit in units)
+        remote = self._remote(self._execute, name, ray_options, num_returns=returns)
+        refs = remote.remote(tuple(units), pickle.dumps(packed, protocol=5), *args)
+        groups, at = [], 0
+        for unit in units:
+            groups.append(tuple(refs[at : at + unit.returns]))
+            at += unit.returns
+        return groups
 
     # -- batching: quick ready tasks share a Ray task while the CPUs are busy ------
     def offer(self, sub: Submission) -> bool:
@@ -244,30 +256,9 @@ class Executor:
         """One Ray task for ``subs``; each is told its refs. From within ``offer`` a
         failure raises; later, each submission that it reaches is failed instead."""
         try:
-            if len(subs) == 1:
-                sub = subs[0]
-                groups = [tuple(self.submit(sub.pair, sub.name, sub.fixed, sub.values, {}))]
-            else:
-                layout: list[tuple[bool, bool, int, int]] = []
-                packed: list[tuple[Any, ...]] = []
-                args: list[Any] = []
-                for sub in subs:
-                    plain = _plain(sub.fixed)
-                    own = 0 if plain else len(sub.fixed)
-                    layout.append((sub.pair, plain, own, len(sub.values)))
-                    if plain:
-                        packed.append(sub.fixed)
-                    else:
-                        args.extend(sub.fixed)
-                    args.extend(sub.values)
-                sizes = [4 if sub.pair else 2 for sub in subs]
-                # One name per size: the dashboard shows batches as such.
-                remote = self._remote(self._execute_batch, _BATCH_NAME, {}, num_returns=sum(sizes))
-                refs = remote.remote(tuple(layout), pickle.dumps(packed, protocol=5), *args)
-                groups, at = [], 0
-                for size in sizes:
-                    groups.append(tuple(refs[at : at + size]))
-                    at += size
+            # One name per size: the dashboard shows batches as such.
+            name = subs[0].name if len(subs) == 1 else _BATCH_NAME
+            groups = self._group(subs, name, {})
         except Exception as exc:
             if not later:
                 raise
@@ -304,7 +295,7 @@ class Executor:
         if batch is not None:
             batch.wanted -= 1
             if batch.wanted == 0:
-                _cancel_ray_task(batch.ref)
+                cancel_ray_task(batch.ref)
 
     def _remote(self, execute: Any, name: str, ray_options: dict[str, Any], **extra: Any) -> Any:
         # The Ray task is named after the user's function, so the dashboard, `ray list

@@ -20,24 +20,22 @@ import dataclasses
 import functools
 import os
 import random
-import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ray
 
 from ray_workflows import event_tasks, serialization
 from ray_workflows.events import EventContext
 from ray_workflows.exceptions import WorkflowCancellationError, WorkflowExecutionError
+from ray_workflows.executor import Executor, Submission
 from ray_workflows.ids import IdAllocator
 from ray_workflows.log import get_logger
 from ray_workflows.plan import Deref, Plan, TaskHandle, TaskSpec, Up
+from ray_workflows.receipts import cancel_ray_task
 from ray_workflows.store import PackWriter, WorkflowStore, task_key
-from ray_workflows.worker import Receipt, task_header
-
-if TYPE_CHECKING:
-    from ray_workflows.executor import Executor
+from ray_workflows.wire import Attempt, Receipt, pickled_error, task_header
 
 # Backoff between retries: 50 ms doubling to at most 5 s, with jitter.
 _BACKOFF_BASE, _BACKOFF_CAP = 0.05, 5.0
@@ -51,78 +49,6 @@ SUBMIT_AHEAD = os.environ.get("RAY_WORKFLOWS_SUBMIT_AHEAD", "1") != "0"
 FUSE = SUBMIT_AHEAD and os.environ.get("RAY_WORKFLOWS_FUSE", "1") != "0"
 
 _PRODUCED = object()  # the input a fused consumer gets from its producer
-
-
-@dataclasses.dataclass
-class Submission:
-    """A quick, ready task attempt (or fused pair) for ``Executor.offer``: the
-    arguments :func:`~ray_workflows.worker.execute_task` (or ``execute_pair``) gets,
-    and whom to tell its refs (2, or 4 for a pair; ``batched`` if it went with
-    others; ``later`` if not from within ``offer``)."""
-
-    name: str
-    pair: bool
-    fixed: tuple[Any, ...]  # the arguments before the input values
-    values: tuple[Any, ...]
-    deliver: Callable[[tuple[Any, ...], bool, bool], None]
-    alive: Callable[[], bool]
-    fail: Callable[[BaseException], None]  # it could not be submitted later on
-    seconds: float  # what its last attempt took
-
-
-class ReceiptWatcher:
-    """Hands task receipts from Ray to the event loop in batches.
-
-    Awaiting each receipt's ObjectRef costs a coroutine, two futures and a wake-up
-    of the loop per task. Here Ray's completion callback queues the receipt, and the
-    loop is woken once for everything queued meanwhile. Whatever a delivery returns
-    (a run's submit flush) is called once per batch, after every delivery."""
-
-    def __init__(self) -> None:
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._queue: collections.deque[tuple[Callable[[Any], Any], Any]] = collections.deque()
-        self._lock = threading.Lock()
-        self._woken = False
-        self.log = get_logger()
-
-    @staticmethod
-    def available(ref: Any) -> bool:
-        return hasattr(ref, "_on_completed")
-
-    def watch(self, ref: Any, deliver: Callable[[Any], Callable[[], None] | None]) -> None:
-        """Call ``deliver(result)`` on this loop once ``ref`` is ready; ``result`` is its
-        value, or the RayError it holds."""
-        self._loop = asyncio.get_running_loop()
-        ref._on_completed(functools.partial(self._arrived, deliver))
-
-    def _arrived(self, deliver: Callable[[Any], Any], result: Any) -> None:  # Ray's thread
-        with self._lock:
-            self._queue.append((deliver, result))
-            if self._woken:
-                return
-            self._woken = True
-        assert self._loop is not None
-        with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting
-            self._loop.call_soon_threadsafe(self._drain)
-
-    def _drain(self) -> None:
-        with self._lock:
-            batch, self._queue = self._queue, collections.deque()
-            self._woken = False
-        after: dict[Callable[[], None], None] = {}  # bound methods: one per run
-        for deliver, result in batch:
-            try:
-                then = deliver(result)
-            except Exception:
-                self.log.exception("scheduler.receipt_error")
-                continue
-            if then is not None:
-                after[then] = None
-        for then in after:
-            try:
-                then()
-            except Exception:
-                self.log.exception("scheduler.receipt_error")
 
 
 @dataclasses.dataclass
@@ -298,7 +224,7 @@ class WorkflowRun:
                 if tid in self.batched:  # shared: cancelled once no run wants it
                     self.executor.abandon(ref)
                 else:
-                    _cancel_ray_task(ref)
+                    cancel_ray_task(ref)
 
     def _flush_submits(self) -> None:
         pending, self._pending_submit = self._pending_submit, []
@@ -403,30 +329,25 @@ class WorkflowRun:
             return None
         values, header, refs, ahead = self._inputs(tid, spec)
         then = self._fusable(tid, spec)
-        name, fixed, inputs = self._call(tid, spec, then, values, header, refs)
         deliver = self._delivered(tid, then, ahead)
+        seconds = self.executor.seconds(spec.func_key)
+        if then is not None:
+            seconds += self.executor.seconds(self.specs[then].func_key)
+        sub = Submission(
+            *self._call(tid, spec, then, values, header, refs),
+            deliver,
+            self._alive,
+            self._unsent(tid),
+            seconds,
+        )
         if self._batchable(tid, spec, ahead):
-            seconds = self.executor.seconds(spec.func_key)
-            if then is not None:
-                seconds += self.executor.seconds(self.specs[then].func_key)
-            sub = Submission(
-                name,
-                then is not None,
-                fixed,
-                inputs,
-                deliver,
-                self._alive,
-                self._unsent(tid),
-                seconds,
-            )
             if not self.executor.offer(sub):
                 self.running[tid] = (None, None)  # held: not submitted twice meanwhile
                 if then is not None:
                     self.running[then] = (None, None)
                 return None
             return then
-        sent = self.executor.submit(then is not None, name, fixed, inputs, spec.options.ray_options)
-        deliver(tuple(sent), False, False)
+        deliver(self.executor.submit(sub, spec.options.ray_options), False, False)
         return then
 
     def _call(
@@ -437,29 +358,24 @@ class WorkflowRun:
         values: list[Any],
         header: bytes,
         refs: Any,
-    ) -> tuple[str, tuple[Any, ...], tuple[Any, ...]]:
-        """The Ray task's name, its arguments before the input values, and the values:
-        what :func:`~ray_workflows.worker.execute_task` gets, or ``execute_pair`` for
-        ``tid`` with its fused consumer ``then``."""
-        first: tuple[Any, ...] = (header, self.attempts[tid], self.funcs[spec.func_key], refs)
+    ) -> tuple[str, tuple[Attempt, ...], tuple[Any, ...], int, int]:
+        """The Ray task's name, the attempts it runs (``tid``'s, then its fused
+        consumer ``then``'s), their input values, and for a pair where the consumer's
+        values start and which of them is the producer's output."""
+        first = Attempt(header, self.attempts[tid], self.funcs[spec.func_key], refs)
         if then is None:
-            return spec.name, first, tuple(values)
+            return spec.name, (first,), tuple(values), 0, 0
         then_spec = self.specs[then]
         then_values, then_header, then_refs, _ = self._inputs(
             then, then_spec, self.root_of.get(tid, tid)
         )
         slot = next(i for i, v in enumerate(then_values) if v is _PRODUCED)
         then_values[slot] = None
-        fixed = (
-            *first,
-            then_header,
-            self.attempts[then],
-            self.funcs[then_spec.func_key],
-            then_refs,
-            len(values),
-            slot,
+        second = Attempt(
+            then_header, self.attempts[then], self.funcs[then_spec.func_key], then_refs
         )
-        return f"{spec.name}+{then_spec.name}", fixed, (*values, *then_values)
+        name = f"{spec.name}+{then_spec.name}"
+        return name, (first, second), (*values, *then_values), len(values), slot
 
     def _batchable(self, tid: str, spec: TaskSpec, ahead: dict[str, Any] | None) -> bool:
         """Whether ``tid`` may wait a moment to share a Ray task with others (see
@@ -659,11 +575,9 @@ class WorkflowRun:
             raise
         except Exception as exc:
             self.running.pop(tid, None)
-            from ray_workflows.worker import _pickled_error
-
             await self._failed(
                 tid,
-                TaskFailure(tid, _pickled_error(exc), f"{type(exc).__name__}: {exc}"),
+                TaskFailure(tid, pickled_error(exc), f"{type(exc).__name__}: {exc}"),
                 system=False,
                 retryable=True,
             )
@@ -1097,13 +1011,6 @@ def _no_up(pid: Any) -> None:
 def _debug(log: Any) -> bool:
     enabled: bool = log.isEnabledFor(10)  # logging.DEBUG, without building the event
     return enabled
-
-
-def _cancel_ray_task(ref: Any) -> None:
-    try:
-        ray.cancel(ref, force=True)
-    except Exception:  # already finished, or its worker is gone
-        pass
 
 
 __all__ = ["TaskFailure", "WorkflowRun", "execution_error", "retry_delay"]

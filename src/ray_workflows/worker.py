@@ -1,16 +1,15 @@
-"""What one task attempt does inside a Ray worker.
+"""What task attempts do inside a Ray worker.
 
-The engine submits :func:`execute_task` as an ordinary Ray task (with the
-task's own Ray options, Ray's retries off). The worker resolves the arguments,
+The runner submits :func:`execute_group` as an ordinary Ray task (with the
+tasks' own Ray options, Ray's retries off), for one attempt, a fused pair or a
+batch of quick attempts (:mod:`ray_workflows.wire`). For each attempt the worker
+resolves the arguments,
 runs the user function and checkpoints a value result: a big output is written
 here, by the worker, so it never travels through the engine; a small one goes
 back in the receipt and the engine commits it with others in one write. It
 returns two things: a small :class:`Receipt` for the engine and the output value,
 which downstream tasks receive through Ray's object store.
 
-What the engine sends is kept cheap to serialize: everything fixed about a task
-is pickled once into a ``header`` (bytes travel through Ray's fast path), and
-only the attempt number and live ObjectRefs are added per submission.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import contextvars
-import dataclasses
 import pickle
 import threading
 import time
@@ -31,16 +29,25 @@ from ray.dag import DAGNode, FunctionNode
 
 from ray_workflows import bridge, context, serialization
 from ray_workflows.options import TaskOptions
-from ray_workflows.plan import Deref, Plan, TaskSpec, Up, compile_dag
+from ray_workflows.plan import Deref, Up, compile_dag
 from ray_workflows.plugins import open_storage
 from ray_workflows.storage import Storage
 from ray_workflows.store import objects_prefix, read_record, task_key
+from ray_workflows.wire import (
+    UNAVAILABLE,
+    Attempt,
+    Receipt,
+    TaskCall,
+    Unit,
+    call_of,
+    pickled_error,
+)
 
 #: Value records up to this size go back to the engine in the receipt and are
 #: committed in packs; bigger ones are written by the worker itself.
 INLINE_RECORD_BYTES = 64 * 1024
 
-#: In a fused pair (:func:`execute_pair`), the producer's small output travels with
+#: In a fused pair (see :func:`_pair`), the producer's small output travels with
 #: the consumer's receipt; if the consumer is still running this long after the
 #: producer finished, the worker writes that output itself instead.
 FUSED_FLUSH_SECONDS = 0.02
@@ -48,122 +55,6 @@ FUSED_FLUSH_SECONDS = 0.02
 # True while a workflow task's user function runs: `workflow.continuation` then
 # returns the DAG instead of executing it.
 in_task: contextvars.ContextVar[bool] = contextvars.ContextVar("in_workflow_task", default=False)
-
-
-@dataclasses.dataclass
-class TaskCall:
-    """Everything a worker needs for one attempt, apart from the function and values."""
-
-    workflow_id: str
-    task_id: str
-    storage: Storage
-    func_key: str
-    args: bytes
-    arg_refs: list[Any]  # ObjectRef, or the storage key of a checkpointed object
-    direct_slots: list[int | None]  # per upstream: its position in the values
-    nested_refs: list[Any]  # per upstream: an ObjectRef of its output, if used nested
-    attempt: int
-    options: TaskOptions
-    epoch: int  # of the lease its runner holds: the output is written under it
-
-
-def task_header(
-    workflow_id: str, storage: Storage, spec: TaskSpec, slots: list[int | None], epoch: int
-) -> bytes:
-    """Everything fixed about one task, pickled once for all its attempts. Live
-    ObjectRefs are not in it: they travel beside it, so Ray tracks them."""
-    keys = spec.arg_refs if all(isinstance(r, str) for r in spec.arg_refs) else None
-    fields = (
-        workflow_id,
-        spec.task_id,
-        storage.uri,
-        spec.func_key,
-        spec.args,
-        keys,
-        slots,
-        spec.options,
-        epoch,
-    )
-    # Plain pickle is several times faster, and enough: the fields are plain data
-    # (exception classes to retry on are already cloudpickled bytes in the options).
-    with contextlib.suppress(Exception):
-        return pickle.dumps(fields, protocol=5)
-    data: bytes = cloudpickle.dumps(fields)
-    return data
-
-
-def _call_of(header: bytes, attempt: int, refs: tuple[Any, Any] | None) -> TaskCall:
-    wid, tid, uri, func_key, args, keys, slots, options, epoch = pickle.loads(header)
-    arg_refs, nested = refs if refs is not None else (None, None)
-    return TaskCall(
-        workflow_id=wid,
-        task_id=tid,
-        storage=open_storage(uri),
-        func_key=func_key,
-        args=args,
-        arg_refs=keys if arg_refs is None else arg_refs,
-        direct_slots=slots,
-        nested_refs=nested if nested is not None else [None] * len(slots),
-        attempt=attempt,
-        options=options,
-        epoch=epoch,
-    )
-
-
-class Unavailable:
-    """The value output of an attempt that produced no value: it failed, or continued
-    into a sub-workflow. The engine submits consumers ahead of their inputs (Ray
-    starts them the moment the inputs exist); one handed this instead of a value does
-    not run, and the engine submits it again once its input really exists."""
-
-    def __reduce__(self) -> Any:
-        return (_unavailable, ())
-
-    def __repr__(self) -> str:
-        return "<no value>"
-
-
-UNAVAILABLE = Unavailable()
-
-
-def _unavailable() -> Unavailable:
-    return UNAVAILABLE
-
-
-@dataclasses.dataclass
-class Receipt:
-    kind: str  # "value" | "continuation" | "error" | "skipped"
-    start_time: float
-    end_time: float
-    writes: dict[str, bytes] = dataclasses.field(default_factory=dict)
-    record: bytes | None = None  # a small output record, for the engine to commit
-    plan: Plan | None = None
-    error: bytes | None = None  # the pickled exception
-    error_text: str = ""
-    retryable: bool = False
-    # The value as pickled for its record (payload, refs), kept in this process for a
-    # fused consumer's copy (see execute_pair); never sent.
-    pickled: tuple[bytes, list[Any]] | None = dataclasses.field(default=None, repr=False)
-
-    def wire(self) -> tuple[Any, ...]:
-        """The receipt as a tuple of plain values: Ray serializes that with msgpack,
-        several times cheaper per task than pickling the dataclass."""
-        return (
-            self.kind,
-            self.start_time,
-            self.end_time,
-            self.writes or None,
-            self.record,
-            self.plan,
-            self.error,
-            self.error_text,
-            self.retryable,
-        )
-
-    @classmethod
-    def unwire(cls, data: tuple[Any, ...]) -> Receipt:
-        kind, start, end, writes, record, plan, error, text, retryable = data
-        return cls(kind, start, end, writes or {}, record, plan, error, text, retryable)
 
 
 class Continuation:
@@ -257,97 +148,53 @@ def _call_user(func: Any, args: list[Any], kwargs: dict[str, Any]) -> Any:
         in_task.reset(token)
 
 
-def _pickled_error(exc: BaseException) -> bytes:
-    try:
-        data: bytes = cloudpickle.dumps(exc)
-        return data
-    except Exception:  # an exception that cannot pickle still reaches the user, as text
-        return pickle.dumps(RuntimeError(f"{type(exc).__qualname__}: {exc}"))
+def execute_group(units: tuple[Unit, ...], packed: bytes, *args: Any) -> tuple[Any, ...]:
+    """The one entry point: run a group of units (see :mod:`ray_workflows.wire`) one
+    after another in this Ray task; return each attempt's receipt and output value,
+    in order. The runner submits one of these per single task, fused pair or batch of
+    quick tasks that its placement chose."""
+    plain = iter(pickle.loads(packed))
+    out: list[Any] = []
+    at = 0
+    for unit in units:
+        if unit.packed:
+            attempts: tuple[Attempt, ...] = next(plain)
+        else:
+            n = 4 * unit.attempts
+            fields = args[at : at + n]
+            attempts = tuple(Attempt(*fields[i : i + 4]) for i in range(0, n, 4))
+            at += n
+        values = args[at : at + unit.values]
+        at += unit.values
+        if unit.attempts == 1:
+            receipt, value = _execute(attempts[0], values)
+            out += (receipt.wire(), value)
+        else:
+            out += _pair(attempts[0], attempts[1], unit.split, unit.slot, values)
+    return tuple(out)
 
 
-def execute_task(
-    header: bytes, attempt: int, func_data: bytes, refs: tuple[Any, Any] | None, *values: Any
-) -> tuple[tuple[Any, ...], Any]:
-    """One attempt, as a Ray task: returns its receipt (see :meth:`Receipt.wire`) and
-    its output value."""
-    receipt, value = _execute(header, attempt, func_data, refs, values)
-    return receipt.wire(), value
-
-
-def execute_pair(
-    header: bytes,
-    attempt: int,
-    func_data: bytes,
-    refs: tuple[Any, Any] | None,
-    then_header: bytes,
-    then_attempt: int,
-    then_func_data: bytes,
-    then_refs: tuple[Any, Any] | None,
-    split: int,
-    slot: int,
-    *values: Any,
-) -> tuple[tuple[Any, ...], Any, tuple[Any, ...], Any]:
-    """A producer and its only consumer in one Ray task (the engine fuses them: one
-    submission and one worker dispatch instead of two). ``values[:split]`` are the
-    producer's inputs, the rest the consumer's, whose input ``slot`` is the producer's
-    output. Returns both receipts and both outputs, as two :func:`execute_task` would:
-    a producer that fails or continues hands the consumer ``UNAVAILABLE``, so it skips,
-    exactly as a consumer submitted ahead does."""
-    receipt, value = _execute(header, attempt, func_data, refs, values[:split])
+def _pair(
+    first: Attempt, then: Attempt, split: int, slot: int, values: tuple[Any, ...]
+) -> tuple[Any, ...]:
+    """A producer and its only consumer back to back (one submission and one worker
+    dispatch instead of two). ``values[:split]`` are the producer's inputs, the rest
+    the consumer's, whose input ``slot`` is the producer's output. A producer that
+    fails or continues hands the consumer ``UNAVAILABLE``, so it skips, exactly as a
+    consumer submitted ahead does."""
+    receipt, value = _execute(first, values[:split])
     inputs = list(values[split:])
     inputs[slot] = UNAVAILABLE
     if receipt.pickled is not None:  # a value: every value receipt carries its pickle
         with contextlib.suppress(Exception):  # a value that will not copy goes through Ray
             inputs[slot] = _copy(value, receipt.pickled)
-    flush = _Flush(header, receipt) if receipt.record is not None else None
+    flush = _Flush(first.header, receipt) if receipt.record is not None else None
     try:
-        then_receipt, then_value = _execute(
-            then_header, then_attempt, then_func_data, then_refs, inputs
-        )
+        then_receipt, then_value = _execute(then, tuple(inputs))
     finally:
         if flush is not None:
             flush.cancel()
     return receipt.wire(), value, then_receipt.wire(), then_value
-
-
-def execute_packed(fixed: bytes, *values: Any) -> tuple[tuple[Any, ...], Any]:
-    """:func:`execute_task` with its arguments before the values pickled together in
-    ``fixed`` (plain data: Ray's cost is per argument)."""
-    return execute_task(*pickle.loads(fixed), *values)
-
-
-def execute_pair_packed(
-    fixed: bytes, *values: Any
-) -> tuple[tuple[Any, ...], Any, tuple[Any, ...], Any]:
-    """:func:`execute_pair`, its arguments before the values pickled in ``fixed``."""
-    return execute_pair(*pickle.loads(fixed), *values)
-
-
-def execute_batch(
-    layout: tuple[tuple[bool, bool, int, int], ...], fixed: bytes, *args: Any
-) -> tuple[Any, ...]:
-    """Several quick tasks (or fused pairs) in one Ray task, one after another (the
-    engine batches them while the cluster's CPUs are busy: one dispatch for all).
-    Each gets what :func:`execute_task` (or :func:`execute_pair`) would: its fixed
-    arguments (header, attempt, function, ...), pickled together in ``fixed`` where
-    they are plain data (Ray's cost is per argument), else from ``args``, then its
-    input values from ``args`` (so that Ray resolves them). ``layout`` says, for
-    each: whether it is a pair, whether its fixed arguments are in ``fixed``, how
-    many are in ``args`` if not, and how many values it has. Returns what each
-    returns, in order, flattened."""
-    packed = iter(pickle.loads(fixed))
-    out: list[Any] = []
-    at = 0
-    for pair, in_fixed, n_fixed, n_values in layout:
-        if in_fixed:
-            own = next(packed)
-        else:
-            own = args[at : at + n_fixed]
-            at += n_fixed
-        values = args[at : at + n_values]
-        at += n_values
-        out.extend(execute_pair(*own, *values) if pair else execute_task(*own, *values))
-    return tuple(out)
 
 
 _IMMUTABLE = (int, float, complex, str, bytes, bool, type(None))
@@ -435,18 +282,13 @@ class _Flusher:
 _flusher = _Flusher()
 
 
-def _execute(
-    header: bytes,
-    attempt: int,
-    func_data: bytes,
-    refs: tuple[Any, Any] | None,
-    values: Any,
-) -> tuple[Receipt, Any]:
+def _execute(sent: Attempt, values: tuple[Any, ...]) -> tuple[Receipt, Any]:
     start = time.time()
     for value in values:
         if value is UNAVAILABLE:  # submitted ahead of an input that never came
             return Receipt("skipped", start, start), UNAVAILABLE
-    call = _call_of(header, attempt, refs)
+    call = call_of(sent.header, sent.attempt, sent.refs)
+    func_data = sent.func
     opts = call.options
     writes: dict[str, bytes] = {}
     objects = _object_store(call.storage, call.workflow_id, writes)
@@ -470,7 +312,7 @@ def _execute(
                 start,
                 time.time(),
                 writes,
-                error=_pickled_error(exc),
+                error=pickled_error(exc),
                 error_text="".join(traceback.format_exception(exc)),
                 retryable=retryable,
             ), UNAVAILABLE
@@ -579,13 +421,7 @@ def save_objects(
 
 __all__ = [
     "Continuation",
-    "Receipt",
-    "TaskCall",
-    "execute_batch",
-    "execute_packed",
-    "execute_pair",
-    "execute_pair_packed",
-    "execute_task",
+    "execute_group",
     "in_task",
     "load_output",
     "load_outputs",
