@@ -116,13 +116,13 @@ class WorkflowRun:
         # Receipts that arrived but are still being dealt with (a task submitted ahead of
         # one of them waits for that, not just for the arrival), by output.
         self._settling: dict[str, asyncio.Event] = {}
-        # Fusing: the consumer running in each producer's Ray task, and the producers
-        # whose pair died (the death is charged to the producer; from then on each runs
-        # in a Ray task of its own, so the next death is charged to the one that died).
-        self.fused: dict[str, str] = {}
-        self.unfused: set[str] = set()
-        self.batched: set[str] = set()  # attempts in a Ray task with other tasks
-        self.unbatched: set[str] = set()  # tasks whose batch died: they run alone
+        # A dead worker is charged by one rule (see _handle): to an attempt that ran
+        # alone in its Ray task. Attempts that shared one (a fused pair, a batch) are
+        # not charged; they run again, alone from then on, so that the next death is
+        # charged to the task that died.
+        self.shared: set[str] = set()  # attempts under way in a Ray task with others
+        self.batched: set[str] = set()  # ...of which in a batch (cancelled by executor)
+        self.alone: set[str] = set()  # tasks whose shared Ray task died
         self.submit_ahead = SUBMIT_AHEAD
         self.fuse = FUSE
         self.packs = PackWriter(
@@ -385,7 +385,7 @@ class WorkflowRun:
             self.executor.batching
             and ahead is None
             and not spec.options.ray_options
-            and tid not in self.unbatched
+            and tid not in self.alone
             and self.executor.quick(spec.func_key)
         )
 
@@ -409,8 +409,9 @@ class WorkflowRun:
             self._submitted(tid, refs[0], refs[1], ahead)
             if then is not None:
                 self._submitted(then, refs[2], refs[3], {self.root_of.get(tid, tid): refs[1]})
-                self.fused[tid] = then
+                self.shared.update((tid, then))
             if batched:
+                self.shared.add(tid)
                 self.batched.add(tid)
                 if then is not None:
                     self.batched.add(then)
@@ -465,7 +466,7 @@ class WorkflowRun:
         output comes back with the consumer's receipt, so it is saved once the consumer
         ends, or by the worker itself if the consumer runs longer than
         ``worker.FUSED_FLUSH_SECONDS``."""
-        if not self.fuse or tid in self.unfused:
+        if not self.fuse or tid in self.alone:
             return None
         produced = self.root_of.get(tid, tid)
         consumers = self.consumers.get(produced)
@@ -477,6 +478,7 @@ class WorkflowRun:
             then_spec is None
             or then_spec.kind != "function"
             or then in self.running
+            or then in self.alone
             or self.waiting.get(then) != {produced}
             or then_spec.options.ray_options != spec.options.ray_options
             or not self.executor.quick(then_spec.func_key)
@@ -707,10 +709,11 @@ class WorkflowRun:
         try:
             failure = result if isinstance(result, ray.exceptions.RayError) else None
             receipt: Receipt = result
-            batched = tid in self.batched
+            shared = tid in self.shared
+            self.shared.discard(tid)
             self.batched.discard(tid)
-            if self.fused.pop(tid, None) is not None and failure is not None:
-                self.unfused.add(tid)  # its pair died: each half runs alone from now on
+            if failure is not None and shared:
+                self.alone.add(tid)  # its Ray task died, maybe of another attempt in it
             if failure is not None and await self._stored_anyway(tid):
                 # The worker died after writing the output itself: the task is done.
                 self.ahead.pop(tid, None)
@@ -723,10 +726,9 @@ class WorkflowRun:
                 self.running.pop(tid, None)
                 self._resubmit(tid)
                 return
-            if failure is not None and batched:
-                # Its batch died, maybe of another task: not counted; alone from now on,
-                # from the stored copies of its inputs (they may have died with the node).
-                self.unbatched.add(tid)
+            if failure is not None and shared:
+                # Not charged: it runs again, alone, from the stored copies of its inputs
+                # (they may have died with the node).
                 self.running.pop(tid, None)
                 self._from_storage(tid)
                 self._resubmit(tid)
@@ -819,10 +821,9 @@ class WorkflowRun:
     def _finished(self, tid: str, value_ref: Any, receipt: Receipt) -> None:
         spec = self.specs.pop(tid)
         self.started.pop(tid, None)
-        self.fused.pop(tid, None)
-        self.unfused.discard(tid)
+        self.shared.discard(tid)
         self.batched.discard(tid)
-        self.unbatched.discard(tid)
+        self.alone.discard(tid)
         self._headers.pop(tid, None)
         if self.debug:
             self.log.debug(
