@@ -18,7 +18,6 @@ import collections
 import contextlib
 import dataclasses
 import functools
-import os
 import random
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from ray_workflows.exceptions import WorkflowCancellationError, WorkflowExecutio
 from ray_workflows.executor import Executor, Submission
 from ray_workflows.ids import IdAllocator
 from ray_workflows.log import get_logger
+from ray_workflows.placement import Placement
 from ray_workflows.plan import Deref, Plan, TaskHandle, TaskSpec, Up
 from ray_workflows.receipts import cancel_ray_task
 from ray_workflows.store import PackWriter, WorkflowStore, task_key
@@ -39,14 +39,6 @@ from ray_workflows.wire import Attempt, Receipt, pickled_error, task_header
 
 # Backoff between retries: 50 ms doubling to at most 5 s, with jitter.
 _BACKOFF_BASE, _BACKOFF_CAP = 0.05, 5.0
-
-# Submit a task as soon as its inputs' producers are submitted (Ray then starts it
-# the moment they exist, with no round trip through this loop). Off: "0".
-SUBMIT_AHEAD = os.environ.get("RAY_WORKFLOWS_SUBMIT_AHEAD", "1") != "0"
-
-# Run a task's only consumer in the task's own Ray task when it can (see
-# WorkflowRun._fusable); needs SUBMIT_AHEAD. Off: "0".
-FUSE = SUBMIT_AHEAD and os.environ.get("RAY_WORKFLOWS_FUSE", "1") != "0"
 
 _PRODUCED = object()  # the input a fused consumer gets from its producer
 
@@ -112,7 +104,6 @@ class WorkflowRun:
         # task submitted ahead, the refs it was given for inputs not yet finished.
         self.inflight: dict[str, tuple[Any, asyncio.Event]] = {}
         self.ahead: dict[str, dict[str, Any]] = {}
-        self._indirect: dict[str, frozenset[str]] = {}  # inputs a task needs as refs
         # Receipts that arrived but are still being dealt with (a task submitted ahead of
         # one of them waits for that, not just for the arrival), by output.
         self._settling: dict[str, asyncio.Event] = {}
@@ -123,8 +114,7 @@ class WorkflowRun:
         self.shared: set[str] = set()  # attempts under way in a Ray task with others
         self.batched: set[str] = set()  # ...of which in a batch (cancelled by executor)
         self.alone: set[str] = set()  # tasks whose shared Ray task died
-        self.submit_ahead = SUBMIT_AHEAD
-        self.fuse = FUSE
+        self.placement = Placement(self, executor.quick, batching=executor.batching)
         self.packs = PackWriter(
             store, workflow_id, self._packed, self._pack_failed, lambda: self.epoch
         )
@@ -268,7 +258,7 @@ class WorkflowRun:
         """Submit ahead the consumers of the tasks just submitted, and theirs in turn.
         A consumer is looked at once per wave, however many of its inputs were just
         submitted (a fan-in of n is checked once, not n times)."""
-        if not self.submit_ahead:
+        if not self.placement.submit_ahead:
             return
         todo: collections.deque[str] = collections.deque()
         queued: set[str] = set()
@@ -286,36 +276,15 @@ class WorkflowRun:
         while todo:
             c = todo.popleft()
             queued.discard(c)
-            if self._can_go_ahead(c):
+            if self.placement.ahead(c):
                 then = self._submit_one(c)
                 consumers_of(c)
                 if then is not None:
                     consumers_of(then)
 
-    def _can_go_ahead(self, tid: str) -> bool:
-        """Whether ``tid`` can be submitted before its unfinished inputs exist: each of
-        them is being computed by a Ray task and passed to ``tid`` as a plain argument
-        (Ray then holds ``tid`` back until it exists; a nested ref would reach the user
-        code unresolved)."""
-        spec = self.specs.get(tid)
-        pending = self.waiting.get(tid)
-        if spec is None or not pending or tid in self.running or spec.kind != "function":
-            return False
-        indirect = self._indirect.get(tid)
-        if indirect is None:
-            indirect = self._indirect[tid] = frozenset(
-                u
-                for u, is_direct, is_nested in zip(
-                    spec.upstream, spec.direct, spec.nested, strict=True
-                )
-                if is_nested or not is_direct
-            )
-        inflight = self.inflight
-        return all(u in inflight and u not in indirect for u in pending)
-
     def _submit_one(self, tid: str) -> str | None:
         """Submit one attempt of ``tid``; return the consumer fused into its Ray task,
-        if any (see :meth:`_fusable`)."""
+        if any (see ``Placement.fused_consumer``)."""
         spec = self.specs[tid]
         if self.lease is not None and not self.lease.valid():
             # Past its lease's deadline (a paused process, a renewal too late): nothing
@@ -328,7 +297,7 @@ class WorkflowRun:
             self.running[tid] = (self._spawn(runner), None)
             return None
         values, header, refs, ahead = self._inputs(tid, spec)
-        then = self._fusable(tid, spec)
+        then = self.placement.fused_consumer(tid, spec)
         deliver = self._delivered(tid, then, ahead)
         seconds = self.executor.seconds(spec.func_key)
         if then is not None:
@@ -340,7 +309,7 @@ class WorkflowRun:
             self._unsent(tid),
             seconds,
         )
-        if self._batchable(tid, spec, ahead):
+        if self.placement.batchable(tid, spec, ahead is not None):
             if not self.executor.offer(sub):
                 self.running[tid] = (None, None)  # held: not submitted twice meanwhile
                 if then is not None:
@@ -376,18 +345,6 @@ class WorkflowRun:
         )
         name = f"{spec.name}+{then_spec.name}"
         return name, (first, second), (*values, *then_values), len(values), slot
-
-    def _batchable(self, tid: str, spec: TaskSpec, ahead: dict[str, Any] | None) -> bool:
-        """Whether ``tid`` may wait a moment to share a Ray task with others (see
-        ``Executor.offer``): its inputs all exist, it has Ray's default options, its
-        function ran quickly last time, and no batch it was in died."""
-        return (
-            self.executor.batching
-            and ahead is None
-            and not spec.options.ray_options
-            and tid not in self.alone
-            and self.executor.quick(spec.func_key)
-        )
 
     def _alive(self) -> bool:
         return not self.result.done()
@@ -456,38 +413,6 @@ class WorkflowRun:
         live = None if all(isinstance(r, str) for r in spec.arg_refs) else spec.arg_refs
         refs = None if live is None and nested is None else (live, nested)
         return direct_values, header, refs, ahead
-
-    def _fusable(self, tid: str, spec: TaskSpec) -> str | None:
-        """The consumer to run in ``tid``'s own Ray task, if there is one: ``tid``'s only
-        consumer, a function task with the same Ray options whose function ran quickly
-        last time (see ``Executor.quick``), for which ``tid``'s output is the last input
-        missing and a plain (direct, not nested) argument. It could not start before
-        ``tid`` ends anyway, and one Ray task costs half of two. The price: ``tid``'s
-        output comes back with the consumer's receipt, so it is saved once the consumer
-        ends, or by the worker itself if the consumer runs longer than
-        ``worker.FUSED_FLUSH_SECONDS``."""
-        if not self.fuse or tid in self.alone:
-            return None
-        produced = self.root_of.get(tid, tid)
-        consumers = self.consumers.get(produced)
-        if consumers is None or len(consumers) != 1:
-            return None
-        then = consumers[0]
-        then_spec = self.specs.get(then)
-        if (
-            then_spec is None
-            or then_spec.kind != "function"
-            or then in self.running
-            or then in self.alone
-            or self.waiting.get(then) != {produced}
-            or then_spec.options.ray_options != spec.options.ray_options
-            or not self.executor.quick(then_spec.func_key)
-        ):
-            return None
-        i = then_spec.upstream.index(produced)
-        if not then_spec.direct[i] or then_spec.nested[i]:
-            return None
-        return then
 
     def _submitted(
         self, tid: str, receipt_ref: Any, value_ref: Any, ahead: dict[str, Any] | None
@@ -814,7 +739,7 @@ class WorkflowRun:
             return
         if not self.waiting.get(tid) or self._ready_to_split(tid):
             self._pending_submit.append(tid)
-        elif self.submit_ahead and self._can_go_ahead(tid):
+        elif self.placement.ahead(tid):
             self._submit(tid)
         self._flush_submits()
 
@@ -864,7 +789,7 @@ class WorkflowRun:
                     self.values.pop(u, None)
         self.waiting.pop(spec.task_id, None)
         self._headers.pop(spec.task_id, None)
-        self._indirect.pop(spec.task_id, None)
+        self.placement.forget(spec.task_id)
 
     def _packed(self, holders: list[str]) -> None:
         for tid in holders:

@@ -1,0 +1,146 @@
+"""Placement: where and how a ready task runs. The runner decides *what* is ready; this
+policy decides *how* it goes to Ray, and nothing else: every attempt, whatever its
+placement, is retried, committed, cancelled and charged by the runner's one set of
+rules (:mod:`ray_workflows.scheduler`).
+
+The placements:
+
+* **alone**: one attempt in a Ray task of its own, with the task's own Ray options.
+* **fused**: a task's *only* consumer runs in the task's own Ray task, right after it
+  (:meth:`Placement.fused_consumer`): one submission and one worker dispatch instead
+  of two.
+* **batched**: a quick task whose inputs all exist may wait a moment to share a Ray
+  task with other quick ones while the CPUs are busy (:meth:`Placement.batchable`;
+  the executor forms the batches).
+* **ahead**: a consumer is submitted before its inputs exist, passed the refs of their
+  outputs (:meth:`Placement.ahead`); Ray starts it the moment they do.
+
+A task whose shared Ray task (a pair, a batch) died is placed alone from then on, so
+that the next death is charged to the task that died (``GraphView.alone``).
+``RAY_WORKFLOWS_SUBMIT_AHEAD=0``, ``RAY_WORKFLOWS_FUSE=0`` and
+``RAY_WORKFLOWS_BATCH=0`` turn placements off.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from ray_workflows.plan import TaskSpec
+
+# Submit a task as soon as its inputs' producers are submitted. Off: "0".
+SUBMIT_AHEAD = os.environ.get("RAY_WORKFLOWS_SUBMIT_AHEAD", "1") != "0"
+# Fuse a task's only consumer into its Ray task; needs SUBMIT_AHEAD. Off: "0".
+FUSE = SUBMIT_AHEAD and os.environ.get("RAY_WORKFLOWS_FUSE", "1") != "0"
+
+
+class GraphView(Protocol):
+    """What the policy reads of a running workflow (a :class:`WorkflowRun`)."""
+
+    @property
+    def specs(self) -> Mapping[str, TaskSpec]: ...  # tasks not finished yet
+    @property
+    def waiting(self) -> Mapping[str, set[str]]: ...  # task -> inputs not finished yet
+    @property
+    def consumers(self) -> Mapping[str, list[str]]: ...  # output -> tasks waiting for it
+    @property
+    def running(self) -> Mapping[str, Any]: ...  # tasks with an attempt under way
+    @property
+    def root_of(self) -> Mapping[str, str]: ...  # continuation output -> its task
+    @property
+    def inflight(self) -> Mapping[str, Any]: ...  # output -> the attempt making it
+    @property
+    def alone(self) -> set[str]: ...  # tasks whose shared Ray task died
+
+
+class Placement:
+    """The placement policy of one workflow's run; ``quick(func_key)`` says whether a
+    function's last attempt ran quickly (``Executor.quick``)."""
+
+    def __init__(self, graph: GraphView, quick: Callable[[str], bool], *, batching: bool) -> None:
+        self.graph = graph
+        self.quick = quick
+        self.submit_ahead = SUBMIT_AHEAD
+        self.fuse = FUSE
+        self.batching = batching
+        self._indirect: dict[str, frozenset[str]] = {}  # inputs a task needs as refs
+
+    def ahead(self, tid: str) -> bool:
+        """Whether ``tid`` can be submitted before its unfinished inputs exist: each of
+        them is being computed by a Ray task and passed to ``tid`` as a plain argument
+        (Ray then holds ``tid`` back until it exists; a nested ref would reach the user
+        code unresolved)."""
+        graph = self.graph
+        spec = graph.specs.get(tid)
+        pending = graph.waiting.get(tid)
+        if (
+            not self.submit_ahead
+            or spec is None
+            or not pending
+            or tid in graph.running
+            or spec.kind != "function"
+        ):
+            return False
+        indirect = self._indirect.get(tid)
+        if indirect is None:
+            indirect = self._indirect[tid] = frozenset(
+                u
+                for u, is_direct, is_nested in zip(
+                    spec.upstream, spec.direct, spec.nested, strict=True
+                )
+                if is_nested or not is_direct
+            )
+        inflight = graph.inflight
+        return all(u in inflight and u not in indirect for u in pending)
+
+    def batchable(self, tid: str, spec: TaskSpec, ahead: bool) -> bool:
+        """Whether ``tid`` may wait a moment to share a Ray task with others (see
+        ``Executor.offer``): its inputs all exist, it has Ray's default options, its
+        function ran quickly last time, and no shared Ray task of it died."""
+        return (
+            self.batching
+            and not ahead
+            and not spec.options.ray_options
+            and tid not in self.graph.alone
+            and self.quick(spec.func_key)
+        )
+
+    def fused_consumer(self, tid: str, spec: TaskSpec) -> str | None:
+        """The consumer to run in ``tid``'s own Ray task, if there is one: ``tid``'s only
+        consumer, a function task with the same Ray options whose function ran quickly
+        last time, for which ``tid``'s output is the last input missing and a plain
+        (direct, not nested) argument. It could not start before ``tid`` ends anyway,
+        and one Ray task costs half of two. The price: ``tid``'s output comes back with
+        the consumer's receipt, so it is saved once the consumer ends, or by the worker
+        itself if the consumer runs longer than ``worker.FUSED_FLUSH_SECONDS``."""
+        graph = self.graph
+        if not self.fuse or tid in graph.alone:
+            return None
+        produced = graph.root_of.get(tid, tid)
+        consumers = graph.consumers.get(produced)
+        if consumers is None or len(consumers) != 1:
+            return None
+        then = consumers[0]
+        then_spec = graph.specs.get(then)
+        if (
+            then_spec is None
+            or then_spec.kind != "function"
+            or then in graph.running
+            or then in graph.alone
+            or graph.waiting.get(then) != {produced}
+            or then_spec.options.ray_options != spec.options.ray_options
+            or not self.quick(then_spec.func_key)
+        ):
+            return None
+        i = then_spec.upstream.index(produced)
+        if not then_spec.direct[i] or then_spec.nested[i]:
+            return None
+        return then
+
+    def forget(self, tid: str) -> None:
+        """``tid`` is finished: nothing about it is kept."""
+        self._indirect.pop(tid, None)
+
+
+__all__ = ["FUSE", "SUBMIT_AHEAD", "GraphView", "Placement"]
