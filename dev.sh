@@ -21,6 +21,13 @@ setup() {
   # If uv cannot install for any reason, pip does the same job, only slower.
   .venv/bin/uv pip install -q --system-certs -p .venv/bin/python -e ".[$extras]" \
     || .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$extras]"
+  if [ "$extras" = test ]; then
+    # Test-only plugins, each a distribution of its own (the `faulty` storage scheme):
+    # installed, not put on a path, so that Ray workers find them by their entry points.
+    .venv/bin/uv pip install -q --system-certs -p .venv/bin/python -e tests/plugins/faulty_storage \
+      || .venv/bin/python -m pip install -q --disable-pip-version-check \
+        -e tests/plugins/faulty_storage
+  fi
 }
 
 cmd=${1:-}
@@ -38,7 +45,7 @@ case "$cmd" in
     setup test
     .venv/bin/ruff check .
     .venv/bin/ruff format --check .
-    exec .venv/bin/mypy --strict src backends listeners
+    exec .venv/bin/mypy --strict src backends listeners tests/plugins/faulty_storage
     ;;
   *)
     echo "usage: ./dev.sh example | test [pytest args] | lint" >&2

@@ -1,76 +1,28 @@
-"""Clock plugins: where timers get their time (``ray_workflows.clocks`` entry points).
+"""The built-in clock plugins (``ray_workflows.clocks`` entry points).
 
-``system`` is the real clock. ``virtual`` is for tests: its time starts at the
-real wall time and jumps to the earliest pending deadline whenever nothing but
-timers is waiting, so a test of a day-long ``workflow.sleep`` takes
-milliseconds (trio's autojump clock, Temporal's time-skipping test server).
-
-The engine tells a clock what "nothing but timers" means: it wraps every other
-wait (a Ray task, a listener that is not a timer) in ``clock.activity()``.
+Both implement the contract in :mod:`ray_workflows.clock`. ``system`` is the
+real clock. ``virtual`` is for tests: its time starts at the real wall time and
+jumps to the earliest pending deadline whenever nothing but timers is waiting,
+so a test of a day-long ``workflow.sleep`` takes milliseconds (trio's autojump
+clock, Temporal's time-skipping test server).
 """
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import contextlib
 import heapq
 import itertools
-import math
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from ray_workflows.clock import Clock, check_deadline
+
 # A real sleep is re-checked at least this often, so that a wall-clock step
 # (NTP, a suspended VM) delays a deadline by at most this much.
 _MAX_REAL_SLEEP = 60.0
-
-
-class Clock(abc.ABC):
-    """The time source of timers. One instance serves one asyncio loop (the manager's).
-
-    * ``time()`` is the current time in epoch seconds, like :func:`time.time`.
-      Deadlines are absolute epoch seconds so that they survive restarts.
-    * ``sleep_until(deadline)`` returns once ``time() >= deadline`` (at once if it
-      already is). It is cancellable.
-    * ``activity()`` is a plain (synchronous) context manager that marks a wait
-      which is not a timer; use it around awaits in async code::
-
-          with clock.activity():
-              result = await ray_object_ref
-
-      A clock may skip time only while no activity is open.
-    """
-
-    @abc.abstractmethod
-    def time(self) -> float:
-        """Now, in epoch seconds."""
-
-    @abc.abstractmethod
-    async def sleep_until(self, deadline: float) -> None:
-        """Return once ``time() >= deadline``."""
-
-    async def sleep(self, seconds: float) -> None:
-        """Sleep ``seconds`` of this clock's time."""
-        await self.sleep_until(self.time() + seconds)
-
-    def activity(self) -> contextlib.AbstractContextManager[None]:
-        """Mark a non-timer wait for the duration of the ``with`` block."""
-        return contextlib.nullcontext()
-
-
-def check_deadline(deadline: object) -> float:
-    """Return ``deadline`` as a float; refuse what is not a finite real number."""
-    if isinstance(deadline, bool) or not isinstance(deadline, (int, float)):
-        raise TypeError(
-            f"a deadline must be epoch seconds as an int or float, got "
-            f"{type(deadline).__name__}: {deadline!r:.60}"
-        )
-    value = float(deadline)
-    if not math.isfinite(value):
-        raise ValueError(f"a deadline must be a finite number of epoch seconds, got {value}")
-    return value
 
 
 class SystemClock(Clock):
@@ -218,4 +170,4 @@ class VirtualClock(Clock):
             self._wake_due()
 
 
-__all__ = ["Clock", "SystemClock", "VirtualClock", "check_deadline"]
+__all__ = ["SystemClock", "VirtualClock"]

@@ -7,8 +7,9 @@ a resumed workflow keeps the original deadline.
 
 from __future__ import annotations
 
-from ray_workflows.backends.clocks import Clock, SystemClock, check_deadline
+from ray_workflows.backends.clocks import SystemClock
 
+from ray_workflows.clock import Clock, check_deadline
 from ray_workflows.events import EventListener, context_or_none
 
 

@@ -12,7 +12,15 @@ from urllib.parse import quote
 
 def faulty_uri(inner: Path, control: Path) -> str:
     """A ``faulty`` storage over the directory ``inner``, told what to fail by the JSON
-    file ``control`` (see ray_workflows.testing)."""
+    file ``control``: the test-only plugin in tests/plugins/faulty_storage, which
+    ``./dev.sh test`` installs."""
+    from ray_workflows import plugins
+
+    if "faulty" not in plugins.available(plugins.STORAGE_GROUP):
+        raise RuntimeError(
+            "the test-only 'faulty' storage plugin is not installed: run ./dev.sh test, or "
+            "uv pip install -e tests/plugins/faulty_storage"
+        )
     return f"faulty://?inner={quote(str(inner), safe='')}&control={quote(str(control), safe='')}"
 
 

@@ -24,7 +24,8 @@ from ray_workflows.exceptions import (
     WorkflowNotResumableError,
     WorkflowStillActiveError,
 )
-from ray_workflows.lease import grant, lease_key
+from ray_workflows.keys import lease_key
+from ray_workflows.lease import grant
 from ray_workflows.plugins import open_storage
 from ray_workflows.store import WorkflowStore
 

@@ -16,10 +16,11 @@ from typing import Any
 
 import pytest
 import ray
-from ray_workflows.backends.clocks import Clock, SystemClock, VirtualClock
+from ray_workflows.backends.clocks import SystemClock, VirtualClock
 from ray_workflows.listeners.timer import TimerListener
 
-from ray_workflows import plugins
+from ray_workflows import keys, plugins
+from ray_workflows.clock import Clock
 from ray_workflows.events import (
     EventContext,
     EventListener,
@@ -151,11 +152,11 @@ async def test_retry_restores_an_event_whose_first_send_died_halfway(disk: Stora
     mailbox = Mailbox(disk)
     await mailbox.send("w", "k", "payload", event_id="e1")
     # The first send crashed after its dedupe record, before the event record.
-    (event_key,) = await disk.list(Mailbox.prefix("w", "k") + "events/")
+    (event_key,) = await disk.list(keys.mailbox_events_prefix("w", "k"))
     await disk.delete(event_key)
     assert await mailbox.pending("w", "k") == []
     await mailbox.send("w", "k", "payload", event_id="e1")
-    assert await disk.list(Mailbox.prefix("w", "k") + "events/") == [event_key]
+    assert await disk.list(keys.mailbox_events_prefix("w", "k")) == [event_key]
     assert await claim_soon(mailbox, "w", "k", "t") == ("e1", "payload")
 
 
@@ -182,7 +183,7 @@ async def test_claim_survives_a_crash_between_claim_and_index(disk: Storage) -> 
     await mailbox.send("w", "k", "one", event_id="e1")
     await mailbox.send("w", "k", "two", event_id="e2")
     assert await claim_soon(mailbox, "w", "k", "t1") == ("e1", "one")
-    assert await disk.delete(Mailbox.prefix("w") + "tasks/t1")
+    assert await disk.delete(keys.mailbox_task_key("w", "t1"))
     assert await claim_soon(Mailbox(disk), "w", "k", "t1") == ("e1", "one")
     assert await claim_soon(Mailbox(disk), "w", "k", "t2") == ("e2", "two")
 

@@ -13,13 +13,14 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
 import ray
 from helpers import count_runs, record_run, wait_for
 
 import ray_workflows as workflow
 from ray_workflows import bridge, config
+from ray_workflows.keys import task_key
 from ray_workflows.plugins import open_storage
-from ray_workflows.store import task_key
 
 
 def _task() -> str:
@@ -227,3 +228,19 @@ def test_a_pair_that_died_runs_apart_so_the_next_death_is_the_consumers_own(
     # the producer would have run once more for the consumer's second death.
     assert count_runs(runs, "source") == 1 + 2
     assert count_runs(runs, "dies_when_told") == 1 + 3
+
+
+def test_a_dead_pair_is_charged_to_neither_half_and_a_death_alone_is_charged(
+    storage: str, wid: str, counter_dir: Path
+) -> None:
+    # One rule for a dead worker: an attempt that shared its Ray task (here a fused
+    # pair) is not charged; it runs again alone, where the next death is charged.
+    runs = str(counter_dir)
+    none = workflow.options(max_retries=0)
+    producer, consumer = source.options(**none), dies_when_told.options(**none)
+    assert workflow.run(consumer.bind(runs, producer.bind(runs)), workflow_id=wid + "-q") == 8
+    Path(runs, "deaths").write_text("1")  # the pair dies: nobody is charged
+    assert workflow.run(consumer.bind(runs, producer.bind(runs)), workflow_id=wid) == 8
+    Path(runs, "deaths").write_text("2")  # then the consumer dies alone: charged, no retry
+    with pytest.raises(workflow.WorkflowExecutionError):
+        workflow.run(consumer.bind(runs, producer.bind(runs)), workflow_id=wid + "-2")

@@ -34,7 +34,7 @@ from ray_workflows import bridge, config, incarnation
 from ray_workflows.engine import Engine
 from ray_workflows.exceptions import WorkflowRunningElsewhereError
 from ray_workflows.incarnation import cluster_token, lineage
-from ray_workflows.lease import lease_key
+from ray_workflows.keys import lease_key
 from ray_workflows.manager import manager_name
 from ray_workflows.plan import compile_dag
 from ray_workflows.plugins import forget_storage, open_storage

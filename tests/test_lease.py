@@ -19,11 +19,11 @@ import pytest
 from helpers import faulty_uri
 
 from ray_workflows.exceptions import StorageError
+from ray_workflows.keys import lease_key
 from ray_workflows.lease import (
     ENV_LEASE_TTL,
     LeaseInfo,
     LeaseManager,
-    lease_key,
     lease_ttl,
     new_owner_id,
 )

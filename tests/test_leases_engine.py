@@ -18,7 +18,7 @@ from helpers import count_runs, record_run, wait_for
 
 from ray_workflows.engine import Engine
 from ray_workflows.exceptions import WorkflowRunningElsewhereError
-from ray_workflows.lease import lease_key
+from ray_workflows.keys import lease_key
 from ray_workflows.plan import compile_dag
 from ray_workflows.plugins import forget_storage, open_storage
 from ray_workflows.status import WorkflowStatus

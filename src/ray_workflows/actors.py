@@ -1,14 +1,9 @@
 """Virtual actors, the manager's side: durable state in storage, methods as Ray tasks.
 
-Layout (keys relative to the storage URI)::
-
-    actors/<id>/class          the class and its __init__ arguments (the actor exists)
-    actors/<id>/state          {"seq": n, "state": ...}: the state after n writer calls
-                               (0: after __init__, which runs when the actor is first used)
-    actors/<id>/calls/<seq>    writer call number seq, logged before it runs
-    actors/<id>/ids/<call>     the seq of a call id (a replayed call is not run twice)
-    actors/<id>/results/<seq>  the call's result, written before the state that commits it
-    workflows/<wid>/actor-run  a nonce naming the run of workflow <wid> (see step calls below)
+Each actor's records are under ``actors/<id>/`` (the layout is in
+:mod:`ray_workflows.keys`): its class and ``__init__`` arguments, its state after n
+writer calls (``0``: after ``__init__``, which runs when the actor is first used), the
+log of writer calls, each call id's number and each call's result.
 
 A writer call is logged, run as a Ray task (restore the state into an instance made
 without ``__init__``, call the method, capture the state again) and committed: its
@@ -32,7 +27,7 @@ a restarted manager, a retry after the attempt failed elsewhere, the attempts of
 resume after a crash or of a FAILED workflow). After a call that raised, the next
 attempt calls again. A new run of a deleted workflow's id calls anew. The run is the
 nonce ``workflows/<wid>/actor-run``, made by the first step call of the run and
-deleted with the workflow (:func:`step_run_key`).
+deleted with the workflow (:func:`ray_workflows.keys.actor_run_key`).
 """
 
 from __future__ import annotations
@@ -53,10 +48,19 @@ from ray.dag import DAGNode
 
 from ray_workflows import context
 from ray_workflows.exceptions import WorkflowNotFoundError
+from ray_workflows.keys import (
+    actor_call_key,
+    actor_call_seq,
+    actor_calls_prefix,
+    actor_class_key,
+    actor_id_key,
+    actor_result_key,
+    actor_run_key,
+    actor_state_key,
+)
 from ray_workflows.log import get_logger
 from ray_workflows.plan import Plan, compile_dag
 from ray_workflows.storage import Storage
-from ray_workflows.store import wf_prefix
 
 log = get_logger()
 
@@ -216,7 +220,7 @@ class Actors:
     async def create(self, actor_id: str, cls_bytes: bytes, init: bytes) -> None:
         """Store a new actor and run its ``__init__``; an existing one is kept as it is."""
         record = pickle.dumps((cls_bytes, init), protocol=5)
-        await self.storage.put_if_absent(_key(actor_id, "class"), record)
+        await self.storage.put_if_absent(actor_class_key(actor_id), record)
         await self._get(actor_id)
 
     async def class_of(self, actor_id: str) -> bytes:
@@ -261,19 +265,19 @@ class Actors:
             if step is not None and run is not None:
                 call_id, known = await self._step_call(actor_id, step, run, call_id)
             else:
-                known = await self.storage.get(_key(actor_id, "ids", call_id))
+                known = await self.storage.get(actor_id_key(actor_id, call_id))
             if known is None:
                 seq = actor.seq + 1
                 record = pickle.dumps((call_id, method, call, ray_options), protocol=5)
                 await self.storage.put_many(
                     {
-                        _key(actor_id, "calls", _seq(seq)): record,
-                        _key(actor_id, "ids", call_id): str(seq).encode(),
+                        actor_call_key(actor_id, seq): record,
+                        actor_id_key(actor_id, call_id): str(seq).encode(),
                     }
                 )
                 outcome = await self._apply(actor_id, actor, seq, method, call, ray_options)
             else:  # a replay, or a step's call that succeeded before: committed by now
-                result = await self.storage.get(_key(actor_id, "results", _seq(int(known))))
+                result = await self.storage.get(actor_result_key(actor_id, int(known)))
                 assert result is not None, "a logged call is committed before new ones run"
                 outcome = result
         # A sub-workflow is awaited without the lock: its steps may call this actor.
@@ -293,10 +297,10 @@ class Actors:
         k = 0
         while True:
             call_id = _step_call_id(workflow_id, run, task_id, k)
-            seq = await self.storage.get(_key(actor_id, "ids", call_id))
+            seq = await self.storage.get(actor_id_key(actor_id, call_id))
             if seq is None:
                 return call_id, None
-            result = await self.storage.get(_key(actor_id, "results", _seq(int(seq))))
+            result = await self.storage.get(actor_result_key(actor_id, int(seq)))
             assert result is not None, "a logged call is committed before new ones run"
             if cloudpickle.loads(result)[0] != "error":
                 return call_id, seq
@@ -305,7 +309,7 @@ class Actors:
     async def _run_of(self, workflow_id: str) -> str:
         """The nonce of the workflow's run, made by the first call that asks. Read each
         time, not cached: another manager may delete the workflow and run it again."""
-        key = step_run_key(workflow_id)
+        key = actor_run_key(workflow_id)
         while True:
             stored = await self.storage.get(key)
             if stored is not None:
@@ -344,7 +348,7 @@ class Actors:
 
     async def _load(self, actor_id: str) -> _Actor:
         """Read an actor from storage; finish its __init__ and any logged writer calls."""
-        record = await self.storage.get(_key(actor_id, "class"))
+        record = await self.storage.get(actor_class_key(actor_id))
         if record is None:
             raise WorkflowNotFoundError(
                 f"No virtual actor {actor_id!r} in {self.storage.uri!r}; create it with "
@@ -353,19 +357,18 @@ class Actors:
             )
         cls_bytes, init = pickle.loads(record)
         actor = _Actor(cls_bytes)
-        stored = await self.storage.get(_key(actor_id, "state"))
+        stored = await self.storage.get(actor_state_key(actor_id))
         if stored is None:  # __init__ has not committed: run it (again)
             state, outcome, _ = await self._run(actor_id, actor, None, None, init, {})
             await self._resolve(outcome)  # raises what __init__ raised
-            await self.storage.put(_key(actor_id, "state"), _state(0, state))
+            await self.storage.put(actor_state_key(actor_id), _state(0, state))
             actor.state = state
         else:
             committed = json.loads(stored)
             actor.state, actor.seq = committed["state"], committed["seq"]
         # Writer calls logged but not committed when the last manager stopped.
-        prefix = _key(actor_id, "calls") + "/"
-        for key in await self.storage.list(prefix):
-            seq = int(key[len(prefix) :])
+        for key in await self.storage.list(actor_calls_prefix(actor_id)):
+            seq = actor_call_seq(actor_id, key)
             if seq > actor.seq:
                 data = await self.storage.get(key)
                 assert data is not None
@@ -388,8 +391,8 @@ class Actors:
         )
         if plan is not None:  # stored before the call commits; a replay finds it stored
             outcome = await self._sub_workflow(_sub_workflow_id(actor_id, seq), plan)
-        await self.storage.put(_key(actor_id, "results", _seq(seq)), outcome)
-        await self.storage.put(_key(actor_id, "state"), _state(seq, state))
+        await self.storage.put(actor_result_key(actor_id, seq), outcome)
+        await self.storage.put(actor_state_key(actor_id), _state(seq, state))
         actor.state, actor.seq = state, seq
         log.debug("actor.call_committed", workflow_id=actor_id, seq=seq, method=method)
         return outcome
@@ -445,12 +448,6 @@ def _sub_workflow_id(actor_id: str, seq: int) -> str:
     return wid
 
 
-def step_run_key(workflow_id: str) -> str:
-    """Where the nonce of a workflow's run is, which scopes the call ids of its actor
-    method steps: deleting it makes the next run of the workflow call them anew."""
-    return wf_prefix(workflow_id) + "actor-run"
-
-
 def _step_call_id(workflow_id: str, run: str, task_id: str, k: int) -> str:
     scoped = f"step:{workflow_id}:{run}:{task_id}:{k}"
     if len(scoped) > 200:  # a storage key's last part: keep it short enough for a file name
@@ -462,12 +459,4 @@ def _state(seq: int, state: Any) -> bytes:
     return json.dumps({"seq": seq, "state": state}).encode()
 
 
-def _seq(seq: int) -> str:
-    return f"{seq:012d}"
-
-
-def _key(actor_id: str, *parts: str) -> str:
-    return "/".join(("actors", actor_id, *parts))
-
-
-__all__ = ["READONLY", "Actors", "capture", "has_own", "run_method", "step_run_key"]
+__all__ = ["READONLY", "Actors", "capture", "has_own", "run_method"]

@@ -23,7 +23,8 @@ from ray.exceptions import RayTaskError
 
 from ray_workflows import config
 from ray_workflows.ids import check_id, new_workflow_id
-from ray_workflows.lease import grant, lease_key
+from ray_workflows.keys import lease_key
+from ray_workflows.lease import grant
 from ray_workflows.options import check_metadata
 from ray_workflows.plan import EXTERNAL, compile_dag
 from ray_workflows.plugins import open_storage

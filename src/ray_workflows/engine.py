@@ -18,7 +18,7 @@ import ray
 
 from ray_workflows import serialization
 from ray_workflows.admission import EXEMPT, Admission
-from ray_workflows.backends.clocks import Clock
+from ray_workflows.clock import Clock
 from ray_workflows.exceptions import (
     TaskNotFoundError,
     WorkflowAlreadyRunningError,
@@ -93,13 +93,20 @@ class Engine:
         owner_prefix: str | None = None,
         lease_ttl: float | None = None,
         clock: Clock | str | None = None,
+        here: bool = False,
     ) -> None:
         self.storage = storage
         if isinstance(clock, str):
             clock = load_clock(clock)
         owner = new_owner_id(owner_prefix or "")
+        # Owners of workflows this engine was given to host (adopt's owner): a lease of
+        # one of them is an earlier attempt's of the same Ray task, dead (Ray retries
+        # the task only then), and is taken over at once.
+        self._hosted: set[str] = set()
 
         def supersedes(other: str) -> bool:
+            if other in self._hosted:
+                return True
             return bool(owner_prefix) and other.startswith(owner_prefix or "") and other != owner
 
         self.leases = LeaseManager(
@@ -107,9 +114,9 @@ class Engine:
             owner,
             ttl=lease_ttl,
             on_lost=self._lease_lost,
-            supersedes=supersedes if owner_prefix else None,
+            supersedes=supersedes,
         )
-        self.executor = Executor(storage, clock)
+        self.executor = Executor(storage, clock, here=here)
         self.store = self.executor.store
         self.recovery = Recovery(self.store, self.executor)
         self.admission = Admission()
@@ -173,19 +180,27 @@ class Engine:
             return self._launch(self._new_run(workflow_id, plan), meta, None, lease)
 
     async def adopt(
-        self, workflow_id: str, plan: Plan, meta: dict[str, Any], lease_record: bytes | None
+        self,
+        workflow_id: str,
+        plan: Plan,
+        meta: dict[str, Any],
+        lease_record: bytes | None,
+        owner: str | None = None,
     ) -> asyncio.Future[Any]:
         """Run a workflow its caller has already stored as started (plan, RUNNING status,
-        ``meta`` and a lease record granted to this engine: ``lease_record``), without
-        storage I/O. If anything differs from that (the lease is no longer this
-        engine's, the workflow was canceled or deleted meanwhile, or it already runs)
-        it is an ordinary resume or join, decided from storage."""
+        ``meta`` and a lease record granted to this engine, or to ``owner``, the name
+        the caller gave the workflow's host: ``lease_record``), without storage I/O. If
+        anything differs from that (the lease is no longer this engine's, the workflow
+        was canceled or deleted meanwhile, or it already runs) it is an ordinary resume
+        or join, decided from storage."""
+        if owner is not None:
+            self._hosted.add(owner)
         async with self._lock(workflow_id):
             if workflow_id in self.runs:
                 return self._finished[workflow_id]
             lease = None
             if lease_record is not None and workflow_id not in self._closed:
-                lease = self.leases.adopt(workflow_id, lease_record)
+                lease = self.leases.adopt(workflow_id, lease_record, owner)
             if lease is None:
                 return await self._resume(workflow_id, existing_ok=True)
             running = WorkflowStatus.RUNNING.value

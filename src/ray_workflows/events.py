@@ -27,8 +27,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ray_workflows import serialization
-from ray_workflows.backends.clocks import Clock
+from ray_workflows import keys, serialization
+from ray_workflows.clock import Clock
 from ray_workflows.exceptions import WorkflowError
 from ray_workflows.ids import check_id
 from ray_workflows.log import get_logger
@@ -201,14 +201,11 @@ _waiters = _Waiters()
 class Mailbox:
     """A durable mailbox per workflow, on a :class:`~ray_workflows.storage.Storage`.
 
-    Layout, under the workflow's prefix (deleting the workflow deletes it)::
-
-        workflows/<wid>/mailbox/keys/<key>/events/<name>   the event, until acknowledged
-        workflows/<wid>/mailbox/keys/<key>/claims/<name>   the id of the task that claimed it
-        workflows/<wid>/mailbox/keys/<key>/ids/<event_id>  dedupe record of a sender-chosen id
-        workflows/<wid>/mailbox/tasks/<task_id>            "<key>/<name>" of the event it holds
-
-    where ``<name>`` is ``<micros>-<event_id>``, ``<micros>`` 16 digits.
+    Its records are under ``workflows/<wid>/mailbox/`` (deleting the workflow deletes
+    them; the layout is in :mod:`ray_workflows.keys`): per event key, the events until
+    they are acknowledged, the claims (the id of the task that claimed an event), the
+    dedupe records of sender-chosen ids; per task, the event it holds. An event's name
+    is ``<micros>-<event_id>``, ``<micros>`` 16 digits.
 
     Order: events of one key are delivered in the order of their names, which
     start with the sender's wall-clock time in microseconds (strictly increasing
@@ -234,14 +231,6 @@ class Mailbox:
         self.storage = storage
         self.poll_interval = poll_interval
 
-    @staticmethod
-    def prefix(workflow_id: str, key: str | None = None) -> str:
-        """The storage prefix of a workflow's mailbox, or of one key in it."""
-        # Inside store.wf_prefix(workflow_id), spelled out: store imports the plan
-        # module, which may import this one.
-        base = f"workflows/{workflow_id}/mailbox/"
-        return base if key is None else f"{base}keys/{key}/"
-
     async def send(
         self, workflow_id: str, key: str, payload: Any, *, event_id: str | None = None
     ) -> str:
@@ -256,33 +245,35 @@ class Mailbox:
         if event_id is not None:
             check_id(event_id, "event_id")
         data = _encode(workflow_id, key, payload)
-        base = self.prefix(workflow_id, key)
         if event_id is None:
             event_id = uuid.uuid4().hex
-            await self.storage.put(base + "events/" + _name(event_id), data)
+            await self.storage.put(keys.mailbox_event_key(workflow_id, key, _name(event_id)), data)
         else:
             name = _name(event_id)
-            if await self.storage.put_if_absent(base + "ids/" + event_id, name.encode()):
-                await self.storage.put_if_absent(base + "events/" + name, data)
+            id_key = keys.mailbox_id_key(workflow_id, key, event_id)
+            if await self.storage.put_if_absent(id_key, name.encode()):
+                await self.storage.put_if_absent(
+                    keys.mailbox_event_key(workflow_id, key, name), data
+                )
             else:
-                await self._resend(base, event_id, data)
+                await self._resend(workflow_id, key, event_id, data)
         log.debug("event.stored", workflow_id=workflow_id, key=key, event_id=event_id)
         self.notify(workflow_id, key)
         return event_id
 
     async def known(self, workflow_id: str, key: str, event_id: str) -> bool:
         """Whether an event of this id was ever sent to (workflow, key)."""
-        return await self.storage.exists(self.prefix(workflow_id, key) + "ids/" + event_id)
+        return await self.storage.exists(keys.mailbox_id_key(workflow_id, key, event_id))
 
-    async def _resend(self, base: str, event_id: str, data: bytes) -> None:
+    async def _resend(self, workflow_id: str, key: str, event_id: str, data: bytes) -> None:
         # A first send may have died between its dedupe record and its event
         # record. Put the event back unless a task has claimed it: the claim record
         # outlives the acknowledgement, so a consumed event is never revived (and
         # one revived in a race is still claimed, so nobody gets it).
-        stored = await self.storage.get(base + "ids/" + event_id)
+        stored = await self.storage.get(keys.mailbox_id_key(workflow_id, key, event_id))
         name = stored.decode() if stored is not None else ""
-        if name and not await self.storage.exists(base + "claims/" + name):
-            await self.storage.put_if_absent(base + "events/" + name, data)
+        if name and not await self.storage.exists(keys.mailbox_claim_key(workflow_id, key, name)):
+            await self.storage.put_if_absent(keys.mailbox_event_key(workflow_id, key, name), data)
 
     def notify(self, workflow_id: str, key: str) -> None:
         """Wake this process's claimers of (workflow, key) now. Thread-safe."""
@@ -318,50 +309,51 @@ class Mailbox:
             finally:
                 _waiters.disarm(where, woken)
 
-    def _task_key(self, workflow_id: str, task_id: str) -> str:
-        return f"{self.prefix(workflow_id)}tasks/{task_id}"
-
     async def _try_claim(self, workflow_id: str, key: str, task_id: str) -> tuple[str, Any] | None:
-        base = self.prefix(workflow_id, key)
         me = task_id.encode()
-        index = self._task_key(workflow_id, task_id)
-        events = base + "events/"
+        index = keys.mailbox_task_key(workflow_id, task_id)
+        events = keys.mailbox_events_prefix(workflow_id, key)
         held, listed = await asyncio.gather(self.storage.get(index), self.storage.list(events))
+
+        def claim_key(name: str) -> str:
+            return keys.mailbox_claim_key(workflow_id, key, name)
+
         # Fast path after a restart: the index names the event this task holds.
         if held is not None:
             held_key, _, name = held.decode().rpartition("/")
-            if held_key == key and await self.storage.get(base + "claims/" + name) == me:
-                found = await self._load(base, name)
+            if held_key == key and await self.storage.get(claim_key(name)) == me:
+                found = await self._load(workflow_id, key, name)
                 if found is not None:
                     return found
         pending = [k[len(events) :] for k in listed]
         if not pending:
             return None
-        owners = await asyncio.gather(*(self.storage.get(base + "claims/" + n) for n in pending))
+        owners = await asyncio.gather(*(self.storage.get(claim_key(n)) for n in pending))
         # A crash between a claim and its index record: the claim is still ours.
         mine = [name for name, owner in zip(pending, owners, strict=True) if owner == me]
         free = [name for name, owner in zip(pending, owners, strict=True) if owner is None]
         for name in mine + free:
-            if name in mine or await self.storage.put_if_absent(base + "claims/" + name, me):
+            if name in mine or await self.storage.put_if_absent(claim_key(name), me):
                 found, _ = await asyncio.gather(
-                    self._load(base, name), self.storage.put(index, f"{key}/{name}".encode())
+                    self._load(workflow_id, key, name),
+                    self.storage.put(index, f"{key}/{name}".encode()),
                 )
                 if found is not None:
                     return found
         return None
 
-    async def _load(self, base: str, name: str) -> tuple[str, Any] | None:
-        key = base + "events/" + name
-        data = await self.storage.get(key)
+    async def _load(self, workflow_id: str, key: str, name: str) -> tuple[str, Any] | None:
+        where = keys.mailbox_event_key(workflow_id, key, name)
+        data = await self.storage.get(where)
         if data is None:
             return None  # acknowledged (or the workflow deleted) meanwhile
-        _, payload = serialization.decode(data, key)
+        _, payload = serialization.decode(data, where)
         return _event_id_of(name), serialization.loads(payload, [])
 
     async def acknowledge(self, workflow_id: str, key: str, event_id: str) -> bool:
         """Drop a claimed event once the claiming task's output is durable.
         Idempotent; True if this call removed it."""
-        events = self.prefix(workflow_id, key) + "events/"
+        events = keys.mailbox_events_prefix(workflow_id, key)
         for stored in await self.storage.list(events):
             if _event_id_of(stored[len(events) :]) == event_id:
                 log.debug("event.acknowledged", workflow_id=workflow_id, key=key, event_id=event_id)
@@ -371,24 +363,24 @@ class Mailbox:
     async def acknowledge_task(self, workflow_id: str, task_id: str) -> bool:
         """Drop the event that ``task_id`` claimed (see :meth:`acknowledge`), found by
         the task alone: what a listener's ``event_checkpointed`` knows."""
-        index = self._task_key(workflow_id, task_id)
+        index = keys.mailbox_task_key(workflow_id, task_id)
         held = await self.storage.get(index)
         if held is None:
             return False
         key, _, name = held.decode().rpartition("/")
-        removed = await self.storage.delete(self.prefix(workflow_id, key) + "events/" + name)
+        removed = await self.storage.delete(keys.mailbox_event_key(workflow_id, key, name))
         await self.storage.delete(index)
         log.debug("event.acknowledged", workflow_id=workflow_id, task_id=task_id, key=key)
         return removed
 
     async def pending(self, workflow_id: str, key: str) -> list[str]:
         """The ids of the events of ``key`` not yet acknowledged, in delivery order."""
-        events = self.prefix(workflow_id, key) + "events/"
+        events = keys.mailbox_events_prefix(workflow_id, key)
         return [_event_id_of(k[len(events) :]) for k in await self.storage.list(events)]
 
     async def delete_all(self, workflow_id: str) -> int:
         """Remove the workflow's whole mailbox; return how many records were removed."""
-        return await self.storage.delete_prefix(self.prefix(workflow_id))
+        return await self.storage.delete_prefix(keys.mailbox_prefix(workflow_id))
 
 
 def _name(event_id: str) -> str:

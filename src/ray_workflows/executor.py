@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import math
@@ -88,7 +89,7 @@ class Executor:
     """Submits task attempts and helper tasks to Ray; holds what event tasks use
     (the clock and the mailbox)."""
 
-    def __init__(self, storage: Storage, clock: Clock | None = None) -> None:
+    def __init__(self, storage: Storage, clock: Clock | None = None, *, here: bool = False) -> None:
         self.storage = storage
         self.store = WorkflowStore(storage)
         self.clock: Clock = clock or SystemClock()
@@ -108,6 +109,11 @@ class Executor:
         self._durations: collections.OrderedDict[str, float] = collections.OrderedDict()
         # `.options()` builds a new wrapper each call; one per (name, options) is kept.
         self._remotes: dict[Any, Any] = {}
+        # In place (see run_here): for a runner hosted in a Ray task, whose tasks run in
+        # its own process, one after another, without a Ray task each.
+        self.here = here
+        self._here_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._here_runs: set[asyncio.Task[None]] = set()
         # Pickled functions put in the object store once, shared by every run that
         # uses them (keyed by content hash), not once per workflow.
         self._functions: collections.OrderedDict[str, Any] = collections.OrderedDict()
@@ -168,26 +174,57 @@ class Executor:
         per submission, the refs of its receipts and values. Attempts of plain data
         travel pickled together, as Ray's cost is per argument (160 small arguments:
         1.2 ms; one blob: 31 us)."""
-        units: list[Unit] = []
-        packed: list[tuple[Attempt, ...]] = []
-        args: list[Any] = []
-        for sub in subs:
-            plain = all(a.plain() for a in sub.attempts)
-            units.append(Unit(len(sub.attempts), plain, len(sub.values), sub.split, sub.slot))
-            if plain:
-                packed.append(sub.attempts)
-            else:
-                for attempt in sub.attempts:
-                    args.extend(attempt)
-            args.extend(sub.values)
+        units, packed, args = _arguments(subs)
         returns = sum(unit.returns for unit in units)
         remote = self._remote(self._execute, name, ray_options, num_returns=returns)
-        refs = remote.remote(tuple(units), pickle.dumps(packed, protocol=5), *args)
+        refs = remote.remote(units, packed, *args)
         groups, at = [], 0
         for unit in units:
             groups.append(tuple(refs[at : at + unit.returns]))
             at += unit.returns
         return groups
+
+    def run_here(self, sub: Submission) -> tuple[Any, ...]:
+        """Run one unit in this process (the *in place* placement of a hosted runner,
+        see :mod:`ray_workflows.host`): the same :func:`execute_group` a Ray task would
+        run, with the same arguments, in a worker thread. Returns futures where
+        :meth:`submit` returns refs: of each attempt's receipt (its wire tuple) and of
+        an ObjectRef of its value (put in the object store, as a Ray task's would be)."""
+        loop = asyncio.get_running_loop()
+        futures = tuple(loop.create_future() for _ in range(2 * len(sub.attempts)))
+        run = loop.create_task(self._here(*_arguments([sub]), futures))
+        self._here_runs.add(run)
+        run.add_done_callback(self._here_runs.discard)
+        return futures
+
+    async def _here(
+        self,
+        units: tuple[Unit, ...],
+        packed: bytes,
+        args: list[Any],
+        futures: tuple[asyncio.Future[Any], ...],
+    ) -> None:
+        try:
+            # What Ray would do: resolve the ObjectRefs given as arguments of their own.
+            values = [await a if isinstance(a, ray.ObjectRef) else a for a in args]
+            if self._here_pool is None:
+                self._here_pool = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix="rwf-here"
+                )
+            loop = asyncio.get_running_loop()
+            out = await loop.run_in_executor(self._here_pool, execute_group, units, packed, *values)
+            results = [r if i % 2 == 0 else ray.put(r) for i, r in enumerate(out)]
+        except BaseException as exc:  # as a Ray task that died: every attempt in it
+            error = ray.exceptions.RayError(f"in place: {type(exc).__name__}: {exc}")
+            for future in futures:
+                if not future.done():
+                    future.set_exception(error)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for future, result in zip(futures, results, strict=True):
+            if not future.done():
+                future.set_result(result)
 
     # -- batching: quick ready tasks share a Ray task while the CPUs are busy ------
     def offer(self, sub: Submission) -> bool:
@@ -369,4 +406,23 @@ class Executor:
         return list(keys)
 
 
-__all__ = ["Executor"]
+def _arguments(subs: list[Submission]) -> tuple[tuple[Unit, ...], bytes, list[Any]]:
+    """What :func:`execute_group` gets for ``subs``: their units, their plain attempts
+    pickled together (Ray's cost is per argument: 160 small arguments 1.2 ms, one
+    blob 31 us), and the other arguments."""
+    units: list[Unit] = []
+    packed: list[tuple[Attempt, ...]] = []
+    args: list[Any] = []
+    for sub in subs:
+        plain = all(a.plain() for a in sub.attempts)
+        units.append(Unit(len(sub.attempts), plain, len(sub.values), sub.split, sub.slot))
+        if plain:
+            packed.append(sub.attempts)
+        else:
+            for attempt in sub.attempts:
+                args.extend(attempt)
+        args.extend(sub.values)
+    return tuple(units), pickle.dumps(packed, protocol=5), args
+
+
+__all__ = ["Executor", "Submission"]

@@ -1,7 +1,7 @@
 """Leases: one runner per workflow, across managers and clusters sharing a storage.
 
 A manager runs a workflow only while it holds the workflow's lease, a small JSON
-record at ``workflows/<wid>/lease``::
+record at ``workflows/<wid>/lease`` (:func:`ray_workflows.keys.lease_key`)::
 
     {"v": 1, "owner": "host:1234:9f2c...", "epoch": 3, "acquired_at": 1718000000.1,
      "renewed_at": 1718000020.1, "expires_at": 1718000050.1, "ttl": 30.0,
@@ -84,8 +84,9 @@ import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ray_workflows.keys import lease_key
 from ray_workflows.log import get_logger
-from ray_workflows.storage import Storage, check_key
+from ray_workflows.storage import Storage
 
 ENV_LEASE_TTL = "RAY_WORKFLOWS_LEASE_TTL"
 DEFAULT_TTL = 30.0
@@ -127,10 +128,6 @@ def new_owner_id(prefix: str = "") -> str:
     host name becomes ``_``, so the lineage is everything up to the last ``|``."""
     host = socket.gethostname().replace("|", "_")
     return f"{prefix}{host}:{os.getpid()}:{secrets.token_hex(6)}"
-
-
-def lease_key(workflow_id: str) -> str:
-    return check_key(f"workflows/{workflow_id}/lease")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,18 +313,20 @@ class LeaseManager:
                 return self._hold(info, data, current, now)
         return None  # others kept winning the races: one of them holds it
 
-    def adopt(self, workflow_id: str, raw: bytes) -> Lease | None:
+    def adopt(self, workflow_id: str, raw: bytes, owner: str | None = None) -> Lease | None:
         """Hold the lease whose record ``raw`` (from :func:`grant`) a caller created for
-        this owner moments ago, without I/O. ``None`` if the record names another owner
-        (say, an earlier incarnation), or its deadline has passed, or the lease is
-        already held or being acquired here: then :meth:`acquire` decides, from storage.
+        this owner (or for ``owner``, a name of one workflow's host: see
+        :mod:`ray_workflows.host`) moments ago, without I/O. ``None`` if the record
+        names another owner (say, an earlier incarnation), or its deadline has passed,
+        or the lease is already held or being acquired here: then :meth:`acquire`
+        decides, from storage.
 
         Safe without a read: only this owner may change a live record of its own, so
         until the deadline the stored bytes are still ``raw``."""
         info = _decode(workflow_id, raw)
         if (
             info is None
-            or info.owner != self.owner
+            or info.owner != (owner or self.owner)
             or info.released
             or workflow_id in self._held
             or workflow_id in self._acquiring
@@ -347,8 +346,12 @@ class LeaseManager:
             log.warning("lease.unreadable", workflow_id=wid, note="treated as held for one ttl")
         return LeaseInfo(wid, _UNREADABLE_OWNER, 0, since + self.ttl, self.ttl, since, since)
 
-    def _record(self, wid: str, epoch: int, now: float, acquired_at: float) -> LeaseInfo:
-        return LeaseInfo(wid, self.owner, epoch, now + self.ttl, self.ttl, now, acquired_at)
+    def _record(
+        self, wid: str, epoch: int, now: float, acquired_at: float, owner: str | None = None
+    ) -> LeaseInfo:
+        return LeaseInfo(
+            wid, owner or self.owner, epoch, now + self.ttl, self.ttl, now, acquired_at
+        )
 
     def _hold(self, info: LeaseInfo, raw: bytes, previous: LeaseInfo | None, now: float) -> Lease:
         deadline = now + self.ttl - self.max_skew
@@ -391,7 +394,7 @@ class LeaseManager:
             if lease.lost or lease.released:
                 return False
             now = self._clock()
-            info = self._record(lease.workflow_id, lease.epoch, now, lease.acquired_at)
+            info = self._record(lease.workflow_id, lease.epoch, now, lease.acquired_at, lease.owner)
             data = _encode(info)
             try:
                 renewed = await self._replace_own(lease, data)
@@ -424,7 +427,7 @@ class LeaseManager:
             lease.released = True
             self._forget(lease)
             now = self._clock()
-            info = self._record(lease.workflow_id, lease.epoch, now, lease.acquired_at)
+            info = self._record(lease.workflow_id, lease.epoch, now, lease.acquired_at, lease.owner)
             info = dataclasses.replace(info, expires_at=now, released=True)
             try:
                 released = await self._replace_own(lease, _encode(info))
@@ -577,7 +580,7 @@ __all__ = [
     "LeaseInfo",
     "LeaseManager",
     "grant",
-    "lease_key",
+    "lease_key",  # built in ray_workflows.keys; still importable from here
     "lease_ttl",
     "new_owner_id",
 ]

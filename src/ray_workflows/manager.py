@@ -19,6 +19,7 @@ import ray
 from ray_workflows import incarnation, serialization
 from ray_workflows.actors import Actors
 from ray_workflows.engine import Engine, load_clock
+from ray_workflows.keys import manager_probe_key
 from ray_workflows.log import get_logger
 from ray_workflows.plan import Plan
 from ray_workflows.plugins import open_storage
@@ -204,9 +205,7 @@ class WorkflowManager:
         probe = None
         if caller_stores:
             if self._probe is None:
-                # One key per cluster and manager: each incarnation Ray restarts overwrites
-                # its predecessor's (another cluster sharing the storage has its own).
-                key = f"managers/{self._lineage}probe"
+                key = manager_probe_key(self._lineage)
                 self._probe = (key, secrets.token_hex(16).encode())
                 await self.engine.storage.put(*self._probe)
             probe = self._probe

@@ -14,6 +14,9 @@ The placements:
   the executor forms the batches).
 * **ahead**: a consumer is submitted before its inputs exist, passed the refs of their
   outputs (:meth:`Placement.ahead`); Ray starts it the moment they do.
+* **in place**: for a runner hosted in a Ray task (:mod:`ray_workflows.host`), a task
+  with Ray's default options runs in the host's own process, without a Ray task of
+  its own (:meth:`Placement.in_place`); the others there go to Ray as above.
 
 A task whose shared Ray task (a pair, a batch) died is placed alone from then on, so
 that the next death is charged to the task that died (``GraphView.alone``).
@@ -58,12 +61,17 @@ class Placement:
     """The placement policy of one workflow's run; ``quick(func_key)`` says whether a
     function's last attempt ran quickly (``Executor.quick``)."""
 
-    def __init__(self, graph: GraphView, quick: Callable[[str], bool], *, batching: bool) -> None:
+    def __init__(
+        self, graph: GraphView, quick: Callable[[str], bool], *, batching: bool, here: bool
+    ) -> None:
         self.graph = graph
         self.quick = quick
-        self.submit_ahead = SUBMIT_AHEAD
-        self.fuse = FUSE
-        self.batching = batching
+        # A hosted runner runs tasks in place, one after another: nothing to submit
+        # ahead, fuse or batch.
+        self.here = here
+        self.submit_ahead = SUBMIT_AHEAD and not here
+        self.fuse = FUSE and not here
+        self.batching = batching and not here
         self._indirect: dict[str, frozenset[str]] = {}  # inputs a task needs as refs
 
     def ahead(self, tid: str) -> bool:
@@ -137,6 +145,16 @@ class Placement:
         if not then_spec.direct[i] or then_spec.nested[i]:
             return None
         return then
+
+    def in_place(self, spec: TaskSpec) -> bool:
+        """Whether ``spec`` runs in this process (a hosted runner's task with Ray's
+        default options, that takes no input as a nested ObjectRef)."""
+        return (
+            self.here
+            and spec.kind == "function"
+            and not spec.options.ray_options
+            and not any(spec.nested)
+        )
 
     def forget(self, tid: str) -> None:
         """``tid`` is finished: nothing about it is kept."""

@@ -114,7 +114,9 @@ class WorkflowRun:
         self.shared: set[str] = set()  # attempts under way in a Ray task with others
         self.batched: set[str] = set()  # ...of which in a batch (cancelled by executor)
         self.alone: set[str] = set()  # tasks whose shared Ray task died
-        self.placement = Placement(self, executor.quick, batching=executor.batching)
+        self.placement = Placement(
+            self, executor.quick, batching=executor.batching, here=executor.here
+        )
         self.packs = PackWriter(
             store, workflow_id, self._packed, self._pack_failed, lambda: self.epoch
         )
@@ -309,6 +311,9 @@ class WorkflowRun:
             self._unsent(tid),
             seconds,
         )
+        if self.placement.in_place(spec):
+            deliver(self.executor.run_here(sub), False, False)
+            return then
         if self.placement.batchable(tid, spec, ahead is not None):
             if not self.executor.offer(sub):
                 self.running[tid] = (None, None)  # held: not submitted twice meanwhile
@@ -612,13 +617,16 @@ class WorkflowRun:
 
     async def _await(self, tid: str, receipt_ref: Any, value_ref: Any) -> None:
         """Await one receipt (where the watcher is not available), then process it."""
+        value = value_ref
         try:
             with self.executor.clock.activity():
                 result: Any = Receipt.unwire(await receipt_ref)
+            if isinstance(value_ref, asyncio.Future):  # run in place: its ObjectRef
+                value = await value_ref
         except ray.exceptions.RayError as exc:  # the worker or its node died
             result = exc
         self._settle(tid, value_ref)
-        await self._process(tid, result, value_ref)
+        await self._process(tid, result, value)
 
     async def _process(self, tid: str, result: Any, value_ref: Any) -> None:
         target = self.root_of.get(tid, tid)

@@ -1,23 +1,8 @@
-"""WorkflowStore: the key layout, records and status index, over any Storage.
+"""WorkflowStore: a workflow's records and the status index, over any Storage.
 
-Layout (all keys relative to the storage URI)::
-
-    workflows/<wid>/plan                  entry plan (the commit point of a new workflow)
-    workflows/<wid>/meta.json             status, user metadata, start/end time, error
-                                          (absent until the first status change of a
-                                          workflow its caller stored: the plan's header
-                                          holds it, see started_meta)
-    workflows/<wid>/lease                 which manager runs it, until when (ray_workflows.lease)
-    workflows/<wid>/mailbox/...           events sent to the workflow (events.Mailbox owns it)
-    workflows/<wid>/tasks/<E>/<tid>.out   a task's committed output (its existence = done)
-    workflows/<wid>/tasks/<E>/<tid>.pack  several small outputs committed in one write, named
-                                          after the first task in it (membership = done)
-    workflows/<wid>/tasks/<E>/<tid>.cont  the continuation plan the task returned
-    workflows/<wid>/tasks/<E>/<tid>.latest  newest continuation of the chain rooted here
-    workflows/<wid>/tasks/<E>/ids.json    task-id counters (continuations name their tasks)
-    workflows/<wid>/seals/<E>             the records of epochs before E that count (JSON)
-    workflows/<wid>/objects/<sha256>      checkpointed ObjectRef values
-    status/<STATUS>/<wid>                 empty marker: the status index for list_all
+The key layout is in :mod:`ray_workflows.keys`, which builds every key; this
+module reads and writes the workflow records in it: the plan, ``meta.json``, the
+task records and seals under ``tasks/<E>/`` and ``seals/<E>``, the status index.
 
 Fencing. ``<E>`` is the epoch of the lease its writer held (:mod:`ray_workflows.lease`):
 a runner, and every worker on its behalf, writes task records only under its own
@@ -42,8 +27,7 @@ stored, so a fan-out of 1,000 small tasks costs a few dozen writes, not 1,000.
 Engine writes go through a group commit: writes that arrive while a batch is
 being made durable share the next batch.
 
-An output is addressed by a *record ref*: its ``out`` key, or
-``<pack key>/<task id>`` for a member of a pack (task ids never contain ``/``).
+An output is addressed by a *record ref* (:func:`ray_workflows.keys.split_ref`).
 """
 
 from __future__ import annotations
@@ -59,6 +43,25 @@ from typing import Any
 
 from ray_workflows import bridge, serialization
 from ray_workflows.exceptions import CheckpointError
+from ray_workflows.keys import (
+    IDS,
+    STATUS_PREFIX,
+    ids_key,
+    meta_key,
+    objects_prefix,
+    pack_ref,
+    parse_status_key,
+    parse_task_key,
+    plan_key,
+    seal_epoch,
+    seal_key,
+    seals_prefix,
+    split_ref,
+    status_key,
+    task_key,
+    tasks_prefix,
+    wf_prefix,
+)
 from ray_workflows.log import get_logger
 from ray_workflows.plan import Plan
 from ray_workflows.status import WorkflowStatus
@@ -73,49 +76,7 @@ STORED_STATUSES = (
 )
 
 
-def wf_prefix(wid: str) -> str:
-    return f"workflows/{wid}/"
-
-
-def task_key(wid: str, tid: str, record: str, epoch: int) -> str:
-    # Flat per epoch: every record a holder writes in one directory, so a task's output
-    # costs one file and one directory sync, not a new directory per task.
-    return f"workflows/{wid}/tasks/{epoch}/{tid}.{record}"
-
-
-def seal_key(wid: str, epoch: int) -> str:
-    return f"workflows/{wid}/seals/{epoch}"
-
-
-def status_key(status: str, wid: str) -> str:
-    """The workflow's marker in the status index (``status`` is the enum's value)."""
-    return f"status/{status}/{wid}"
-
-
-def ids_key(wid: str, epoch: int) -> str:
-    return f"workflows/{wid}/tasks/{epoch}/{_IDS}"
-
-
-_IDS = "ids.json"
-
-
-def objects_prefix(wid: str) -> str:
-    return f"workflows/{wid}/objects/"
-
-
 log = get_logger()
-
-
-def pack_ref(pack_key: str, tid: str) -> str:
-    return f"{pack_key}/{tid}"
-
-
-def split_ref(ref: str) -> tuple[str, str | None]:
-    """``(storage key, member)`` of a record ref; member is None for an ``out`` key."""
-    head, _, tail = ref.rpartition("/")
-    if head.endswith(".pack") and head.rsplit("/", 3)[-3] == "tasks":
-        return head, tail
-    return ref, None
 
 
 def encode_pack(members: dict[str, bytes]) -> bytes:
@@ -281,7 +242,7 @@ def _started_records(
     wid: str, encoded: bytes, status: str, lease: tuple[str, bytes]
 ) -> dict[str, bytes]:
     """A caller's start: the plan, first (the commit point), the lease, the marker."""
-    return {wf_prefix(wid) + "plan": encoded, lease[0]: lease[1], status_key(status, wid): b""}
+    return {plan_key(wid): encoded, lease[0]: lease[1], status_key(status, wid): b""}
 
 
 def _started_outcome(
@@ -446,7 +407,7 @@ class WorkflowStore:
         """Store the entry plan (``encoded`` already, if given) unless the workflow
         exists; True if this call created it."""
         data = encoded if encoded is not None else self.encode_plan(plan)
-        return await self.storage.put_if_absent(wf_prefix(wid) + "plan", data)
+        return await self.storage.put_if_absent(plan_key(wid), data)
 
     async def create_started(
         self, wid: str, encoded: bytes, status: str, lease: tuple[str, bytes]
@@ -482,7 +443,7 @@ class WorkflowStore:
     async def started_meta(self, wid: str) -> dict[str, Any] | None:
         """``meta.json`` as the workflow started, for one stored by its caller that has
         none yet (the plan's header carries it); ``None`` if there is no plan."""
-        key = wf_prefix(wid) + "plan"
+        key = plan_key(wid)
         data = await self.storage.get(key)
         if data is None:
             return None
@@ -492,12 +453,12 @@ class WorkflowStore:
         return {"status": WorkflowStatus.RUNNING.value, "user_metadata": {}}
 
     async def load_plan(self, wid: str) -> Plan | None:
-        key = wf_prefix(wid) + "plan"
+        key = plan_key(wid)
         data = await self.storage.get(key)
         return None if data is None else self.decode_plan(data, key)
 
     async def exists(self, wid: str) -> bool:
-        return await self.storage.exists(wf_prefix(wid) + "plan")
+        return await self.storage.exists(plan_key(wid))
 
     # -- meta and the status index --------------------------------------------
     async def read_meta(self, wid: str) -> dict[str, Any] | None:
@@ -505,7 +466,7 @@ class WorkflowStore:
 
     async def read_meta_record(self, wid: str) -> tuple[dict[str, Any] | None, bytes | None]:
         """``meta.json`` and its bytes (what :meth:`swap_meta` expects), or ``None``s."""
-        data = await self.storage.get(wf_prefix(wid) + "meta.json")
+        data = await self.storage.get(meta_key(wid))
         return (None, None) if data is None else (dict(json.loads(data)), data)
 
     async def swap_meta(
@@ -523,7 +484,7 @@ class WorkflowStore:
             # First: an index scan must find the new status once meta.json has it.
             await self.commit.put(status_key(new, wid), b"")
         data = json.dumps(meta).encode()
-        if not await self.storage.compare_and_set(wf_prefix(wid) + "meta.json", expected, data):
+        if not await self.storage.compare_and_set(meta_key(wid), expected, data):
             return None
         if old and new != old:
             # Once the new marker is durable: a crash that brings the old one back
@@ -534,8 +495,8 @@ class WorkflowStore:
     async def indexed(self) -> dict[str, str]:
         """wid -> stored status, from the index (settling duplicates from meta.json)."""
         found: dict[str, set[str]] = {}
-        for key in await self.storage.list("status/"):
-            _, status, wid = key.split("/", 2)
+        for key in await self.storage.list(STATUS_PREFIX):
+            status, wid = parse_status_key(key)
             found.setdefault(wid, set()).add(status)
         result = {}
         for wid, statuses in found.items():
@@ -552,25 +513,23 @@ class WorkflowStore:
         """Every task record of a workflow that counts (see Fencing above). Packs are
         read (and checked: a torn pack is deleted, so its tasks run again) to learn
         which outputs they hold."""
-        prefix = wf_prefix(wid) + "tasks/"
         listed, (sealed, counted) = await asyncio.gather(
-            self.storage.list(prefix), self._newest_seal(wid)
+            self.storage.list(tasks_prefix(wid)), self._newest_seal(wid)
         )
         records = TaskRecords(wid)
         packs: list[tuple[int, str]] = []
         for key in listed:
-            epoch_text, _, name = key[len(prefix) :].partition("/")
-            if not epoch_text.isdigit() or not name:
+            parsed = parse_task_key(wid, key)
+            if parsed is None:
                 continue  # not a record (a stray key)
-            epoch = int(epoch_text)
+            epoch, tid, record = parsed
             if epoch < sealed and key not in counted:
                 continue  # a stale holder's, written after the takeover
             records.counted.append(key)
-            if name == _IDS:
+            if record == IDS:
                 if records.ids is None or records.ids[0] <= epoch:
                     records.ids = (epoch, key)
                 continue
-            tid, _, record = name.rpartition(".")
             if record == "pack":
                 packs.append((epoch, key))
             else:
@@ -597,8 +556,7 @@ class WorkflowStore:
 
     async def _newest_seal(self, wid: str) -> tuple[int, frozenset[str]]:
         """The epoch of the newest seal and the keys of earlier epochs it counts."""
-        prefix = wf_prefix(wid) + "seals/"
-        epochs = [int(k[len(prefix) :]) for k in await self.storage.list(prefix)]
+        epochs = [seal_epoch(wid, k) for k in await self.storage.list(seals_prefix(wid))]
         epochs = [e for e in epochs if e > 0]
         if not epochs:
             return 0, frozenset()
@@ -643,7 +601,7 @@ class WorkflowStore:
         # later could remove a marker of the next run of this id.
         await self.commit.drain()
         # The plan is the commit point: without it nobody resumes a half-deleted workflow.
-        removed = int(await self.storage.delete(wf_prefix(wid) + "plan"))
+        removed = int(await self.storage.delete(plan_key(wid)))
         for status in STORED_STATUSES:
             removed += int(await self.storage.delete(status_key(status.value, wid)))
         return removed + await self.storage.delete_prefix(wf_prefix(wid))
@@ -657,12 +615,13 @@ __all__ = [
     "WorkflowStore",
     "decode_pack",
     "encode_pack",
-    "pack_ref",
     "read_record",
     "running_meta",
+    # Built in ray_workflows.keys; still importable from here.
+    "objects_prefix",
+    "pack_ref",
     "seal_key",
     "split_ref",
-    "objects_prefix",
     "task_key",
     "wf_prefix",
 ]

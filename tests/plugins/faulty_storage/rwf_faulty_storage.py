@@ -1,5 +1,9 @@
 """A fault-injecting wrapper around another storage, for tests of durability.
 
+Test-only: this module is its own distribution (``rwf-faulty-storage``, see the
+``pyproject.toml`` beside it), registered as the ``faulty`` scheme of the
+``ray_workflows.storage`` entry-point group, so ray-workflows itself ships no such scheme.
+
 URI: ``faulty://?inner=<quoted inner URI>&control=<quoted path of a JSON file>``.
 The control file is read on every write (when its mtime changes), so a test can
 switch faults on and off while workers and the manager run, in any process::
