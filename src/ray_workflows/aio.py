@@ -19,9 +19,10 @@ import weakref
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
+import ray
 from ray.exceptions import RayTaskError
 
-from ray_workflows import config
+from ray_workflows import config, host
 from ray_workflows.ids import check_id, new_workflow_id
 from ray_workflows.keys import lease_key
 from ray_workflows.lease import grant
@@ -56,6 +57,7 @@ class Prepared(NamedTuple):
     workflow_id: str
     plan: Any  # the Plan, or its stored record (bytes) when it holds no live ObjectRefs
     meta: dict[str, Any]  # its meta.json as it starts (also in the encoded plan's header)
+    hosted: bool = False  # it may run in a Ray task of its own (see ray_workflows.host)
 
 
 def prepare(
@@ -88,7 +90,7 @@ def prepare(
     meta = running_meta(plan.output_task_id, check_metadata(metadata))
     if not any(spec.arg_refs for spec in plan.tasks.values()):
         encoded = WorkflowStore.encode_plan(plan, meta=meta)
-        return Prepared(wid, encoded, meta)
+        return Prepared(wid, encoded, meta, host.enabled() and host.eligible(plan))
     return Prepared(wid, plan, meta)
 
 
@@ -117,25 +119,50 @@ def start_blocking(prepared: Prepared) -> Any:
     store = WorkflowStore(open_storage(cfg.storage))
     if handle is None or lease is None or not store.storage.blocking_batches:
         return None
-    wid, plan, meta = prepared
-    leased = store.create_started_blocking(wid, plan, meta["status"], lease)
-    return None if leased is None else _hand_over(handle, prepared, lease, leased)
+    wid, plan, meta, _ = prepared
+    leased = store.create_started_blocking(wid, plan, meta["status"], lease[:2])
+    return None if leased is None else _hand_over(cfg, handle, prepared, lease, leased)
 
 
-def _caller_lease(cfg: config.Config, prepared: Prepared) -> tuple[str, bytes] | None:
+def _caller_lease(cfg: config.Config, prepared: Prepared) -> tuple[str, bytes, str | None] | None:
     """The lease record to store with a new workflow if the caller stores it (see
-    :func:`start`), granted to the manager, else ``None``: ``(key, record)``."""
+    :func:`start`), else ``None``: ``(key, record, host)``, granted to the manager, or
+    to the workflow's host (its owner name is then the third item, else ``None``)."""
     info = config.described(cfg)
     if not isinstance(prepared.plan, bytes) or info is None or not info["caller_stores"]:
         return None
     wid = prepared.workflow_id
-    return lease_key(wid), grant(wid, info["owner"], info["ttl"])
+    owner = host.host_owner() if prepared.hosted and info.get("hosting") else None
+    return lease_key(wid), grant(wid, owner or info["owner"], info["ttl"]), owner
 
 
-def _hand_over(handle: Any, prepared: Prepared, lease: tuple[str, bytes], leased: bool) -> Any:
-    """Hand a workflow the caller stored to the manager; the ref of its output."""
-    wid, plan, meta = prepared
-    return handle.run.remote(run_call(wid, plan, meta, lease[1] if leased else None))
+def _hand_over(
+    cfg: config.Config,
+    handle: Any,
+    prepared: Prepared,
+    lease: tuple[str, bytes, str | None],
+    leased: bool,
+) -> Any:
+    """Hand a workflow the caller stored to its runner: a Ray task that hosts it (see
+    :mod:`ray_workflows.host`), or the manager; the ref of its output."""
+    wid, plan, meta, _ = prepared
+    _, record, owner = lease
+    if owner is not None and leased:
+        return _host().remote(host.call(wid, plan, meta, cfg.storage, record, owner))
+    return handle.run.remote(run_call(wid, plan, meta, record if leased else None))
+
+
+_hosting: Any = None
+
+
+def _host() -> Any:
+    """The Ray task that hosts a workflow: retried by Ray if its worker dies only."""
+    global _hosting
+    if _hosting is None:
+        _hosting = ray.remote(max_retries=3, retry_exceptions=False)(host.run).options(
+            name="ray_workflows.host"
+        )
+    return _hosting
 
 
 def run_call(wid: str, plan: bytes, meta: dict[str, Any], lease: bytes | None) -> bytes:
@@ -158,12 +185,12 @@ async def start(prepared: Prepared) -> Any:
     it stores it instead."""
     cfg = config.current()
     handle = await config.manager(cfg)
-    wid, plan, meta = prepared
+    wid, plan, meta, _ = prepared
     lease = _caller_lease(cfg, prepared)
     if lease is not None:
-        leased = await _store(cfg.storage).create_started(wid, plan, meta["status"], lease)
+        leased = await _store(cfg.storage).create_started(wid, plan, meta["status"], lease[:2])
         if leased is not None:
-            return _hand_over(handle, prepared, lease, leased)
+            return _hand_over(cfg, handle, prepared, lease, leased)
     await get(handle.submit.remote(wid, plan, meta["user_metadata"]))
     return handle.result.remote(wid)
 

@@ -12,11 +12,12 @@ import asyncio
 import collections
 import dataclasses
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 import ray
 
-from ray_workflows import serialization
+from ray_workflows import keys, serialization
 from ray_workflows.admission import EXEMPT, Admission
 from ray_workflows.clock import Clock
 from ray_workflows.exceptions import (
@@ -43,6 +44,14 @@ from ray_workflows.status import WorkflowStatus
 from ray_workflows.storage import Storage
 from ray_workflows.store import running_meta
 from ray_workflows.worker import INLINE_RECORD_BYTES
+
+#: How long a cancel waits for a runner elsewhere (a host, another manager) to stop.
+CANCEL_WAIT = 10.0
+FINAL = (
+    WorkflowStatus.SUCCESSFUL.value,
+    WorkflowStatus.FAILED.value,
+    WorkflowStatus.CANCELED.value,
+)
 
 log = get_logger()
 
@@ -103,6 +112,7 @@ class Engine:
         # one of them is an earlier attempt's of the same Ray task, dead (Ray retries
         # the task only then), and is taken over at once.
         self._hosted: set[str] = set()
+        self._watcher: asyncio.Task[None] | None = None  # see watch_cancels
 
         def supersedes(other: str) -> bool:
             if other in self._hosted:
@@ -283,6 +293,27 @@ class Engine:
                 raise self._lost(wid)
             stored = now
 
+        sealed: dict[str, Any] | None = None  # the final meta, queued by seal()
+        unstored = False  # the batch that held it failed: the workflow stays resumable
+
+        def seal() -> Awaitable[None] | None:
+            # The final status of a workflow without meta.json yet, created in one batch
+            # with its last checkpoints (see WorkflowRun.run); else written below.
+            nonlocal sealed
+            if stored is not None:
+                return None
+            sealed = dict(self._succeeded(meta, run), lease_epoch=run.epoch)
+            queued = self.store.queue_first_meta(wid, sealed, old)
+
+            async def landed() -> None:
+                nonlocal stored
+                now = await queued
+                if now is None:
+                    raise self._lost(wid)
+                stored = now
+
+            return landed()
+
         try:
             # The status is written while the first tasks already run: the plan is
             # what makes the workflow durable, and it was stored before start returned.
@@ -294,8 +325,8 @@ class Engine:
                 meta.update(status=WorkflowStatus.RUNNING.value, start_time=time.time())
                 await swap(old)
                 old = meta["status"]
-            outcome = await run.run()
-            meta.update(self._succeeded(meta, run))
+            outcome = await run.run(seal)
+            meta.update(sealed or self._succeeded(meta, run))
             log.info("workflow.succeeded", workflow_id=wid)
         except WorkflowRunningElsewhereError as exc:
             outcome = exc  # the lease was lost: the new holder owns the status now
@@ -307,15 +338,22 @@ class Engine:
             meta.update(status=WorkflowStatus.FAILED.value, end_time=time.time(), error=str(exc))
             log.warning("workflow.failed", workflow_id=wid, error=str(exc))
         except Exception as exc:
-            outcome = WorkflowExecutionError(
-                f"Workflow {wid!r} failed inside the engine: {exc}", workflow_id=wid
-            )
-            outcome.__cause__ = exc
-            meta.update(status=WorkflowStatus.FAILED.value, end_time=time.time(), error=str(exc))
-            log.exception("workflow.engine_error", workflow_id=wid)
+            if sealed is not None:  # the batch with the final status failed
+                log.exception("workflow.status_write_failed", workflow_id=wid)
+                outcome = _unstored(wid, exc)
+                unstored = True
+            else:
+                outcome = WorkflowExecutionError(
+                    f"Workflow {wid!r} failed inside the engine: {exc}", workflow_id=wid
+                )
+                outcome.__cause__ = exc
+                meta.update(
+                    status=WorkflowStatus.FAILED.value, end_time=time.time(), error=str(exc)
+                )
+                log.exception("workflow.engine_error", workflow_id=wid)
         lease = run.lease
-        final = False  # whether this run stored its final status
-        if not isinstance(outcome, WorkflowRunningElsewhereError):
+        final = sealed is not None and not isinstance(outcome, BaseException)
+        if not (final or unstored or isinstance(outcome, WorkflowRunningElsewhereError)):
             try:
                 await swap(old)
                 final = True
@@ -734,7 +772,12 @@ class Engine:
                 WorkflowStatus.RUNNING,
                 WorkflowStatus.PENDING,
             ) and await self._held_elsewhere(workflow_id):
-                raise await self._elsewhere(workflow_id)
+                ended = await self._asked_to_stop(workflow_id)
+                if ended is None:
+                    raise await self._elsewhere(workflow_id)
+                if ended != WorkflowStatus.FAILED.value:
+                    return  # canceled there, or a success that stands
+                # Failed meanwhile: marked CANCELED below, as a cancel after it would.
             meta, stored = await self.store.read_meta_record(workflow_id)
             if meta is None:
                 meta = await self.store.started_meta(workflow_id) or {"user_metadata": {}}
@@ -745,6 +788,49 @@ class Engine:
                 return await self.cancel(workflow_id)
             self._close(workflow_id)
             log.info("workflow.canceled", workflow_id=workflow_id, was=status.value)
+
+    async def _asked_to_stop(self, workflow_id: str) -> str | None:
+        """Ask the runner that holds ``workflow_id``'s lease elsewhere (a host, another
+        manager) to cancel it, through storage (``cancels/<id>``, which every runner
+        looks for: :meth:`watch_cancels`), and wait for its final status: the status
+        it stored, or ``None`` if none within :data:`CANCEL_WAIT` seconds (the request
+        stays)."""
+        request = keys.cancel_key(workflow_id)
+        await self.storage.put(request, b"")
+        deadline = time.monotonic() + CANCEL_WAIT
+        delay = 0.02
+        while time.monotonic() < deadline:
+            meta = await self.store.read_meta(workflow_id)
+            status = meta.get("status") if meta else None
+            if status in FINAL:
+                await self.storage.delete(request)
+                log.info("workflow.cancel_answered", workflow_id=workflow_id, status=status)
+                return str(status)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.25)
+        return None
+
+    def watch_cancels(self, every: float = 1.0) -> None:
+        """Look for cancel requests (``cancels/<id>``, see :meth:`cancel`) of the
+        workflows running here every ``every`` seconds, and cancel those."""
+        if self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(every))
+
+    async def _watch(self, every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            if not self.runs:
+                continue
+            try:
+                requested = await self.storage.list(keys.CANCELS_PREFIX)
+            except Exception as exc:  # storage trouble: look again later
+                log.warning("workflow.cancel_watch_failed", error=str(exc))
+                continue
+            for key in requested:
+                wid = key[len(keys.CANCELS_PREFIX) :]
+                if wid in self.runs:
+                    await self.cancel(wid)
+                    await self.storage.delete(key)
 
     async def delete(self, workflow_id: str) -> None:
         """Remove everything stored for a workflow that is not running or pending."""
@@ -807,6 +893,8 @@ class Engine:
         return resumed
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
         for run in list(self.runs.values()):
             run.cancel()
         for driver in list(self._drivers):

@@ -112,6 +112,9 @@ class Executor:
         # In place (see run_here): for a runner hosted in a Ray task, whose tasks run in
         # its own process, one after another, without a Ray task each.
         self.here = here
+        # How many attempts went each way (alone, batched, in place; fused, ahead): the
+        # placements this executor's runs chose, for tests and a look at the engine.
+        self.placed: collections.Counter[str] = collections.Counter()
         self._here_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._here_runs: set[asyncio.Task[None]] = set()
         # Pickled functions put in the object store once, shared by every run that

@@ -26,6 +26,8 @@ Layout (all keys relative to the storage URI)::
     workflows/<wid>/mailbox/keys/<key>/ids/<event_id>  dedupe record of a sender-chosen id
     workflows/<wid>/mailbox/tasks/<task_id>            "<key>/<name>" of the event it holds
     status/<STATUS>/<wid>                 empty marker: the status index for list_all
+    cancels/<wid>                         a request to stop the workflow, for the runner
+                                          that holds its lease (engine.Engine.cancel)
     actors/<id>/class                     a virtual actor's class and __init__ arguments
     actors/<id>/state                     {"seq": n, "state": ...}: the state after n writer calls
     actors/<id>/calls/<seq>               writer call number seq, logged before it runs
@@ -136,6 +138,14 @@ def parse_status_key(key: str) -> tuple[str, str]:
     return status, wid
 
 
+CANCELS_PREFIX = "cancels/"
+
+
+def cancel_key(wid: str) -> str:
+    """A request to stop ``wid``, which its runner, wherever it is, looks for."""
+    return f"{CANCELS_PREFIX}{wid}"
+
+
 # -- record refs -------------------------------------------------------------------
 
 
@@ -222,6 +232,7 @@ def manager_probe_key(lineage: str) -> str:
 
 
 __all__ = [
+    "CANCELS_PREFIX",
     "IDS",
     "STATUS_PREFIX",
     "actor_call_key",
@@ -232,6 +243,7 @@ __all__ = [
     "actor_result_key",
     "actor_run_key",
     "actor_state_key",
+    "cancel_key",
     "ids_key",
     "lease_key",
     "mailbox_claim_key",

@@ -12,13 +12,15 @@ import asyncio
 import hashlib
 import pickle
 import secrets
+from collections.abc import Awaitable
 from typing import Any
 
 import ray
 
-from ray_workflows import incarnation, serialization
+from ray_workflows import host, incarnation, serialization
 from ray_workflows.actors import Actors
 from ray_workflows.engine import Engine, load_clock
+from ray_workflows.exceptions import WorkflowRunningElsewhereError
 from ray_workflows.keys import manager_probe_key
 from ray_workflows.log import get_logger
 from ray_workflows.plan import Plan
@@ -115,6 +117,8 @@ class WorkflowManager:
         self._clock = clock
         self._recovering: asyncio.Task[list[str]] | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        # Cancel requests for workflows running here, from managers elsewhere.
+        self.engine.watch_cancels()
         if auto_resume:
             # A (re)started manager resumes what its storage says was running: after a
             # cluster restart, or after this actor was killed and restarted. Later, it
@@ -191,7 +195,9 @@ class WorkflowManager:
             plan = WorkflowStore.decode_plan(plan, f"the plan of {workflow_id!r}")
         else:
             encoded = None
-        await self.engine.start(workflow_id, plan, metadata, encoded=encoded)
+        await self._joining(
+            workflow_id, self.engine.start(workflow_id, plan, metadata, encoded=encoded)
+        )
 
     async def describe(self) -> dict[str, Any]:
         """What a caller needs to store new workflows itself (see ``aio.run_async``):
@@ -214,6 +220,8 @@ class WorkflowManager:
             "ttl": self.engine.leases.ttl,
             "caller_stores": caller_stores,
             "probe": probe,
+            # A hosted workflow is not counted by the running limit: only without one.
+            "hosting": caller_stores and admission.max_running == -1,
         }
 
     async def run(self, call: bytes) -> ResolvingRef | InlineOutput:
@@ -249,7 +257,20 @@ class WorkflowManager:
     async def resume(self, workflow_id: str) -> None:
         """Resume a stored workflow; joins it if it already runs (e.g. auto-recovered)."""
         await self._recovered()
-        await self.engine.resume(workflow_id, existing_ok=True, load=False)
+        await self._joining(
+            workflow_id, self.engine.resume(workflow_id, existing_ok=True, load=False)
+        )
+
+    async def _joining(self, workflow_id: str, started: Awaitable[Any]) -> None:
+        """Await ``started`` (the engine starting or resuming ``workflow_id``). A run of
+        that id in the Ray task that hosts it is joined instead, as a run here is:
+        ``result()`` waits for it."""
+        try:
+            await started
+        except WorkflowRunningElsewhereError:
+            info = await self.engine.leases.holder(workflow_id)
+            if info is None or not host.is_host(info.owner):
+                raise
 
     async def result(self, workflow_id: str) -> ResolvingRef | InlineOutput:
         """The workflow's output, when it is done (resuming it if its manager died):

@@ -20,7 +20,7 @@ import dataclasses
 import functools
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import ray
@@ -179,9 +179,14 @@ class WorkflowRun:
         self.roots.add(root)
 
     # -- running -----------------------------------------------------------------
-    async def run(self) -> Any:
+    async def run(self, seal: Callable[[], Awaitable[None] | None] | None = None) -> Any:
         """Run until the output task is done and every output it reported is durable;
-        return the output's ObjectRef."""
+        return the output's ObjectRef.
+
+        ``seal`` queues the final status where the storage's batches land in order: it
+        is called once the output is done and nothing else runs, so that the last
+        checkpoints and the status share one batch (it returns ``None`` if it queued
+        nothing)."""
         if self.output_task_id in self.done:
             self._resolve_output()
         for spec in self.unacked:
@@ -200,6 +205,14 @@ class WorkflowRun:
             # Consumers start as soon as a receipt arrives; the workflow is done only
             # when every output it reported is durable.
             self._acks = {t for t in self._acks if not t.done()}
+            if (
+                seal is not None
+                and self.store.storage.ordered_batches
+                and not (self._acks or self.running)
+            ):
+                # Nothing left that could add a record or an acknowledgement.
+                await self.packs.drain(then=seal)
+                return output
             await self.packs.drain()
             # Acknowledgements finish before the workflow does: a crash before then
             # repeats them on recovery (at least once).
@@ -300,7 +313,8 @@ class WorkflowRun:
             return None
         values, header, refs, ahead = self._inputs(tid, spec)
         then = self.placement.fused_consumer(tid, spec)
-        deliver = self._delivered(tid, then, ahead)
+        here = self.placement.in_place(spec)
+        deliver = self._delivered(tid, then, ahead, here)
         seconds = self.executor.seconds(spec.func_key)
         if then is not None:
             seconds += self.executor.seconds(self.specs[then].func_key)
@@ -311,7 +325,7 @@ class WorkflowRun:
             self._unsent(tid),
             seconds,
         )
-        if self.placement.in_place(spec):
+        if here:
             deliver(self.executor.run_here(sub), False, False)
             return then
         if self.placement.batchable(tid, spec, ahead is not None):
@@ -362,12 +376,18 @@ class WorkflowRun:
         return fail
 
     def _delivered(
-        self, tid: str, then: str | None, ahead: dict[str, Any] | None
+        self, tid: str, then: str | None, ahead: dict[str, Any] | None, here: bool = False
     ) -> Callable[[tuple[Any, ...], bool, bool], None]:
         """What tracks ``tid``'s attempt (with ``then``'s) once its refs exist: now, or
         ``later`` for one that waited in ``Executor.offer`` (it then goes ahead too)."""
 
         def deliver(refs: tuple[Any, ...], batched: bool, later: bool) -> None:
+            placed = self.executor.placed
+            placed["batched" if batched else "in place" if here else "alone"] += 1
+            if then is not None:
+                placed["fused"] += 1
+            if ahead is not None:
+                placed["ahead"] += 1
             self._submitted(tid, refs[0], refs[1], ahead)
             if then is not None:
                 self._submitted(then, refs[2], refs[3], {self.root_of.get(tid, tid): refs[1]})

@@ -49,11 +49,11 @@ class Storage(abc.ABC):
     #: True if :meth:`put_if_absent_many_blocking` works (a backend whose calls are
     #: blocking work in a thread anyway, such as files).
     blocking_batches: ClassVar[bool] = False
-    #: True if a batch lands in order: after a crash, a key of a :meth:`put_many` that
-    #: survived means every key before it in the batch survived too (a filesystem
-    #: that commits its metadata in order). The engine then writes a finished
-    #: workflow's last checkpoints and its final status in one batch; elsewhere it
-    #: waits for the checkpoints before it writes the status.
+    #: True if a batch lands in order: after a crash, a key of a :meth:`put_many` or
+    #: :meth:`put_if_absent_many` that survived means every key before it in the batch
+    #: survived too (a filesystem that commits its metadata in order). The engine then
+    #: creates a workflow's first ``meta.json`` with its status marker in one batch,
+    #: the marker first; elsewhere it waits for the marker.
     ordered_batches: ClassVar[bool] = False
 
     def __init__(self, uri: str) -> None:

@@ -46,6 +46,7 @@ from ray_workflows.exceptions import CheckpointError
 from ray_workflows.keys import (
     IDS,
     STATUS_PREFIX,
+    cancel_key,
     ids_key,
     meta_key,
     objects_prefix,
@@ -182,6 +183,7 @@ class PackWriter:
         self._task: asyncio.Task[None] | None = None
         self._hurry: asyncio.Future[None] | None = None  # cuts the gathering short
         self._draining = False
+        self._then: Callable[[], Awaitable[None] | None] | None = None
         self.pending: set[str] = set()  # holders whose record is not durable yet
         self.error: BaseException | None = None
 
@@ -219,8 +221,13 @@ class PackWriter:
             batch, holders, key = self._batch, self._holders, self._key
             self._batch, self._holders, self._key = {}, [], None
             assert key is not None
+            # Created, never replaced: a pack is written once, under its writer's epoch.
+            written = self._store.commit.queue_creates({key: encode_pack(batch)})
             try:
-                await self._store.commit.enqueue(key, encode_pack(batch))
+                then = self._take_then() if self._draining else None
+                created = await (written if then is None else _first(written, then))
+                if not created[key]:
+                    raise CheckpointError(f"Pack {key!r} exists already.", key=key)
             except Exception as exc:
                 self.error = exc
                 self._on_error(next(iter(batch)), exc)
@@ -228,14 +235,39 @@ class PackWriter:
             self.pending.difference_update(holders)
             self._on_flushed(holders)
 
-    async def drain(self) -> None:
-        """Wait until every queued record is durable (or raise the write's error)."""
+    async def drain(self, then: Callable[[], Awaitable[None] | None] | None = None) -> None:
+        """Wait until every queued record is durable (or raise the write's error).
+
+        ``then`` queues writes that must not land before the records (it returns what
+        waits for them, or ``None`` if it queued nothing), for a caller that adds no
+        more records. It is called once: right after the pack of the records still
+        gathering is queued, so that on a storage with ``ordered_batches`` both share
+        one batch; with nothing left gathering, once the pack being written landed."""
         self._draining = True
-        while self._task is not None and not self._task.done():
-            self._hurry_up()
-            await asyncio.shield(self._task)
+        self._then = then
+        try:
+            while self._task is not None and not self._task.done():
+                self._hurry_up()
+                await asyncio.shield(self._task)
+        except BaseException:
+            self._then = None  # a drain given up on (the run is closing) writes nothing
+            raise
         if self.error is not None:
+            self._then = None
             raise self.error
+        after = self._take_then()
+        if after is not None:
+            await after
+
+    def _take_then(self) -> Awaitable[None] | None:
+        then, self._then = self._then, None
+        return None if then is None else then()
+
+
+async def _first(written: Awaitable[dict[str, bool]], then: Awaitable[None]) -> dict[str, bool]:
+    """Wait for both; the first's result."""
+    created, _ = await asyncio.gather(written, then)
+    return created
 
 
 def _started_records(
@@ -299,12 +331,22 @@ class GroupCommit:
     async def create_many(self, items: Mapping[str, bytes]) -> dict[str, bool]:
         """``put_if_absent_many`` of ``items``, in one batch with the other callers'.
         A key another caller is creating in the same batch is not created here."""
+        return await self.queue_creates(items)
+
+    def queue_creates(self, items: Mapping[str, bytes]) -> Awaitable[dict[str, bool]]:
+        """:meth:`create_many`, queued now (in one batch, after whatever was queued
+        just before it); await the result for it to be durable."""
         taken = {key for key in items if key in self._creates}
         for key, data in items.items():
             if key not in taken:
                 self._creates[key] = data
-        created = await self._queued()
-        return {key: key not in taken and created[key] for key in items}
+        queued = self._queued()
+
+        async def created() -> dict[str, bool]:
+            done = await queued
+            return {key: key not in taken and done[key] for key in items}
+
+        return created()
 
     def _queued(self) -> asyncio.Future[dict[str, bool]]:
         waiter: asyncio.Future[dict[str, bool]] = asyncio.get_running_loop().create_future()
@@ -469,6 +511,23 @@ class WorkflowStore:
         data = await self.storage.get(meta_key(wid))
         return (None, None) if data is None else (dict(json.loads(data)), data)
 
+    def queue_first_meta(
+        self, wid: str, meta: dict[str, Any], old: str | None
+    ) -> Awaitable[bytes | None]:
+        """:meth:`swap_meta` of a workflow that has no ``meta.json`` yet, on a storage
+        whose batches land in order: queued now, with whatever was queued just before
+        it (a run's last pack), in one durable batch."""
+        data = json.dumps(meta).encode()
+        new = meta["status"]
+        items = {status_key(new, wid): b""} if new != old else {}
+        items[meta_key(wid)] = data  # after the marker, which must land first
+        queued = self.commit.queue_creates(items)
+
+        async def stored() -> bytes | None:
+            return data if (await queued)[meta_key(wid)] else None
+
+        return stored()
+
     async def swap_meta(
         self, wid: str, meta: dict[str, Any], old: str | None, expected: bytes | None
     ) -> bytes | None:
@@ -480,12 +539,18 @@ class WorkflowStore:
         written but, maybe, the marker of the new status, which readers settle from
         ``meta.json`` as they settle any pair of markers."""
         new = meta["status"]
-        if new != old:
-            # First: an index scan must find the new status once meta.json has it.
-            await self.commit.put(status_key(new, wid), b"")
         data = json.dumps(meta).encode()
-        if not await self.storage.compare_and_set(meta_key(wid), expected, data):
-            return None
+        if expected is None and self.storage.ordered_batches:
+            # The first meta.json (a caller stored the workflow): created, with the new
+            # marker before it, in one durable batch shared with other workflows'.
+            if await self.queue_first_meta(wid, meta, old) is None:
+                return None
+        else:
+            if new != old:
+                # First: an index scan must find the new status once meta.json has it.
+                await self.commit.put(status_key(new, wid), b"")
+            if not await self.storage.compare_and_set(meta_key(wid), expected, data):
+                return None
         if old and new != old:
             # Once the new marker is durable: a crash that brings the old one back
             # leaves two markers, settled from meta.json (see indexed()).
@@ -604,6 +669,7 @@ class WorkflowStore:
         removed = int(await self.storage.delete(plan_key(wid)))
         for status in STORED_STATUSES:
             removed += int(await self.storage.delete(status_key(status.value, wid)))
+        await self.storage.delete(cancel_key(wid))  # a request nobody answered
         return removed + await self.storage.delete_prefix(wf_prefix(wid))
 
 

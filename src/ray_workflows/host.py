@@ -1,0 +1,155 @@
+"""Hosting: a small workflow's runner in a Ray task its caller submits.
+
+Many small workflows started at once made the manager actor's CPU the limit: each
+cost it an actor call, a run's bookkeeping and its commits, one after another in one
+process. A small chain does not need the manager: its caller stores it (as every
+caller-stored start does, see :func:`ray_workflows.aio.start`), grants its lease to a
+name of its own (:func:`host_owner`) and submits one Ray task, :func:`run`, whose
+ref is the ref ``run_async`` returns. That task *hosts the runner*: the same
+:class:`~ray_workflows.engine.Engine` and :class:`~ray_workflows.scheduler.WorkflowRun`
+the manager uses, in the worker's process, whose placement runs each task with Ray's
+default options *in place* (:mod:`ray_workflows.placement`): in this process, through
+the same worker entry point, without a Ray task of its own. Retries, commits, the
+final status, leases and fencing are the runner's, written once.
+
+What differs is only where the runner lives:
+
+* **A dead host.** Ray runs the task again (system failures only); the new attempt
+  resumes the workflow from its checkpoints, taking over at once the lease its dead
+  predecessor held (the same owner name: an engine takes over the leases of owners it
+  was given to host). A host whose driver ended is stopped with the driver's job; its
+  lease then runs out and the manager's recovery sweep resumes the workflow.
+* **Cancel.** The manager asks the host to stop through storage (``cancels/<id>``,
+  see :meth:`Engine.cancel`); the host looks every second.
+* **Eligible** (:func:`eligible`): a chain of 2 to :data:`MAX_TASKS` function tasks,
+  each taking the previous one's output as a plain argument, with Ray's default
+  options, checkpointed, no ObjectRef arguments, no events. A longer or wider
+  workflow, one that waits for events, or one whose caller cannot store it, goes to
+  the manager.
+
+``RAY_WORKFLOWS_HOST=0`` turns hosting off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pickle
+import secrets
+from typing import Any
+
+import ray
+
+from ray_workflows import bridge, incarnation
+from ray_workflows.engine import Engine
+from ray_workflows.plan import Plan
+from ray_workflows.plugins import open_storage
+from ray_workflows.store import WorkflowStore
+
+ENV_HOST = "RAY_WORKFLOWS_HOST"
+#: A longer chain goes to the manager: it is rarely all quick, and a plan that size
+#: costs the manager little next to its tasks.
+MAX_TASKS = 64
+
+_engines: dict[str, Engine] = {}  # per storage, in this worker process
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_HOST, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def eligible(plan: Plan) -> bool:
+    """Whether ``plan`` may be hosted (see the module's docs). Not a single task: that
+    is most often the root of a dynamic workflow, whose continuations are better off
+    in the manager, where their tasks run in parallel."""
+    if not 2 <= len(plan.tasks) <= MAX_TASKS:
+        return False
+    previous: str | None = None
+    for tid, spec in plan.tasks.items():
+        if (
+            spec.kind != "function"
+            or spec.arg_refs
+            or spec.options.ray_options
+            or not spec.checkpoint
+            or spec.upstream != ([] if previous is None else [previous])
+            or (previous is not None and (spec.direct != [True] or spec.nested != [False]))
+        ):
+            return False
+        previous = tid
+    return previous == plan.output_task_id
+
+
+HOST_PREFIX = "host:"
+
+
+def host_owner() -> str:
+    """A lease owner name for one hosted workflow: its cluster, and a random part."""
+    return f"{HOST_PREFIX}{incarnation.cluster_token()}|{secrets.token_hex(8)}"
+
+
+def is_host(owner: str) -> bool:
+    return owner.startswith(HOST_PREFIX)
+
+
+def call(wid: str, plan: bytes, meta: dict[str, Any], uri: str, lease: bytes, owner: str) -> bytes:
+    """The one argument of :func:`run` (one pickled argument: Ray's cost is per
+    argument)."""
+    return pickle.dumps((wid, plan, meta, uri, lease, owner), protocol=5)
+
+
+def run(data: bytes) -> Any:
+    """The hosting Ray task: run the workflow to its end here; return its output."""
+    wid, plan, meta, uri, lease, owner = pickle.loads(data)
+    return bridge.run(_run(wid, plan, meta, uri, lease, owner, _attempt()))
+
+
+async def _run(
+    wid: str,
+    plan: bytes,
+    meta: dict[str, Any],
+    uri: str,
+    lease: bytes,
+    owner: str,
+    attempt: int,
+) -> Any:
+    engine = _engine(uri)
+    if attempt == 0:
+        decoded = WorkflowStore.decode_plan(plan, f"the plan of {wid!r}")
+        finished = await engine.adopt(wid, decoded, meta, lease, owner)
+    else:  # an earlier attempt died: go on from its checkpoints
+        finished = await engine.adopt(wid, Plan({}, "", {}), meta, None, owner)
+    return await (await finished)
+
+
+def _engine(uri: str) -> Engine:
+    engine = _engines.get(uri)
+    if engine is None:
+        engine = _engines[uri] = Engine(open_storage(uri), here=True)
+        engine.watch_cancels()
+    return engine
+
+
+def _attempt() -> int:
+    """Which attempt of this Ray task this is (0 unless Ray ran it again)."""
+    core = getattr(ray._private.worker.global_worker, "core_worker", None)
+    get = getattr(core, "get_current_task_attempt_number", None)
+    return int(get()) if get is not None else 0
+
+
+async def _close() -> None:  # tests: a fresh engine per storage
+    engines = list(_engines.values())
+    _engines.clear()
+    await asyncio.gather(*(engine.close() for engine in engines))
+
+
+__all__ = [
+    "ENV_HOST",
+    "HOST_PREFIX",
+    "MAX_TASKS",
+    "call",
+    "eligible",
+    "enabled",
+    "host_owner",
+    "is_host",
+    "run",
+]
