@@ -7,8 +7,15 @@ call runs in one worker thread: chaining async file calls costs a thread hop per
 call, several times the price of a small durable write.
 
 ``put_if_absent`` links a finished temp file to the key (``link`` fails if the
-key exists, atomically, in every process). ``compare_and_set`` holds an
-exclusive ``flock`` on a per-key lock file while it reads and replaces.
+key exists, atomically, in every process). Every other change of a key (``put``,
+``put_many``, ``compare_and_set`` from a value, ``delete``, ``delete_many``,
+``discard_many``, ``delete_prefix``) renames or unlinks while it holds an exclusive
+``flock`` on the key's lock file, so that no write lands between the read and the
+rename of a ``compare_and_set``, in any process. Only the rename or unlink is
+locked: temp files are written and fsynced before, directories fsynced after.
+The lock files are a fixed set of stripes that keys hash to (never one file per
+key, which would grow without bound; keys sharing a stripe only wait for each
+other's rename), under a directory of the root, and are never removed.
 
 A batch (``put_many``, ``put_if_absent_many``, ``delete_many``) of several keys
 is made durable with ``syncfs`` on Linux instead of fsyncs per key and directory:
@@ -69,6 +76,10 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
 _RESERVED = ".rwf-"
 _TMP = _RESERVED + "tmp-"
 _LOCKS = _RESERVED + "locks"
+# Lock files (stripes) that keys hash to: a key's writers all take the same one.
+# Changing the number or the hash makes processes of two versions lock different
+# files for one key: every process sharing a root must run the same version.
+_LOCK_STRIPES = 256
 # Temp names: random per process, then a counter (no urandom call per write; O_EXCL
 # would refuse a clash anyway).
 _TMP_PREFIX = secrets.token_hex(6)
@@ -223,7 +234,6 @@ class FileStorage(Storage):
     def __init__(self, uri: str) -> None:
         super().__init__(uri)
         self._root = _root_path(uri)
-        self._lock_dir = os.path.join(self._root, _LOCKS)
 
     @property
     def root(self) -> str:
@@ -241,12 +251,12 @@ class FileStorage(Storage):
         return await self._run("get", repr(key), _read, self._path(key))
 
     async def put(self, key: str, data: bytes) -> None:
-        await self._run("put", repr(key), _replace, self._path(key), data)
+        await self._run("put", repr(key), _replace, self._path(key), self._lock(key), data)
 
     async def put_many(self, items: Mapping[str, bytes]) -> None:
-        pairs = [(self._path(key), data) for key, data in items.items()]
-        if pairs:
-            await self._run("put_many", _several(list(items)), _replace_many, self._root, pairs)
+        writes = [(self._path(key), self._lock(key), data) for key, data in items.items()]
+        if writes:
+            await self._run("put_many", _several(list(items)), _replace_many, self._root, writes)
 
     async def put_if_absent(self, key: str, data: bytes) -> bool:
         return await self._run("put_if_absent", repr(key), _create, self._path(key), data)
@@ -269,27 +279,25 @@ class FileStorage(Storage):
 
     async def compare_and_set(self, key: str, expected: bytes | None, data: bytes) -> bool:
         path = self._path(key)
-        digest = hashlib.sha1(key.encode(), usedforsecurity=False).hexdigest()
-        lock = os.path.join(self._lock_dir, digest)
         return await self._run(
-            "compare_and_set", repr(key), _compare_and_set, path, lock, expected, data
+            "compare_and_set", repr(key), _compare_and_set, path, self._lock(key), expected, data
         )
 
     async def delete(self, key: str) -> bool:
-        return await self._run("delete", repr(key), _delete, self._path(key))
+        return await self._run("delete", repr(key), _delete, self._path(key), self._lock(key))
 
     async def delete_many(self, keys: list[str]) -> dict[str, bool]:
-        paths = [self._path(key) for key in keys]
-        if not paths:
+        targets = [(self._path(key), self._lock(key)) for key in keys]
+        if not targets:
             return {}
-        existed = await self._run("delete_many", _several(keys), _delete_many, self._root, paths)
+        existed = await self._run("delete_many", _several(keys), _delete_many, self._root, targets)
         return dict(zip(keys, existed, strict=True))
 
     async def discard_many(self, keys: list[str]) -> None:
         # Unlinked, not synced: the filesystem's next commit makes it stick.
-        paths = [self._path(key) for key in keys]
-        if paths:
-            await self._run("discard_many", _several(keys), _unlink_all, paths)
+        targets = [(self._path(key), self._lock(key)) for key in keys]
+        if targets:
+            await self._run("discard_many", _several(keys), _unlink_all, targets)
 
     async def delete_prefix(self, prefix: str) -> int:
         check_prefix(prefix)
@@ -321,6 +329,9 @@ class FileStorage(Storage):
             )
         return os.path.join(self._root, key)
 
+    def _lock(self, key: str) -> str:
+        return _lock_path(self._root, key)
+
     async def _run(self, op: str, what: str, fn: Callable[..., _T], *args: Any) -> _T:
         # If the awaiting task is canceled the thread still finishes: a put that
         # was started may land. Every write is atomic, so it lands whole or not at all.
@@ -344,6 +355,14 @@ class FileStorage(Storage):
                 root=self._root,
                 operation=op,
             ) from exc
+
+
+def _lock_path(root: str, key: str) -> str:
+    """The lock file that every writer of ``key`` holds while it changes it. From the
+    key, not the path: hosts may mount a shared root at different paths."""
+    digest = hashlib.sha1(key.encode(), usedforsecurity=False).digest()
+    stripe = int.from_bytes(digest[:4], "big") % _LOCK_STRIPES
+    return os.path.join(root, _LOCKS, f"{stripe:02x}")
 
 
 # Everything below runs in a worker thread.
@@ -483,11 +502,12 @@ def _read(path: str) -> bytes | None:
         return None
 
 
-def _replace(path: str, data: bytes) -> None:
+def _replace(path: str, lock: str, data: bytes) -> None:
     directory = os.path.dirname(path)
     tmp = _write_temp(directory, data)
     try:
-        os.replace(tmp, path)
+        with _flocked(lock):
+            os.replace(tmp, path)
     except BaseException:
         _unlink_quietly(tmp)
         raise
@@ -499,13 +519,14 @@ def _batched(root: str, items: Sized) -> bool:
     return _SYNCFS is not None and len(items) > 1 and _root_syncfs(root)
 
 
-def _replace_many(root: str, pairs: list[tuple[str, bytes]]) -> None:
-    batched = _batched(root, pairs)
+def _replace_many(root: str, writes: list[tuple[str, str, bytes]]) -> None:
+    """``writes``: (path, lock, data) per key."""
+    batched = _batched(root, writes)
     temps: list[str] = []
     fds: list[int] = []  # the temps' (batched: kept open for _data_first)
     renamed = 0
     try:
-        for path, data in pairs:
+        for path, _, data in writes:
             fd, tmp = _write_temp_open(os.path.dirname(path), data, sync=not batched)
             temps.append(tmp)
             fds.append(fd)
@@ -514,10 +535,13 @@ def _replace_many(root: str, pairs: list[tuple[str, bytes]]) -> None:
         if batched:
             _data_first(
                 root,
-                [(fd, tmp) for fd, tmp, (_, data) in zip(fds, temps, pairs, strict=True) if data],
+                [(fd, tmp) for fd, tmp, (*_, data) in zip(fds, temps, writes, strict=True) if data],
             )
-        for tmp, (path, _) in zip(temps, pairs, strict=False):
-            os.replace(tmp, path)
+        # One lock at a time, each held for its rename only: a batch never holds one
+        # lock while it waits for another, so batches cannot deadlock each other.
+        for tmp, (path, lock, _) in zip(temps, writes, strict=False):
+            with _flocked(lock):
+                os.replace(tmp, path)
             renamed += 1
     finally:
         for fd in fds:
@@ -527,7 +551,7 @@ def _replace_many(root: str, pairs: list[tuple[str, bytes]]) -> None:
     if batched:
         _sync_filesystem(root)  # the renames (and new directories)
         return
-    for directory in dict.fromkeys(os.path.dirname(path) for path, _ in pairs):
+    for directory in dict.fromkeys(os.path.dirname(path) for path, _, _ in writes):
         _fsync_dir(directory)
 
 
@@ -606,6 +630,8 @@ def _create_many(root: str, pairs: list[tuple[str, bytes]]) -> list[bool]:
 def _flocked(path: str) -> Iterator[None]:
     # Lock files are never removed: unlinking one while another process waits
     # on it would let a third process lock a fresh file and run concurrently.
+    # A new descriptor per hold: flock excludes other open files, and so other
+    # threads of this process too, only through a descriptor of their own.
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     except FileNotFoundError:
@@ -619,41 +645,64 @@ def _flocked(path: str) -> Iterator[None]:
 
 
 def _compare_and_set(path: str, lock: str, expected: bytes | None, data: bytes) -> bool:
-    with _flocked(lock):
-        if expected is None:
-            # put_if_absent does not take the lock, so "absent" is decided by link().
-            return _create(path, data)
-        if _read(path) != expected:
-            return False
-        _replace(path, data)
-        return True
-
-
-def _delete(path: str) -> bool:
+    if expected is None:
+        # Decided by link(), which fails if the key exists: no lock needed, as every
+        # locked writer only renames over or unlinks what is there.
+        return _create(path, data)
+    # A cheap early answer for the common losing case (a read is a moment at which
+    # the key did not hold ``expected``); the locked read below decides.
+    if _read(path) != expected:
+        return False
+    # The new value is written and fsynced before the lock, so that the lock is held
+    # for a read and a rename only, not for two fsyncs.
+    directory = os.path.dirname(path)
+    tmp = _write_temp(directory, data)
     try:
-        os.unlink(path)
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        with _flocked(lock):
+            won = _read(path) == expected
+            if won:
+                os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    if not won:
+        _unlink_quietly(tmp)
+        return False
+    # After the lock: a writer that replaces this value meanwhile fsyncs it too.
+    _fsync_dir(directory)
+    return True
+
+
+def _unlink(path: str, lock: str) -> bool:
+    """Remove the key at ``path`` under its lock (not durably); True if it was there."""
+    if not os.path.lexists(path):
+        # Absent at this moment, which is an answer: no lock (nor lock directory, nor
+        # root) is made for a key that is not there.
+        return False
+    with _flocked(lock):
+        try:
+            os.unlink(path)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return False
+    return True
+
+
+def _delete(path: str, lock: str) -> bool:
+    if not _unlink(path, lock):
         return False
     _fsync_dir(os.path.dirname(path))
     return True
 
 
-def _unlink_all(paths: list[str]) -> None:
-    for path in paths:
-        with contextlib.suppress(FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            os.unlink(path)
+def _unlink_all(targets: list[tuple[str, str]]) -> None:
+    for path, lock in targets:
+        _unlink(path, lock)
 
 
-def _delete_many(root: str, paths: list[str]) -> list[bool]:
-    if not _batched(root, paths):
-        return [_delete(path) for path in paths]
-    existed = []
-    for path in paths:
-        try:
-            os.unlink(path)
-            existed.append(True)
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            existed.append(False)
+def _delete_many(root: str, targets: list[tuple[str, str]]) -> list[bool]:
+    if not _batched(root, targets):
+        return [_delete(path, lock) for path, lock in targets]
+    existed = [_unlink(path, lock) for path, lock in targets]
     if any(existed):
         _sync_filesystem(root)
     return existed
@@ -694,14 +743,23 @@ def _collect(entry: os.DirEntry[str], key: str, keys: list[str]) -> None:
 def _delete_prefix(root: str, prefix: str) -> int:
     removed = 0
     directories: set[str] = set()
+    # Under the keys' locks like any delete: unlocked, an unlink could land between the
+    # read and the rename of a compare_and_set, which would bring the key back. Keys
+    # are grouped by lock file, each taken once for all of its keys (a prefix of
+    # thousands of keys takes at most _LOCK_STRIPES locks); the order does not matter.
+    by_lock: dict[str, list[str]] = {}
     for key in _list(root, prefix):
-        path = os.path.join(root, key)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            continue  # a concurrent delete got there first
-        removed += 1
-        directories.add(os.path.dirname(path))
+        by_lock.setdefault(_lock_path(root, key), []).append(key)
+    for lock, keys in by_lock.items():
+        with _flocked(lock):
+            for key in keys:
+                path = os.path.join(root, key)
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    continue  # a concurrent delete got there first
+                removed += 1
+                directories.add(os.path.dirname(path))
     # Remove directories left empty, deepest first; one that is not empty (a
     # concurrent writer, a stray temp file) stops the climb and is kept.
     kept: set[str] = set()

@@ -12,7 +12,7 @@ provides a ``storage`` fixture that yields a fresh, empty storage::
             yield MyStorage(f"my://{tmp_path}")
 
 The tests are ``async def`` and need pytest-asyncio in auto mode
-(``asyncio_mode = "auto"``). For a ``shared`` backend the suite also races eight
+(``asyncio_mode = "auto"``). For a ``shared`` backend the suite also races
 processes that open the storage through the plugin registry by its URI, so the
 plugin's entry point must be installed.
 """
@@ -23,7 +23,9 @@ import asyncio
 import multiprocessing
 import os
 import pickle
+import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -37,6 +39,16 @@ INVALID_KEYS = ["", "/abs", "a/../b", "a//b", "a/", "./a", "a/./b", "a\\b"]
 _RACERS = 20
 _PROCESSES = 8
 _INCREMENTS_PER_PROCESS = 5
+# The race of compare_and_set against plain writes of the same key (see
+# test_compare_and_set_races_plain_writes): writers that increment a chain with
+# compare_and_set, and one writer that puts and removes the key with every plain write.
+_CHAIN_KEY = "race/chain/value"
+_CHAIN_SIDE = "race/chain/side"
+_CHAIN_PREFIX = "race/chain/"
+_CHAIN_WRITERS = 3
+_CHAIN_INCREMENTS = 12
+_PLAIN_ROUNDS = 150
+_PLAIN_PAUSE = 0.002
 
 
 async def increment(storage: Storage, key: str) -> int:
@@ -46,6 +58,87 @@ async def increment(storage: Storage, key: str) -> int:
         new = int(current or b"0") + 1
         if await storage.compare_and_set(key, current, str(new).encode()):
             return new
+
+
+def _link(value: bytes) -> tuple[str, int]:
+    """The root and the count of a value of the chain key: ``b"<root> <count> <writer>"``."""
+    root, count, _ = value.decode().split(" ")
+    return root, int(count)
+
+
+async def chain_increments(storage: Storage, writer: str, increments: int) -> list[str]:
+    """Extend the chain at the race key by ``increments`` successful compare_and_sets and
+    return the values this writer stored. A value names its root (the plain put, or the
+    compare_and_set from absent, that started its chain) and how many increments
+    followed it, so of two values with the same root and count one replaced a value
+    that another compare_and_set had already replaced."""
+    stored: list[str] = []
+    attempt = 0
+    while len(stored) < increments:
+        attempt += 1
+        current = await storage.get(_CHAIN_KEY)
+        root, count = _link(current) if current is not None else (f"c:{writer}:{attempt}", 0)
+        new = f"{root} {count + 1} {writer}:{attempt}"
+        if await storage.compare_and_set(_CHAIN_KEY, current, new.encode()):
+            stored.append(new)
+        await asyncio.sleep(0)  # let the other writers of this loop in
+    return stored
+
+
+async def plain_writes(
+    storage: Storage, writer: str, stop: Callable[[], bool]
+) -> tuple[int, list[str]]:
+    """Replace and remove the race key with every plain write there is, in turn, until
+    ``stop()`` (at most ``_PLAIN_ROUNDS`` rounds, so that the incrementers finish
+    anyway); return the rounds made and the lost writes seen.
+
+    This writer is the only one that puts, and the only one that removes. So right
+    after its put of a new root, the key holds that root's chain (compare_and_set only
+    extends what is there); right after it removed the key, the key is absent or holds
+    a chain a compare_and_set started from absent. Anything else is a compare_and_set
+    that read the value before the plain write and replaced it after: a lost write."""
+    lost: list[str] = []
+    removals: list[tuple[str, Callable[[], Any]]] = [
+        ("delete", lambda: storage.delete(_CHAIN_KEY)),
+        ("delete_many", lambda: storage.delete_many([_CHAIN_KEY, _CHAIN_SIDE])),
+        ("discard_many", lambda: storage.discard_many([_CHAIN_KEY])),
+        ("delete_prefix", lambda: storage.delete_prefix(_CHAIN_PREFIX)),
+    ]
+    rounds = 0
+    while rounds < _PLAIN_ROUNDS and not stop():
+        root = f"p:{writer}:{rounds}"
+        value = f"{root} 0 {writer}".encode()
+        if rounds % 2:
+            op = "put_many"
+            await storage.put_many({_CHAIN_KEY: value, _CHAIN_SIDE: value})
+        else:
+            op = "put"
+            await storage.put(_CHAIN_KEY, value)
+        seen = await storage.get(_CHAIN_KEY)
+        if seen is None or _link(seen)[0] != root:
+            lost.append(f"right after the {op} of {value!r} the key held {seen!r}")
+        op, remove = removals[rounds % len(removals)]
+        await remove()
+        seen = await storage.get(_CHAIN_KEY)
+        if seen is not None and _link(seen)[0].startswith("p:"):
+            lost.append(f"right after the {op} of {value!r} the key held {seen!r}")
+        rounds += 1
+        await asyncio.sleep(_PLAIN_PAUSE)  # let compare_and_sets succeed too
+    return rounds, lost
+
+
+def _check_chains(stored: list[str], final: bytes | None) -> None:
+    """Every successful compare_and_set of each chain replaced the one before it: the
+    counts of a root are 1, 2, ... n, each once, and the key ends on the last of one."""
+    counts: dict[str, list[int]] = {}
+    for value in stored:
+        root, count = _link(value.encode())
+        counts.setdefault(root, []).append(count)
+    for root, found in counts.items():
+        assert sorted(found) == list(range(1, len(found) + 1)), (root, sorted(found))
+    if final is not None:
+        root, count = _link(final)
+        assert count == len(counts.get(root, [])), (final, counts.get(root))
 
 
 class StorageConformance:
@@ -146,6 +239,39 @@ class StorageConformance:
         # The counter starts absent, so the first round also races compare_and_set(None).
         await asyncio.gather(*(increment(storage, "counter") for _ in range(_RACERS)))
         assert await storage.get("counter") == str(_RACERS).encode()
+
+    async def test_compare_and_set_races_plain_writes(self, storage: Storage) -> None:
+        # In one event loop: tasks (and, for a backend that works in threads, threads).
+        finished = 0
+
+        async def incrementer(writer: str) -> list[str]:
+            nonlocal finished
+            try:
+                return await chain_increments(storage, writer, _CHAIN_INCREMENTS)
+            finally:
+                finished += 1
+
+        plain = asyncio.ensure_future(
+            plain_writes(storage, "plain", lambda: finished == _CHAIN_WRITERS)
+        )
+        try:
+            chains = await asyncio.gather(*(incrementer(f"t{i}") for i in range(_CHAIN_WRITERS)))
+        finally:
+            finished = _CHAIN_WRITERS  # the plain writer stops, also if one failed
+        rounds, lost = await plain
+        assert not lost, "\n".join(lost)
+        assert rounds > 0
+        _check_chains([v for chain in chains for v in chain], await storage.get(_CHAIN_KEY))
+
+    async def test_compare_and_set_races_plain_writes_across_processes(
+        self, storage: Storage
+    ) -> None:
+        if not storage.shared:
+            pytest.skip("a per-process storage is not shared between processes")
+        chains, rounds, lost = await asyncio.to_thread(_race_chain_processes, storage.uri)
+        assert not lost, "\n".join(lost)
+        assert rounds > 0
+        _check_chains(chains, await storage.get(_CHAIN_KEY))
 
     async def test_delete(self, storage: Storage) -> None:
         await storage.put("a/b", b"x")
@@ -279,7 +405,7 @@ class StorageConformance:
         assert await storage.get("race/counter") == str(expected).encode()
 
 
-def _race_processes(uri: str) -> list[tuple[int, bool]]:
+def _context() -> Any:
     # Each racer must be a fresh interpreter that opens the storage from its URI, as
     # a Ray worker would, not a fork of this one. A forkserver that has imported
     # this module once starts them in milliseconds; 'spawn' pays the import (Ray
@@ -287,8 +413,12 @@ def _race_processes(uri: str) -> list[tuple[int, bool]]:
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx: Any = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload([__name__])
-    else:
-        ctx = multiprocessing.get_context("spawn")
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+def _race_processes(uri: str) -> list[tuple[int, bool]]:
+    ctx = _context()
     barrier = ctx.Barrier(_PROCESSES)
     queue = ctx.Queue()
     procs = [ctx.Process(target=_racer, args=(uri, barrier, queue)) for _ in range(_PROCESSES)]
@@ -324,4 +454,61 @@ def _racer(uri: str, barrier: Any, queue: Any) -> None:
         queue.put(f"racer {os.getpid()} failed:\n{traceback.format_exc()}")
 
 
-__all__ = ["INVALID_KEYS", "StorageConformance", "increment"]
+def _race_chain_processes(uri: str) -> tuple[list[str], int, list[str]]:
+    """Incrementers and the plain writer, each a process of its own; the values the
+    incrementers stored, the plain writer's rounds and the lost writes it saw."""
+    ctx = _context()
+    barrier = ctx.Barrier(_CHAIN_WRITERS + 1)
+    stop = ctx.Event()
+    queue = ctx.Queue()
+    procs = [
+        ctx.Process(target=_chain_racer, args=(uri, f"p{i}", barrier, stop, queue))
+        for i in range(_CHAIN_WRITERS)
+    ]
+    procs.append(ctx.Process(target=_chain_racer, args=(uri, None, barrier, stop, queue)))
+    for proc in procs:
+        proc.start()
+    results: list[Any] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(results) < len(procs):
+            results.append(queue.get(timeout=max(0.0, deadline - time.monotonic())))
+            if sum(1 for r in results if isinstance(r, list)) == _CHAIN_WRITERS:
+                stop.set()  # every incrementer is done: the plain writer may stop
+            if isinstance(results[-1], str):
+                stop.set()
+    finally:
+        stop.set()
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    errors = [result for result in results if isinstance(result, str)]
+    assert not errors, "\n".join(errors)
+    chains = [value for result in results if isinstance(result, list) for value in result]
+    ((rounds, lost),) = [result for result in results if isinstance(result, tuple)]
+    return chains, rounds, lost
+
+
+def _chain_racer(uri: str, writer: str | None, barrier: Any, stop: Any, queue: Any) -> None:
+    # An incrementer (``writer`` names it) or, for ``None``, the plain writer.
+    try:
+        from ray_workflows.plugins import open_storage
+
+        storage = open_storage(uri)
+        barrier.wait(timeout=120)
+        if writer is None:
+            queue.put(asyncio.run(plain_writes(storage, f"pid{os.getpid()}", stop.is_set)))
+        else:
+            queue.put(asyncio.run(chain_increments(storage, writer, _CHAIN_INCREMENTS)))
+    except BaseException:
+        queue.put(f"racer {os.getpid()} failed:\n{traceback.format_exc()}")
+
+
+__all__ = [
+    "INVALID_KEYS",
+    "StorageConformance",
+    "chain_increments",
+    "increment",
+    "plain_writes",
+]
