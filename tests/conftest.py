@@ -40,6 +40,20 @@ def ray_session() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[s3server.S3Server]:
+    """A real S3 server (SeaweedFS) on 127.0.0.1 for the session, started when asked for."""
+    with s3server.seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[s3server.S3Server]:
+    """moto's S3 server on 127.0.0.1 for the session, started when asked for."""
+    with s3server.moto(tmp_path_factory.mktemp("moto")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def session_storage(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(tmp_path_factory.mktemp("storage"))
 

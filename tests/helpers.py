@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
+import ray
+
 
 def faulty_uri(inner: Path, control: Path) -> str:
     """A ``faulty`` storage over the directory ``inner``, told what to fail by the JSON
@@ -54,3 +56,19 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 60.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("condition not reached")
         time.sleep(0.05)
+
+
+@ray.remote
+def step(x: int, name: str, runs: str) -> int:
+    """Record a run of ``name`` in ``runs``; ``x + 1``."""
+    record_run(runs, name)
+    return x + 1
+
+
+@ray.remote
+def blocked_step(x: int, name: str, runs: str, gate: str) -> int:
+    """:func:`step` that returns only once the file ``gate`` exists."""
+    record_run(runs, name)
+    while not Path(gate).exists():
+        time.sleep(0.02)
+    return x + 1

@@ -17,7 +17,7 @@ import contextvars
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,18 +50,6 @@ STORAGES = ["file", "seaweedfs", "moto"]
 #: a slow fsync) loses it before the test shuts A's gate. B waits out whatever A's
 #: lease has left once the gate is shut, at most this long.
 LEASE_TTL = 4.0
-
-
-@pytest.fixture(scope="session")
-def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    with s3server.seaweedfs(tmp_path_factory.mktemp("fencing-seaweedfs")) as server:
-        yield server
-
-
-@pytest.fixture(scope="session")
-def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    with s3server.moto(tmp_path_factory.mktemp("fencing-moto")) as server:
-        yield server
 
 
 @pytest.fixture(params=STORAGES)

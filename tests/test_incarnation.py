@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import ray
 from clusters import base_env, marked
-from helpers import count_runs, record_run, wait_for
+from helpers import blocked_step, count_runs, step, wait_for
 
 from ray_workflows import bridge, config, incarnation
 from ray_workflows.engine import Engine
@@ -62,22 +62,6 @@ class TokenActor:
 @ray.remote
 def own_token_in_task() -> str:
     return incarnation._own_token()
-
-
-@ray.remote
-def step(x: int, name: str, runs: str) -> int:
-    record_run(runs, name)
-    return x + 1
-
-
-@ray.remote
-def blocked_step(x: int, name: str, runs: str, gate: str) -> int:
-    import time
-
-    record_run(runs, name)
-    while not Path(gate).exists():
-        time.sleep(0.02)
-    return x + 1
 
 
 def _slow_dag(name: str, runs: str, gate: str) -> object:

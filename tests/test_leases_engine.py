@@ -13,8 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
-from helpers import count_runs, record_run, wait_for
+from helpers import blocked_step, count_runs, step, wait_for
 
 from ray_workflows.engine import Engine
 from ray_workflows.exceptions import WorkflowRunningElsewhereError
@@ -22,22 +21,6 @@ from ray_workflows.keys import lease_key
 from ray_workflows.plan import compile_dag
 from ray_workflows.plugins import forget_storage, open_storage
 from ray_workflows.status import WorkflowStatus
-
-
-@ray.remote
-def step(x: int, name: str, runs: str) -> int:
-    record_run(runs, name)
-    return x + 1
-
-
-@ray.remote
-def blocked_step(x: int, name: str, runs: str, gate: str) -> int:
-    import time
-
-    record_run(runs, name)
-    while not Path(gate).exists():
-        time.sleep(0.02)
-    return x + 1
 
 
 def _dag(wid: str, runs: str) -> object:

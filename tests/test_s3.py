@@ -42,18 +42,6 @@ preload_models()  # here, and in the forkserver that preloads this module (see b
 SERVERS = ["seaweedfs", "moto"]
 
 
-@pytest.fixture(scope="session")
-def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    with s3server.seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
-        yield server
-
-
-@pytest.fixture(scope="session")
-def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    with s3server.moto(tmp_path_factory.mktemp("moto")) as server:
-        yield server
-
-
 @pytest.fixture(params=SERVERS)
 def server(request: pytest.FixtureRequest) -> S3Server:
     found: S3Server = request.getfixturevalue(request.param)
