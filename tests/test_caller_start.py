@@ -76,7 +76,8 @@ def test_run_async_stores_the_workflow_and_the_manager_adopts_its_lease(
     lease = _lease(storage, wid)
     assert (lease["owner"], lease["epoch"]) == (info["owner"], 1)
     assert workflow.get_status(wid) == workflow.SUCCESSFUL
-    assert not Path(storage, "status", "RUNNING", wid).exists()
+    # The old marker goes with the next batch after the status, without a wait.
+    wait_for(lambda: not Path(storage, "status", "RUNNING", wid).exists(), timeout=10)
     assert workflow.get_metadata(wid)["user_metadata"] == {"k": 1}
     assert count_runs(counter_dir, "step") == 1
 
@@ -175,7 +176,8 @@ def test_starting_a_stored_id_again_resumes_it_and_leaves_no_stray_marker(
     # The same id again: the stored workflow's output, not a new run of this DAG.
     assert workflow.run(step.bind(str(counter_dir), 10), workflow_id=wid) == 2
     assert count_runs(counter_dir, "step") == 1
-    assert not Path(storage, "status", "RUNNING", wid).exists()
+    # The old marker goes with the next batch after the status, without a wait.
+    wait_for(lambda: not Path(storage, "status", "RUNNING", wid).exists(), timeout=10)
     assert [s for w, s in workflow.list_all() if w == wid] == [workflow.SUCCESSFUL]
 
 
