@@ -114,6 +114,14 @@ def wid(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
+def manager_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workflows started in this test run in the manager, never in a Ray task that
+    hosts them (see ray_workflows.host): for tests of the manager's scheduler, whose
+    small chains would otherwise be hosted."""
+    monkeypatch.setenv("RAY_WORKFLOWS_HOST", "0")
+
+
+@pytest.fixture
 def counter_dir(tmp_path: Path) -> Path:
     """A directory where tasks record each execution (one file per run) for counting."""
     path = tmp_path / "runs"

@@ -20,6 +20,9 @@ from ray_workflows.exceptions import WorkflowCancellationError
 from ray_workflows.plan import compile_dag
 from ray_workflows.plugins import open_storage
 
+# The manager's scheduler is what these tests test: not a hosted runner.
+pytestmark = pytest.mark.usefixtures("manager_runs")
+
 
 @ray.remote
 def where(i: int) -> tuple[int, str]:

@@ -29,6 +29,9 @@ from ray_workflows.lease import grant
 from ray_workflows.plugins import open_storage
 from ray_workflows.store import WorkflowStore
 
+# The manager's scheduler is what these tests test: not a hosted runner.
+pytestmark = pytest.mark.usefixtures("manager_runs")
+
 
 @ray.remote
 def step(runs: str, value: int) -> int:

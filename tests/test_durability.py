@@ -40,12 +40,18 @@ def _chain(n: int, runs: Path, delay: float) -> object:
     return node
 
 
+@pytest.mark.parametrize("runs_in", ["host", "manager"])
 def test_worker_killed_mid_task_is_retried_and_finished_tasks_do_not_rerun(
     storage: str,
     wid: str,
     counter_dir: Path,
     tmp_path: Path,
+    runs_in: str,
+    request: pytest.FixtureRequest,
 ) -> None:
+    # Hosted, the task runs in the host's own process: killing it kills the host.
+    if runs_in == "manager":
+        request.getfixturevalue("manager_runs")
     pid_file = tmp_path / "victim.pid"
     dag = slow_victim.bind(_chain(3, counter_dir, 0.0), str(counter_dir), str(pid_file))
     ref = workflow.run_async(dag, workflow_id=wid)
@@ -58,6 +64,7 @@ def test_worker_killed_mid_task_is_retried_and_finished_tasks_do_not_rerun(
         assert count_runs(counter_dir, f"step{i}") == 1
 
 
+@pytest.mark.usefixtures("manager_runs")  # the manager's own recovery
 def test_manager_killed_mid_workflow_resumes_without_rerunning(
     fresh_storage: str, wid: str, counter_dir: Path
 ) -> None:

@@ -23,6 +23,7 @@ def step(x: int, name: str, runs: str) -> int:
     return x + 1
 
 
+@pytest.mark.usefixtures("manager_runs")  # the manager's pack timing
 def test_failing_writes_fail_the_workflow_clearly_and_it_resumes(
     faulty: tuple[str, Path], counter_dir: Path
 ) -> None:

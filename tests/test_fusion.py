@@ -22,6 +22,9 @@ from ray_workflows import bridge, config
 from ray_workflows.keys import task_key
 from ray_workflows.plugins import open_storage
 
+# The manager's scheduler is what these tests test: not a hosted runner.
+pytestmark = pytest.mark.usefixtures("manager_runs")
+
 
 def _task() -> str:
     return str(ray.get_runtime_context().get_task_id())

@@ -110,6 +110,7 @@ def test_queue_limits_fifo_and_full_queue(fresh_storage: str, counter_dir: Path)
     ]
 
 
+@pytest.mark.usefixtures("manager_runs")  # the manager's own recovery
 def test_manager_restart_resumes_running_workflows_by_itself(
     fresh_storage: str, wid: str, counter_dir: Path
 ) -> None:

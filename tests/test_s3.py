@@ -480,6 +480,7 @@ def test_workflow_runs_on_s3(s3_workflows: str, wid: str) -> None:
     assert (wid, workflow.SUCCESSFUL) in workflow.list_all()
 
 
+@pytest.mark.usefixtures("manager_runs")  # the manager's own recovery
 def test_manager_killed_mid_workflow_resumes_from_s3(
     s3_workflows: str, wid: str, counter_dir: Path
 ) -> None:

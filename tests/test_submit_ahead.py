@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 import ray
 from helpers import count_runs, record_run
 
@@ -19,6 +20,9 @@ import ray_workflows as workflow
 from ray_workflows.engine import Engine
 from ray_workflows.plan import compile_dag
 from ray_workflows.plugins import open_storage
+
+# The manager's scheduler is what these tests test: not a hosted runner.
+pytestmark = pytest.mark.usefixtures("manager_runs")
 
 
 @ray.remote

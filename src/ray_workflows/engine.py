@@ -108,15 +108,9 @@ class Engine:
         if isinstance(clock, str):
             clock = load_clock(clock)
         owner = new_owner_id(owner_prefix or "")
-        # Owners of workflows this engine was given to host (adopt's owner): a lease of
-        # one of them is an earlier attempt's of the same Ray task, dead (Ray retries
-        # the task only then), and is taken over at once.
-        self._hosted: set[str] = set()
         self._watcher: asyncio.Task[None] | None = None  # see watch_cancels
 
         def supersedes(other: str) -> bool:
-            if other in self._hosted:
-                return True
             return bool(owner_prefix) and other.startswith(owner_prefix or "") and other != owner
 
         self.leases = LeaseManager(
@@ -204,13 +198,13 @@ class Engine:
         was canceled or deleted meanwhile, or it already runs) it is an ordinary resume
         or join, decided from storage."""
         if owner is not None:
-            self._hosted.add(owner)
+            self.leases.act_for(workflow_id, owner)
         async with self._lock(workflow_id):
             if workflow_id in self.runs:
                 return self._finished[workflow_id]
             lease = None
             if lease_record is not None and workflow_id not in self._closed:
-                lease = self.leases.adopt(workflow_id, lease_record, owner)
+                lease = self.leases.adopt(workflow_id, lease_record)
             if lease is None:
                 return await self._resume(workflow_id, existing_ok=True)
             running = WorkflowStatus.RUNNING.value

@@ -255,6 +255,7 @@ class LeaseManager:
         self._limit = asyncio.Semaphore(concurrency)
         self._held: dict[str, Lease] = {}
         self._acquiring: dict[str, asyncio.Future[None]] = {}
+        self._acting_for: dict[str, str] = {}  # workflow -> owner it is held under
         self._unreadable: dict[str, tuple[bytes, float]] = {}
         self._keeper: asyncio.Task[None] | None = None
 
@@ -303,7 +304,11 @@ class LeaseManager:
             else:
                 self._unreadable.pop(wid, None)
                 epoch = current.epoch + 1
-            if current.live(now) and not self._may_take(current.owner):
+            if (
+                current.live(now)
+                and not self._may_take(current.owner)
+                and current.owner != self._acting_for.get(wid)
+            ):
                 log.debug("lease.busy", workflow_id=wid, holder=current.owner, epoch=current.epoch)
                 return None
             info = self._record(wid, epoch, now, now)
@@ -313,20 +318,19 @@ class LeaseManager:
                 return self._hold(info, data, current, now)
         return None  # others kept winning the races: one of them holds it
 
-    def adopt(self, workflow_id: str, raw: bytes, owner: str | None = None) -> Lease | None:
+    def adopt(self, workflow_id: str, raw: bytes) -> Lease | None:
         """Hold the lease whose record ``raw`` (from :func:`grant`) a caller created for
-        this owner (or for ``owner``, a name of one workflow's host: see
-        :mod:`ray_workflows.host`) moments ago, without I/O. ``None`` if the record
-        names another owner (say, an earlier incarnation), or its deadline has passed,
-        or the lease is already held or being acquired here: then :meth:`acquire`
-        decides, from storage.
+        this owner (or the one it acts for: :meth:`act_for`) moments ago, without I/O.
+        ``None`` if the record names another owner (say, an earlier incarnation), or
+        its deadline has passed, or the lease is already held or being acquired here:
+        then :meth:`acquire` decides, from storage.
 
         Safe without a read: only this owner may change a live record of its own, so
         until the deadline the stored bytes are still ``raw``."""
         info = _decode(workflow_id, raw)
         if (
             info is None
-            or info.owner != (owner or self.owner)
+            or info.owner != (self._acting_for.get(workflow_id) or self.owner)
             or info.released
             or workflow_id in self._held
             or workflow_id in self._acquiring
@@ -349,9 +353,15 @@ class LeaseManager:
     def _record(
         self, wid: str, epoch: int, now: float, acquired_at: float, owner: str | None = None
     ) -> LeaseInfo:
-        return LeaseInfo(
-            wid, owner or self.owner, epoch, now + self.ttl, self.ttl, now, acquired_at
-        )
+        owner = owner or self._acting_for.get(wid) or self.owner
+        return LeaseInfo(wid, owner, epoch, now + self.ttl, self.ttl, now, acquired_at)
+
+    def act_for(self, workflow_id: str, owner: str) -> None:
+        """Hold ``workflow_id``'s lease under ``owner`` (the name its caller gave the
+        workflow's host: :mod:`ray_workflows.host`) instead of this manager's own: a
+        live record of that owner is taken over at once, as an earlier attempt of
+        the same host, dead (Ray runs a task again only then)."""
+        self._acting_for[workflow_id] = owner
 
     def _hold(self, info: LeaseInfo, raw: bytes, previous: LeaseInfo | None, now: float) -> Lease:
         deadline = now + self.ttl - self.max_skew
@@ -477,6 +487,7 @@ class LeaseManager:
     def _forget(self, lease: Lease) -> None:
         if self._held.get(lease.workflow_id) is lease:
             del self._held[lease.workflow_id]
+            self._acting_for.pop(lease.workflow_id, None)
 
     def _lose(self, lease: Lease, reason: str, **fields: Any) -> None:
         if lease.lost:

@@ -524,7 +524,11 @@ class WorkflowStore:
         queued = self.commit.queue_creates(items)
 
         async def stored() -> bytes | None:
-            return data if (await queued)[meta_key(wid)] else None
+            if not (await queued)[meta_key(wid)]:
+                return None
+            if old and new != old:
+                self.commit.discard(status_key(old, wid))  # see swap_meta
+            return data
 
         return stored()
 
@@ -543,14 +547,12 @@ class WorkflowStore:
         if expected is None and self.storage.ordered_batches:
             # The first meta.json (a caller stored the workflow): created, with the new
             # marker before it, in one durable batch shared with other workflows'.
-            if await self.queue_first_meta(wid, meta, old) is None:
-                return None
-        else:
-            if new != old:
-                # First: an index scan must find the new status once meta.json has it.
-                await self.commit.put(status_key(new, wid), b"")
-            if not await self.storage.compare_and_set(meta_key(wid), expected, data):
-                return None
+            return await self.queue_first_meta(wid, meta, old)
+        if new != old:
+            # First: an index scan must find the new status once meta.json has it.
+            await self.commit.put(status_key(new, wid), b"")
+        if not await self.storage.compare_and_set(meta_key(wid), expected, data):
+            return None
         if old and new != old:
             # Once the new marker is durable: a crash that brings the old one back
             # leaves two markers, settled from meta.json (see indexed()).
