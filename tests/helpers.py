@@ -41,7 +41,7 @@ def lease_record(uri: str, wid: str) -> dict[str, object]:
 
     from ray_workflows import bridge, config
     from ray_workflows.lease import lease_key
-    from ray_workflows.plugins import open_storage
+    from ray_workflows.storage import open_storage
 
     raw = bridge.run(open_storage(config.normalise_storage(uri)).get(lease_key(wid)))
     assert raw is not None

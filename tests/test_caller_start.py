@@ -26,7 +26,7 @@ from ray_workflows.exceptions import (
 )
 from ray_workflows.keys import lease_key
 from ray_workflows.lease import grant
-from ray_workflows.plugins import open_storage
+from ray_workflows.storage import open_storage
 from ray_workflows.store import WorkflowStore
 
 # The manager's scheduler is what these tests test: not a hosted runner.

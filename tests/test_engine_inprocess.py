@@ -16,8 +16,8 @@ from ray_workflows.admission import EXEMPT
 from ray_workflows.engine import Engine
 from ray_workflows.exceptions import WorkflowExecutionError, WorkflowQueueFullError
 from ray_workflows.plan import compile_dag
-from ray_workflows.plugins import open_storage
 from ray_workflows.status import WorkflowStatus
+from ray_workflows.storage import open_storage
 from ray_workflows.store import PackWriter
 
 

@@ -20,6 +20,7 @@ from ray_workflows.backends.clocks import SystemClock, VirtualClock
 from ray_workflows.listeners.timer import TimerListener
 
 from ray_workflows import keys, plugins
+from ray_workflows import storage as storage_module
 from ray_workflows.clock import Clock
 from ray_workflows.events import (
     EventContext,
@@ -47,7 +48,7 @@ def ray_session() -> None:
 @pytest.fixture
 def disk(tmp_path: Path) -> Storage:
     """A real file storage of this test's own."""
-    return plugins.open_storage(str(tmp_path / "storage"))
+    return storage_module.open_storage(str(tmp_path / "storage"))
 
 
 async def claim_soon(mailbox: Mailbox, wid: str, key: str, task_id: str) -> tuple[str, Any]:
@@ -102,7 +103,7 @@ async def test_send_in_this_process_wakes_a_waiting_claimer_at_once(disk: Storag
 
 async def test_notify_wakes_a_claimer_for_an_event_stored_elsewhere(disk: Storage) -> None:
     assert isinstance(disk.uri, str)
-    elsewhere = plugins.open_storage("file://" + str(Path(disk.uri).resolve()))
+    elsewhere = storage_module.open_storage("file://" + str(Path(disk.uri).resolve()))
     mailbox = Mailbox(disk, poll_interval=60)
     claim = asyncio.create_task(mailbox.claim("w", "k", "t"))
     await asyncio.sleep(0.05)
@@ -114,7 +115,7 @@ async def test_notify_wakes_a_claimer_for_an_event_stored_elsewhere(disk: Storag
 
 
 async def test_slow_poll_finds_an_event_without_notification(disk: Storage) -> None:
-    elsewhere = plugins.open_storage("file://" + str(Path(disk.uri).resolve()))
+    elsewhere = storage_module.open_storage("file://" + str(Path(disk.uri).resolve()))
     mailbox = Mailbox(disk, poll_interval=0.1)
     claim = asyncio.create_task(mailbox.claim("w", "k", "t"))
     await asyncio.sleep(0.05)
@@ -123,7 +124,7 @@ async def test_slow_poll_finds_an_event_without_notification(disk: Storage) -> N
 
 
 async def test_notify_from_another_thread(disk: Storage) -> None:
-    elsewhere = plugins.open_storage("file://" + str(Path(disk.uri).resolve()))
+    elsewhere = storage_module.open_storage("file://" + str(Path(disk.uri).resolve()))
     mailbox = Mailbox(disk, poll_interval=60)
     claim = asyncio.create_task(mailbox.claim("w", "k", "t"))
     await asyncio.sleep(0.05)
@@ -235,7 +236,7 @@ async def test_delete_all_removes_the_mailbox(disk: Storage) -> None:
 SENDER = """
 import asyncio, sys
 from ray_workflows.events import Mailbox
-from ray_workflows.plugins import open_storage
+from ray_workflows.storage import open_storage
 
 async def main(uri, sender, count):
     mailbox = Mailbox(open_storage(uri))

@@ -69,6 +69,6 @@ class TestFaultyStorageConformance(StorageConformance):
 
     @pytest.fixture
     def storage(self, tmp_path: Path):  # type: ignore[no-untyped-def]
-        from ray_workflows.plugins import open_storage
+        from ray_workflows.storage import open_storage
 
         return open_storage(faulty_uri(tmp_path / "inner", tmp_path / "none.json"))

@@ -32,9 +32,8 @@ from ray_workflows.engine import Engine
 from ray_workflows.exceptions import WorkflowRunningElsewhereError
 from ray_workflows.keys import lease_key
 from ray_workflows.plan import compile_dag
-from ray_workflows.plugins import forget_storage, open_storage
 from ray_workflows.status import WorkflowStatus
-from ray_workflows.storage import Storage
+from ray_workflows.storage import Storage, forget_storage, open_storage
 from ray_workflows.store import decode_pack
 
 # Before the session's ray.init (collection comes first), so Ray workers inherit it

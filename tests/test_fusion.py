@@ -20,7 +20,7 @@ from helpers import count_runs, record_run, wait_for
 import ray_workflows as workflow
 from ray_workflows import bridge, config
 from ray_workflows.keys import task_key
-from ray_workflows.plugins import open_storage
+from ray_workflows.storage import open_storage
 
 # The manager's scheduler is what these tests test: not a hosted runner.
 pytestmark = pytest.mark.usefixtures("manager_runs")

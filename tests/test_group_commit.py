@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ray_workflows.backends.filesystem import FileStorage
 
-from ray_workflows.plugins import open_storage
+from ray_workflows.storage import open_storage
 from ray_workflows.store import GroupCommit, WorkflowStore
 
 

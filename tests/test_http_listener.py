@@ -25,6 +25,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from ray_workflows import plugins
+from ray_workflows import storage as storage_module
 from ray_workflows.events import EventContext, ListenerConformance, Mailbox, use_context
 from ray_workflows.exceptions import WorkflowNotFoundError
 from ray_workflows.storage import Storage
@@ -78,7 +79,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def disk(tmp_path_factory: pytest.TempPathFactory) -> Storage:
-    return plugins.open_storage(str(tmp_path_factory.mktemp("http") / "storage"))
+    return storage_module.open_storage(str(tmp_path_factory.mktemp("http") / "storage"))
 
 
 @pytest.fixture(scope="module")

@@ -37,8 +37,8 @@ from ray_workflows.incarnation import cluster_token, lineage
 from ray_workflows.keys import lease_key
 from ray_workflows.manager import manager_name
 from ray_workflows.plan import compile_dag
-from ray_workflows.plugins import forget_storage, open_storage
 from ray_workflows.status import WorkflowStatus
+from ray_workflows.storage import forget_storage, open_storage
 
 
 def _tokens() -> dict[str, str]:

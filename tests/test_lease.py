@@ -27,8 +27,7 @@ from ray_workflows.lease import (
     lease_ttl,
     new_owner_id,
 )
-from ray_workflows.plugins import open_storage
-from ray_workflows.storage import Storage
+from ray_workflows.storage import Storage, open_storage
 
 KEY = lease_key("w")
 

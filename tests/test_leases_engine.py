@@ -19,8 +19,8 @@ from ray_workflows.engine import Engine
 from ray_workflows.exceptions import WorkflowRunningElsewhereError
 from ray_workflows.keys import lease_key
 from ray_workflows.plan import compile_dag
-from ray_workflows.plugins import forget_storage, open_storage
 from ray_workflows.status import WorkflowStatus
+from ray_workflows.storage import forget_storage, open_storage
 
 
 def _dag(wid: str, runs: str) -> object:

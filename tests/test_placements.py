@@ -25,8 +25,8 @@ from ray_workflows import placement as placement_module
 from ray_workflows.engine import Engine
 from ray_workflows.exceptions import WorkflowCancellationError, WorkflowExecutionError
 from ray_workflows.plan import compile_dag
-from ray_workflows.plugins import open_storage
 from ray_workflows.status import WorkflowStatus
+from ray_workflows.storage import open_storage
 
 PLACEMENTS = ["alone", "fused", "batched", "ahead", "in place"]
 

@@ -28,8 +28,7 @@ import ray_workflows as workflow
 from ray_workflows import bridge
 from ray_workflows.exceptions import StorageError, UnknownStorageError
 from ray_workflows.manager import NAMESPACE, manager_name
-from ray_workflows.plugins import forget_storage, open_storage
-from ray_workflows.storage import Storage
+from ray_workflows.storage import Storage, forget_storage, open_storage
 from ray_workflows.testing import StorageConformance
 
 # Before the session's ray.init (collection comes first), so Ray workers inherit it.

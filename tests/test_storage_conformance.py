@@ -17,8 +17,7 @@ from ray_workflows.backends.filesystem import FileStorage
 from ray_workflows.backends.memory import MemoryStorage
 
 from ray_workflows.exceptions import StorageError, UnknownStorageError
-from ray_workflows.plugins import forget_storage, open_storage
-from ray_workflows.storage import Storage
+from ray_workflows.storage import Storage, forget_storage, open_storage
 from ray_workflows.testing import StorageConformance
 
 TEMP_PREFIX = ".rwf-tmp-"
@@ -172,7 +171,7 @@ def test_s3_scheme_names_the_extra() -> None:
     code = (
         "import sys; sys.modules['aiobotocore'] = None\n"
         "from ray_workflows.exceptions import UnknownStorageError\n"
-        "from ray_workflows.plugins import open_storage\n"
+        "from ray_workflows.storage import open_storage\n"
         "try:\n    open_storage('s3://bucket')\n"
         "except UnknownStorageError as exc:\n    print(exc)\n"
     )

@@ -48,6 +48,7 @@ from ray.dag import DAGNode
 
 from ray_workflows import context
 from ray_workflows.exceptions import WorkflowNotFoundError
+from ray_workflows.incarnation import NAMESPACE, manager_name
 from ray_workflows.keys import (
     actor_call_key,
     actor_call_seq,
@@ -163,7 +164,6 @@ def _call_method(
     storage_uri: str, actor_id: str, method: str, readonly: bool, *args: Any, **kwargs: Any
 ) -> Any:
     """A workflow task (see ``_BoundMethod.step``): one call of a virtual actor method."""
-    from ray_workflows.manager import NAMESPACE, manager_name
 
     ctx = context.current()
     if ctx is None:  # not run by a workflow: a call of its own

@@ -28,8 +28,8 @@ from ray_workflows.keys import lease_key
 from ray_workflows.lease import grant
 from ray_workflows.options import check_metadata
 from ray_workflows.plan import EXTERNAL, compile_dag
-from ray_workflows.plugins import open_storage
 from ray_workflows.status import WorkflowStatus
+from ray_workflows.storage import open_storage
 from ray_workflows.store import WorkflowStore, running_meta
 
 

@@ -32,7 +32,8 @@ from ray_workflows.exceptions import UnknownStorageError
 from ray_workflows.lease import lease_ttl
 from ray_workflows.log import get_logger
 from ray_workflows.manager import NAMESPACE, actor_class, manager_name
-from ray_workflows.plugins import open_storage, storage_scheme
+from ray_workflows.plugins import storage_scheme
+from ray_workflows.storage import open_storage
 
 ENV_STORAGE = "RAY_WORKFLOWS_STORAGE"
 LEGACY_ENV_STORAGE = "RAY_WORKFLOW_STORAGE"

@@ -457,7 +457,7 @@ class ListenerConformance:
         self, path: Any, workflow_id: str = "wf", task_id: str = "task"
     ) -> EventContext:
         from ray_workflows.backends.clocks import VirtualClock
-        from ray_workflows.plugins import open_storage
+        from ray_workflows.storage import open_storage
 
         storage = open_storage(str(path))
         return EventContext(workflow_id, task_id, storage, VirtualClock(), Mailbox(storage))

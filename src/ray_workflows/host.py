@@ -43,7 +43,7 @@ import ray
 from ray_workflows import bridge, incarnation
 from ray_workflows.engine import Engine
 from ray_workflows.plan import Plan
-from ray_workflows.plugins import open_storage
+from ray_workflows.storage import open_storage
 from ray_workflows.store import WorkflowStore
 
 ENV_HOST = "RAY_WORKFLOWS_HOST"
@@ -116,8 +116,9 @@ async def _run(
     if attempt == 0:
         decoded = WorkflowStore.decode_plan(plan, f"the plan of {wid!r}")
         finished = await engine.adopt(wid, decoded, meta, lease, owner)
-    else:  # an earlier attempt died: go on from its checkpoints
-        finished = await engine.adopt(wid, Plan({}, "", {}), meta, None, owner)
+    else:  # an earlier attempt died: go on from its checkpoints, under its lease
+        engine.leases.act_for(wid, owner)
+        finished = await engine.resume(wid, existing_ok=True)
     return await (await finished)
 
 

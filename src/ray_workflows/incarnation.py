@@ -33,6 +33,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from typing import Any
 
@@ -50,6 +51,15 @@ TOKEN_KEY = b"cluster_token"
 SEPARATOR = "|"
 
 log = get_logger()
+
+
+#: The Ray namespace of the managers' named actors.
+NAMESPACE = "ray_workflows"
+
+
+def manager_name(storage_uri: str) -> str:
+    """The name of the manager actor of one storage, in :data:`NAMESPACE`."""
+    return "manager-" + hashlib.sha1(storage_uri.encode()).hexdigest()[:16]
 
 
 def cluster_token() -> str:
@@ -122,4 +132,4 @@ def _own_token() -> str:
     return raw.hex()
 
 
-__all__ = ["SEPARATOR", "cluster_token", "lineage"]
+__all__ = ["NAMESPACE", "manager_name", "SEPARATOR", "cluster_token", "lineage"]

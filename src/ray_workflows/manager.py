@@ -9,7 +9,6 @@ it does not compute. Detached, so workflows outlive the driver that started them
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import pickle
 import secrets
 from collections.abc import Awaitable
@@ -21,20 +20,15 @@ from ray_workflows import host, incarnation, serialization
 from ray_workflows.actors import Actors
 from ray_workflows.engine import Engine, load_clock
 from ray_workflows.exceptions import WorkflowRunningElsewhereError
+from ray_workflows.incarnation import NAMESPACE, manager_name
 from ray_workflows.keys import manager_probe_key
 from ray_workflows.log import get_logger
 from ray_workflows.plan import Plan
-from ray_workflows.plugins import open_storage
 from ray_workflows.status import WorkflowStatus
+from ray_workflows.storage import open_storage
 from ray_workflows.store import WorkflowStore
 
-NAMESPACE = "ray_workflows"
-
 log = get_logger()
-
-
-def manager_name(storage_uri: str) -> str:
-    return "manager-" + hashlib.sha1(storage_uri.encode()).hexdigest()[:16]
 
 
 class ResolvingRef:

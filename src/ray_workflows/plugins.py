@@ -11,13 +11,9 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-import threading
 from importlib.metadata import entry_points
 from typing import Any
 from urllib.parse import urlsplit
-
-from ray_workflows.exceptions import UnknownStorageError
-from ray_workflows.storage import Storage
 
 STORAGE_GROUP = "ray_workflows.storage"
 CLOCK_GROUP = "ray_workflows.clocks"
@@ -76,58 +72,12 @@ def storage_scheme(uri: str) -> str:
     return scheme or "file"
 
 
-# Reentrant: a wrapper plugin (e.g. faulty://) opens its inner storage while being opened.
-_open_lock = threading.RLock()
-_opened: dict[str, Storage] = {}
-
-
-def open_storage(uri: str) -> Storage:
-    """Return the storage for ``uri``, one shared instance per URI in a process."""
-    if not isinstance(uri, str) or not uri.strip():
-        raise UnknownStorageError(
-            f"storage must be a URI such as '/path', 'file:///path', 'memory://' or "
-            f"'s3://bucket/prefix', got {uri!r}"
-        )
-    with _open_lock:
-        storage = _opened.get(uri)
-        if storage is None:
-            storage = _open_new(uri)
-            _opened[uri] = storage
-        return storage
-
-
-def _open_new(uri: str) -> Storage:
-    scheme = storage_scheme(uri)
-    try:
-        cls = load(STORAGE_GROUP, scheme)
-    except LookupError as exc:
-        raise UnknownStorageError(
-            f"Unknown storage scheme {scheme!r} in {uri!r}. {exc}", uri=uri, scheme=scheme
-        ) from None
-    if not (isinstance(cls, type) and issubclass(cls, Storage)):
-        raise UnknownStorageError(
-            f"Plugin {scheme!r} is {cls!r}, not a ray_workflows.storage.Storage subclass.",
-            uri=uri,
-            scheme=scheme,
-        )
-    storage: Storage = cls(uri)
-    return storage
-
-
-def forget_storage(uri: str) -> None:
-    """Drop the cached instance for ``uri`` (tests, and after ``close``)."""
-    with _open_lock:
-        _opened.pop(uri, None)
-
-
 __all__ = [
     "CLOCK_GROUP",
     "KNOWN_EXTRAS",
     "LISTENER_GROUP",
     "STORAGE_GROUP",
     "available",
-    "forget_storage",
     "load",
-    "open_storage",
     "storage_scheme",
 ]

@@ -20,8 +20,12 @@ a plugin author subclasses it to test a new backend.
 from __future__ import annotations
 
 import abc
+import threading
 from collections.abc import Mapping
 from typing import Any, ClassVar
+
+from ray_workflows.exceptions import UnknownStorageError
+from ray_workflows.plugins import STORAGE_GROUP, load, storage_scheme
 
 
 class Storage(abc.ABC):
@@ -65,8 +69,6 @@ class Storage(abc.ABC):
         return self._uri
 
     def __reduce__(self) -> Any:
-        from ray_workflows.plugins import open_storage
-
         return (open_storage, (self._uri,))
 
     def __repr__(self) -> str:
@@ -144,6 +146,50 @@ class Storage(abc.ABC):
         """Release connections and threads. The storage is not used afterwards."""
 
 
+# Reentrant: a wrapper plugin (e.g. faulty://) opens its inner storage while being opened.
+_open_lock = threading.RLock()
+_opened: dict[str, Storage] = {}
+
+
+def open_storage(uri: str) -> Storage:
+    """Return the storage for ``uri``, one shared instance per URI in a process."""
+    if not isinstance(uri, str) or not uri.strip():
+        raise UnknownStorageError(
+            f"storage must be a URI such as '/path', 'file:///path', 'memory://' or "
+            f"'s3://bucket/prefix', got {uri!r}"
+        )
+    with _open_lock:
+        storage = _opened.get(uri)
+        if storage is None:
+            storage = _open_new(uri)
+            _opened[uri] = storage
+        return storage
+
+
+def _open_new(uri: str) -> Storage:
+    scheme = storage_scheme(uri)
+    try:
+        cls = load(STORAGE_GROUP, scheme)
+    except LookupError as exc:
+        raise UnknownStorageError(
+            f"Unknown storage scheme {scheme!r} in {uri!r}. {exc}", uri=uri, scheme=scheme
+        ) from None
+    if not (isinstance(cls, type) and issubclass(cls, Storage)):
+        raise UnknownStorageError(
+            f"Plugin {scheme!r} is {cls!r}, not a ray_workflows.storage.Storage subclass.",
+            uri=uri,
+            scheme=scheme,
+        )
+    storage: Storage = cls(uri)
+    return storage
+
+
+def forget_storage(uri: str) -> None:
+    """Drop the cached instance for ``uri`` (tests, and after ``close``)."""
+    with _open_lock:
+        _opened.pop(uri, None)
+
+
 def check_key(key: str) -> str:
     """Validate a storage key; return it unchanged."""
     if not isinstance(key, str) or not key:
@@ -162,4 +208,4 @@ def check_prefix(prefix: str) -> str:
     return prefix
 
 
-__all__ = ["Storage", "check_key", "check_prefix"]
+__all__ = ["Storage", "check_key", "check_prefix", "forget_storage", "open_storage"]

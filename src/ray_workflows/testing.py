@@ -30,8 +30,7 @@ from typing import Any
 
 import pytest
 
-from ray_workflows.plugins import forget_storage
-from ray_workflows.storage import Storage
+from ray_workflows.storage import Storage, forget_storage
 
 #: Keys that :func:`~ray_workflows.storage.check_key` refuses.
 INVALID_KEYS = ["", "/abs", "a/../b", "a//b", "a/", "./a", "a/./b", "a\\b"]
@@ -438,7 +437,7 @@ def _race_processes(uri: str) -> list[tuple[int, bool]]:
 
 def _racer(uri: str, barrier: Any, queue: Any) -> None:
     try:
-        from ray_workflows.plugins import open_storage
+        from ray_workflows.storage import open_storage
 
         storage = open_storage(uri)
 
@@ -493,7 +492,7 @@ def _race_chain_processes(uri: str) -> tuple[list[str], int, list[str]]:
 def _chain_racer(uri: str, writer: str | None, barrier: Any, stop: Any, queue: Any) -> None:
     # An incrementer (``writer`` names it) or, for ``None``, the plain writer.
     try:
-        from ray_workflows.plugins import open_storage
+        from ray_workflows.storage import open_storage
 
         storage = open_storage(uri)
         barrier.wait(timeout=120)

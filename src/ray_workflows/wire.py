@@ -29,8 +29,7 @@ from ray import cloudpickle
 
 from ray_workflows.options import TaskOptions
 from ray_workflows.plan import Plan, TaskSpec
-from ray_workflows.plugins import open_storage
-from ray_workflows.storage import Storage
+from ray_workflows.storage import Storage, open_storage
 
 #: What an attempt's fields may be to travel pickled with others (no ObjectRefs).
 PLAIN = (bytes, int, type(None))

@@ -30,8 +30,7 @@ from ray.dag import DAGNode, FunctionNode
 from ray_workflows import bridge, context, serialization
 from ray_workflows.options import TaskOptions
 from ray_workflows.plan import Deref, Up, compile_dag
-from ray_workflows.plugins import open_storage
-from ray_workflows.storage import Storage
+from ray_workflows.storage import Storage, open_storage
 from ray_workflows.store import objects_prefix, read_record, task_key
 from ray_workflows.wire import (
     UNAVAILABLE,

@@ -27,8 +27,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from ray_workflows.exceptions import StorageError
-from ray_workflows.plugins import open_storage
-from ray_workflows.storage import Storage
+from ray_workflows.storage import Storage, open_storage
 
 
 class FaultyStorage(Storage):
