@@ -148,7 +148,9 @@ def _hand_over(
     wid, plan, meta, _ = prepared
     _, record, owner = lease
     if owner is not None and leased:
-        return _host().remote(host.call(wid, plan, meta, cfg.storage, record, owner))
+        ref = _host().remote(host.call(wid, plan, meta, cfg.storage, record, owner))
+        host.started(wid, ref, owner, handle)
+        return ref
     return handle.run.remote(run_call(wid, plan, meta, record if leased else None))
 
 

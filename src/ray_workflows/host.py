@@ -17,8 +17,12 @@ What differs is only where the runner lives:
 * **A dead host.** Ray runs the task again (system failures only); the new attempt
   resumes the workflow from its checkpoints, taking over at once the lease its dead
   predecessor held (the same owner name: an engine takes over the leases of owners it
-  was given to host). A host whose driver ended is stopped with the driver's job; its
-  lease then runs out and the manager's recovery sweep resumes the workflow.
+  was given to host).
+* **A driver that exits.** Ray ends the driver's tasks with it, the hosts among them.
+  At exit the driver waits up to ``RAY_WORKFLOWS_HOST_EXIT_WAIT`` seconds (2) for the
+  workflows it hosts, then hands the rest to the manager, which takes them over at
+  once (:func:`hand_over_at_exit`); a killed driver leaves them to the manager's
+  recovery sweep, once their leases run out. Either way a task under way runs again.
 * **Cancel.** The manager asks the host to stop through storage (``cancels/<id>``,
   see :meth:`Engine.cancel`); the host looks every second.
 * **Eligible** (:func:`eligible`): a chain of 2 to :data:`MAX_TASKS` function tasks,
@@ -33,6 +37,7 @@ What differs is only where the runner lives:
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import pickle
 import secrets
@@ -89,6 +94,56 @@ def host_owner() -> str:
 
 def is_host(owner: str) -> bool:
     return owner.startswith(HOST_PREFIX)
+
+
+#: How long a driver that exits waits for the workflows it hosts before it hands the
+#: rest to the manager (``RAY_WORKFLOWS_HOST_EXIT_WAIT``).
+EXIT_WAIT = float(os.environ.get("RAY_WORKFLOWS_HOST_EXIT_WAIT", "2"))
+
+# This driver's hosted workflows still running: id -> (ref of its host, owner, manager).
+_running: dict[str, tuple[Any, str, Any]] = {}
+_at_exit = False
+_prune_at = 256
+
+
+def started(wid: str, ref: Any, owner: str, manager: Any) -> None:
+    """Track a hosted workflow this process submitted, for :func:`hand_over_at_exit`."""
+    global _at_exit
+    if not _at_exit:
+        atexit.register(hand_over_at_exit)
+        _at_exit = True
+    global _prune_at
+    if len(_running) >= _prune_at:  # forget the finished ones now and then
+        for key in [k for k, (r, _, _) in _running.items() if _done(r)]:
+            del _running[key]
+        _prune_at = len(_running) + 256
+    _running[wid] = (ref, owner, manager)
+
+
+def _done(ref: Any) -> bool:
+    ready, _ = ray.wait([ref], timeout=0)
+    return bool(ready)
+
+
+def hand_over_at_exit() -> None:
+    """At the driver's exit Ray ends its tasks, the hosts among them: wait up to
+    :data:`EXIT_WAIT` seconds for the workflows they run, then ask the manager to take
+    the rest over at once (else it resumes them once their leases run out)."""
+    try:
+        if not ray.is_initialized() or not _running:
+            return
+        refs = {wid: ref for wid, (ref, _, _) in _running.items()}
+        ray.wait(list(refs.values()), num_returns=len(refs), timeout=EXIT_WAIT)
+        left: dict[Any, list[tuple[str, str]]] = {}
+        for wid, (ref, owner, manager) in _running.items():
+            if not _done(ref):
+                left.setdefault(manager, []).append((wid, owner))
+        for manager, runs in left.items():
+            ray.get(manager.take_over.remote(runs), timeout=30)
+    except Exception:  # the driver is exiting: the leases run out by themselves
+        pass
+    finally:
+        _running.clear()
 
 
 def call(wid: str, plan: bytes, meta: dict[str, Any], uri: str, lease: bytes, owner: str) -> bytes:
@@ -153,4 +208,5 @@ __all__ = [
     "host_owner",
     "is_host",
     "run",
+    "started",
 ]

@@ -256,6 +256,7 @@ class LeaseManager:
         self._held: dict[str, Lease] = {}
         self._acquiring: dict[str, asyncio.Future[None]] = {}
         self._acting_for: dict[str, str] = {}  # workflow -> owner it is held under
+        self._gone: set[str] = set()  # owners whose leases are taken over at once
         self._unreadable: dict[str, tuple[bytes, float]] = {}
         self._keeper: asyncio.Task[None] | None = None
 
@@ -340,7 +341,17 @@ class LeaseManager:
         return self._hold(info, raw, None, info.renewed_at)
 
     def _may_take(self, owner: str) -> bool:
-        return owner == self.owner or (self._supersedes is not None and self._supersedes(owner))
+        return (
+            owner == self.owner
+            or owner in self._gone
+            or (self._supersedes is not None and self._supersedes(owner))
+        )
+
+    def gone(self, owner: str) -> None:
+        """``owner`` has stopped, or is about to (a workflow's host whose driver exits):
+        its live leases are taken over at once. Safe even if it still writes: fencing
+        keeps whatever it writes from then on out of sight."""
+        self._gone.add(owner)
 
     def _unreadable_record(self, wid: str, raw: bytes, now: float) -> LeaseInfo:
         seen, since = self._unreadable.get(wid, (None, now))

@@ -19,7 +19,7 @@ import ray
 from ray_workflows import host, incarnation, serialization
 from ray_workflows.actors import Actors
 from ray_workflows.engine import Engine, load_clock
-from ray_workflows.exceptions import WorkflowRunningElsewhereError
+from ray_workflows.exceptions import WorkflowError, WorkflowRunningElsewhereError
 from ray_workflows.incarnation import NAMESPACE, manager_name
 from ray_workflows.keys import manager_probe_key
 from ray_workflows.log import get_logger
@@ -247,6 +247,20 @@ class WorkflowManager:
         return await self.actors.call(
             actor_id, call_id, method, call, readonly, options, order, step
         )
+
+    async def take_over(self, runs: list[tuple[str, str]]) -> int:
+        """Resume at once the hosted workflows ``(workflow id, host owner)`` of a driver
+        that is exiting (see ``host.hand_over_at_exit``): Ray ends their hosts with
+        the driver. Returns how many were taken over."""
+        taken = 0
+        for wid, owner in runs:
+            self.engine.leases.gone(owner)
+            try:
+                await self.engine.resume(wid, existing_ok=True, load=False)
+                taken += 1
+            except WorkflowError as exc:  # finished meanwhile, canceled, ...
+                log.info("workflow.take_over_skipped", workflow_id=wid, error=str(exc))
+        return taken
 
     async def resume(self, workflow_id: str) -> None:
         """Resume a stored workflow; joins it if it already runs (e.g. auto-recovered)."""
