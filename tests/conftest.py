@@ -114,6 +114,12 @@ def wid(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
+def hosted_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small chains started in this test are hosted (ray_workflows.host; off by default)."""
+    monkeypatch.setenv("RAY_WORKFLOWS_HOST", "1")
+
+
+@pytest.fixture
 def manager_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     """Workflows started in this test run in the manager, never in a Ray task that
     hosts them (see ray_workflows.host): for tests of the manager's scheduler, whose

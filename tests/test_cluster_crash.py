@@ -280,7 +280,7 @@ def test_driver_exits_cleanly_right_after_run_async(
 ) -> None:
     case = Case.make(tmp_path / "clean", "driver-exits")
     script = write_script(tmp_path, "submit", SHORT, _submit_script(case), "emit(submitted=True)")
-    env = None if hosted else {"RAY_WORKFLOWS_HOST": "0"}
+    env = {"RAY_WORKFLOWS_HOST": "1" if hosted else "0"}
     # The driver has exited (a hosted one after handing its workflow to the manager).
     assert started(live_cluster).run(script, env=env) == {"submitted": True}
     assert count_runs(case.runs, "start2") == 0  # the workflow was not done by then

@@ -50,8 +50,7 @@ def test_worker_killed_mid_task_is_retried_and_finished_tasks_do_not_rerun(
     request: pytest.FixtureRequest,
 ) -> None:
     # Hosted, the task runs in the host's own process: killing it kills the host.
-    if runs_in == "manager":
-        request.getfixturevalue("manager_runs")
+    request.getfixturevalue("hosted_runs" if runs_in == "host" else "manager_runs")
     pid_file = tmp_path / "victim.pid"
     dag = slow_victim.bind(_chain(3, counter_dir, 0.0), str(counter_dir), str(pid_file))
     ref = workflow.run_async(dag, workflow_id=wid)

@@ -16,6 +16,8 @@ from helpers import count_runs, lease_record, record_run, wait_for
 import ray_workflows as workflow
 from ray_workflows.exceptions import WorkflowCancellationError
 
+pytestmark = pytest.mark.usefixtures("hosted_runs")  # hosting is off by default
+
 
 @ray.remote
 def first(runs: str) -> int:
@@ -109,7 +111,7 @@ def test_a_live_hosted_id_is_joined(storage: str, wid: str, counter_dir: Path) -
 def test_hosting_can_be_turned_off(
     storage: str, wid: str, counter_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("RAY_WORKFLOWS_HOST", "0")
+    monkeypatch.setenv("RAY_WORKFLOWS_HOST", "0")  # as by default
     runs = str(counter_dir)
     assert workflow.run(second.bind(first.bind(runs), runs), workflow_id=wid) == 2
     assert not str(lease_record(storage, wid)["owner"]).startswith("host:")

@@ -31,7 +31,11 @@ What differs is only where the runner lives:
   workflow, one that waits for events, or one whose caller cannot store it, goes to
   the manager.
 
-``RAY_WORKFLOWS_HOST=0`` turns hosting off.
+Off by default; ``RAY_WORKFLOWS_HOST=1`` turns it on. It is slower than the manager
+today (docs/performance.md has the figures): each host holds a CPU slot for its whole
+workflow, its durable commits included, and the asyncio runner in a worker pays
+thread hops (the bridge loop, the in-place thread, the storage threads, the object
+store) that the manager shares among many workflows.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ _engines: dict[str, Engine] = {}  # per storage, in this worker process
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV_HOST, "1").strip().lower() not in ("0", "false", "no", "off")
+    return os.environ.get(ENV_HOST, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def eligible(plan: Plan) -> bool:
