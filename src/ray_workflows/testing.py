@@ -426,13 +426,22 @@ def _race_processes(uri: str) -> list[tuple[int, bool]]:
     try:
         results = [queue.get(timeout=120) for _ in procs]
     finally:
-        for proc in procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
+        _reap(procs)
+    _no_errors(results)
+    return [(int(pid), bool(won)) for pid, won in results]
+
+
+def _reap(procs: list[Any]) -> None:
+    for proc in procs:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+
+
+def _no_errors(results: list[Any]) -> None:
+    """The racers' reports hold no failure (a racer that failed reports its traceback)."""
     errors = [result for result in results if isinstance(result, str)]
     assert not errors, "\n".join(errors)
-    return [(int(pid), bool(won)) for pid, won in results]
 
 
 def _racer(uri: str, barrier: Any, queue: Any) -> None:
@@ -478,12 +487,8 @@ def _race_chain_processes(uri: str) -> tuple[list[str], int, list[str]]:
                 stop.set()
     finally:
         stop.set()
-        for proc in procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
-    errors = [result for result in results if isinstance(result, str)]
-    assert not errors, "\n".join(errors)
+        _reap(procs)
+    _no_errors(results)
     chains = [value for result in results if isinstance(result, list) for value in result]
     ((rounds, lost),) = [result for result in results if isinstance(result, tuple)]
     return chains, rounds, lost
