@@ -488,9 +488,7 @@ class Engine:
             try:
                 # A new epoch: what the run wrote under the old one counts as far as
                 # it is stored now; later writes of the old epoch are a stale holder's.
-                await self.store.seal(
-                    workflow_id, lease.epoch, await self.store.task_records(workflow_id)
-                )
+                await self.store.seal(workflow_id, lease.epoch)
             except Exception:
                 await self.leases.release(lease)
                 lease = None
@@ -822,9 +820,13 @@ class Engine:
                 continue
             for key in requested:
                 wid = key[len(keys.CANCELS_PREFIX) :]
-                if wid in self.runs:
+                if wid not in self.runs:
+                    continue
+                try:
                     await self.cancel(wid)
                     await self.storage.delete(key)
+                except Exception:  # this one is asked again next time; the others go on
+                    log.exception("workflow.cancel_request_failed", workflow_id=wid)
 
     async def delete(self, workflow_id: str) -> None:
         """Remove everything stored for a workflow that is not running or pending."""

@@ -40,7 +40,6 @@ store) that the manager shares among many workflows.
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import os
 import pickle
@@ -194,12 +193,6 @@ def _attempt() -> int:
     core = getattr(ray._private.worker.global_worker, "core_worker", None)
     get = getattr(core, "get_current_task_attempt_number", None)
     return int(get()) if get is not None else 0
-
-
-async def _close() -> None:  # tests: a fresh engine per storage
-    engines = list(_engines.values())
-    _engines.clear()
-    await asyncio.gather(*(engine.close() for engine in engines))
 
 
 __all__ = [

@@ -38,8 +38,7 @@ class Recovery:
     async def rebuild(self, workflow_id: str, plan: Plan, epoch: int) -> WorkflowRun:
         """The run of ``workflow_id`` as its records say, for the holder of the lease at
         ``epoch``: seals the records of earlier epochs first (see ray_workflows.store)."""
-        records = await self.store.task_records(workflow_id)
-        await self.store.seal(workflow_id, epoch, records)
+        records = await self.store.seal(workflow_id, epoch)
         counters = dict(plan.counters)
         for base, n in (await self.store.load_ids(records)).items():
             counters[base] = max(n, counters.get(base, 0))

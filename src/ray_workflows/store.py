@@ -633,12 +633,15 @@ class WorkflowStore:
             return 0, frozenset()
         return newest, frozenset(json.loads(data)["keys"])
 
-    async def seal(self, wid: str, epoch: int, records: TaskRecords) -> None:
-        """Before a runner that took ``wid`` over at ``epoch`` writes anything: only
-        ``records`` count of what earlier epochs wrote (see Fencing above)."""
+    async def seal(self, wid: str, epoch: int) -> TaskRecords:
+        """Before a runner that took ``wid`` over at ``epoch`` writes anything: the task
+        records that count now, stored as the only ones of earlier epochs that ever
+        will (see Fencing above); returned."""
+        records = await self.task_records(wid)
         data = json.dumps({"epoch": epoch, "keys": records.counted}).encode()
         # Only the holder of ``epoch`` writes its seal; one that exists is its own.
         await self.storage.put_if_absent(seal_key(wid, epoch), data)
+        return records
 
     async def read(self, key: str) -> bytes | None:
         return await self.storage.get(key)
