@@ -49,8 +49,8 @@ from collections.abc import Callable, Iterator, Mapping, Sized
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
+from ray_workflows._core.log import get_logger
 from ray_workflows.exceptions import StorageError
-from ray_workflows.log import get_logger
 from ray_workflows.storage import Storage, check_key, check_prefix
 
 log = get_logger()

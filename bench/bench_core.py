@@ -451,8 +451,8 @@ def guarded(fn: Callable[[], Sample], timeout: float) -> Sample | str:
 
 def restart_manager() -> None:
     """After a workflow timed out: restart the manager so the hung run stops using it."""
-    from ray_workflows import config
-    from ray_workflows.manager import NAMESPACE, manager_name
+    from ray_workflows._core import config
+    from ray_workflows._core.manager import NAMESPACE, manager_name
 
     try:
         handle = ray.get_actor(manager_name(config.current().storage), namespace=NAMESPACE)

@@ -107,7 +107,7 @@ def timed(fn: Callable[[], Any], timeout: float) -> tuple[float, Any]:
 
 
 def storage_uri() -> str:
-    from ray_workflows import config
+    from ray_workflows._core import config
 
     uri: str = config.current().storage
     return uri
@@ -116,8 +116,8 @@ def storage_uri() -> str:
 def kill_manager(timeout: float = 60.0) -> None:
     """Kill the manager actor for good (``no_restart``) and wait until its name is free,
     so the next ``workflow.init`` creates a new one (as tests/conftest.py does)."""
-    from ray_workflows import config
-    from ray_workflows.manager import NAMESPACE, manager_name
+    from ray_workflows._core import config
+    from ray_workflows._core.manager import NAMESPACE, manager_name
 
     name = manager_name(storage_uri())
     try:
@@ -146,7 +146,7 @@ def start_manager(storage: str) -> float:
 def durable_outputs(storage: str, wid: str) -> int:
     """Task outputs committed for ``wid``: members of its packs plus ``.out`` records,
     read from the files (what a recovery would find)."""
-    from ray_workflows.store import decode_pack
+    from ray_workflows._core.store import decode_pack
 
     tasks = os.path.join(storage, "workflows", wid, "tasks")
     count = 0

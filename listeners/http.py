@@ -33,14 +33,14 @@ import os
 from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ray_workflows.events import EventListener, current_context
+from ray_workflows._core.events import EventListener, current_context
+from ray_workflows._core.ids import check_id
 from ray_workflows.exceptions import (
     StorageError,
     WorkflowError,
     WorkflowFinishedError,
     WorkflowNotFoundError,
 )
-from ray_workflows.ids import check_id
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette

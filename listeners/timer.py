@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from ray_workflows.backends.clocks import SystemClock
 
+from ray_workflows._core.events import EventListener, context_or_none
 from ray_workflows.clock import Clock, check_deadline
-from ray_workflows.events import EventListener, context_or_none
 
 
 class TimerListener(EventListener):

@@ -24,8 +24,8 @@ import s3server  # noqa: E402
 s3server.configure_aws_environment()
 
 import ray_workflows as workflow  # noqa: E402
-from ray_workflows import config  # noqa: E402
-from ray_workflows.manager import NAMESPACE, manager_name  # noqa: E402
+from ray_workflows._core import config  # noqa: E402
+from ray_workflows._core.manager import NAMESPACE, manager_name  # noqa: E402
 
 NUM_CPUS = 4
 
@@ -115,14 +115,14 @@ def wid(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def hosted_runs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Small chains started in this test are hosted (ray_workflows.host; off by default)."""
+    """Small chains started in this test are hosted (ray_workflows._core.host; off by default)."""
     monkeypatch.setenv("RAY_WORKFLOWS_HOST", "1")
 
 
 @pytest.fixture
 def manager_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     """Workflows started in this test run in the manager, never in a Ray task that
-    hosts them (see ray_workflows.host): for tests of the manager's scheduler, whose
+    hosts them (see ray_workflows._core.host): for tests of the manager's scheduler, whose
     small chains would otherwise be hosted."""
     monkeypatch.setenv("RAY_WORKFLOWS_HOST", "0")
 

@@ -39,8 +39,8 @@ def lease_record(uri: str, wid: str) -> dict[str, object]:
     """The stored lease record of workflow ``wid`` in storage ``uri`` (it must exist)."""
     import json
 
-    from ray_workflows import bridge, config
-    from ray_workflows.lease import lease_key
+    from ray_workflows._core import bridge, config
+    from ray_workflows._core.lease import lease_key
     from ray_workflows.storage import open_storage
 
     raw = bridge.run(open_storage(config.normalise_storage(uri)).get(lease_key(wid)))

@@ -12,8 +12,9 @@ import ray
 from helpers import count_runs, record_run
 
 import ray_workflows as workflow
-from ray_workflows import aio, api, bridge
+from ray_workflows import aio, api
 from ray_workflows import exceptions as wf_exceptions
+from ray_workflows._core import bridge
 
 
 class AsyncAppError(Exception):

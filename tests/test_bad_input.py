@@ -12,9 +12,10 @@ from helpers import count_runs, record_run
 from ray.dag import InputNode
 
 import ray_workflows as workflow
-from ray_workflows import config, plugins
+from ray_workflows import plugins
+from ray_workflows._core import config
+from ray_workflows._core.ids import MAX_ID_LENGTH
 from ray_workflows.exceptions import UnknownStorageError
-from ray_workflows.ids import MAX_ID_LENGTH
 
 
 @ray.remote

@@ -18,16 +18,17 @@ import ray
 from helpers import count_runs, record_run, wait_for
 
 import ray_workflows as workflow
-from ray_workflows import aio, bridge, config, serialization
+from ray_workflows import aio
+from ray_workflows._core import bridge, config, serialization
+from ray_workflows._core.keys import lease_key
+from ray_workflows._core.lease import grant
+from ray_workflows._core.store import WorkflowStore
 from ray_workflows.exceptions import (
     WorkflowNotFoundError,
     WorkflowNotResumableError,
     WorkflowStillActiveError,
 )
-from ray_workflows.keys import lease_key
-from ray_workflows.lease import grant
 from ray_workflows.storage import open_storage
-from ray_workflows.store import WorkflowStore
 
 # The manager's scheduler is what these tests test: not a hosted runner.
 pytestmark = pytest.mark.usefixtures("manager_runs")

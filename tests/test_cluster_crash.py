@@ -126,7 +126,7 @@ def crashed(live_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> 
             """,
         )
         # Run by the manager, so that its task in flight outlives this driver as the
-        # tests require (a hosted workflow's task ends with its driver: ray_workflows.host).
+        # tests require (a hosted workflow's task ends with its driver: ray_workflows._core.host).
         assert old.run(driver, env={"RAY_WORKFLOWS_HOST": "0"}) == {"started": True}
         for case in (auto, manual):
             # Half-way: steps before the gate finished, the gate's task in flight.
@@ -251,7 +251,7 @@ def _check_completes(cluster: Cluster, case: Case, hosted: bool = False) -> None
     """Another driver, later: the workflow finishes, every task ran exactly once. A
     hosted workflow's task under way when its driver went away ended with the driver's
     job, or ran on until the manager took the workflow over: it may finish twice, the
-    others once (ray_workflows.host)."""
+    others once (ray_workflows._core.host)."""
     case.go.touch()
     checker = write_script(
         case.storage.parent,

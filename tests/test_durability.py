@@ -12,9 +12,9 @@ import ray
 from helpers import count_runs, record_run, wait_for
 
 import ray_workflows as workflow
-from ray_workflows import config, serialization
-from ray_workflows.manager import NAMESPACE, manager_name
-from ray_workflows.store import decode_pack
+from ray_workflows._core import config, serialization
+from ray_workflows._core.manager import NAMESPACE, manager_name
+from ray_workflows._core.store import decode_pack
 
 
 @ray.remote

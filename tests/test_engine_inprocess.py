@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import ray
 
-from ray_workflows.admission import EXEMPT
-from ray_workflows.engine import Engine
+from ray_workflows._core.admission import EXEMPT
+from ray_workflows._core.engine import Engine
+from ray_workflows._core.plan import compile_dag
+from ray_workflows._core.status import WorkflowStatus
+from ray_workflows._core.store import PackWriter
 from ray_workflows.exceptions import WorkflowExecutionError, WorkflowQueueFullError
-from ray_workflows.plan import compile_dag
-from ray_workflows.status import WorkflowStatus
 from ray_workflows.storage import open_storage
-from ray_workflows.store import PackWriter
 
 
 @ray.remote
@@ -139,7 +139,7 @@ async def test_a_small_output_comes_with_its_record_from_the_run_it_waited_for()
     """A caller waiting for a run is handed the output record itself when the output
     was small and held no ObjectRefs: the manager answers with the value instead of a
     ref to fetch from it. An output read from storage comes without one."""
-    from ray_workflows.manager import InlineOutput
+    from ray_workflows._core.manager import InlineOutput
 
     engine = Engine(open_storage(f"memory://{uuid.uuid4().hex}"))
     await engine.start("small", compile_dag(add.bind(2, 3)))
@@ -162,7 +162,7 @@ async def test_a_small_output_comes_with_its_record_from_the_run_it_waited_for()
 async def test_a_manager_never_answers_with_the_output_of_an_earlier_run_of_the_id() -> None:
     """Two managers share a storage; the second deletes a workflow the first ran and
     runs the id again: the first answers with the new run's output, read from storage."""
-    from ray_workflows.manager import InlineOutput, ResolvingRef, WorkflowManager
+    from ray_workflows._core.manager import InlineOutput, ResolvingRef, WorkflowManager
 
     uri = f"memory://{uuid.uuid4().hex}"
     # Of one cluster, so the second takes the first's leases over at once (as an

@@ -19,10 +19,10 @@ import ray
 from ray_workflows.backends.clocks import SystemClock, VirtualClock
 from ray_workflows.listeners.timer import TimerListener
 
-from ray_workflows import keys, plugins
+from ray_workflows import plugins
 from ray_workflows import storage as storage_module
-from ray_workflows.clock import Clock
-from ray_workflows.events import (
+from ray_workflows._core import keys
+from ray_workflows._core.events import (
     EventContext,
     EventListener,
     EventPayloadError,
@@ -33,6 +33,7 @@ from ray_workflows.events import (
     current_context,
     use_context,
 )
+from ray_workflows.clock import Clock
 from ray_workflows.exceptions import WorkflowError
 from ray_workflows.storage import Storage
 
@@ -235,7 +236,7 @@ async def test_delete_all_removes_the_mailbox(disk: Storage) -> None:
 # Run by each sender process: only what a sender needs is imported.
 SENDER = """
 import asyncio, sys
-from ray_workflows.events import Mailbox
+from ray_workflows._core.events import Mailbox
 from ray_workflows.storage import open_storage
 
 async def main(uri, sender, count):

@@ -28,13 +28,13 @@ from helpers import count_runs, record_run
 from ray_workflows.backends.s3 import preload_models
 from s3server import S3Server
 
-from ray_workflows.engine import Engine
+from ray_workflows._core.engine import Engine
+from ray_workflows._core.keys import lease_key
+from ray_workflows._core.plan import compile_dag
+from ray_workflows._core.status import WorkflowStatus
+from ray_workflows._core.store import decode_pack
 from ray_workflows.exceptions import WorkflowRunningElsewhereError
-from ray_workflows.keys import lease_key
-from ray_workflows.plan import compile_dag
-from ray_workflows.status import WorkflowStatus
 from ray_workflows.storage import Storage, forget_storage, open_storage
-from ray_workflows.store import decode_pack
 
 # Before the session's ray.init (collection comes first), so Ray workers inherit it
 # (conftest does the same; this keeps the module self-contained).

@@ -13,14 +13,14 @@ import pytest
 import ray
 from ray_workflows.backends.filesystem import FileStorage
 
+from ray_workflows._core.engine import Engine
+from ray_workflows._core.keys import lease_key
+from ray_workflows._core.lease import grant
+from ray_workflows._core.plan import compile_dag
+from ray_workflows._core.status import WorkflowStatus
+from ray_workflows._core.store import PackWriter, WorkflowStore
 from ray_workflows.aio import prepare
-from ray_workflows.engine import Engine
 from ray_workflows.exceptions import StorageError, WorkflowError
-from ray_workflows.keys import lease_key
-from ray_workflows.lease import grant
-from ray_workflows.plan import compile_dag
-from ray_workflows.status import WorkflowStatus
-from ray_workflows.store import PackWriter, WorkflowStore
 
 
 @ray.remote

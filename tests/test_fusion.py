@@ -18,8 +18,8 @@ import ray
 from helpers import count_runs, record_run, wait_for
 
 import ray_workflows as workflow
-from ray_workflows import bridge, config
-from ray_workflows.keys import task_key
+from ray_workflows._core import bridge, config
+from ray_workflows._core.keys import task_key
 from ray_workflows.storage import open_storage
 
 # The manager's scheduler is what these tests test: not a hosted runner.

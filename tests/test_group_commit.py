@@ -10,8 +10,8 @@ from pathlib import Path
 
 from ray_workflows.backends.filesystem import FileStorage
 
+from ray_workflows._core.store import GroupCommit, WorkflowStore
 from ray_workflows.storage import open_storage
-from ray_workflows.store import GroupCommit, WorkflowStore
 
 
 class Counting(FileStorage):

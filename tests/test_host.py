@@ -1,5 +1,5 @@
 """Hosting: a small chain runs in a Ray task its caller submits, the same runner as
-the manager's with its tasks in place (ray_workflows.host). These tests go through the
+the manager's with its tasks in place (ray_workflows._core.host). These tests go through the
 public API on the session's real Ray and a real storage directory."""
 
 from __future__ import annotations

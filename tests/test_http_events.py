@@ -208,7 +208,7 @@ def test_a_malformed_body_is_400(
 def test_the_server_finds_the_manager_itself(client: httpx.Client, wid: str) -> None:
     # No cached manager handle: the first POST looks the manager up (and would create
     # it) from uvicorn's event loop, in uvicorn's thread.
-    from ray_workflows import config
+    from ray_workflows._core import config
 
     ref = workflow.run_async(
         consume.bind(workflow.wait_for_event("http", event_key="k")), workflow_id=wid

@@ -26,7 +26,7 @@ from starlette.routing import Mount
 
 from ray_workflows import plugins
 from ray_workflows import storage as storage_module
-from ray_workflows.events import EventContext, ListenerConformance, Mailbox, use_context
+from ray_workflows._core.events import EventContext, ListenerConformance, Mailbox, use_context
 from ray_workflows.exceptions import WorkflowNotFoundError
 from ray_workflows.storage import Storage
 

@@ -30,14 +30,14 @@ import ray
 from clusters import base_env, marked
 from helpers import blocked_step, count_runs, step, wait_for
 
-from ray_workflows import bridge, config, incarnation
-from ray_workflows.engine import Engine
+from ray_workflows._core import bridge, config, incarnation
+from ray_workflows._core.engine import Engine
+from ray_workflows._core.incarnation import cluster_token, lineage
+from ray_workflows._core.keys import lease_key
+from ray_workflows._core.manager import manager_name
+from ray_workflows._core.plan import compile_dag
+from ray_workflows._core.status import WorkflowStatus
 from ray_workflows.exceptions import WorkflowRunningElsewhereError
-from ray_workflows.incarnation import cluster_token, lineage
-from ray_workflows.keys import lease_key
-from ray_workflows.manager import manager_name
-from ray_workflows.plan import compile_dag
-from ray_workflows.status import WorkflowStatus
 from ray_workflows.storage import forget_storage, open_storage
 
 
@@ -110,7 +110,7 @@ def test_another_cluster_has_another_token(tmp_path: Path) -> None:
         textwrap.dedent(
             f"""
             import json, ray
-            from ray_workflows.incarnation import cluster_token
+            from ray_workflows._core.incarnation import cluster_token
             ray.init(address="local", num_cpus=1, include_dashboard=False,
                      log_to_driver=False, _temp_dir={root!r})
             print("RESULT " + json.dumps({{"token": cluster_token(),

@@ -10,6 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {
     "ray_workflows": ROOT / "src" / "ray_workflows",
+    "ray_workflows._core": ROOT / "src" / "ray_workflows" / "_core",
     "ray_workflows.backends": ROOT / "backends",
     "ray_workflows.listeners": ROOT / "listeners",
 }

@@ -11,13 +11,13 @@ import ray
 from helpers import count_runs, record_run, wait_for
 
 import ray_workflows as workflow
-from ray_workflows import config
+from ray_workflows._core import config
+from ray_workflows._core.manager import NAMESPACE, manager_name
 from ray_workflows.exceptions import (
     WorkflowNotResumableError,
     WorkflowQueueFullError,
     WorkflowStillActiveError,
 )
-from ray_workflows.manager import NAMESPACE, manager_name
 
 
 @ray.remote

@@ -72,8 +72,8 @@ def nodes():
 
 
 def manager_node(storage):
-    from ray_workflows import config
-    from ray_workflows.manager import NAMESPACE, manager_name
+    from ray_workflows._core import config
+    from ray_workflows._core.manager import NAMESPACE, manager_name
 
     handle = ray.get_actor(manager_name(config.normalise_storage(storage)), namespace=NAMESPACE)
     return ray._private.state.actors(handle._actor_id.hex())["Address"]["NodeID"]

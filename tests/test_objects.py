@@ -1,7 +1,7 @@
 """Ray objects in workflows: how upstream outputs and ObjectRefs reach tasks, how
 ObjectRef outputs come back, and how their values are checkpointed.
 
-Semantics under test (see ``ray_workflows.plan``):
+Semantics under test (see ``ray_workflows._core.plan``):
 
 * an upstream node passed directly as an argument arrives as its value; nested in
   a list or dict it arrives as a ``ray.ObjectRef`` -- on a fresh run and after
@@ -479,7 +479,7 @@ class Label(str):
 def test_values_keep_their_exact_types_through_the_record_pickling() -> None:
     """Flat values take the C pickler, the rest cloudpickle with refs lifted out; both
     must give back what went in, type for type (bool is not int, tuple not list)."""
-    from ray_workflows import serialization
+    from ray_workflows._core import serialization
 
     ref = ray.put(41)
     cases: list[Any] = [

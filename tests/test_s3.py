@@ -25,9 +25,9 @@ from helpers import count_runs, record_run, wait_for
 from s3server import S3Server
 
 import ray_workflows as workflow
-from ray_workflows import bridge
+from ray_workflows._core import bridge
+from ray_workflows._core.manager import NAMESPACE, manager_name
 from ray_workflows.exceptions import StorageError, UnknownStorageError
-from ray_workflows.manager import NAMESPACE, manager_name
 from ray_workflows.storage import Storage, forget_storage, open_storage
 from ray_workflows.testing import StorageConformance
 

@@ -23,7 +23,7 @@ from conftest import kill_manager
 from helpers import count_runs, record_run
 
 import ray_workflows as workflow
-from ray_workflows.steps import StepNode
+from ray_workflows._core.steps import StepNode
 
 
 def test_example_1_hello_world_with_objects(

@@ -15,7 +15,7 @@ import contextlib
 import os
 from typing import Any
 
-from ray_workflows.events import EventListener
+from ray_workflows.event_listener import EventListener
 
 
 class FileExistsListener(EventListener):

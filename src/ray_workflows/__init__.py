@@ -17,6 +17,13 @@ in :mod:`ray_workflows.aio`.
 """
 
 from ray_workflows import aio, event_listener, exceptions
+from ray_workflows._core.context import get_current_task_id, get_current_workflow_id
+from ray_workflows._core.event_tasks import sleep, wait, wait_for_event
+from ray_workflows._core.events import EventListener
+from ray_workflows._core.options import options
+from ray_workflows._core.status import WorkflowStatus
+from ray_workflows._core.steps import step
+from ray_workflows._core.virtual_actor import get_actor, virtual_actor
 from ray_workflows.api import (
     cancel,
     continuation,
@@ -35,9 +42,6 @@ from ray_workflows.api import (
     run_async,
     send_event,
 )
-from ray_workflows.context import get_current_task_id, get_current_workflow_id
-from ray_workflows.event_tasks import sleep, wait, wait_for_event
-from ray_workflows.events import EventListener
 from ray_workflows.exceptions import (
     WorkflowCancellationError,
     WorkflowError,
@@ -48,11 +52,7 @@ from ray_workflows.exceptions import (
     WorkflowRunningElsewhereError,
     WorkflowStillActiveError,
 )
-from ray_workflows.options import options
-from ray_workflows.status import WorkflowStatus
-from ray_workflows.steps import step
 from ray_workflows.storage import Storage
-from ray_workflows.virtual_actor import get_actor, virtual_actor
 
 NONE = WorkflowStatus.NONE
 RUNNING = WorkflowStatus.RUNNING

@@ -22,15 +22,15 @@ from typing import Any, NamedTuple
 import ray
 from ray.exceptions import RayTaskError
 
-from ray_workflows import config, host
-from ray_workflows.ids import check_id, new_workflow_id
-from ray_workflows.keys import lease_key
-from ray_workflows.lease import grant
-from ray_workflows.options import check_metadata
-from ray_workflows.plan import EXTERNAL, compile_dag
-from ray_workflows.status import WorkflowStatus
+from ray_workflows._core import config, host
+from ray_workflows._core.ids import check_id, new_workflow_id
+from ray_workflows._core.keys import lease_key
+from ray_workflows._core.lease import grant
+from ray_workflows._core.options import check_metadata
+from ray_workflows._core.plan import EXTERNAL, compile_dag
+from ray_workflows._core.status import WorkflowStatus
+from ray_workflows._core.store import WorkflowStore, running_meta
 from ray_workflows.storage import open_storage
-from ray_workflows.store import WorkflowStore, running_meta
 
 
 def unwrap(exc: BaseException) -> BaseException:
@@ -57,7 +57,7 @@ class Prepared(NamedTuple):
     workflow_id: str
     plan: Any  # the Plan, or its stored record (bytes) when it holds no live ObjectRefs
     meta: dict[str, Any]  # its meta.json as it starts (also in the encoded plan's header)
-    hosted: bool = False  # it may run in a Ray task of its own (see ray_workflows.host)
+    hosted: bool = False  # it may run in a Ray task of its own (see ray_workflows._core.host)
 
 
 def prepare(
@@ -144,7 +144,7 @@ def _hand_over(
     leased: bool,
 ) -> Any:
     """Hand a workflow the caller stored to its runner: a Ray task that hosts it (see
-    :mod:`ray_workflows.host`), or the manager; the ref of its output."""
+    :mod:`ray_workflows._core.host`), or the manager; the ref of its output."""
     wid, plan, meta, _ = prepared
     _, record, owner = lease
     if owner is not None and leased:

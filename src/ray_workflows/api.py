@@ -8,9 +8,10 @@ from typing import Any
 import ray
 from ray.dag import DAGNode, FunctionNode
 
-from ray_workflows import aio, bridge, config
-from ray_workflows.status import WorkflowStatus
-from ray_workflows.worker import in_task
+from ray_workflows import aio
+from ray_workflows._core import bridge, config
+from ray_workflows._core.status import WorkflowStatus
+from ray_workflows._core.worker import in_task
 
 
 def init(

@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 
+from ray_workflows._core.events import ListenerConformance
 from ray_workflows.storage import Storage, forget_storage
 
 #: Keys that :func:`~ray_workflows.storage.check_key` refuses.
@@ -511,6 +512,7 @@ def _chain_racer(uri: str, writer: str | None, barrier: Any, stop: Any, queue: A
 
 __all__ = [
     "INVALID_KEYS",
+    "ListenerConformance",
     "StorageConformance",
     "chain_increments",
     "increment",

@@ -24,15 +24,15 @@ from typing import Any
 
 import ray
 
-from ray_workflows import serialization
+from ray_workflows._core import serialization
+from ray_workflows._core.events import Mailbox
+from ray_workflows._core.receipts import ReceiptWatcher, cancel_ray_task
+from ray_workflows._core.store import WorkflowStore
+from ray_workflows._core.wire import Attempt, Unit
+from ray_workflows._core.worker import execute_group, load_output, load_outputs, save_objects
 from ray_workflows.backends.clocks import SystemClock
 from ray_workflows.clock import Clock
-from ray_workflows.events import Mailbox
-from ray_workflows.receipts import ReceiptWatcher, cancel_ray_task
 from ray_workflows.storage import Storage
-from ray_workflows.store import WorkflowStore
-from ray_workflows.wire import Attempt, Unit
-from ray_workflows.worker import execute_group, load_output, load_outputs, save_objects
 
 _LOAD_BATCH = 500  # stored outputs per loading helper task
 _INLINE_FUNCTION_BYTES = 4096  # smaller pickled functions travel with each task
@@ -48,7 +48,7 @@ BATCH = os.environ.get("RAY_WORKFLOWS_BATCH", "1") != "0"
 
 @dataclasses.dataclass
 class Submission:
-    """One unit for a Ray task (see :mod:`ray_workflows.wire`): an attempt, or a fused
+    """One unit for a Ray task (see :mod:`ray_workflows._core.wire`): an attempt, or a fused
     pair, with its input values, and whom to tell its refs (2, or 4 for a pair;
     ``batched`` if it went with others; ``later`` if not from within ``offer``)."""
 
@@ -173,7 +173,7 @@ class Executor:
     def _group(
         self, subs: list[Submission], name: str, ray_options: dict[str, Any]
     ) -> list[tuple[Any, ...]]:
-        """One Ray task of :func:`~ray_workflows.worker.execute_group` for ``subs``
+        """One Ray task of :func:`~ray_workflows._core.worker.execute_group` for ``subs``
         (its arguments: :func:`_arguments`); per submission, the refs of its receipts
         and values."""
         units, packed, args = _arguments(subs)
@@ -188,7 +188,7 @@ class Executor:
 
     def run_here(self, sub: Submission) -> tuple[Any, ...]:
         """Run one unit in this process (the *in place* placement of a hosted runner,
-        see :mod:`ray_workflows.host`): the same :func:`execute_group` a Ray task would
+        see :mod:`ray_workflows._core.host`): the same :func:`execute_group` a Ray task would
         run, with the same arguments, in a worker thread. Returns futures where
         :meth:`submit` returns refs: of each attempt's receipt (its wire tuple) and of
         an ObjectRef of its value (put in the object store, as a Ray task's would be)."""

@@ -25,17 +25,17 @@ from typing import Any
 
 import ray
 
-from ray_workflows import event_tasks, serialization
-from ray_workflows.events import EventContext
+from ray_workflows._core import event_tasks, serialization
+from ray_workflows._core.events import EventContext
+from ray_workflows._core.executor import Executor, Submission
+from ray_workflows._core.ids import IdAllocator
+from ray_workflows._core.log import get_logger
+from ray_workflows._core.placement import Placement
+from ray_workflows._core.plan import Deref, Plan, TaskHandle, TaskSpec, Up
+from ray_workflows._core.receipts import cancel_ray_task
+from ray_workflows._core.store import PackWriter, WorkflowStore, task_key
+from ray_workflows._core.wire import Attempt, Receipt, pickled_error, task_header
 from ray_workflows.exceptions import WorkflowCancellationError, WorkflowExecutionError
-from ray_workflows.executor import Executor, Submission
-from ray_workflows.ids import IdAllocator
-from ray_workflows.log import get_logger
-from ray_workflows.placement import Placement
-from ray_workflows.plan import Deref, Plan, TaskHandle, TaskSpec, Up
-from ray_workflows.receipts import cancel_ray_task
-from ray_workflows.store import PackWriter, WorkflowStore, task_key
-from ray_workflows.wire import Attempt, Receipt, pickled_error, task_header
 
 # Backoff between retries: 50 ms doubling to at most 5 s, with jitter.
 _BACKOFF_BASE, _BACKOFF_CAP = 0.05, 5.0
@@ -95,7 +95,7 @@ class WorkflowRun:
         self.recorded: dict[tuple[str, str], str] = {}
         self.lease: Any = None  # the engine's lease on this workflow, while it runs
         # The epoch of that lease: every record of this run is written under it (see
-        # ray_workflows.store, Fencing).
+        # ray_workflows._core.store, Fencing).
         self.epoch = 0
         self._acks: set[asyncio.Task[None]] = set()  # event acknowledgements under way
         self._waits: dict[str, tuple[int, float | None]] = {}  # wait task -> its limits

@@ -7,7 +7,7 @@ Layout (all keys relative to the storage URI)::
                                           (absent until the first status change of a
                                           workflow its caller stored: the plan's header
                                           holds it, see store.WorkflowStore.started_meta)
-    workflows/<wid>/lease                 which manager runs it, until when (ray_workflows.lease)
+    workflows/<wid>/lease                 which manager runs it, until when (lease.py)
     workflows/<wid>/tasks/<E>/<tid>.out   a task's committed output (its existence = done)
     workflows/<wid>/tasks/<E>/<tid>.pack  several small outputs committed in one write, named
                                           after the first task in it (membership = done)
@@ -36,10 +36,10 @@ Layout (all keys relative to the storage URI)::
     managers/<lineage>probe               a token a manager wrote, which a caller reads back
                                           to learn that it sees the same storage
 
-``<E>`` is the epoch of the lease its writer held (fencing: see :mod:`ray_workflows.store`);
-a mailbox event's ``<name>`` is ``<micros>-<event_id>`` (see :class:`ray_workflows.events.Mailbox`);
+``<E>`` is the epoch of the lease its writer held (fencing: see :mod:`ray_workflows._core.store`);
+a mailbox event's ``<name>`` is ``<micros>-<event_id>`` (see events.Mailbox);
 ``<seq>`` is 12 digits, so that calls list in order; ``<lineage>`` is the manager's
-(:func:`ray_workflows.incarnation.lineage`). Everything under ``workflows/<wid>/`` is
+(:func:`ray_workflows._core.incarnation.lineage`). Everything under ``workflows/<wid>/`` is
 deleted with the workflow.
 
 An output is addressed by a *record ref*: its ``out`` key, or

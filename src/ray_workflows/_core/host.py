@@ -6,9 +6,9 @@ process. A small chain does not need the manager: its caller stores it (as every
 caller-stored start does, see :func:`ray_workflows.aio.start`), grants its lease to a
 name of its own (:func:`host_owner`) and submits one Ray task, :func:`run`, whose
 ref is the ref ``run_async`` returns. That task *hosts the runner*: the same
-:class:`~ray_workflows.engine.Engine` and :class:`~ray_workflows.scheduler.WorkflowRun`
+:class:`~ray_workflows._core.engine.Engine` and :class:`~ray_workflows._core.scheduler.WorkflowRun`
 the manager uses, in the worker's process, whose placement runs each task with Ray's
-default options *in place* (:mod:`ray_workflows.placement`): in this process, through
+default options *in place* (:mod:`ray_workflows._core.placement`): in this process, through
 the same worker entry point, without a Ray task of its own. Retries, commits, the
 final status, leases and fencing are the runner's, written once.
 
@@ -48,11 +48,11 @@ from typing import Any
 
 import ray
 
-from ray_workflows import bridge, incarnation
-from ray_workflows.engine import Engine
-from ray_workflows.plan import Plan
+from ray_workflows._core import bridge, incarnation
+from ray_workflows._core.engine import Engine
+from ray_workflows._core.plan import Plan
+from ray_workflows._core.store import WorkflowStore
 from ray_workflows.storage import open_storage
-from ray_workflows.store import WorkflowStore
 
 ENV_HOST = "RAY_WORKFLOWS_HOST"
 #: A longer chain goes to the manager: it is rarely all quick, and a plan that size

@@ -1,7 +1,7 @@
 """Leases: one runner per workflow, across managers and clusters sharing a storage.
 
 A manager runs a workflow only while it holds the workflow's lease, a small JSON
-record at ``workflows/<wid>/lease`` (:func:`ray_workflows.keys.lease_key`)::
+record at ``workflows/<wid>/lease`` (:func:`ray_workflows._core.keys.lease_key`)::
 
     {"v": 1, "owner": "host:1234:9f2c...", "epoch": 3, "acquired_at": 1718000000.1,
      "renewed_at": 1718000020.1, "expires_at": 1718000050.1, "ttl": 30.0,
@@ -84,8 +84,8 @@ import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ray_workflows.keys import lease_key
-from ray_workflows.log import get_logger
+from ray_workflows._core.keys import lease_key
+from ray_workflows._core.log import get_logger
 from ray_workflows.storage import Storage
 
 ENV_LEASE_TTL = "RAY_WORKFLOWS_LEASE_TTL"
@@ -120,7 +120,7 @@ def lease_ttl(ttl: float | None = None) -> float:
 def new_owner_id(prefix: str = "") -> str:
     """A unique name for one manager incarnation: ``<prefix>host:pid:random``.
 
-    ``prefix`` is the manager's lineage (:func:`ray_workflows.incarnation.lineage`:
+    ``prefix`` is the manager's lineage (:func:`ray_workflows._core.incarnation.lineage`:
     ``<cluster token>|<manager name>|``), which names the cluster by its id, never by
     an address; owners that share it are incarnations of one manager in one cluster.
     Host and pid are for people reading the record: two containers may well share
@@ -369,7 +369,7 @@ class LeaseManager:
 
     def act_for(self, workflow_id: str, owner: str) -> None:
         """Hold ``workflow_id``'s lease under ``owner`` (the name its caller gave the
-        workflow's host: :mod:`ray_workflows.host`) instead of this manager's own: a
+        workflow's host: :mod:`ray_workflows._core.host`) instead of this manager's own: a
         live record of that owner is taken over at once, as an earlier attempt of
         the same host, dead (Ray runs a task again only then)."""
         self._acting_for[workflow_id] = owner
@@ -569,7 +569,7 @@ class LeaseManager:
         """Start :meth:`keep` as a task of the running loop (once)."""
         if self._keeper is None or self._keeper.done():
             self._keeper = asyncio.get_running_loop().create_task(
-                self.keep(), name="ray_workflows.lease.keeper"
+                self.keep(), name="ray_workflows._core.lease.keeper"
             )
         return self._keeper
 
@@ -602,7 +602,7 @@ __all__ = [
     "LeaseInfo",
     "LeaseManager",
     "grant",
-    "lease_key",  # built in ray_workflows.keys; still importable from here
+    "lease_key",  # built in ray_workflows._core.keys; still importable from here
     "lease_ttl",
     "new_owner_id",
 ]

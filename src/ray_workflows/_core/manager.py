@@ -16,17 +16,17 @@ from typing import Any
 
 import ray
 
-from ray_workflows import host, incarnation, serialization
-from ray_workflows.actors import Actors
-from ray_workflows.engine import Engine, load_clock
+from ray_workflows._core import host, incarnation, serialization
+from ray_workflows._core.actors import Actors
+from ray_workflows._core.engine import Engine, load_clock
+from ray_workflows._core.incarnation import NAMESPACE, manager_name
+from ray_workflows._core.keys import manager_probe_key
+from ray_workflows._core.log import get_logger
+from ray_workflows._core.plan import Plan
+from ray_workflows._core.status import WorkflowStatus
+from ray_workflows._core.store import WorkflowStore
 from ray_workflows.exceptions import WorkflowError, WorkflowRunningElsewhereError
-from ray_workflows.incarnation import NAMESPACE, manager_name
-from ray_workflows.keys import manager_probe_key
-from ray_workflows.log import get_logger
-from ray_workflows.plan import Plan
-from ray_workflows.status import WorkflowStatus
 from ray_workflows.storage import open_storage
-from ray_workflows.store import WorkflowStore
 
 log = get_logger()
 

@@ -1,7 +1,7 @@
 """Virtual actors, the manager's side: durable state in storage, methods as Ray tasks.
 
 Each actor's records are under ``actors/<id>/`` (the layout is in
-:mod:`ray_workflows.keys`): its class and ``__init__`` arguments, its state after n
+:mod:`ray_workflows._core.keys`): its class and ``__init__`` arguments, its state after n
 writer calls (``0``: after ``__init__``, which runs when the actor is first used), the
 log of writer calls, each call id's number and each call's result.
 
@@ -27,7 +27,7 @@ a restarted manager, a retry after the attempt failed elsewhere, the attempts of
 resume after a crash or of a FAILED workflow). After a call that raised, the next
 attempt calls again. A new run of a deleted workflow's id calls anew. The run is the
 nonce ``workflows/<wid>/actor-run``, made by the first step call of the run and
-deleted with the workflow (:func:`ray_workflows.keys.actor_run_key`).
+deleted with the workflow (:func:`ray_workflows._core.keys.actor_run_key`).
 """
 
 from __future__ import annotations
@@ -46,10 +46,9 @@ import ray
 from ray import cloudpickle
 from ray.dag import DAGNode
 
-from ray_workflows import context
-from ray_workflows.exceptions import WorkflowNotFoundError
-from ray_workflows.incarnation import NAMESPACE, manager_name
-from ray_workflows.keys import (
+from ray_workflows._core import context
+from ray_workflows._core.incarnation import NAMESPACE, manager_name
+from ray_workflows._core.keys import (
     actor_call_key,
     actor_call_seq,
     actor_calls_prefix,
@@ -59,8 +58,9 @@ from ray_workflows.keys import (
     actor_run_key,
     actor_state_key,
 )
-from ray_workflows.log import get_logger
-from ray_workflows.plan import Plan, compile_dag
+from ray_workflows._core.log import get_logger
+from ray_workflows._core.plan import Plan, compile_dag
+from ray_workflows.exceptions import WorkflowNotFoundError
 from ray_workflows.storage import Storage
 
 log = get_logger()

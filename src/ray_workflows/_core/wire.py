@@ -3,7 +3,7 @@ sent, and what it returns, typed once for both sides.
 
 A Ray task runs a *group*: one or more *units*, one after another, each a single
 attempt or a fused pair (a producer and its only consumer, run back to back).
-:func:`ray_workflows.worker.execute_group` is the only entry point. Each unit is
+:func:`ray_workflows._core.worker.execute_group` is the only entry point. Each unit is
 described by a :class:`Unit`; each attempt by an :class:`Attempt`. Where an
 attempt's fields are plain data (the function's bytes, no live ObjectRefs) they
 travel pickled together with the group's other plain attempts, as one argument:
@@ -27,8 +27,8 @@ from typing import Any, NamedTuple
 
 from ray import cloudpickle
 
-from ray_workflows.options import TaskOptions
-from ray_workflows.plan import Plan, TaskSpec
+from ray_workflows._core.options import TaskOptions
+from ray_workflows._core.plan import Plan, TaskSpec
 from ray_workflows.storage import Storage, open_storage
 
 #: What an attempt's fields may be to travel pickled with others (no ObjectRefs).

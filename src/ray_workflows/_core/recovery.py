@@ -11,21 +11,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ray_workflows import serialization
+from ray_workflows._core import serialization
+from ray_workflows._core.ids import IdAllocator
+from ray_workflows._core.log import get_logger
+from ray_workflows._core.plan import Plan, TaskSpec
+from ray_workflows._core.scheduler import WorkflowRun
+from ray_workflows._core.store import TaskRecords, WorkflowStore
 from ray_workflows.exceptions import (
     CheckpointError,
     TaskNotFoundError,
     WorkflowNotFoundError,
     WorkflowNotResumableError,
 )
-from ray_workflows.ids import IdAllocator
-from ray_workflows.log import get_logger
-from ray_workflows.plan import Plan, TaskSpec
-from ray_workflows.scheduler import WorkflowRun
-from ray_workflows.store import TaskRecords, WorkflowStore
 
 if TYPE_CHECKING:
-    from ray_workflows.executor import Executor
+    from ray_workflows._core.executor import Executor
 
 log = get_logger()
 
@@ -37,7 +37,7 @@ class Recovery:
 
     async def rebuild(self, workflow_id: str, plan: Plan, epoch: int) -> WorkflowRun:
         """The run of ``workflow_id`` as its records say, for the holder of the lease at
-        ``epoch``: seals the records of earlier epochs first (see ray_workflows.store)."""
+        ``epoch``: seals the records of earlier epochs first (see ray_workflows._core.store)."""
         records = await self.store.seal(workflow_id, epoch)
         counters = dict(plan.counters)
         for base, n in (await self.store.load_ids(records)).items():

@@ -17,8 +17,19 @@ from typing import Any
 
 import ray
 
-from ray_workflows import keys, serialization
-from ray_workflows.admission import EXEMPT, Admission
+from ray_workflows._core import keys, serialization
+from ray_workflows._core.admission import EXEMPT, Admission
+from ray_workflows._core.executor import Executor
+from ray_workflows._core.ids import IdAllocator
+from ray_workflows._core.lease import Lease, LeaseInfo, LeaseManager, new_owner_id
+from ray_workflows._core.log import get_logger
+from ray_workflows._core.options import check_metadata
+from ray_workflows._core.plan import Plan
+from ray_workflows._core.recovery import Recovery
+from ray_workflows._core.scheduler import WorkflowRun
+from ray_workflows._core.status import WorkflowStatus
+from ray_workflows._core.store import running_meta
+from ray_workflows._core.worker import INLINE_RECORD_BYTES
 from ray_workflows.clock import Clock
 from ray_workflows.exceptions import (
     TaskNotFoundError,
@@ -32,18 +43,7 @@ from ray_workflows.exceptions import (
     WorkflowRunningElsewhereError,
     WorkflowStillActiveError,
 )
-from ray_workflows.executor import Executor
-from ray_workflows.ids import IdAllocator
-from ray_workflows.lease import Lease, LeaseInfo, LeaseManager, new_owner_id
-from ray_workflows.log import get_logger
-from ray_workflows.options import check_metadata
-from ray_workflows.plan import Plan
-from ray_workflows.recovery import Recovery
-from ray_workflows.scheduler import WorkflowRun
-from ray_workflows.status import WorkflowStatus
 from ray_workflows.storage import Storage
-from ray_workflows.store import running_meta
-from ray_workflows.worker import INLINE_RECORD_BYTES
 
 #: How long a cancel waits for a runner elsewhere (a host, another manager) to stop.
 CANCEL_WAIT = 10.0
@@ -89,7 +89,7 @@ class _IdLock:
 class Engine:
     """Runs and tracks the workflows of one storage.
 
-    A workflow runs only while this engine holds its lease (:mod:`ray_workflows.lease`),
+    A workflow runs only while this engine holds its lease (:mod:`ray_workflows._core.lease`),
     so two engines sharing a storage never run it at once. ``owner_prefix`` names this
     engine's lineage: leases of an owner with that prefix belong to an earlier, dead
     incarnation (the manager actor restarted by Ray) and are taken over at once.
@@ -147,7 +147,7 @@ class Engine:
         Returns once the plan is durable and the run is registered, with a future of
         the output's ObjectRef. Idempotent: a live or stored workflow of that id is
         joined or resumed, never started twice. ``exempt``: the admission limits do
-        not apply to it, now or when it resumes (see :mod:`ray_workflows.admission`).
+        not apply to it, now or when it resumes (see :mod:`ray_workflows._core.admission`).
         """
         async with self._lock(workflow_id):
             if workflow_id in self.runs:

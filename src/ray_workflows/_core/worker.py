@@ -2,7 +2,7 @@
 
 The runner submits :func:`execute_group` as an ordinary Ray task (with the
 tasks' own Ray options, Ray's retries off), for one attempt, a fused pair or a
-batch of quick attempts (:mod:`ray_workflows.wire`). For each attempt the worker
+batch of quick attempts (:mod:`ray_workflows._core.wire`). For each attempt the worker
 resolves the arguments,
 runs the user function and checkpoints a value result: a big output is written
 here, by the worker, so it never travels through the engine; a small one goes
@@ -27,12 +27,11 @@ import ray
 from ray import cloudpickle
 from ray.dag import DAGNode, FunctionNode
 
-from ray_workflows import bridge, context, serialization
-from ray_workflows.options import TaskOptions
-from ray_workflows.plan import Deref, Up, compile_dag
-from ray_workflows.storage import Storage, open_storage
-from ray_workflows.store import objects_prefix, read_record, task_key
-from ray_workflows.wire import (
+from ray_workflows._core import bridge, context, serialization
+from ray_workflows._core.options import TaskOptions
+from ray_workflows._core.plan import Deref, Up, compile_dag
+from ray_workflows._core.store import objects_prefix, read_record, task_key
+from ray_workflows._core.wire import (
     UNAVAILABLE,
     Attempt,
     Receipt,
@@ -41,6 +40,7 @@ from ray_workflows.wire import (
     call_of,
     pickled_error,
 )
+from ray_workflows.storage import Storage, open_storage
 
 #: Value records up to this size go back to the engine in the receipt and are
 #: committed in packs; bigger ones are written by the worker itself.
@@ -148,7 +148,7 @@ def _call_user(func: Any, args: list[Any], kwargs: dict[str, Any]) -> Any:
 
 
 def execute_group(units: tuple[Unit, ...], packed: bytes, *args: Any) -> tuple[Any, ...]:
-    """The one entry point: run a group of units (see :mod:`ray_workflows.wire`) one
+    """The one entry point: run a group of units (see :mod:`ray_workflows._core.wire`) one
     after another in this Ray task; return each attempt's receipt and output value,
     in order. The runner submits one of these per single task, fused pair or batch of
     quick tasks that its placement chose."""

@@ -12,7 +12,7 @@ The one place where environment variables are merged under explicit arguments:
 ``RAY_WORKFLOWS_AUTO_RESUME=0`` turns automatic recovery off, and
 ``RAY_WORKFLOWS_LEASE_TTL`` (seconds, default 30) sets how long a dead manager's
 workflows wait before another manager takes them over (read by
-:func:`ray_workflows.lease.lease_ttl`, passed to the manager from the driver).
+:func:`ray_workflows._core.lease.lease_ttl`, passed to the manager from the driver).
 
 If Ray is not initialised, the first call starts a local Ray
 (``ray.init(address="local")``), or joins ``RAY_ADDRESS`` when that is set.
@@ -28,10 +28,10 @@ from typing import Any
 
 import ray
 
+from ray_workflows._core.lease import lease_ttl
+from ray_workflows._core.log import get_logger
+from ray_workflows._core.manager import NAMESPACE, actor_class, manager_name
 from ray_workflows.exceptions import UnknownStorageError
-from ray_workflows.lease import lease_ttl
-from ray_workflows.log import get_logger
-from ray_workflows.manager import NAMESPACE, actor_class, manager_name
 from ray_workflows.plugins import storage_scheme
 from ray_workflows.storage import open_storage
 

@@ -13,7 +13,7 @@ steps and ``@ray.remote`` tasks run on one engine with one set of semantics:
 checkpoints, retries, ``catch_exceptions``, and dynamic workflows (a step that
 returns ``other.step(...)`` continues as that step). Steps and ``.bind()`` nodes mix
 freely as arguments. Options go to ``@workflow.step(...)`` or ``fn.options(...)``:
-the workflow options of :func:`ray_workflows.options` (``name``, ``max_retries``,
+the workflow options of :func:`ray_workflows._core.options` (``name``, ``max_retries``,
 ``catch_exceptions``, ``checkpoint``, ``metadata``, ...) and Ray's own
 (``num_cpus``, ``num_gpus``, ``resources``, ...).
 """
@@ -27,8 +27,8 @@ from typing import Any
 import ray
 from ray.dag import FunctionNode
 
-from ray_workflows.options import WORKFLOW_OPTIONS
-from ray_workflows.options import options as workflow_options
+from ray_workflows._core.options import WORKFLOW_OPTIONS
+from ray_workflows._core.options import options as workflow_options
 
 
 class StepNode(FunctionNode):

@@ -12,7 +12,7 @@ from typing import Any
 
 import ray
 
-from ray_workflows.log import get_logger
+from ray_workflows._core.log import get_logger
 
 
 class ReceiptWatcher:

@@ -27,11 +27,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ray_workflows import keys, serialization
+from ray_workflows._core import keys, serialization
+from ray_workflows._core.ids import check_id
+from ray_workflows._core.log import get_logger
 from ray_workflows.clock import Clock
 from ray_workflows.exceptions import WorkflowError
-from ray_workflows.ids import check_id
-from ray_workflows.log import get_logger
 from ray_workflows.storage import Storage
 
 log = get_logger()
@@ -202,7 +202,7 @@ class Mailbox:
     """A durable mailbox per workflow, on a :class:`~ray_workflows.storage.Storage`.
 
     Its records are under ``workflows/<wid>/mailbox/`` (deleting the workflow deletes
-    them; the layout is in :mod:`ray_workflows.keys`): per event key, the events until
+    them; the layout is in :mod:`ray_workflows._core.keys`): per event key, the events until
     they are acknowledged, the claims (the id of the task that claimed an event), the
     dedupe records of sender-chosen ids; per task, the event it holds. An event's name
     is ``<micros>-<event_id>``, ``<micros>`` 16 digits.
@@ -416,7 +416,7 @@ class ListenerConformance:
     ``async def``: pytest-asyncio in auto mode), set ``listener`` and implement
     :meth:`arguments` and :meth:`trigger`::
 
-        from ray_workflows.events import ListenerConformance
+        from ray_workflows.testing import ListenerConformance
 
         class TestQueueListener(ListenerConformance):
             listener = QueueListener

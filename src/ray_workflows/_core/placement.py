@@ -1,7 +1,7 @@
 """Placement: where and how a ready task runs. The runner decides *what* is ready; this
 policy decides *how* it goes to Ray, and nothing else: every attempt, whatever its
 placement, is retried, committed, cancelled and charged by the runner's one set of
-rules (:mod:`ray_workflows.scheduler`).
+rules (:mod:`ray_workflows._core.scheduler`).
 
 The placements:
 
@@ -14,7 +14,7 @@ The placements:
   the executor forms the batches).
 * **ahead**: a consumer is submitted before its inputs exist, passed the refs of their
   outputs (:meth:`Placement.ahead`); Ray starts it the moment they do.
-* **in place**: for a runner hosted in a Ray task (:mod:`ray_workflows.host`), a task
+* **in place**: for a runner hosted in a Ray task (:mod:`ray_workflows._core.host`), a task
   with Ray's default options runs in the host's own process, without a Ray task of
   its own (:meth:`Placement.in_place`); the others there go to Ray as above.
 
@@ -30,7 +30,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from ray_workflows.plan import TaskSpec
+from ray_workflows._core.plan import TaskSpec
 
 # Submit a task as soon as its inputs' producers are submitted. Off: "0".
 SUBMIT_AHEAD = os.environ.get("RAY_WORKFLOWS_SUBMIT_AHEAD", "1") != "0"

@@ -27,7 +27,7 @@ from typing import Any
 import ray
 from ray.dag import DAGNode
 
-from ray_workflows.events import EventContext, EventListener, use_context
+from ray_workflows._core.events import EventContext, EventListener, use_context
 from ray_workflows.plugins import LISTENER_GROUP, load
 
 #: The listener spec of a sleep: its deadline is chosen by the engine, not the caller.

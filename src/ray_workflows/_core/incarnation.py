@@ -1,6 +1,6 @@
 """Which Ray cluster a process belongs to, and the lineage of a manager's lease owners.
 
-A manager's lease owner ids (:func:`ray_workflows.lease.new_owner_id`) start with its
+A manager's lease owner ids (:func:`ray_workflows._core.lease.new_owner_id`) start with its
 *lineage* (:func:`lineage`): ``<cluster token>|<manager name>|``. Its engine takes over
 at once any live lease whose owner has the same lineage but is not its own owner id
 (``Engine(owner_prefix=...)``): that owner is an earlier incarnation of the same named
@@ -39,7 +39,7 @@ from typing import Any
 
 import ray
 
-from ray_workflows.log import get_logger
+from ray_workflows._core.log import get_logger
 
 #: Ray's own record of the cluster id in the GCS KV (written by the GCS at its first start).
 RAY_CLUSTER_ID_NAMESPACE = "cluster"
@@ -84,7 +84,7 @@ def lineage(manager: str, token: str | None = None) -> str:
     Neither part may contain ``|`` or be empty, so two lineages share a prefix only if
     both parts are equal: ``startswith(lineage)`` matches exactly the owners of that
     manager in that cluster (host names in owner ids cannot contain it either, see
-    :func:`ray_workflows.lease.new_owner_id`)."""
+    :func:`ray_workflows._core.lease.new_owner_id`)."""
     token = cluster_token() if token is None else token
     for name, part in (("token", token), ("manager", manager)):
         if not part or SEPARATOR in part:

@@ -26,9 +26,9 @@ from ray import cloudpickle
 from ray.dag import DAGNode, FunctionNode
 from ray.dag.input_node import InputAttributeNode, InputNode
 
-from ray_workflows import serialization
-from ray_workflows.ids import IdAllocator, check_id, default_task_name
-from ray_workflows.options import TaskOptions
+from ray_workflows._core import serialization
+from ray_workflows._core.ids import IdAllocator, check_id, default_task_name
+from ray_workflows._core.options import TaskOptions
 
 
 @dataclasses.dataclass(frozen=True)

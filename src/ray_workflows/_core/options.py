@@ -116,7 +116,7 @@ class WorkflowOptions(Mapping[str, Any]):
             name = options.pop("name")
             options.setdefault("task_id", name)
         if "task_id" in options:
-            from ray_workflows.ids import check_id
+            from ray_workflows._core.ids import check_id
 
             check_id(options["task_id"], "task_id")
         if "metadata" in options:

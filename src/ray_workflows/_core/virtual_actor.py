@@ -24,7 +24,7 @@ The state is JSON: the instance's ``__dict__``, or what ``__getstate__`` returns
 (then ``__setstate__`` restores it; define both or neither). Writer methods run one
 at a time and each one's effect on the state is durable before its result returns;
 readonly methods run concurrently on the last committed state. See
-:mod:`ray_workflows.actors` for how calls are logged and recovered.
+:mod:`ray_workflows._core.actors` for how calls are logged and recovered.
 """
 
 from __future__ import annotations
@@ -37,10 +37,11 @@ from typing import Any
 import ray
 from ray import cloudpickle
 
-from ray_workflows import aio, bridge, config
-from ray_workflows.actors import READONLY as _READONLY
-from ray_workflows.actors import has_own
-from ray_workflows.ids import check_id
+from ray_workflows import aio
+from ray_workflows._core import bridge, config
+from ray_workflows._core.actors import READONLY as _READONLY
+from ray_workflows._core.actors import has_own
+from ray_workflows._core.ids import check_id
 
 # Ray options a method call may carry (the engine owns retries).
 _CALL_OPTIONS = ("num_cpus", "num_gpus", "resources", "memory", "accelerator_type")

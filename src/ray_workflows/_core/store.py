@@ -1,10 +1,10 @@
 """WorkflowStore: a workflow's records and the status index, over any Storage.
 
-The key layout is in :mod:`ray_workflows.keys`, which builds every key; this
+The key layout is in :mod:`ray_workflows._core.keys`, which builds every key; this
 module reads and writes the workflow records in it: the plan, ``meta.json``, the
 task records and seals under ``tasks/<E>/`` and ``seals/<E>``, the status index.
 
-Fencing. ``<E>`` is the epoch of the lease its writer held (:mod:`ray_workflows.lease`):
+Fencing. ``<E>`` is the epoch of the lease its writer held (:mod:`ray_workflows._core.lease`):
 a runner, and every worker on its behalf, writes task records only under its own
 epoch, so no write of a stale runner can replace a record of a newer one. A runner
 that takes a workflow over at epoch ``E`` lists the records, then stores the keys it
@@ -27,7 +27,7 @@ stored, so a fan-out of 1,000 small tasks costs a few dozen writes, not 1,000.
 Engine writes go through a group commit: writes that arrive while a batch is
 being made durable share the next batch.
 
-An output is addressed by a *record ref* (:func:`ray_workflows.keys.split_ref`).
+An output is addressed by a *record ref* (:func:`ray_workflows._core.keys.split_ref`).
 """
 
 from __future__ import annotations
@@ -41,9 +41,8 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from ray_workflows import bridge, serialization
-from ray_workflows.exceptions import CheckpointError
-from ray_workflows.keys import (
+from ray_workflows._core import bridge, serialization
+from ray_workflows._core.keys import (
     IDS,
     STATUS_PREFIX,
     cancel_key,
@@ -63,9 +62,10 @@ from ray_workflows.keys import (
     tasks_prefix,
     wf_prefix,
 )
-from ray_workflows.log import get_logger
-from ray_workflows.plan import Plan
-from ray_workflows.status import WorkflowStatus
+from ray_workflows._core.log import get_logger
+from ray_workflows._core.plan import Plan
+from ray_workflows._core.status import WorkflowStatus
+from ray_workflows.exceptions import CheckpointError
 from ray_workflows.storage import Storage
 
 STORED_STATUSES = (
@@ -688,7 +688,7 @@ __all__ = [
     "encode_pack",
     "read_record",
     "running_meta",
-    # Built in ray_workflows.keys; still importable from here.
+    # Built in ray_workflows._core.keys; still importable from here.
     "objects_prefix",
     "pack_ref",
     "seal_key",
