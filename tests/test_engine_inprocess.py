@@ -103,23 +103,24 @@ async def test_a_long_tail_chain_keeps_the_live_state_of_one_level() -> None:
     finished = await engine.start("chain", compile_dag(countdown.bind(1000)))
     run = engine.runs["chain"]
     tables = (
-        "specs",
-        "values",
-        "stored",
-        "done",
-        "waiting",
-        "consumers",
-        "needed",
-        "root_of",
-        "roots",
+        "graph.specs",
+        "graph.values",
+        "graph.stored",
+        "graph.done",
+        "graph.waiting",
+        "graph.consumers",
+        "graph.needed",
+        "graph.root_of",
+        "graph.roots",
         "running",
         "started",
         "attempts",
         "inflight",
         "ahead",
-        "_headers",
+        "calls.headers",
         "placement._indirect",
-        "_waiters",
+        "graph._waiters",
+        "graph.waits",
     )
     peak = dict.fromkeys(tables, 0)
     samples = 0
@@ -130,7 +131,7 @@ async def test_a_long_tail_chain_keeps_the_live_state_of_one_level() -> None:
         await asyncio.sleep(0.005)
     assert await (await finished) == 0
     assert samples > 50  # sampled throughout the chain, not once
-    assert peak["specs"] == 1 and peak["running"] == 1, peak  # the one live level
+    assert peak["graph.specs"] == 1 and peak["running"] == 1, peak  # the one live level
     assert max(peak.values()) <= 3, peak
     await engine.close()
 
