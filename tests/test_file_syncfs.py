@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
-from ray_workflows.backends import filesystem
+from ray_workflows.backends import _file_batches, _file_syncfs
 from ray_workflows.backends.filesystem import FileStorage
 
 MOUNTINFO = """\
@@ -43,25 +43,25 @@ MOUNTINFO = """\
     ],
 )
 def test_root_filesystem(root: str, fstype: str | None) -> None:
-    assert filesystem._root_filesystem(MOUNTINFO, root) == fstype
+    assert _file_syncfs.root_filesystem(MOUNTINFO, root) == fstype
 
 
 def test_a_mount_inside_the_root_is_unknown() -> None:
     # syncfs of the root's filesystem would miss the keys under the inner mount.
-    assert filesystem._root_filesystem(MOUNTINFO, "/mnt/shared/runs") == "nfs4"
-    assert filesystem._root_filesystem(MOUNTINFO, "/mnt/shared") is None
-    assert filesystem._root_filesystem(MOUNTINFO, "/mnt") is None
+    assert _file_syncfs.root_filesystem(MOUNTINFO, "/mnt/shared/runs") == "nfs4"
+    assert _file_syncfs.root_filesystem(MOUNTINFO, "/mnt/shared") is None
+    assert _file_syncfs.root_filesystem(MOUNTINFO, "/mnt") is None
 
 
 def test_the_last_of_stacked_mounts_wins() -> None:
     stacked = MOUNTINFO + "50 40 0:50 / /mnt/shared rw - ext4 /dev/vdb rw\n"
-    assert filesystem._root_filesystem(stacked, "/mnt/shared/store") == "ext4"
+    assert _file_syncfs.root_filesystem(stacked, "/mnt/shared/store") == "ext4"
 
 
 def test_no_mountinfo_is_unknown() -> None:
-    assert filesystem._root_filesystem("", "/home/me/store") is None
+    assert _file_syncfs.root_filesystem("", "/home/me/store") is None
     broken = "garbage\n\n1 2 3\n1 2 3 / /home rw -\n"  # the last has no type after " - "
-    assert filesystem._root_filesystem(broken, "/home/me/store") is None
+    assert _file_syncfs.root_filesystem(broken, "/home/me/store") is None
 
 
 @pytest.mark.parametrize(
@@ -87,18 +87,18 @@ def test_no_mountinfo_is_unknown() -> None:
     ],
 )
 def test_syncfs_trusted(fstype: str | None, trusted: bool) -> None:
-    assert filesystem._syncfs_trusted(fstype) is trusted
+    assert _file_syncfs.syncfs_trusted(fstype) is trusted
 
 
 def _count_syncfs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
-    real = filesystem._sync_filesystem
+    real = _file_batches.sync_filesystem
 
     def counting(root: str) -> None:
         calls.append(root)
         real(root)
 
-    monkeypatch.setattr(filesystem, "_sync_filesystem", counting)
+    monkeypatch.setattr(_file_batches, "sync_filesystem", counting)
     return calls
 
 
@@ -126,14 +126,15 @@ async def test_real_root_batches_as_its_filesystem_allows(
     storage = FileStorage(str(tmp_path / "store"))
     await _round_trip(storage)
     with open("/proc/self/mountinfo", "rb") as f:
-        fstype = filesystem._root_filesystem(os.fsdecode(f.read()), str(tmp_path.resolve()))
-    syncfs = filesystem._SYNCFS is not None and filesystem._syncfs_trusted(fstype)
-    ordered = filesystem._SYNC_FILE_RANGE is not None and fstype in ("ext3", "ext4", "xfs", "tmpfs")
+        fstype = _file_syncfs.root_filesystem(os.fsdecode(f.read()), str(tmp_path.resolve()))
+    syncfs = _file_syncfs.SYNCFS is not None and _file_syncfs.syncfs_trusted(fstype)
+    in_order = ("ext3", "ext4", "xfs", "tmpfs")  # filesystems that commit metadata in order
+    ordered = _file_syncfs.SYNC_FILE_RANGE is not None and fstype in in_order
     # put_many and put_if_absent_many: data then names (where metadata is committed
     # in order: data written back first, one syncfs for both); delete_many: names.
     assert len(calls) == (0 if not syncfs else 3 if ordered else 5)
     decisions = [r.getMessage() for r in caplog.records if "batch_sync_chosen" in r.getMessage()]
-    assert len(decisions) == (1 if filesystem._SYNCFS is not None else 0)
+    assert len(decisions) == (1 if _file_syncfs.SYNCFS is not None else 0)
 
 
 async def test_an_untrusted_root_fsyncs_each_file(
@@ -141,7 +142,7 @@ async def test_an_untrusted_root_fsyncs_each_file(
 ) -> None:
     calls = _count_syncfs(monkeypatch)
     storage = FileStorage(str(tmp_path / "store"))
-    monkeypatch.setitem(filesystem._syncfs_roots, storage.root, False)  # as on NFS
+    monkeypatch.setitem(_file_syncfs.syncfs_roots, storage.root, False)  # as on NFS
     await _round_trip(storage)
     assert calls == []
 
@@ -153,14 +154,14 @@ async def test_an_untrusted_root_fsyncs_each_file(
             False,
             5,
             id="two-per-batch",
-            marks=pytest.mark.skipif(filesystem._SYNCFS is None, reason="no syncfs (Linux < 5.8)"),
+            marks=pytest.mark.skipif(_file_syncfs.SYNCFS is None, reason="no syncfs (Linux < 5.8)"),
         ),
         pytest.param(
             True,
             3,
             id="one-per-batch",
             marks=pytest.mark.skipif(
-                filesystem._SYNC_FILE_RANGE is None, reason="no syncfs and sync_file_range"
+                _file_syncfs.SYNC_FILE_RANGE is None, reason="no syncfs and sync_file_range"
             ),
         ),
     ],
@@ -172,7 +173,7 @@ async def test_a_trusted_root_batches_with_syncfs(
     # in order (the data written back first); one per batch of deletes either way.
     calls = _count_syncfs(monkeypatch)
     storage = FileStorage(str(tmp_path / "store"))
-    monkeypatch.setitem(filesystem._syncfs_roots, storage.root, True)
-    monkeypatch.setitem(filesystem._ordered_roots, storage.root, ordered)
+    monkeypatch.setitem(_file_syncfs.syncfs_roots, storage.root, True)
+    monkeypatch.setitem(_file_syncfs.ordered_roots, storage.root, ordered)
     await _round_trip(storage)
     assert calls == [storage.root] * syncfs_calls

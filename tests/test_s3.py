@@ -143,9 +143,10 @@ async def test_no_secret_in_uri_repr_pickle_or_errors(seaweedfs: S3Server) -> No
 
 
 def test_missing_extra_names_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    # As if aiobotocore were not installed: importing the backend fails.
+    # As if aiobotocore were not installed: importing the backend (any of its modules) fails.
+    backend = ("ray_workflows.backends.s3", "ray_workflows.backends._s3_")
     for name in list(sys.modules):
-        if name == "ray_workflows.backends.s3" or name.split(".")[0] == "aiobotocore":
+        if name.startswith(backend) or name.split(".")[0] == "aiobotocore":
             monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "aiobotocore", None)
     with pytest.raises(UnknownStorageError, match=r"pip install 'ray-workflows\[s3\]'"):
@@ -403,20 +404,20 @@ async def test_one_client_per_event_loop(seaweedfs: S3Server) -> None:
     storage = S3Storage(seaweedfs.uri(fresh_prefix()))
     for i in range(20):
         await storage.put(f"k{i}", b"v")
-    assert len(storage._clients) == 1  # reused, not one per call
+    assert len(storage._s3.clients) == 1  # reused, not one per call
     # A worker calling asyncio.run per task: each run's loop closes its client as it
     # shuts down, and the next new loop forgets the closed one.
     for i in range(3):
         assert await asyncio.to_thread(asyncio.run, storage.get(f"k{i}")) == b"v"
-    gone = [loop for loop in storage._keepers if loop.is_closed()]
-    assert len(gone) == 1 and len(storage._clients) == 2
-    assert storage._keepers[gone[0]].ag_frame is None  # its client was closed
+    gone = [loop for loop in storage._s3.keepers if loop.is_closed()]
+    assert len(gone) == 1 and len(storage._s3.clients) == 2
+    assert storage._s3.keepers[gone[0]].ag_frame is None  # its client was closed
     # The sync bridge's loop, in its own thread, gets its own client; close() closes
     # it on that loop.
     assert await asyncio.to_thread(bridge.run, storage.get("k0")) == b"v"
-    keeper = storage._keepers[bridge.loop()]
+    keeper = storage._s3.keepers[bridge.loop()]
     await storage.close()
-    assert storage._clients == {} and keeper.ag_frame is None
+    assert storage._s3.clients == {} and keeper.ag_frame is None
     assert await storage.get("k1") == b"v"  # usable again: a new client
     await storage.close()
 
@@ -424,7 +425,7 @@ async def test_one_client_per_event_loop(seaweedfs: S3Server) -> None:
 async def test_concurrent_first_use_creates_one_client(seaweedfs: S3Server) -> None:
     storage = S3Storage(seaweedfs.uri(fresh_prefix()))
     await storage.put_many({f"k{i}": b"v" for i in range(40)})
-    assert len(storage._clients) == 1
+    assert len(storage._s3.clients) == 1
     assert storage.requests["PutObject"] == 40
     threads = [threading.Thread(target=asyncio.run, args=(storage.list(),)) for _ in range(4)]
     for t in threads:
