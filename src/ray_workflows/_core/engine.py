@@ -21,7 +21,8 @@ from ray_workflows._core import keys, serialization
 from ray_workflows._core.admission import EXEMPT, Admission
 from ray_workflows._core.executor import Executor
 from ray_workflows._core.ids import IdAllocator
-from ray_workflows._core.lease import Lease, LeaseInfo, LeaseManager, new_owner_id
+from ray_workflows._core.lease import Lease, LeaseInfo, new_owner_id
+from ray_workflows._core.lease_manager import LeaseManager
 from ray_workflows._core.log import get_logger
 from ray_workflows._core.options import check_metadata
 from ray_workflows._core.plan import Plan
