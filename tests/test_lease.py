@@ -19,13 +19,8 @@ import pytest
 from helpers import faulty_uri
 
 from ray_workflows._core.keys import lease_key
-from ray_workflows._core.lease import (
-    ENV_LEASE_TTL,
-    LeaseInfo,
-    LeaseManager,
-    lease_ttl,
-    new_owner_id,
-)
+from ray_workflows._core.lease import ENV_LEASE_TTL, LeaseInfo, lease_ttl, new_owner_id
+from ray_workflows._core.lease_manager import LeaseManager
 from ray_workflows.exceptions import StorageError
 from ray_workflows.storage import Storage, open_storage
 
@@ -368,7 +363,7 @@ def _mp_context() -> Any:
     # A forkserver imports ray_workflows (and Ray) once; 'spawn' pays it per process.
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["ray_workflows._core.lease", __name__])
+        ctx.set_forkserver_preload(["ray_workflows._core.lease_manager", __name__])
         return ctx
     return multiprocessing.get_context("spawn")
 

@@ -25,25 +25,25 @@ outputs travel back in the task's receipt and the engine commits them in packs:
 one write for every output that finished while the previous pack was being
 stored, so a fan-out of 1,000 small tasks costs a few dozen writes, not 1,000.
 Engine writes go through a group commit: writes that arrive while a batch is
-being made durable share the next batch.
+being made durable share the next batch (both in :mod:`ray_workflows._core.commit`).
 
 An output is addressed by a *record ref* (:func:`ray_workflows._core.keys.split_ref`).
+Which task records count is read in :mod:`ray_workflows._core.records`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import json
 import pickle
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable
 from typing import Any
 
 from ray_workflows._core import bridge, serialization
+from ray_workflows._core.commit import GroupCommit, PackWriter
 from ray_workflows._core.keys import (
-    IDS,
     STATUS_PREFIX,
     cancel_key,
     ids_key,
@@ -51,21 +51,23 @@ from ray_workflows._core.keys import (
     objects_prefix,
     pack_ref,
     parse_status_key,
-    parse_task_key,
     plan_key,
-    seal_epoch,
     seal_key,
-    seals_prefix,
     split_ref,
     status_key,
     task_key,
-    tasks_prefix,
     wf_prefix,
 )
-from ray_workflows._core.log import get_logger
 from ray_workflows._core.plan import Plan
+from ray_workflows._core.records import (
+    TaskRecords,
+    decode_pack,
+    encode_pack,
+    read_record,
+    read_records,
+    seal_records,
+)
 from ray_workflows._core.status import WorkflowStatus
-from ray_workflows.exceptions import CheckpointError
 from ray_workflows.storage import Storage
 
 STORED_STATUSES = (
@@ -77,41 +79,6 @@ STORED_STATUSES = (
 )
 
 
-log = get_logger()
-
-
-def encode_pack(members: dict[str, bytes]) -> bytes:
-    return serialization.encode("pack", pickle.dumps(members, protocol=5), tasks=len(members))
-
-
-def decode_pack(data: bytes, key: str) -> dict[str, bytes]:
-    """The member records of a pack; ``CheckpointError`` if it is torn."""
-    _, payload = serialization.decode(data, key)
-    members: dict[str, bytes] = pickle.loads(payload)
-    return members
-
-
-def read_record(
-    read: Callable[[str], bytes | None],
-    ref: str,
-    packs: dict[str, dict[str, bytes]] | None = None,
-) -> bytes | None:
-    """The output record behind ``ref``, read with a synchronous ``read(key)``.
-    ``packs`` (pack key -> members) lets many reads share one read of each pack."""
-    key, member = split_ref(ref)
-    if member is None:
-        return read(key)
-    members = packs.get(key) if packs is not None else None
-    if members is None:
-        data = read(key)
-        if data is None:
-            return None
-        members = decode_pack(data, key)
-        if packs is not None:
-            packs[key] = members
-    return members.get(member)
-
-
 def running_meta(output_task_id: str, user_metadata: dict[str, Any]) -> dict[str, Any]:
     """``meta.json`` of a workflow that starts now."""
     return {
@@ -120,154 +87,6 @@ def running_meta(output_task_id: str, user_metadata: dict[str, Any]) -> dict[str
         "output_task_id": output_task_id,
         "start_time": time.time(),
     }
-
-
-class TaskRecords(dict[str, set[str]]):
-    """tid -> the records it has ("out", "cont", "latest"); "out" also for outputs held
-    in packs, whose refs are in ``packed`` and member records in ``members``. Only
-    records that count (see Fencing above); of several, the newest epoch's."""
-
-    def __init__(self, wid: str) -> None:
-        super().__init__()
-        self.wid = wid
-        self.packed: dict[str, str] = {}
-        self.members: dict[str, bytes] = {}
-        self.where: dict[tuple[str, str], tuple[int, str]] = {}  # (tid, record) -> epoch, key
-        self.ids: tuple[int, str] | None = None  # the newest ids.json: epoch, key
-        self.counted: list[str] = []  # every key that counts, packs and ids.json included
-
-    def add(self, tid: str, record: str, epoch: int, key: str) -> None:
-        self.setdefault(tid, set()).add(record)
-        known = self.where.get((tid, record))
-        if known is None or known[0] <= epoch:
-            self.where[(tid, record)] = (epoch, key)
-
-    def key(self, tid: str, record: str) -> str | None:
-        """The key of ``tid``'s ``record`` that counts, if there is one."""
-        known = self.where.get((tid, record))
-        return None if known is None else known[1]
-
-    def output_ref(self, tid: str) -> str:
-        packed = self.packed.get(tid)
-        return packed if packed is not None else self.where[(tid, "out")][1]
-
-
-class PackWriter:
-    """Commits one workflow's small outputs, many per write, in the order they came.
-
-    ``add`` returns at once with the output's record ref; the pack holding it is
-    written by a background flush that takes everything added meanwhile. A flush
-    first gathers for up to ``WINDOW`` seconds (or ``FULL`` records): nothing waits
-    on a pack but the end of the workflow (consumers already run), which hurries
-    it, so fewer, fuller packs cost nothing in latency. After the first failed
-    write nothing more is written: ``on_error`` is told, and :meth:`drain` raises.
-    """
-
-    WINDOW = 0.02
-    FULL = 512
-
-    def __init__(
-        self,
-        store: WorkflowStore,
-        wid: str,
-        on_flushed: Callable[[list[str]], None],
-        on_error: Callable[[str, BaseException], None],
-        epoch: Callable[[], int],
-    ) -> None:
-        self._store, self._wid = store, wid
-        self._epoch = epoch  # of the lease the run holds: packs are written under it
-        self._on_flushed, self._on_error = on_flushed, on_error
-        self._batch: dict[str, bytes] = {}
-        self._holders: list[str] = []
-        self._key: str | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._hurry: asyncio.Future[None] | None = None  # cuts the gathering short
-        self._draining = False
-        self._then: Callable[[], Awaitable[None] | None] | None = None
-        self.pending: set[str] = set()  # holders whose record is not durable yet
-        self.error: BaseException | None = None
-
-    def add(self, holder: str, tid: str, record: bytes) -> str:
-        """Queue ``tid``'s record; ``holder`` (the task whose output it is) stays in
-        ``pending`` until the record is durable."""
-        if self._key is None:
-            self._key = task_key(self._wid, tid, "pack", self._epoch())
-        self._batch[tid] = record
-        self._holders.append(holder)
-        self.pending.add(holder)
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._flush())
-        elif len(self._batch) >= self.FULL:
-            self._hurry_up()
-        return pack_ref(self._key, tid)
-
-    def _hurry_up(self) -> None:
-        if self._hurry is not None and not self._hurry.done():
-            self._hurry.set_result(None)
-
-    async def _gather(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._hurry = loop.create_future()
-        timer = loop.call_later(self.WINDOW, self._hurry_up)
-        try:
-            await self._hurry
-        finally:
-            timer.cancel()
-
-    async def _flush(self) -> None:
-        while self._batch and self.error is None:
-            if len(self._batch) < self.FULL and not self._draining:
-                await self._gather()
-            batch, holders, key = self._batch, self._holders, self._key
-            self._batch, self._holders, self._key = {}, [], None
-            assert key is not None
-            # Created, never replaced: a pack is written once, under its writer's epoch.
-            written = self._store.commit.queue_creates({key: encode_pack(batch)})
-            try:
-                then = self._take_then() if self._draining else None
-                created = await (written if then is None else _first(written, then))
-                if not created[key]:
-                    raise CheckpointError(f"Pack {key!r} exists already.", key=key)
-            except Exception as exc:
-                self.error = exc
-                self._on_error(next(iter(batch)), exc)
-                return
-            self.pending.difference_update(holders)
-            self._on_flushed(holders)
-
-    async def drain(self, then: Callable[[], Awaitable[None] | None] | None = None) -> None:
-        """Wait until every queued record is durable (or raise the write's error).
-
-        ``then`` queues writes that must not land before the records (it returns what
-        waits for them, or ``None`` if it queued nothing), for a caller that adds no
-        more records. It is called once: right after the pack of the records still
-        gathering is queued, so that on a storage with ``ordered_batches`` both share
-        one batch; with nothing left gathering, once the pack being written landed."""
-        self._draining = True
-        self._then = then
-        try:
-            while self._task is not None and not self._task.done():
-                self._hurry_up()
-                await asyncio.shield(self._task)
-        except BaseException:
-            self._then = None  # a drain given up on (the run is closing) writes nothing
-            raise
-        if self.error is not None:
-            self._then = None
-            raise self.error
-        after = self._take_then()
-        if after is not None:
-            await after
-
-    def _take_then(self) -> Awaitable[None] | None:
-        then, self._then = self._then, None
-        return None if then is None else then()
-
-
-async def _first(written: Awaitable[dict[str, bool]], then: Awaitable[None]) -> dict[str, bool]:
-    """Wait for both; the first's result."""
-    created, _ = await asyncio.gather(written, then)
-    return created
 
 
 def _started_records(
@@ -290,115 +109,6 @@ def _started_outcome(
     # A marker that existed already (left by a deleted workflow of this id) indexes
     # the new one as well.
     return created[lease_key], []
-
-
-class GroupCommit:
-    """Batches writes: one ``put_many``, one ``put_if_absent_many`` (then one
-    ``discard_many``) for everything queued while the last batch was being written.
-    Batches are written in order; within a batch, keys keep the order in which they
-    were first queued, and its discards follow its puts and creations."""
-
-    def __init__(self, storage: Storage) -> None:
-        self._storage = storage
-        self._queue: dict[str, bytes | None] = {}  # None: delete the key
-        self._creates: dict[str, bytes] = {}  # created only if absent
-        self._waiters: list[asyncio.Future[dict[str, bool]]] = []
-        self._flusher: asyncio.Task[None] | None = None
-
-    async def put(self, key: str, data: bytes) -> None:
-        await self.enqueue(key, data)
-
-    def enqueue(self, key: str, data: bytes) -> Awaitable[dict[str, bool]]:
-        """Queue a put now, in call order (keys queued without an await in between
-        share a batch), and return what waits for its batch."""
-        return self.enqueue_many({key: data})
-
-    def enqueue_many(self, items: Mapping[str, bytes]) -> Awaitable[dict[str, bool]]:
-        """:meth:`enqueue` of several keys, in their order, with one wait for all."""
-        for key, data in items.items():
-            self._queue.pop(key, None)  # a re-queued key takes its new place in the order
-            self._queue[key] = data
-        return self._queued()
-
-    def discard(self, key: str) -> None:
-        """Delete ``key`` with the next batch, after its puts, without waiting and
-        without making the deletion durable (:meth:`Storage.discard_many`): for keys
-        whose return after a crash readers settle (a superseded status marker)."""
-        self._queue.pop(key, None)
-        self._queue[key] = None
-        self._kick()
-
-    async def create_many(self, items: Mapping[str, bytes]) -> dict[str, bool]:
-        """``put_if_absent_many`` of ``items``, in one batch with the other callers'.
-        A key another caller is creating in the same batch is not created here."""
-        return await self.queue_creates(items)
-
-    def queue_creates(self, items: Mapping[str, bytes]) -> Awaitable[dict[str, bool]]:
-        """:meth:`create_many`, queued now (in one batch, after whatever was queued
-        just before it); await the result for it to be durable."""
-        taken = {key for key in items if key in self._creates}
-        for key, data in items.items():
-            if key not in taken:
-                self._creates[key] = data
-        queued = self._queued()
-
-        async def created() -> dict[str, bool]:
-            done = await queued
-            return {key: key not in taken and done[key] for key in items}
-
-        return created()
-
-    def _queued(self) -> asyncio.Future[dict[str, bool]]:
-        waiter: asyncio.Future[dict[str, bool]] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        self._kick()
-        return asyncio.shield(waiter)
-
-    def _kick(self) -> None:
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-
-    async def drain(self) -> None:
-        """Wait until everything queued so far is written (or has failed)."""
-        flusher = self._flusher
-        if flusher is not None and not flusher.done():
-            await asyncio.shield(flusher)
-
-    async def _flush(self) -> None:
-        try:
-            await self._flush_all()
-        finally:
-            # Not kept once done: a finished task would keep its event loop alive.
-            if self._flusher is asyncio.current_task():
-                self._flusher = None
-
-    async def _flush_all(self) -> None:
-        while self._queue or self._creates:
-            batch, self._queue = self._queue, {}
-            creates, self._creates = self._creates, {}
-            waiters, self._waiters = self._waiters, []
-            puts = {key: data for key, data in batch.items() if data is not None}
-            deletes = [key for key, data in batch.items() if data is None]
-            created: dict[str, bool] = {}
-            try:
-                if puts:
-                    await self._storage.put_many(puts)
-                if creates:
-                    created = await self._storage.put_if_absent_many(creates)
-                if deletes:
-                    await self._storage.discard_many(deletes)
-            except BaseException as exc:  # every waiter of the batch learns of it
-                if deletes and not waiters:  # discards only: nobody waits to hear it
-                    log.warning("storage.discard_failed", keys=len(deletes), error=repr(exc))
-                for w in waiters:
-                    if not w.done():
-                        w.set_exception(exc)
-                if not isinstance(exc, Exception):
-                    raise
-                continue
-            for w in waiters:
-                if not w.done():
-                    w.set_result(created)
 
 
 class WorkflowStore:
@@ -580,68 +290,13 @@ class WorkflowStore:
         """Every task record of a workflow that counts (see Fencing above). Packs are
         read (and checked: a torn pack is deleted, so its tasks run again) to learn
         which outputs they hold."""
-        listed, (sealed, counted) = await asyncio.gather(
-            self.storage.list(tasks_prefix(wid)), self._newest_seal(wid)
-        )
-        records = TaskRecords(wid)
-        packs: list[tuple[int, str]] = []
-        for key in listed:
-            parsed = parse_task_key(wid, key)
-            if parsed is None:
-                continue  # not a record (a stray key)
-            epoch, tid, record = parsed
-            if epoch < sealed and key not in counted:
-                continue  # a stale holder's, written after the takeover
-            records.counted.append(key)
-            if record == IDS:
-                if records.ids is None or records.ids[0] <= epoch:
-                    records.ids = (epoch, key)
-                continue
-            if record == "pack":
-                packs.append((epoch, key))
-            else:
-                records.add(tid, record, epoch, key)
-        datas = await asyncio.gather(*(self.storage.get(key) for _, key in packs))
-        for (epoch, key), data in zip(packs, datas, strict=True):
-            if data is None:
-                continue
-            try:
-                members = decode_pack(data, key)
-            except CheckpointError as exc:
-                log.warning("checkpoint.torn", workflow_id=wid, key=key, error=str(exc))
-                await self.storage.delete(key)
-                continue
-            for tid, member in members.items():
-                known = records.where.get((tid, "out"))
-                if known is not None and known[0] > epoch:
-                    continue
-                ref = pack_ref(key, tid)
-                records.add(tid, "out", epoch, ref)
-                records.packed[tid] = ref
-                records.members[ref] = member
-        return records
-
-    async def _newest_seal(self, wid: str) -> tuple[int, frozenset[str]]:
-        """The epoch of the newest seal and the keys of earlier epochs it counts."""
-        epochs = [seal_epoch(wid, k) for k in await self.storage.list(seals_prefix(wid))]
-        epochs = [e for e in epochs if e > 0]
-        if not epochs:
-            return 0, frozenset()
-        newest = max(epochs)
-        data = await self.storage.get(seal_key(wid, newest))
-        if data is None:  # deleted with the workflow meanwhile
-            return 0, frozenset()
-        return newest, frozenset(json.loads(data)["keys"])
+        return await read_records(self.storage, wid)
 
     async def seal(self, wid: str, epoch: int) -> TaskRecords:
         """Before a runner that took ``wid`` over at ``epoch`` writes anything: the task
         records that count now, stored as the only ones of earlier epochs that ever
         will (see Fencing above); returned."""
-        records = await self.task_records(wid)
-        data = json.dumps({"epoch": epoch, "keys": records.counted}).encode()
-        # Only the holder of ``epoch`` writes its seal; one that exists is its own.
-        await self.storage.put_if_absent(seal_key(wid, epoch), data)
-        return records
+        return await seal_records(self.storage, wid, epoch)
 
     async def read(self, key: str) -> bytes | None:
         return await self.storage.get(key)
@@ -679,18 +334,18 @@ class WorkflowStore:
 
 
 __all__ = [
+    "STORED_STATUSES",
+    "WorkflowStore",
+    "running_meta",
+    # Built in ray_workflows._core.commit, .records and .keys; still importable from here.
     "GroupCommit",
     "PackWriter",
-    "STORED_STATUSES",
     "TaskRecords",
-    "WorkflowStore",
     "decode_pack",
     "encode_pack",
-    "read_record",
-    "running_meta",
-    # Built in ray_workflows._core.keys; still importable from here.
     "objects_prefix",
     "pack_ref",
+    "read_record",
     "seal_key",
     "split_ref",
     "task_key",
