@@ -17,9 +17,11 @@ import collections
 import dataclasses
 import functools
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+import anyio
+import anyio.abc
 import ray
 
 from ray_workflows._core.calls import Calls
@@ -52,7 +54,12 @@ class Dispatch:
         self.log = get_logger(workflow_id=workflow_id)
         self.debug = _debug(self.log)  # checked per task: cheaper than asking the logger
         self.funcs: dict[str, Any] = {}  # func key -> the pickled function, or its ref
-        self.running: dict[str, tuple[asyncio.Task[None] | None, Any]] = {}
+        # task -> (the coroutine dealing with its attempt, if any; its receipt's ref)
+        self.running: dict[str, tuple[anyio.CancelScope | None, Any]] = {}
+        # The run's task group (see WorkflowRun.run), and what was started before it.
+        self._group: anyio.abc.TaskGroup | None = None
+        self._early: list[tuple[anyio.CancelScope, Awaitable[None]]] = []
+        self._ended = False  # the run is over: nothing starts any more
         self.attempts: collections.Counter[str] = collections.Counter()
         self.started: dict[str, float] = {}  # first submit time of tasks still live
         self.result: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -267,16 +274,30 @@ class Dispatch:
                 functools.partial(self._arrived, tid, receipt_ref, value_ref, activity),
             )
         else:
-            task = asyncio.get_running_loop().create_task(self._await(tid, receipt_ref, value_ref))
-            self.running[tid] = (task, receipt_ref)
+            self.running[tid] = (self._spawn(self._await(tid, receipt_ref, value_ref)), receipt_ref)
         if self.debug:
             self.log.debug(
                 "task.submitted", task_id=tid, attempt=self.attempts[tid], ahead=bool(ahead)
             )
 
-    def _spawn(self, coro: Any) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
-        return task
+    def _open(self, group: anyio.abc.TaskGroup) -> None:
+        """The run's task group is open: what was started before it runs in it now."""
+        self._group = group
+        for scope, coro in self._early:
+            group.start_soon(_within, scope, coro)
+        self._early.clear()
+
+    def _spawn(self, coro: Awaitable[None]) -> anyio.CancelScope:
+        """Start ``coro`` in the run's task group (once the run has one); the scope
+        returned cancels it alone. After the run, nothing starts."""
+        scope = anyio.CancelScope()
+        if self._ended:
+            _close(coro)
+        elif self._group is None:
+            self._early.append((scope, coro))
+        else:
+            self._group.start_soon(_within, scope, coro)
+        return scope
 
     # -- attempts that ended ---------------------------------------------------------
     def _settle(self, tid: str, value_ref: Any) -> None:
@@ -351,8 +372,7 @@ class Dispatch:
             return self._flush_submits
         # Dealt with from now on (see _went_ahead_well), though the task starts later.
         self._settling.setdefault(self.graph.target(tid), asyncio.Event())
-        task = asyncio.get_running_loop().create_task(self._process(tid, result, value_ref))
-        self.running[tid] = (task, receipt_ref)
+        self.running[tid] = (self._spawn(self._process(tid, result, value_ref)), receipt_ref)
         return None
 
     async def _await(self, tid: str, receipt_ref: Any, value_ref: Any) -> None:
@@ -405,6 +425,17 @@ class Dispatch:
 
     async def _run_wait(self, tid: str) -> None:
         raise NotImplementedError
+
+
+async def _within(scope: anyio.CancelScope, coro: Awaitable[None]) -> None:
+    with scope:
+        await coro
+
+
+def _close(coro: Awaitable[None]) -> None:
+    close = getattr(coro, "close", None)
+    if close is not None:
+        close()  # never awaited, and says nothing of it
 
 
 def _debug(log: Any) -> bool:

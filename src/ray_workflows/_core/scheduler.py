@@ -21,6 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anyio
 import ray
 
 from ray_workflows._core import serialization
@@ -66,7 +67,8 @@ class WorkflowRun(Dispatch):
         # Recovery: (task, record) -> the key of a record an earlier epoch wrote.
         self.recorded: dict[tuple[str, str], str] = {}
         self.events = EventWaits(workflow_id, store, executor, graph.value_ref, self.recorded)
-        self._acks: set[asyncio.Task[None]] = set()  # event acknowledgements under way
+        self._acks = 0  # event acknowledgements under way
+        self._acked: anyio.Event | None = None  # set when the last of them ended
 
     # -- building the graph -----------------------------------------------------
     def add_plan(self, plan: Plan) -> None:
@@ -102,53 +104,87 @@ class WorkflowRun(Dispatch):
         """Run until the output task is done and every output it reported is durable;
         return the output's ObjectRef.
 
-        ``seal`` queues the final status where the storage's batches land in order: it
-        is called once the output is done and nothing else runs, so that the last
-        checkpoints and the status share one batch (it returns ``None`` if it queued
-        nothing)."""
+        Every coroutine of the run (receipts being dealt with, event and wait tasks,
+        acknowledgements, retries' timers) lives in one task group that this call
+        owns: none outlives the run. ``seal`` queues the final status where the
+        storage's batches land in order: it is called once the output is done and
+        nothing else runs, so that the last checkpoints and the status share one batch
+        (it returns ``None`` if it queued nothing)."""
+        error: Exception | None = None
+        output: Any = None
+        try:
+            async with anyio.create_task_group() as group:
+                self._open(group)
+                try:
+                    output = await self._until_durable(seal)
+                except Exception as exc:  # raised below, not wrapped in the group's errors
+                    error = exc
+                finally:
+                    self._stop_attempts()
+                    group.cancel_scope.cancel()
+        finally:
+            self._ended, self._group = True, None
+        if error is not None:
+            raise error
+        return output
+
+    async def _until_durable(self, seal: Callable[[], Awaitable[None] | None] | None) -> Any:
         if self.output_task_id in self.graph.done:
             self._resolve_output()
         for spec in self.unacked:
-            self._spawn(self.events.reacknowledge(spec))
+            self._acknowledging(self.events.reacknowledge(spec))
         self._flush_submits()
         try:
-            try:
-                output = await self.result
-            except (WorkflowExecutionError, WorkflowCancellationError):
-                # Outputs that finished before the failure (or the cancel) are still
-                # gathering in a pack: commit them, so a resume does not run them again.
-                # (Not after a lost lease: the new holder owns the records now.)
-                with contextlib.suppress(Exception):
-                    await self.packs.drain()
-                raise
-            # Consumers start as soon as a receipt arrives; the workflow is done only
-            # when every output it reported is durable.
-            self._acks = {t for t in self._acks if not t.done()}
-            if (
-                seal is not None
-                and self.store.storage.ordered_batches
-                and not (self._acks or self.running)
-            ):
-                # Nothing left that could add a record or an acknowledgement.
-                await self.packs.drain(then=seal)
-                return output
-            await self.packs.drain()
-            # Acknowledgements finish before the workflow does: a crash before then
-            # repeats them on recovery (at least once).
-            while self._acks:
-                await asyncio.wait(list(self._acks))
-                self._acks = {t for t in self._acks if not t.done()}
+            output = await self.result
+        except (WorkflowExecutionError, WorkflowCancellationError):
+            # Outputs that finished before the failure (or the cancel) are still
+            # gathering in a pack: commit them, so a resume does not run them again.
+            # (Not after a lost lease: the new holder owns the records now.)
+            with contextlib.suppress(Exception):
+                await self.packs.drain()
+            raise
+        # Consumers start as soon as a receipt arrives; the workflow is done only
+        # when every output it reported is durable.
+        if (
+            seal is not None
+            and self.store.storage.ordered_batches
+            and not (self._acks or self.running)
+        ):
+            # Nothing left that could add a record or an acknowledgement.
+            await self.packs.drain(then=seal)
             return output
-        finally:
-            for tid, (task, ref) in self.running.items():
-                if task is not None:
-                    task.cancel()
-                if ref is None:
-                    continue
-                if tid in self.batched:  # shared: cancelled once no run wants it
-                    self.executor.abandon(ref)
-                else:
-                    cancel_ray_task(ref)
+        await self.packs.drain()
+        # Acknowledgements finish before the workflow does: a crash before then
+        # repeats them on recovery (at least once).
+        while self._acks:
+            self._acked = anyio.Event()
+            await self._acked.wait()
+        return output
+
+    def _stop_attempts(self) -> None:
+        """The run is over: its Ray tasks still under way are cancelled (its coroutines
+        end with its task group)."""
+        for tid, (_, ref) in self.running.items():
+            if ref is None:
+                continue
+            if tid in self.batched:  # shared: cancelled once no run wants it
+                self.executor.abandon(ref)
+            else:
+                cancel_ray_task(ref)
+
+    def _acknowledging(self, coro: Awaitable[None]) -> None:
+        """Run an event's acknowledgement, which the run waits for before it ends."""
+        self._acks += 1
+
+        async def counted() -> None:
+            try:
+                await coro
+            finally:
+                self._acks -= 1
+                if not self._acks and self._acked is not None:
+                    self._acked.set()
+
+        self._spawn(counted())
 
     # -- event and wait tasks: coroutines here, no Ray worker held while they wait --
     async def _run_event(self, tid: str) -> None:
@@ -169,7 +205,7 @@ class WorkflowRun(Dispatch):
         self.running.pop(tid, None)
         # Committed: consumers go on now; a failing acknowledgement is retried at the
         # next recovery (the 'unacked' marker stays), never by polling again.
-        self._acks.add(self._spawn(self.events.acknowledge(tid, cls, event, self.epoch)))
+        self._acknowledging(self.events.acknowledge(tid, cls, event, self.epoch))
         self._finished(tid, ray.put(event), Receipt("value", start, time.time()))
         self._flush_submits()
 
