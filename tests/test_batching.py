@@ -15,8 +15,8 @@ import pytest
 import ray
 
 import ray_workflows as workflow
+from ray_workflows._core.compiler import compile_dag
 from ray_workflows._core.engine import Engine
-from ray_workflows._core.plan import compile_dag
 from ray_workflows.exceptions import WorkflowCancellationError
 from ray_workflows.storage import open_storage
 

@@ -13,8 +13,8 @@ import pytest
 import ray
 
 from ray_workflows._core.admission import EXEMPT
+from ray_workflows._core.compiler import compile_dag
 from ray_workflows._core.engine import Engine
-from ray_workflows._core.plan import compile_dag
 from ray_workflows._core.status import WorkflowStatus
 from ray_workflows._core.store import PackWriter
 from ray_workflows.exceptions import WorkflowExecutionError, WorkflowQueueFullError

@@ -25,17 +25,16 @@ from ray_workflows._core import keys
 from ray_workflows._core.events import (
     EventContext,
     EventListener,
-    EventPayloadError,
-    ListenerConformance,
-    Mailbox,
     NoEventContextError,
     context_or_none,
     current_context,
     use_context,
 )
+from ray_workflows._core.mailbox import EventPayloadError, Mailbox
 from ray_workflows.clock import Clock
 from ray_workflows.exceptions import WorkflowError
 from ray_workflows.storage import Storage
+from ray_workflows.testing import ListenerConformance
 
 DAY = 24 * 3600.0
 
@@ -236,7 +235,7 @@ async def test_delete_all_removes_the_mailbox(disk: Storage) -> None:
 # Run by each sender process: only what a sender needs is imported.
 SENDER = """
 import asyncio, sys
-from ray_workflows._core.events import Mailbox
+from ray_workflows._core.mailbox import Mailbox
 from ray_workflows.storage import open_storage
 
 async def main(uri, sender, count):

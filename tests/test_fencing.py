@@ -28,9 +28,9 @@ from helpers import count_runs, record_run
 from ray_workflows.backends.s3 import preload_models
 from s3server import S3Server
 
+from ray_workflows._core.compiler import compile_dag
 from ray_workflows._core.engine import Engine
 from ray_workflows._core.keys import lease_key
-from ray_workflows._core.plan import compile_dag
 from ray_workflows._core.status import WorkflowStatus
 from ray_workflows._core.store import decode_pack
 from ray_workflows.exceptions import WorkflowRunningElsewhereError

@@ -26,9 +26,11 @@ from starlette.routing import Mount
 
 from ray_workflows import plugins
 from ray_workflows import storage as storage_module
-from ray_workflows._core.events import EventContext, ListenerConformance, Mailbox, use_context
+from ray_workflows._core.events import EventContext, use_context
+from ray_workflows._core.mailbox import Mailbox
 from ray_workflows.exceptions import WorkflowNotFoundError
 from ray_workflows.storage import Storage
+from ray_workflows.testing import ListenerConformance
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

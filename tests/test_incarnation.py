@@ -31,11 +31,11 @@ from clusters import base_env, marked
 from helpers import blocked_step, count_runs, step, wait_for
 
 from ray_workflows._core import bridge, config, incarnation
+from ray_workflows._core.compiler import compile_dag
 from ray_workflows._core.engine import Engine
 from ray_workflows._core.incarnation import cluster_token, lineage
 from ray_workflows._core.keys import lease_key
 from ray_workflows._core.manager import manager_name
-from ray_workflows._core.plan import compile_dag
 from ray_workflows._core.status import WorkflowStatus
 from ray_workflows.exceptions import WorkflowRunningElsewhereError
 from ray_workflows.storage import forget_storage, open_storage

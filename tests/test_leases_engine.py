@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from helpers import blocked_step, count_runs, step, wait_for
 
+from ray_workflows._core.compiler import compile_dag
 from ray_workflows._core.engine import Engine
 from ray_workflows._core.keys import lease_key
-from ray_workflows._core.plan import compile_dag
 from ray_workflows._core.status import WorkflowStatus
 from ray_workflows.exceptions import WorkflowRunningElsewhereError
 from ray_workflows.storage import forget_storage, open_storage

@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 
 from ray_workflows import plugins
-from ray_workflows._core.events import EventContext, EventListener, ListenerConformance, use_context
+from ray_workflows._core.events import EventContext, EventListener, use_context
+from ray_workflows.testing import ListenerConformance
 
 PLUGIN_SOURCE = Path(__file__).resolve().parent.parent / "examples" / "listener_plugin"
 NAME = "file_exists"

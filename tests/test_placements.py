@@ -22,8 +22,8 @@ from helpers import count_runs, record_run
 import ray_workflows as workflow
 from ray_workflows._core import executor as executor_module
 from ray_workflows._core import placement as placement_module
+from ray_workflows._core.compiler import compile_dag
 from ray_workflows._core.engine import Engine
-from ray_workflows._core.plan import compile_dag
 from ray_workflows._core.status import WorkflowStatus
 from ray_workflows.exceptions import WorkflowCancellationError, WorkflowExecutionError
 from ray_workflows.storage import open_storage

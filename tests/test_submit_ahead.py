@@ -17,8 +17,8 @@ import ray
 from helpers import count_runs, record_run
 
 import ray_workflows as workflow
+from ray_workflows._core.compiler import compile_dag
 from ray_workflows._core.engine import Engine
-from ray_workflows._core.plan import compile_dag
 from ray_workflows.storage import open_storage
 
 # The manager's scheduler is what these tests test: not a hosted runner.

@@ -430,7 +430,7 @@ def test_compiled_options_are_per_node_and_per_workflow_defaults() -> None:
     """Options and defaults are cached per function across compiles (the driver
     parses them once); a cached entry must never leak into another node's options,
     another workflow's defaults, or the argument values."""
-    from ray_workflows._core.plan import compile_dag, serialization
+    from ray_workflows._core.compiler import compile_dag, serialization
 
     plain = compile_dag(add.bind(1, 2))
     retried = compile_dag(add.options(**workflow.options(max_retries=7)).bind(1, 2))
@@ -464,13 +464,13 @@ def test_compiled_options_are_per_node_and_per_workflow_defaults() -> None:
         assert [type(a) for a in args] == [type(e) for e in expected]
 
     # A driver making new option values for every run does not grow the cache forever.
-    from ray_workflows._core import plan as plan_module
+    from ray_workflows._core import compiler as compiler_module
 
     for i in range(200):
         many = compile_dag(add.options(num_cpus=i / 1000).bind(1, 2))
         assert many.tasks[many.output_task_id].options.ray_options == {"num_cpus": i / 1000}
-    info = plan_module._FUNCS[add._function]
-    assert len(info.options) <= plan_module._OPTIONS_PER_FUNCTION
+    info = compiler_module._FUNCS[add._function]
+    assert len(info.options) <= compiler_module._OPTIONS_PER_FUNCTION
     # A dict option changed in place after a compile does not change what is cached.
     res = {"custom": 1}
     compile_dag(add.options(resources=res).bind(1, 2))

@@ -405,7 +405,7 @@ def _method_step(storage: str, actor: Any, method: str, *args: Any, **options: A
     make one is inside a method, whose sub-workflow's id is never run twice). The
     actor is created first: the step goes to the manager directly, not through the
     handle, which would wait for that itself."""
-    from ray_workflows._core.actors import _method_task
+    from ray_workflows._core.actor_methods import _method_task
 
     ray.get(actor.ready())
     task = _method_task.options(**options) if options else _method_task

@@ -23,11 +23,12 @@ import ray
 from ray.exceptions import RayTaskError
 
 from ray_workflows._core import config, host
+from ray_workflows._core.compiler import compile_dag
 from ray_workflows._core.ids import check_id, new_workflow_id
 from ray_workflows._core.keys import lease_key
 from ray_workflows._core.lease import grant
 from ray_workflows._core.options import check_metadata
-from ray_workflows._core.plan import EXTERNAL, compile_dag
+from ray_workflows._core.plan import EXTERNAL
 from ray_workflows._core.status import WorkflowStatus
 from ray_workflows._core.store import WorkflowStore, running_meta
 from ray_workflows.storage import open_storage

@@ -6,8 +6,9 @@ writer calls (``0``: after ``__init__``, which runs when the actor is first used
 log of writer calls, each call id's number and each call's result.
 
 A writer call is logged, run as a Ray task (restore the state into an instance made
-without ``__init__``, call the method, capture the state again) and committed: its
-result, then the state with its number, which is the commit point. Writers of one
+without ``__init__``, call the method, capture the state again: that side is in
+:mod:`ray_workflows._core.actor_methods`) and committed: its result, then the state
+with its number, which is the commit point. Writers of one
 actor run one at a time, in the order each handle made them (calls carry a per-handle
 number: Ray may start one caller's calls to an async actor out of order). After a crash the
 logged calls beyond the committed number run again, in order, before any new call:
@@ -35,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import inspect
 import json
 import pickle
 import uuid
@@ -44,10 +44,8 @@ from typing import Any
 
 import ray
 from ray import cloudpickle
-from ray.dag import DAGNode
 
-from ray_workflows._core import context
-from ray_workflows._core.incarnation import NAMESPACE, manager_name
+from ray_workflows._core.actor_methods import pickle_outcome, run_method
 from ray_workflows._core.keys import (
     actor_call_key,
     actor_call_seq,
@@ -59,133 +57,11 @@ from ray_workflows._core.keys import (
     actor_state_key,
 )
 from ray_workflows._core.log import get_logger
-from ray_workflows._core.plan import Plan, compile_dag
+from ray_workflows._core.plan import Plan
 from ray_workflows.exceptions import WorkflowNotFoundError
 from ray_workflows.storage import Storage
 
 log = get_logger()
-
-READONLY = "__ray_workflows_readonly__"  # set on a method by @virtual_actor.readonly
-
-
-def capture(obj: Any) -> Any:
-    """The JSON-serialisable state of a virtual actor instance."""
-    cls = type(obj)
-    state = obj.__getstate__() if has_own(cls, "__getstate__") else dict(vars(obj))
-    try:
-        json.dumps(state)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(
-            f"The state of virtual actor class {cls.__qualname__} must be JSON "
-            f"serializable ({exc}); define __getstate__ and __setstate__ to convert it."
-        ) from exc
-    return state
-
-
-def has_own(cls: type, name: str) -> bool:
-    """Whether ``cls`` defines ``name`` itself (``object`` has a ``__getstate__``)."""
-    return getattr(cls, name, None) is not getattr(object, name, None)
-
-
-def run_method(
-    cls_bytes: bytes,
-    state: Any,
-    method: str | None,
-    call: bytes,
-    actor_id: str = "",
-    storage_uri: str = "",
-) -> tuple[Any, bytes, Plan | None]:
-    """In a Ray worker: the new state, the pickled ``("ok", value)`` or
-    ``("error", exception)`` of one method call (or of ``__init__``), and the plan of
-    the sub-workflow the method returned, if it returned a step or DAG."""
-    cls = _stepping(cloudpickle.loads(cls_bytes), actor_id, storage_uri)
-    args, kwargs = cloudpickle.loads(call)
-    try:
-        if method is None:
-            obj = cls(*args, **kwargs)
-            value = None
-        else:
-            obj = cls.__new__(cls)
-            if has_own(cls, "__setstate__"):
-                obj.__setstate__(state)
-            else:
-                obj.__dict__.update(state)
-            value = getattr(obj, method)(*args, **kwargs)
-            if isinstance(value, DAGNode):
-                return capture(obj), _outcome("ok", None), compile_dag(value)
-        return capture(obj), _outcome("ok", value), None
-    except Exception as exc:
-        return state, _outcome("error", exc), None
-
-
-def _stepping(cls: Any, actor_id: str, storage_uri: str) -> Any:
-    """``cls`` with each public method also a step factory: ``self.m.step(...)``."""
-    if not actor_id:
-        return cls
-    methods = {}
-    for name in dir(cls):
-        attr = inspect.getattr_static(cls, name)
-        if not name.startswith("_") and inspect.isfunction(attr):
-            methods[name] = _Method(attr, name, actor_id, storage_uri)
-    sub = type(cls.__name__, (cls,), methods)
-    sub.__qualname__, sub.__module__ = cls.__qualname__, cls.__module__
-    return sub
-
-
-class _Method:
-    def __init__(self, func: Callable[..., Any], name: str, actor_id: str, uri: str) -> None:
-        self.func, self.name, self.actor_id, self.uri = func, name, actor_id, uri
-        self.readonly = bool(getattr(func, READONLY, False))
-
-    def __get__(self, obj: Any, owner: type | None = None) -> Any:
-        return self.func if obj is None else _BoundMethod(self, obj)
-
-
-class _BoundMethod:
-    """``self.m`` inside a virtual actor method: call it, or ``.step(...)`` it."""
-
-    def __init__(self, method: _Method, obj: Any) -> None:
-        self._method, self._obj = method, obj
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._method.func(self._obj, *args, **kwargs)
-
-    def step(self, *args: Any, **kwargs: Any) -> DAGNode:
-        """A workflow step that calls this method on the stored actor."""
-        m = self._method
-        name = f"{type(self._obj).__qualname__}.{m.name}"
-        node: DAGNode = _method_task.options(name=name).bind(
-            m.uri, m.actor_id, m.name, m.readonly, *args, **kwargs
-        )
-        return node
-
-
-def _call_method(
-    storage_uri: str, actor_id: str, method: str, readonly: bool, *args: Any, **kwargs: Any
-) -> Any:
-    """A workflow task (see ``_BoundMethod.step``): one call of a virtual actor method."""
-
-    ctx = context.current()
-    if ctx is None:  # not run by a workflow: a call of its own
-        call_id, step = uuid.uuid4().hex, None
-    else:
-        call_id, step = ctx.task_id, ctx.workflow_id
-    manager = ray.get_actor(manager_name(storage_uri), namespace=NAMESPACE)
-    call = cloudpickle.dumps((args, kwargs))
-    return ray.get(
-        manager.actor_call.remote(actor_id, call_id, method, call, readonly, {}, None, step)
-    )
-
-
-# It only waits for the manager, which runs the method as a task of its own.
-_method_task = ray.remote(num_cpus=0)(_call_method)
-
-
-def _outcome(kind: str, value: Any) -> bytes:
-    try:
-        return bytes(cloudpickle.dumps((kind, value)))
-    except Exception as exc:  # an unpicklable result or exception: say what it was
-        return bytes(cloudpickle.dumps(("error", TypeError(f"cannot store {value!r}: {exc}"))))
 
 
 @dataclasses.dataclass
@@ -250,7 +126,7 @@ class Actors:
             if plan is not None:
                 # A readonly call is not logged, so a sub-workflow it started could not be
                 # found again after a crash (and its steps could change the state twice).
-                outcome = _outcome(
+                outcome = pickle_outcome(
                     "error",
                     TypeError(
                         f"Readonly virtual actor method {method!r} returned a step or DAG: only "
@@ -320,12 +196,12 @@ class Actors:
     async def _sub_workflow(self, workflow_id: str, plan: Plan) -> bytes:
         """Start the sub-workflow a method returned; the outcome that stands for it."""
         if self._start_workflow is None:
-            return _outcome("error", TypeError("sub-workflows need a workflow engine"))
+            return pickle_outcome("error", TypeError("sub-workflows need a workflow engine"))
         try:
             await self._start_workflow(workflow_id, plan)
         except Exception as exc:  # refused (run elsewhere, say): the call's durable result
-            return _outcome("error", exc)
-        return _outcome("workflow", workflow_id)
+            return pickle_outcome("error", exc)
+        return pickle_outcome("workflow", workflow_id)
 
     async def _resolve(self, outcome: bytes) -> Any:
         kind, value = cloudpickle.loads(outcome)
@@ -459,4 +335,4 @@ def _state(seq: int, state: Any) -> bytes:
     return json.dumps({"seq": seq, "state": state}).encode()
 
 
-__all__ = ["READONLY", "Actors", "capture", "has_own", "run_method"]
+__all__ = ["Actors"]

@@ -25,7 +25,7 @@ from typing import Any
 import ray
 
 from ray_workflows._core import serialization
-from ray_workflows._core.events import Mailbox
+from ray_workflows._core.mailbox import Mailbox
 from ray_workflows._core.receipts import ReceiptWatcher, cancel_ray_task
 from ray_workflows._core.store import WorkflowStore
 from ray_workflows._core.wire import Attempt, Unit

@@ -16,8 +16,8 @@ from typing import Any
 
 from ray_workflows._core import keys
 from ray_workflows._core.admission import Admission
-from ray_workflows._core.events import Mailbox
 from ray_workflows._core.log import get_logger
+from ray_workflows._core.mailbox import Mailbox
 from ray_workflows._core.queries import Queries, Resume
 from ray_workflows._core.scheduler import WorkflowRun
 from ray_workflows._core.status import WorkflowStatus

@@ -39,8 +39,8 @@ from ray import cloudpickle
 
 from ray_workflows import aio
 from ray_workflows._core import bridge, config
-from ray_workflows._core.actors import READONLY as _READONLY
-from ray_workflows._core.actors import has_own
+from ray_workflows._core.actor_methods import READONLY as _READONLY
+from ray_workflows._core.actor_methods import has_own
 from ray_workflows._core.ids import check_id
 
 # Ray options a method call may carry (the engine owns retries).

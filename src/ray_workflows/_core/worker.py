@@ -28,8 +28,9 @@ from ray import cloudpickle
 from ray.dag import DAGNode, FunctionNode
 
 from ray_workflows._core import bridge, context, serialization
+from ray_workflows._core.compiler import compile_dag
 from ray_workflows._core.options import TaskOptions
-from ray_workflows._core.plan import Deref, Up, compile_dag
+from ray_workflows._core.plan import Deref, Up
 from ray_workflows._core.store import objects_prefix, read_record, task_key
 from ray_workflows._core.wire import (
     UNAVAILABLE,
