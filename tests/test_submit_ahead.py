@@ -144,3 +144,27 @@ def test_a_failed_producer_fails_the_workflow_without_running_its_consumer(
     else:
         raise AssertionError("the workflow should have failed")
     assert count_runs(runs, "consume") == 0
+
+
+async def test_nothing_goes_ahead_of_a_function_that_continued_last_time(tmp_path: Path) -> None:
+    # A consumer submitted ahead of a task that then continues would run for nothing
+    # (its input is not that task's output). Once a function has continued, its
+    # consumers wait for the real value: one Ray attempt per task, none wasted.
+    runs = str(tmp_path)
+    engine = Engine(open_storage(f"memory://{uuid.uuid4().hex}"))
+    placed = engine.executor.placed
+
+    async def attempts(wid: str) -> dict[str, int]:
+        before = dict(placed)
+        finished = await engine.start(wid, compile_dag(consume.bind(runs, continues.bind(runs, 4))))
+        assert await (await finished) == 10
+        return {k: placed[k] - before.get(k, 0) for k in placed}
+
+    await attempts("learns")  # the first time nobody knows that `continues` continues
+    second = await attempts("knows")
+    # continues, then step (its continuation), then consume (maybe ahead of step, whose
+    # function returns a value): three Ray tasks, none fused with `continues`.
+    assert second.get("alone", 0) + second.get("batched", 0) == 3, second
+    assert second.get("fused", 0) == 0, second
+    assert count_runs(runs, "consume") == 2  # once per workflow
+    await engine.close()

@@ -94,7 +94,11 @@ class Dispatch:
             lambda: self.epoch,
         )
         self.placement = Placement(
-            self, executor.quick, batching=executor.batching, here=executor.here
+            self,
+            executor.quick,
+            executor.continues,
+            batching=executor.batching,
+            here=executor.here,
         )
 
     # What the placement policy reads (GraphView).
@@ -401,7 +405,8 @@ class Dispatch:
     def _observe(self, tid: str, receipt: Receipt) -> None:
         spec = self.graph.specs.get(tid)
         if spec is not None:
-            self.executor.observe(spec.func_key, receipt.end_time - receipt.start_time)
+            seconds = receipt.end_time - receipt.start_time
+            self.executor.observe(spec.func_key, seconds, continued=receipt.kind == "continuation")
 
     # -- the runner's hooks ----------------------------------------------------------
     async def _handle(self, tid: str, result: Any, value_ref: Any) -> None:

@@ -107,6 +107,7 @@ class Executor:
         self.receipts = ReceiptWatcher()
         # How long each function's last successful attempt ran (see quick()).
         self._durations: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._continuing: set[str] = set()  # functions whose last attempt continued
         # `.options()` builds a new wrapper each call; one per (name, options) is kept.
         self._remotes: dict[Any, Any] = {}
         # In place (see run_here): for a runner hosted in a Ray task, whose tasks run in
@@ -145,18 +146,28 @@ class Executor:
             self._functions.move_to_end(key)
         return ref
 
-    def observe(self, func_key: str, seconds: float) -> None:
-        """Note how long an attempt of the function ``func_key`` ran."""
+    def observe(self, func_key: str, seconds: float, *, continued: bool = False) -> None:
+        """Note how long an attempt of the function ``func_key`` ran, and whether it
+        returned a continuation."""
+        if continued:
+            self._continuing.add(func_key)
+        else:
+            self._continuing.discard(func_key)
         durations = self._durations
         if func_key in durations:
             durations.move_to_end(func_key)
         durations[func_key] = seconds
         if len(durations) > 4096:
-            durations.popitem(last=False)
+            self._continuing.discard(durations.popitem(last=False)[0])
 
     def seconds(self, func_key: str) -> float:
         """How long the function's last attempt ran (never seen: QUICK_SECONDS)."""
         return self._durations.get(func_key, QUICK_SECONDS)
+
+    def continues(self, func_key: str) -> bool:
+        """Whether the function's last attempt returned a continuation: its output is
+        not its Ray task's value, so nothing should be submitted ahead of it."""
+        return func_key in self._continuing
 
     def quick(self, func_key: str) -> bool:
         """Whether the function's last attempt ran for less than :data:`QUICK_SECONDS`

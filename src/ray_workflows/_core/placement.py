@@ -13,7 +13,9 @@ The placements:
   task with other quick ones while the CPUs are busy (:meth:`Placement.batchable`;
   the executor forms the batches).
 * **ahead**: a consumer is submitted before its inputs exist, passed the refs of their
-  outputs (:meth:`Placement.ahead`); Ray starts it the moment they do.
+  outputs (:meth:`Placement.ahead`); Ray starts it the moment they do. Not ahead of
+  a task whose function returned a continuation last time: that task's Ray value is
+  not its output, and the consumer would run for nothing.
 * **in place**: for a runner hosted in a Ray task (:mod:`ray_workflows._core.host`), a task
   with Ray's default options runs in the host's own process, without a Ray task of
   its own (:meth:`Placement.in_place`); the others there go to Ray as above.
@@ -59,13 +61,21 @@ class GraphView(Protocol):
 
 class Placement:
     """The placement policy of one workflow's run; ``quick(func_key)`` says whether a
-    function's last attempt ran quickly (``Executor.quick``)."""
+    function's last attempt ran quickly (``Executor.quick``), ``continues(func_key)``
+    whether it returned a continuation (``Executor.continues``)."""
 
     def __init__(
-        self, graph: GraphView, quick: Callable[[str], bool], *, batching: bool, here: bool
+        self,
+        graph: GraphView,
+        quick: Callable[[str], bool],
+        continues: Callable[[str], bool],
+        *,
+        batching: bool,
+        here: bool,
     ) -> None:
         self.graph = graph
         self.quick = quick
+        self.continues = continues
         # A hosted runner runs tasks in place, one after another: nothing to submit
         # ahead, fuse or batch.
         self.here = here
@@ -99,8 +109,16 @@ class Placement:
                 )
                 if is_nested or not is_direct
             )
-        inflight = graph.inflight
-        return all(u in inflight and u not in indirect for u in pending)
+        inflight, specs = graph.inflight, graph.specs
+        # An input whose function returned a continuation last time will likely do so
+        # again: its Ray task's value is not the input's output, and a task submitted
+        # ahead of it would run for nothing.
+        return all(
+            u in inflight
+            and u not in indirect
+            and (u not in specs or not self.continues(specs[u].func_key))
+            for u in pending
+        )
 
     def batchable(self, tid: str, spec: TaskSpec, ahead: bool) -> bool:
         """Whether ``tid`` may wait a moment to share a Ray task with others (see
@@ -123,7 +141,7 @@ class Placement:
         the consumer's receipt, so it is saved once the consumer ends, or by the worker
         itself if the consumer runs longer than ``worker.FUSED_FLUSH_SECONDS``."""
         graph = self.graph
-        if not self.fuse or tid in graph.alone:
+        if not self.fuse or tid in graph.alone or self.continues(spec.func_key):
             return None
         produced = graph.root_of.get(tid, tid)
         consumers = graph.consumers.get(produced)

@@ -280,6 +280,7 @@ class WorkflowRun(Dispatch):
                 self._resubmit(tid)
             elif receipt.kind == "continuation":
                 assert receipt.plan is not None
+                self._observe(tid, receipt)
                 await self._continued(tid, receipt.plan, receipt)
             else:
                 await self._failed(
