@@ -39,13 +39,13 @@ private modules: ``_file_ops`` (one key, a listing, a prefix), ``_file_batches``
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
-import anyio
-import anyio.to_thread
 from ray_workflows.backends import _file_batches, _file_ops
 from ray_workflows.backends._file_layout import RESERVED, lock_path
 from ray_workflows.backends._file_syncfs import one_syncfs
@@ -55,24 +55,18 @@ from ray_workflows.storage import Storage, check_key, check_prefix
 
 _T = TypeVar("_T")
 
-# The blocking work runs in anyio's worker threads under a limiter of its own, not
-# the default one: other code parking threads there (blocking waits) must not hold
-# up durable writes. Concurrent fsyncs also share the journal's commits.
+# The blocking work runs in threads of its own, not the event loop's default
+# executor: other code parking threads there (blocking waits) must not hold up
+# durable writes. Concurrent fsyncs also share the journal's commits.
 _THREADS = 16
-_limiter: anyio.CapacityLimiter | None = None
+_executor: concurrent.futures.ThreadPoolExecutor | None = None
 
 
-def _limit() -> anyio.CapacityLimiter:
-    global _limiter
-    if _limiter is None:
-        _limiter = anyio.CapacityLimiter(_THREADS)
-    return _limiter
-
-
-async def _in_thread(fn: Callable[..., _T], *args: Any) -> _T:
-    # A caller canceled meanwhile waits for the thread to finish: what it started
-    # lands (whole: every write is atomic) before the cancellation goes on.
-    return await anyio.to_thread.run_sync(fn, *args, limiter=_limit())
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _executor
+    if _executor is None:
+        _executor = concurrent.futures.ThreadPoolExecutor(_THREADS, "rwf-file")
+    return _executor
 
 
 # Errors that mean "a key is also used as the directory of other keys".
@@ -144,7 +138,9 @@ class FileStorage(Storage):
         if not items:
             return {}
         # All of it in the storage thread: one hop for the batch.
-        return await _in_thread(self.put_if_absent_many_blocking, items)
+        return await asyncio.get_running_loop().run_in_executor(
+            _pool(), self.put_if_absent_many_blocking, items
+        )
 
     def put_if_absent_many_blocking(self, items: Mapping[str, bytes]) -> dict[str, bool]:
         keys = list(items)
@@ -203,7 +199,7 @@ class FileStorage(Storage):
 
     async def check(self) -> None:
         try:
-            await _in_thread(_file_ops.probe, self._root)
+            await asyncio.get_running_loop().run_in_executor(_pool(), _file_ops.probe, self._root)
         except OSError as exc:
             raise StorageError(
                 f"File storage directory {self._root!r} cannot be created or written: {exc}",
@@ -225,7 +221,11 @@ class FileStorage(Storage):
         return path
 
     async def _run(self, op: str, what: str, fn: Callable[..., _T], *args: Any) -> _T:
-        return await _in_thread(self._call, op, what, fn, *args)
+        # If the awaiting task is canceled the thread still finishes: a put that
+        # was started may land. Every write is atomic, so it lands whole or not at all.
+        return await asyncio.get_running_loop().run_in_executor(
+            _pool(), self._call, op, what, fn, *args
+        )
 
     def _call(self, op: str, what: str, fn: Callable[..., _T], *args: Any) -> _T:
         try:
