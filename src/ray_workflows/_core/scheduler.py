@@ -114,9 +114,7 @@ class WorkflowRun:
         self.shared: set[str] = set()  # attempts under way in a Ray task with others
         self.batched: set[str] = set()  # ...of which in a batch (cancelled by executor)
         self.alone: set[str] = set()  # tasks whose shared Ray task died
-        self.placement = Placement(
-            self, executor.quick, batching=executor.batching, here=executor.here
-        )
+        self.placement = Placement(self, executor.quick, executor.settings, here=executor.here)
         self.packs = PackWriter(
             store, workflow_id, self._packed, self._pack_failed, lambda: self.epoch
         )
