@@ -30,7 +30,6 @@ def _inside(manager: Any) -> dict[str, Any]:
     return {
         "env": {name: os.environ.get(name) for name in DRIVER_ONLY},
         "executor": engine.executor.settings,
-        "batching": engine.executor.batching,
         "ttl": engine.leases.ttl,
     }
 
@@ -47,7 +46,7 @@ def test_a_knob_set_only_in_the_driver_reaches_the_manager(
         inside = ray.get(handle.__ray_call__.remote(_inside))
         assert inside["env"] == dict.fromkeys(DRIVER_ONLY)  # not in the manager's process
         assert inside["ttl"] == 7.25
-        assert inside["batching"] is False and inside["executor"].task_events is True
+        assert not inside["executor"].batch and inside["executor"].task_events
         described = ray.get(handle.describe.remote())
         assert described["ttl"] == 7.25
         settings: Settings = described["settings"]
@@ -65,7 +64,7 @@ def test_a_knob_set_only_in_the_driver_reaches_the_manager(
         workflow.init(uri)
         handle = bridge.run(config.manager())
         inside = ray.get(handle.__ray_call__.remote(_inside))
-        assert inside["batching"] is True and inside["ttl"] == 7.25
+        assert inside["executor"].batch and inside["ttl"] == 7.25
         settings = ray.get(handle.describe.remote())["settings"]
         assert (settings.batch, settings.lease_ttl, settings.max_running_workflows) == (
             True,

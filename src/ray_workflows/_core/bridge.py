@@ -11,7 +11,7 @@ for the process:
   the coroutine as a task of the portal's task group (the caller waits for that), once
   more for its result. This bridge crosses once (``run_coroutine_threadsafe``). The
   bridge sits on hot paths (each checkpoint a Ray worker writes, every blocking API
-  call), where a portal call costs about twice as much.
+  call), where the second handoff makes each call markedly slower.
 * **Exit.** A portal kept open is a context manager never exited; at interpreter
   exit its generator is finalised and asks the portal, through the loop's thread, to
   stop, while that daemon thread can no longer run: the process hangs. A portal for

@@ -137,11 +137,6 @@ class Executor:
             self._remotes.clear()  # the wrappers carry enable_task_events
         self.settings = settings
 
-    @property
-    def batching(self) -> bool:
-        """Whether quick ready tasks may wait to share a Ray task (see offer())."""
-        return self.settings.batch
-
     def function_ref(self, key: str, data: bytes) -> Any:
         """What a task is handed for its pickled function: the bytes themselves when
         small (a function pickled by reference), else one shared ObjectRef."""

@@ -17,9 +17,10 @@ environment variable in the driver, else its default. The storage is:
    ``/tmp``. It only works on one machine; a multi-node cluster needs a shared
    directory or S3.
 
-The other knobs and their variables are listed at :data:`ENV`; a flag takes ``1``,
-``true``, ``yes``, ``on`` or ``0``, ``false``, ``no``, ``off``, and anything else is
-an error that names the variable.
+The other knobs and their variables are listed at :data:`ENV`, but for the lease ttl
+(``RAY_WORKFLOWS_LEASE_TTL``, read by :func:`ray_workflows._core.lease.lease_ttl`). A
+flag takes ``1``, ``true``, ``yes``, ``on`` or ``0``, ``false``, ``no``, ``off``;
+anything else is an error that names the variable.
 """
 
 from __future__ import annotations
