@@ -168,18 +168,13 @@ class WorkflowManager:
             self.engine.admission.configure(max_running, max_pending)
         if settings.clock != self.settings.clock:
             self.engine.executor.clock = load_clock(settings.clock)
+        # What is fixed when a manager starts stays, and so do limits not given.
         before = self.settings
-        settings = dataclasses.replace(
-            settings,
-            max_running_workflows=before.max_running_workflows
-            if max_running is None
-            else max_running,
-            max_pending_workflows=before.max_pending_workflows
-            if max_pending is None
-            else max_pending,
-            lease_ttl=before.lease_ttl,
-            auto_resume=before.auto_resume,
-        )
+        kept: dict[str, Any] = {"lease_ttl": before.lease_ttl, "auto_resume": before.auto_resume}
+        for name in ("max_running_workflows", "max_pending_workflows"):
+            if getattr(settings, name) is None:
+                kept[name] = getattr(before, name)
+        settings = dataclasses.replace(settings, **kept)
         self.engine.executor.use(settings)
         self.settings = settings
 
