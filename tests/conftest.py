@@ -26,6 +26,7 @@ s3server.configure_aws_environment()
 import ray_workflows as workflow  # noqa: E402
 from ray_workflows._core import config  # noqa: E402
 from ray_workflows._core.manager import NAMESPACE, manager_name  # noqa: E402
+from ray_workflows._core.settings import ENV_HOST, Settings  # noqa: E402
 
 NUM_CPUS = 4
 
@@ -114,17 +115,27 @@ def wid(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def hosted_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+def hosted_runs(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Small chains started in this test are hosted (ray_workflows._core.host; off by default)."""
-    monkeypatch.setenv("RAY_WORKFLOWS_HOST", "1")
+    yield from _hosting(monkeypatch, True)
 
 
 @pytest.fixture
-def manager_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+def manager_runs(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Workflows started in this test run in the manager, never in a Ray task that
     hosts them (see ray_workflows._core.host): for tests of the manager's scheduler, whose
     small chains would otherwise be hosted."""
-    monkeypatch.setenv("RAY_WORKFLOWS_HOST", "0")
+    yield from _hosting(monkeypatch, False)
+
+
+def _hosting(monkeypatch: pytest.MonkeyPatch, on: bool) -> Iterator[None]:
+    """Hosting on or off for one test: in the settings the driver has already (read
+    once, at ``workflow.init``), and in its environment for settings built later in the
+    test (a ``workflow.init`` after this fixture); as it was afterwards."""
+    monkeypatch.setenv(ENV_HOST, "1" if on else "0")
+    before = config.override(host=on)
+    yield
+    config.override(host=before.host if before is not None else Settings.host)
 
 
 @pytest.fixture

@@ -61,7 +61,7 @@ async def _start(engine: Engine, wid: str, dag: Any) -> Any:
 
 async def test_quick_tasks_share_a_ray_task_while_the_cpus_are_busy() -> None:
     engine = await _engine()
-    assert engine.executor.batching
+    assert engine.executor.settings.batch
     busy = await _start(engine, "busy", nap.bind(0.3))  # quick last time: sent, holds the CPU
     finished = await asyncio.gather(*(_start(engine, f"w{i}", where.bind(i)) for i in range(12)))
     outputs = [await (await f) for f in finished]

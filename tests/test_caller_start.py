@@ -19,7 +19,7 @@ from helpers import count_runs, record_run, wait_for
 
 import ray_workflows as workflow
 from ray_workflows import aio
-from ray_workflows._core import bridge, config, serialization
+from ray_workflows._core import bridge, client, config, serialization
 from ray_workflows._core.keys import lease_key
 from ray_workflows._core.lease import grant
 from ray_workflows._core.store import WorkflowStore
@@ -54,7 +54,7 @@ def _manager() -> tuple[Any, dict[str, Any]]:
 
 def _store_as_caller(storage: str, wid: str, runs: Path, owner: str, ttl: float) -> tuple:
     """Store ``wid`` exactly as ``run_async`` does, without handing it over."""
-    prepared = aio.prepare(step.bind(str(runs), 1), (), {}, wid, {"who": "caller"})
+    prepared = client.prepare(step.bind(str(runs), 1), (), {}, wid, {"who": "caller"})
     record = grant(wid, owner, ttl)
     store = WorkflowStore(open_storage(storage))
     leased = bridge.run(
@@ -111,7 +111,7 @@ def test_a_late_hand_over_after_a_cancel_is_refused(
     plan, meta, record = _store_as_caller(storage, wid, counter_dir, info["owner"], info["ttl"])
     workflow.cancel(wid)
     with pytest.raises(WorkflowNotResumableError):
-        bridge.run(aio.get(handle.run.remote(aio.run_call(wid, plan, meta, record))))
+        bridge.run(aio.get(handle.run.remote(client.run_call(wid, plan, meta, record))))
     assert count_runs(counter_dir, "step") == 0
     assert workflow.get_status(wid) == workflow.CANCELED
 
@@ -130,7 +130,7 @@ def test_a_workflow_being_handed_over_is_live_until_its_lease_lapses(
     workflow.delete(wid)
     # A hand-over that comes after all that is refused; nothing ran.
     with pytest.raises(WorkflowNotFoundError):
-        bridge.run(aio.get(handle.run.remote(aio.run_call(wid, plan, meta, record))))
+        bridge.run(aio.get(handle.run.remote(client.run_call(wid, plan, meta, record))))
     assert count_runs(counter_dir, "step") == 0
     assert not Path(storage, "workflows", wid).exists()
 
@@ -145,7 +145,7 @@ def test_a_lease_granted_to_an_earlier_incarnation_is_taken_over(
     plan, meta, record = _store_as_caller(
         storage, wid, counter_dir, lineage + "host:1:dead", info["ttl"]
     )
-    assert bridge.run(aio.get(handle.run.remote(aio.run_call(wid, plan, meta, record)))) == 2
+    assert bridge.run(aio.get(handle.run.remote(client.run_call(wid, plan, meta, record)))) == 2
     lease = _lease(storage, wid)
     assert (lease["owner"], lease["epoch"]) == (info["owner"], 2)
     assert count_runs(counter_dir, "step") == 1
@@ -156,8 +156,8 @@ def test_a_second_hand_over_joins_the_running_workflow(
 ) -> None:
     handle, info = _manager()
     plan, meta, record = _store_as_caller(storage, wid, counter_dir, info["owner"], info["ttl"])
-    first = handle.run.remote(aio.run_call(wid, plan, meta, record))
-    second = handle.run.remote(aio.run_call(wid, plan, meta, record))
+    first = handle.run.remote(client.run_call(wid, plan, meta, record))
+    second = handle.run.remote(client.run_call(wid, plan, meta, record))
     assert ray.get([first, second]) == [2, 2]
     assert count_runs(counter_dir, "step") == 1
 

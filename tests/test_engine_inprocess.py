@@ -164,12 +164,13 @@ async def test_a_manager_never_answers_with_the_output_of_an_earlier_run_of_the_
     """Two managers share a storage; the second deletes a workflow the first ran and
     runs the id again: the first answers with the new run's output, read from storage."""
     from ray_workflows._core.manager import InlineOutput, ResolvingRef, WorkflowManager
+    from ray_workflows._core.settings import Settings
 
     uri = f"memory://{uuid.uuid4().hex}"
     # Of one cluster, so the second takes the first's leases over at once (as an
     # earlier incarnation's) and need not wait for them to lapse before it deletes.
-    first = WorkflowManager(uri, auto_resume=False)
-    second = WorkflowManager(uri, auto_resume=False)
+    first = WorkflowManager(Settings(uri, auto_resume=False))
+    second = WorkflowManager(Settings(uri, auto_resume=False))
     await first.submit("small", compile_dag(add.bind(2, 3)), {})
     reply = await first.result("small")
     assert isinstance(reply, InlineOutput) and ray.get(ray.put(reply)) == 5

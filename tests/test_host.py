@@ -109,9 +109,10 @@ def test_a_live_hosted_id_is_joined(storage: str, wid: str, counter_dir: Path) -
 
 
 def test_hosting_can_be_turned_off(
-    storage: str, wid: str, counter_dir: Path, monkeypatch: pytest.MonkeyPatch
+    storage: str, wid: str, counter_dir: Path, manager_runs: None
 ) -> None:
-    monkeypatch.setenv("RAY_WORKFLOWS_HOST", "0")  # as by default
+    """``manager_runs`` (last: after the module's ``hosted_runs``) turns hosting off, as
+    by default."""
     runs = str(counter_dir)
     assert workflow.run(second.bind(first.bind(runs), runs), workflow_id=wid) == 2
     assert not str(lease_record(storage, wid)["owner"]).startswith("host:")

@@ -9,6 +9,7 @@ worker in place is the hosting Ray task's death: tests/test_host.py kills one.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 from collections.abc import AsyncIterator
@@ -21,7 +22,6 @@ from helpers import count_runs, record_run
 
 import ray_workflows as workflow
 from ray_workflows._core import executor as executor_module
-from ray_workflows._core import placement as placement_module
 from ray_workflows._core.compiler import compile_dag
 from ray_workflows._core.engine import Engine
 from ray_workflows._core.status import WorkflowStatus
@@ -84,10 +84,15 @@ async def engine(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[Engine]:
     placement: str = request.param
-    monkeypatch.setattr(placement_module, "SUBMIT_AHEAD", placement in ("fused", "ahead"))
-    monkeypatch.setattr(placement_module, "FUSE", placement == "fused")
     engine = Engine(open_storage(str(tmp_path / "storage")), here=placement == "in place")
-    engine.executor.batching = placement == "batched"
+    engine.executor.use(
+        dataclasses.replace(
+            engine.executor.settings,
+            submit_ahead=placement in ("fused", "ahead"),
+            fuse=placement == "fused",
+            batch=placement == "batched",
+        )
+    )
     if placement == "batched":
         engine.executor.cpus = 0  # always busy: quick ready tasks wait and go in batches
         monkeypatch.setattr(executor_module, "HOLD_SECONDS", 0.2)  # time to gather

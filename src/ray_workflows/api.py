@@ -1,5 +1,6 @@
 """The blocking workflow API; each call drives its twin in :mod:`ray_workflows.aio`
-through the bridge loop."""
+through the bridge loop, but for ``init`` and ``run_async``, which call
+:mod:`ray_workflows._core.client` from the caller's thread."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import ray
 from ray.dag import DAGNode, FunctionNode
 
 from ray_workflows import aio
-from ray_workflows._core import bridge, config
+from ray_workflows._core import bridge, client
 from ray_workflows._core.status import WorkflowStatus
 from ray_workflows._core.worker import in_task
 
@@ -32,24 +33,20 @@ def init(
     ``RAY_WORKFLOWS_CLOCK``), or ``"virtual"`` for tests, where time jumps ahead
     whenever every workflow waits on a timer.
 
+    Every other knob (placements, hosting, the lease ttl) comes from its
+    ``RAY_WORKFLOWS_*`` environment variable in this process. All are read here once
+    (or at the first workflow call) and passed to the manager, whose own environment
+    does not matter: a later change of the environment takes effect at the next ``init``.
+
     >>> workflow.init("/mnt/shared/workflows")
     """
-    for name, value, low in (
-        ("max_running_workflows", max_running_workflows, 1),
-        ("max_pending_workflows", max_pending_workflows, 0),
-    ):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-            raise TypeError(f"{name} must be an int or None, got {value!r}")
-        if value is not None and value != -1 and value < low:
-            raise ValueError(f"{name} must be -1 (unlimited) or at least {low}, got {value}")
-    cfg = config.configure(
+    client.init(
         storage,
         max_running_workflows=max_running_workflows,
         max_pending_workflows=max_pending_workflows,
         auto_resume=auto_resume,
         clock=clock,
     )
-    bridge.run(config.manager(cfg))
 
 
 def run(
@@ -68,7 +65,7 @@ def run(
     3
     """
     ref = run_async(dag, *args, workflow_id=workflow_id, metadata=metadata, **kwargs)
-    return bridge.run(aio.get(ref))
+    return bridge.run(client.get(ref))
 
 
 def run_async(
@@ -81,13 +78,7 @@ def run_async(
     """Start a workflow and return a ``ray.ObjectRef`` of its output: ``ray.get(ref)``
     or ``await ref``. Errors in the DAG or arguments raise here; failures while
     running raise from the ref."""
-    # Compiled here, in the caller's thread, and stored here too where it can be; the
-    # bridge loop stores and starts it otherwise.
-    bridge.refuse_own_loop()
-    prepared = aio.prepare(dag, args, kwargs, workflow_id, metadata)
-    ref: ray.ObjectRef[Any] | None = aio.start_blocking(prepared)
-    if ref is None:
-        ref = bridge.run(aio.start(prepared))
+    ref: ray.ObjectRef[Any] = client.run_blocking(dag, args, kwargs, workflow_id, metadata)
     return ref
 
 

@@ -3,6 +3,27 @@
 A daemon thread runs an event loop for the whole process; sync callers (the
 blocking API, Ray workers writing checkpoints) submit coroutines to it and wait.
 Calling it from inside that loop would deadlock, so it refuses with a clear error.
+
+Why not anyio's blocking portal (``anyio.from_thread.start_blocking_portal``), kept
+for the process:
+
+* **Cost per call.** A portal call crosses to the loop's thread twice: once to spawn
+  the coroutine as a task of the portal's task group (the caller waits for that), once
+  more for its result. This bridge crosses once (``run_coroutine_threadsafe``). The
+  bridge sits on hot paths (each checkpoint a Ray worker writes, every blocking API
+  call), where the second handoff makes each call markedly slower.
+* **Exit.** A portal kept open is a context manager never exited; at interpreter
+  exit its generator is finalised and asks the portal, through the loop's thread, to
+  stop, while that daemon thread can no longer run: the process hangs. A portal for
+  the process would need an exit hook, and any later sync call (other exit hooks)
+  would start a second one.
+* **Fork.** A forked child inherits the portal object but not its thread; a call into
+  it waits forever (or, from a thread that reuses the dead one's id, is refused as if
+  made on the loop). The portal cannot tell, so this module's check of its thread
+  (:func:`_start` starts a new loop when the thread is not alive) would be needed
+  anyway.
+
+Neither Ray's own threads nor loop reuse rule it out: both work either way.
 """
 
 from __future__ import annotations

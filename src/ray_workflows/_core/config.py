@@ -1,18 +1,10 @@
-"""Configuration: which storage, which Ray, which manager.
+"""This process's settings, and its handles of the managers.
 
-The one place where environment variables are merged under explicit arguments:
-
-1. ``workflow.init(storage=...)``;
-2. else ``RAY_WORKFLOWS_STORAGE`` (or the older ``RAY_WORKFLOW_STORAGE``);
-3. else the local default, ``$XDG_DATA_HOME/ray-workflows`` (usually
-   ``~/.local/share/ray-workflows``): a directory that survives reboots, unlike
-   ``/tmp``. It only works on one machine; a multi-node cluster needs a shared
-   directory or S3.
-
-``RAY_WORKFLOWS_AUTO_RESUME=0`` turns automatic recovery off, and
-``RAY_WORKFLOWS_LEASE_TTL`` (seconds, default 30) sets how long a dead manager's
-workflows wait before another manager takes them over (read by
-:func:`ray_workflows._core.lease.lease_ttl`, passed to the manager from the driver).
+``workflow.init`` (or the first workflow call) builds the process's
+:class:`~ray_workflows._core.settings.Settings` once (:func:`configure`); later calls
+read them (:func:`current`) and never the environment. The manager of a storage is
+created on first use with those settings (:func:`manager`), and a later
+``workflow.init`` sends the new ones to a manager that already runs.
 
 If Ray is not initialised, the first call starts a local Ray
 (``ray.init(address="local")``), or joins ``RAY_ADDRESS`` when that is set.
@@ -28,101 +20,52 @@ from typing import Any
 
 import ray
 
-from ray_workflows._core.lease import lease_ttl
 from ray_workflows._core.log import get_logger
 from ray_workflows._core.manager import NAMESPACE, actor_class, manager_name
-from ray_workflows.exceptions import UnknownStorageError
-from ray_workflows.plugins import storage_scheme
+from ray_workflows._core.settings import Settings, build, normalise_storage
 from ray_workflows.storage import open_storage
-
-ENV_STORAGE = "RAY_WORKFLOWS_STORAGE"
-LEGACY_ENV_STORAGE = "RAY_WORKFLOW_STORAGE"
-ENV_AUTO_RESUME = "RAY_WORKFLOWS_AUTO_RESUME"
-ENV_CLOCK = "RAY_WORKFLOWS_CLOCK"
 
 log = get_logger()
 
 _PROBE_TIMEOUT = 2.0  # seconds for a caller to read the manager's probe record
 
-
-def default_storage() -> str:
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(
-        os.path.expanduser("~"), ".local", "share"
-    )
-    return os.path.join(base, "ray-workflows")
-
-
-def normalise_storage(uri: str) -> str:
-    """Absolute paths for file storage, so every process resolves the same directory."""
-    if storage_scheme(uri) == "file" and "://" not in uri:
-        return os.path.abspath(os.path.expanduser(uri))
-    return uri
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    storage: str
-    max_running_workflows: int | None = None
-    max_pending_workflows: int | None = None
-    #: Resume the workflows storage says were running when a manager starts.
-    #: ``RAY_WORKFLOWS_AUTO_RESUME=0`` turns it off by default.
-    auto_resume: bool = dataclasses.field(
-        default_factory=lambda: os.environ.get(ENV_AUTO_RESUME, "1") not in ("0", "false", "no")
-    )
-    #: The clock plugin timers and sleeps use: ``system``, or ``virtual`` in tests (time
-    #: jumps ahead while every workflow waits on a timer). ``RAY_WORKFLOWS_CLOCK``.
-    clock: str = dataclasses.field(default_factory=lambda: os.environ.get(ENV_CLOCK) or "system")
-
-
 _lock = threading.Lock()
-_config: Config | None = None
+_settings: Settings | None = None
 _managers: dict[str, Any] = {}
 _described: dict[str, dict[str, Any]] = {}  # storage -> the manager's describe() reply
 
 
-def resolve_storage(storage: str | None) -> str:
-    if storage is not None and not isinstance(storage, str):
-        raise TypeError(
-            f"storage must be a URI string such as '/path', 'file:///path', 'memory://' or "
-            f"'s3://bucket/prefix', got {type(storage).__name__}: {storage!r}"
-        )
-    if storage is not None and not storage.strip():
-        raise UnknownStorageError(
-            "storage is an empty string; give a URI such as '/path', 'file:///path', "
-            "'memory://' or 's3://bucket/prefix', or None for the default."
-        )
-    if storage is None:
-        storage = (
-            os.environ.get(ENV_STORAGE) or os.environ.get(LEGACY_ENV_STORAGE) or default_storage()
-        )
-    return normalise_storage(storage)
-
-
-def configure(storage: str | None = None, **options: Any) -> Config:
-    """Set this process's configuration (``workflow.init``)."""
-    global _config
-    uri = resolve_storage(storage)
-    open_storage(uri)  # an unknown scheme fails here, before anything else happens
-    clock = options.get("clock")
-    if clock is not None:
-        from ray_workflows.plugins import CLOCK_GROUP, available
-
-        if clock not in available(CLOCK_GROUP):
-            raise ValueError(
-                f"Unknown clock {clock!r}; known: {', '.join(available(CLOCK_GROUP))}."
-            )
-    options = {k: v for k, v in options.items() if v is not None}
+def configure(storage: str | None = None, **options: Any) -> Settings:
+    """Build and set this process's settings (``workflow.init``): ``options`` are knobs
+    of :class:`Settings`; a ``None`` one comes from the environment or its default."""
+    global _settings
+    settings = build(storage, **options)
     with _lock:
-        _config = Config(uri, **options)
-        _managers.pop(uri, None)  # new limits must reach the manager
-        _described.pop(uri, None)
-        return _config
+        _settings = settings
+        _managers.pop(settings.storage, None)  # new settings must reach the manager
+        _described.pop(settings.storage, None)
+        return settings
 
 
-def current() -> Config:
+def current() -> Settings:
+    """This process's settings; built from the environment on first use."""
     with _lock:
-        config = _config
-    return config if config is not None else configure()
+        settings = _settings
+    return settings if settings is not None else configure()
+
+
+def override(**changes: Any) -> Settings | None:
+    """Replace this process's settings, if it has some, by a copy with ``changes`` (for
+    tests that turn a driver-side knob, such as ``host``, on or off, with its variable
+    set too for settings built later); return the settings replaced (``None`` if none
+    were built yet). Knobs the manager reads reach it only with the next
+    :func:`configure`."""
+    global _settings
+    with _lock:
+        before = _settings
+        if before is not None:
+            _settings = dataclasses.replace(before, **changes)
+        return before
 
 
 def ensure_ray() -> None:
@@ -132,22 +75,23 @@ def ensure_ray() -> None:
         ray.init(address=address)
 
 
-def known_manager(config: Config) -> Any:
+def known_manager(settings: Settings) -> Any:
     """The manager's handle if this process has made it already, else ``None``."""
-    return _managers.get(config.storage)
+    return _managers.get(settings.storage)
 
 
-async def manager(config: Config | None = None) -> Any:
-    """The manager actor for the configured storage, created on first use."""
-    config = config or current()
-    handle = _managers.get(config.storage)
+async def manager(settings: Settings | None = None) -> Any:
+    """The manager actor for the configured storage, created on first use with these
+    settings; one that runs already is sent them (:meth:`WorkflowManager.configure`)."""
+    settings = settings or current()
+    handle = _managers.get(settings.storage)
     if handle is not None:
         return handle
     await asyncio.to_thread(ensure_ray)
     handle = (
         actor_class()
         .options(
-            name=manager_name(config.storage),
+            name=manager_name(settings.storage),
             namespace=NAMESPACE,
             lifetime="detached",
             get_if_exists=True,
@@ -158,16 +102,14 @@ async def manager(config: Config | None = None) -> Any:
             # idempotent by workflow id (a stored workflow is resumed, not restarted).
             max_task_retries=-1,
         )
-        .remote(config.storage, config.auto_resume, lease_ttl(), config.clock)
+        .remote(settings)
     )
     await handle.ready.remote()
-    await handle.configure.remote(
-        config.max_running_workflows, config.max_pending_workflows, config.clock
+    await handle.configure.remote(settings)
+    _described[settings.storage] = await sees_manager_storage(
+        settings.storage, await handle.describe.remote()
     )
-    _described[config.storage] = await sees_manager_storage(
-        config.storage, await handle.describe.remote()
-    )
-    _managers[config.storage] = handle
+    _managers[settings.storage] = handle
     return handle
 
 
@@ -193,10 +135,10 @@ async def sees_manager_storage(storage: str, described: dict[str, Any]) -> dict[
     return described
 
 
-def described(config: Config) -> dict[str, Any] | None:
-    """What the manager of ``config.storage`` said of itself when its handle was made
+def described(settings: Settings) -> dict[str, Any] | None:
+    """What the manager of ``settings.storage`` said of itself when its handle was made
     (``WorkflowManager.describe``)."""
-    return _described.get(config.storage)
+    return _described.get(settings.storage)
 
 
 def forget_managers() -> None:
@@ -206,17 +148,14 @@ def forget_managers() -> None:
 
 
 __all__ = [
-    "ENV_STORAGE",
-    "Config",
     "configure",
     "current",
-    "default_storage",
     "described",
     "ensure_ray",
     "forget_managers",
     "known_manager",
     "manager",
     "normalise_storage",
-    "resolve_storage",
+    "override",
     "sees_manager_storage",
 ]

@@ -94,11 +94,7 @@ class Dispatch:
             lambda: self.epoch,
         )
         self.placement = Placement(
-            self,
-            executor.quick,
-            executor.continues,
-            batching=executor.batching,
-            here=executor.here,
+            self, executor.quick, executor.continues, executor.settings, here=executor.here
         )
 
     # What the placement policy reads (GraphView).

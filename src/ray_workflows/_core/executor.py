@@ -14,7 +14,6 @@ import concurrent.futures
 import dataclasses
 import functools
 import math
-import os
 import pickle
 import sys
 import threading
@@ -27,6 +26,7 @@ import ray
 from ray_workflows._core import serialization
 from ray_workflows._core.mailbox import Mailbox
 from ray_workflows._core.receipts import ReceiptWatcher, cancel_ray_task
+from ray_workflows._core.settings import Settings
 from ray_workflows._core.store import WorkflowStore
 from ray_workflows._core.wire import Attempt, Unit
 from ray_workflows._core.worker import execute_group, load_output, load_outputs, save_objects
@@ -43,7 +43,6 @@ MAX_BATCH = 32  # tasks (or pairs) per batch...
 BATCH_SECONDS = 0.02  # ...and what their last attempts took, together, at most
 _BATCH_NAME = "ray_workflows.batch"
 _CPUS_REFRESH = 10.0  # seconds between looks at the cluster's CPU count
-BATCH = os.environ.get("RAY_WORKFLOWS_BATCH", "1") != "0"
 
 
 @dataclasses.dataclass
@@ -81,25 +80,26 @@ def _take_batch(held: list[Submission], size: int) -> tuple[list[Submission], li
     return held[:n], held[n:]
 
 
-def _task_events() -> bool:
-    return os.environ.get("RAY_WORKFLOWS_TASK_EVENTS", "0") == "1"
-
-
 class Executor:
     """Submits task attempts and helper tasks to Ray; holds what event tasks use
     (the clock and the mailbox)."""
 
-    def __init__(self, storage: Storage, clock: Clock | None = None, *, here: bool = False) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        clock: Clock | None = None,
+        *,
+        here: bool = False,
+        settings: Settings | None = None,
+    ) -> None:
         self.storage = storage
         self.store = WorkflowStore(storage)
         self.clock: Clock = clock or SystemClock()
         self.mailbox = Mailbox(storage)
-        # Ray's task events (the state API's and dashboard's task list) cost the worker
-        # and the manager a quarter of a small task's overhead; workflow tasks report
-        # through get_metadata and the logs. RAY_WORKFLOWS_TASK_EVENTS=1 turns them on
-        # (or a task's own enable_task_events=True).
+        # The knobs of task placement and submission (see use()); the defaults until
+        # the manager (or a host) passes the driver's.
+        self.settings = settings or Settings(storage.uri)
         self._execute = ray.remote(max_retries=0)(execute_group)
-        self._task_events = _task_events()
         self._load = ray.remote(num_cpus=0, max_retries=3)(load_output)
         self._load_many = ray.remote(num_cpus=0, max_retries=3)(load_outputs)
         self._save = ray.remote(num_cpus=0, max_retries=3)(save_objects)
@@ -123,7 +123,6 @@ class Executor:
         self._functions: collections.OrderedDict[str, Any] = collections.OrderedDict()
         # Batching (see offer()): Ray tasks of offered submissions not finished yet,
         # the submissions held meanwhile, and the cluster's CPU count.
-        self.batching = BATCH
         self._sent = 0
         self._held: list[Submission] = []
         self._hold_timer: asyncio.TimerHandle | None = None
@@ -131,6 +130,13 @@ class Executor:
         self._cpus_at = -math.inf
         self._batches: dict[Any, _Batch] = {}  # receipt ref of a batched attempt -> batch
         self.cpus: int | None = None  # the CPUs to plan batches for; None: the cluster's
+
+    def use(self, settings: Settings) -> None:
+        """Run with ``settings`` from now on: the driver's, passed by the manager (or the
+        Ray task that hosts a workflow). Runs started later place their tasks by them."""
+        if settings.task_events != self.settings.task_events:
+            self._remotes.clear()  # the wrappers carry enable_task_events
+        self.settings = settings
 
     def function_ref(self, key: str, data: bytes) -> Any:
         """What a task is handed for its pickled function: the bytes themselves when
@@ -356,9 +362,13 @@ class Executor:
         except TypeError:  # an unhashable option value
             key, remote = None, None
         if remote is None:
+            # Ray's task events (the state API's and dashboard's task list) cost the worker
+            # and the manager a quarter of a small task's overhead; workflow tasks report
+            # through get_metadata and the logs. Settings.task_events turns them on (or a
+            # task's own enable_task_events=True).
             options = {
                 "name": name,
-                "enable_task_events": self._task_events,
+                "enable_task_events": self.settings.task_events,
                 **ray_options,
                 **extra,
             }

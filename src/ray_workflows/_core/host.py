@@ -3,7 +3,7 @@
 Many small workflows started at once made the manager actor's CPU the limit: each
 cost it an actor call, a run's bookkeeping and its commits, one after another in one
 process. A small chain does not need the manager: its caller stores it (as every
-caller-stored start does, see :func:`ray_workflows.aio.start`), grants its lease to a
+caller-stored start does, see :func:`ray_workflows._core.client.start`), grants its lease to a
 name of its own (:func:`host_owner`) and submits one Ray task, :func:`run`, whose
 ref is the ref ``run_async`` returns. That task *hosts the runner*: the same
 :class:`~ray_workflows._core.engine.Engine` and :class:`~ray_workflows._core.scheduler.WorkflowRun`
@@ -19,10 +19,11 @@ What differs is only where the runner lives:
   predecessor held (the same owner name: an engine takes over the leases of owners it
   was given to host).
 * **A driver that exits.** Ray ends the driver's tasks with it, the hosts among them.
-  At exit the driver waits up to ``RAY_WORKFLOWS_HOST_EXIT_WAIT`` seconds (2) for the
-  workflows it hosts, then hands the rest to the manager, which takes them over at
-  once (:func:`hand_over_at_exit`); a killed driver leaves them to the manager's
-  recovery sweep, once their leases run out. Either way a task under way runs again.
+  At exit the driver waits up to ``Settings.host_exit_wait`` seconds
+  (``RAY_WORKFLOWS_HOST_EXIT_WAIT``, 2) for the workflows it hosts, then hands the
+  rest to the manager, which takes them over at once (:func:`hand_over_at_exit`); a
+  killed driver leaves them to the manager's recovery sweep, once their leases run
+  out. Either way a task under way runs again.
 * **Cancel.** The manager asks the host to stop through storage (``cancels/<id>``,
   see :meth:`Engine.cancel`); the host looks every second.
 * **Eligible** (:func:`eligible`): a chain of 2 to :data:`MAX_TASKS` function tasks,
@@ -31,17 +32,16 @@ What differs is only where the runner lives:
   workflow, one that waits for events, or one whose caller cannot store it, goes to
   the manager.
 
-Off by default; ``RAY_WORKFLOWS_HOST=1`` turns it on. It is slower than the manager
-today (docs/performance.md has the figures): each host holds a CPU slot for its whole
-workflow, its durable commits included, and the asyncio runner in a worker pays
-thread hops (the bridge loop, the in-place thread, the storage threads, the object
-store) that the manager shares among many workflows.
+Off by default; ``Settings.host`` (``RAY_WORKFLOWS_HOST=1`` in the driver) turns it on.
+It is slower than the manager today (docs/performance.md has the figures): each host
+holds a CPU slot for its whole workflow, its durable commits included, and the
+asyncio runner in a worker pays thread hops (the bridge loop, the in-place thread,
+the storage threads, the object store) that the manager shares among many workflows.
 """
 
 from __future__ import annotations
 
 import atexit
-import os
 import pickle
 import secrets
 from typing import Any
@@ -51,19 +51,15 @@ import ray
 from ray_workflows._core import bridge, incarnation
 from ray_workflows._core.engine import Engine
 from ray_workflows._core.plan import Plan
+from ray_workflows._core.settings import Settings
 from ray_workflows._core.store import WorkflowStore
 from ray_workflows.storage import open_storage
 
-ENV_HOST = "RAY_WORKFLOWS_HOST"
 #: A longer chain goes to the manager: it is rarely all quick, and a plan that size
 #: costs the manager little next to its tasks.
 MAX_TASKS = 64
 
-_engines: dict[str, Engine] = {}  # per storage, in this worker process
-
-
-def enabled() -> bool:
-    return os.environ.get(ENV_HOST, "0").strip().lower() in ("1", "true", "yes", "on")
+_engines: dict[Settings, Engine] = {}  # per driver settings, in this worker process
 
 
 def eligible(plan: Plan) -> bool:
@@ -100,8 +96,8 @@ def is_host(owner: str) -> bool:
 
 
 #: How long a driver that exits waits for the workflows it hosts before it hands the
-#: rest to the manager (``RAY_WORKFLOWS_HOST_EXIT_WAIT``).
-EXIT_WAIT = float(os.environ.get("RAY_WORKFLOWS_HOST_EXIT_WAIT", "2"))
+#: rest to the manager (``Settings.host_exit_wait`` of its latest hosted start).
+_exit_wait: float = Settings.host_exit_wait
 
 # This driver's hosted workflows still running: id -> (ref of its host, owner, manager).
 _running: dict[str, tuple[Any, str, Any]] = {}
@@ -109,9 +105,11 @@ _at_exit = False
 _prune_at = 256
 
 
-def started(wid: str, ref: Any, owner: str, manager: Any) -> None:
-    """Track a hosted workflow this process submitted, for :func:`hand_over_at_exit`."""
-    global _at_exit
+def started(wid: str, ref: Any, owner: str, manager: Any, exit_wait: float) -> None:
+    """Track a hosted workflow this process submitted, for :func:`hand_over_at_exit`,
+    which waits up to ``exit_wait`` seconds for it."""
+    global _at_exit, _exit_wait
+    _exit_wait = exit_wait
     if not _at_exit:
         atexit.register(hand_over_at_exit)
         _at_exit = True
@@ -130,13 +128,14 @@ def _done(ref: Any) -> bool:
 
 def hand_over_at_exit() -> None:
     """At the driver's exit Ray ends its tasks, the hosts among them: wait up to
-    :data:`EXIT_WAIT` seconds for the workflows they run, then ask the manager to take
-    the rest over at once (else it resumes them once their leases run out)."""
+    ``host_exit_wait`` seconds (of the settings) for the workflows they run, then ask
+    the manager to take the rest over at once (else it resumes them once their leases
+    run out)."""
     try:
         if not ray.is_initialized() or not _running:
             return
         refs = {wid: ref for wid, (ref, _, _) in _running.items()}
-        ray.wait(list(refs.values()), num_returns=len(refs), timeout=EXIT_WAIT)
+        ray.wait(list(refs.values()), num_returns=len(refs), timeout=_exit_wait)
         left: dict[Any, list[tuple[str, str]]] = {}
         for wid, (ref, owner, manager) in _running.items():
             if not _done(ref):
@@ -149,28 +148,31 @@ def hand_over_at_exit() -> None:
         _running.clear()
 
 
-def call(wid: str, plan: bytes, meta: dict[str, Any], uri: str, lease: bytes, owner: str) -> bytes:
+def call(
+    wid: str, plan: bytes, meta: dict[str, Any], settings: Settings, lease: bytes, owner: str
+) -> bytes:
     """The one argument of :func:`run` (one pickled argument: Ray's cost is per
-    argument)."""
-    return pickle.dumps((wid, plan, meta, uri, lease, owner), protocol=5)
+    argument). ``settings`` are the driver's: the host reads no knob from its own
+    environment."""
+    return pickle.dumps((wid, plan, meta, settings, lease, owner), protocol=5)
 
 
 def run(data: bytes) -> Any:
     """The hosting Ray task: run the workflow to its end here; return its output."""
-    wid, plan, meta, uri, lease, owner = pickle.loads(data)
-    return bridge.run(_run(wid, plan, meta, uri, lease, owner, _attempt()))
+    wid, plan, meta, settings, lease, owner = pickle.loads(data)
+    return bridge.run(_run(wid, plan, meta, settings, lease, owner, _attempt()))
 
 
 async def _run(
     wid: str,
     plan: bytes,
     meta: dict[str, Any],
-    uri: str,
+    settings: Settings,
     lease: bytes,
     owner: str,
     attempt: int,
 ) -> Any:
-    engine = _engine(uri)
+    engine = _engine(settings)
     if attempt == 0:
         decoded = WorkflowStore.decode_plan(plan, f"the plan of {wid!r}")
         finished = await engine.adopt(wid, decoded, meta, lease, owner)
@@ -180,10 +182,16 @@ async def _run(
     return await (await finished)
 
 
-def _engine(uri: str) -> Engine:
-    engine = _engines.get(uri)
+def _engine(settings: Settings) -> Engine:
+    engine = _engines.get(settings)
     if engine is None:
-        engine = _engines[uri] = Engine(open_storage(uri), here=True)
+        engine = _engines[settings] = Engine(
+            open_storage(settings.storage),
+            lease_ttl=settings.lease_ttl,
+            clock=settings.clock,
+            here=True,
+        )
+        engine.executor.use(settings)
         engine.watch_cancels()
     return engine
 
@@ -196,12 +204,10 @@ def _attempt() -> int:
 
 
 __all__ = [
-    "ENV_HOST",
     "HOST_PREFIX",
     "MAX_TASKS",
     "call",
     "eligible",
-    "enabled",
     "host_owner",
     "is_host",
     "run",

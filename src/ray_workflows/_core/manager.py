@@ -9,6 +9,7 @@ it does not compute. Detached, so workflows outlive the driver that started them
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import pickle
 import secrets
@@ -24,6 +25,7 @@ from ray_workflows._core.incarnation import NAMESPACE, manager_name
 from ray_workflows._core.keys import manager_probe_key
 from ray_workflows._core.log import get_logger
 from ray_workflows._core.plan import Plan
+from ray_workflows._core.settings import Settings
 from ray_workflows._core.status import WorkflowStatus
 from ray_workflows._core.store import WorkflowStore
 from ray_workflows.exceptions import WorkflowError, WorkflowRunningElsewhereError
@@ -92,33 +94,34 @@ GC_THRESHOLD = 20_000
 
 
 class WorkflowManager:
-    def __init__(
-        self,
-        storage_uri: str,
-        auto_resume: bool = True,
-        lease_ttl: float | None = None,
-        clock: str = "system",
-    ) -> None:
+    """The manager of one storage, run with the settings of the driver that created it
+    (``settings``): it reads no knob from its own environment."""
+
+    def __init__(self, settings: Settings) -> None:
         # Leases of this manager's earlier incarnations in this cluster (Ray restarted
         # the actor, or a head with GCS fault tolerance came back) are taken over at once.
         # The cluster is named by its id (incarnation.cluster_token), never by its address:
         # another cluster at the same address string never matches.
-        lineage = incarnation.lineage(manager_name(storage_uri))
+        lineage = incarnation.lineage(manager_name(settings.storage))
         self.engine = Engine(
-            open_storage(storage_uri),
+            open_storage(settings.storage),
             owner_prefix=lineage,
-            lease_ttl=lease_ttl,
-            clock=clock,
+            lease_ttl=settings.lease_ttl,
+            clock=settings.clock,
         )
+        self.engine.executor.use(settings)
+        self.engine.admission.configure(
+            settings.max_running_workflows, settings.max_pending_workflows
+        )
+        self.settings = settings
         self.actors = Actors(self.engine.storage, self._start_sub, self._sub_output)
         self._probe: tuple[str, bytes] | None = None  # see describe()
         self._lineage = lineage.replace(incarnation.SEPARATOR, ".")  # hex token, manager name
-        self._clock = clock
         self._recovering: asyncio.Task[list[str]] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         # Cancel requests for workflows running here, from managers elsewhere.
         self.engine.watch_cancels()
-        if auto_resume:
+        if settings.auto_resume:
             # A (re)started manager resumes what its storage says was running: after a
             # cluster restart, or after this actor was killed and restarted. Later, it
             # keeps taking over workflows whose manager (another cluster) stopped.
@@ -157,14 +160,29 @@ class WorkflowManager:
         if self._recovering is not None:
             await asyncio.shield(self._recovering)
 
-    async def configure(
-        self, max_running: int | None, max_pending: int | None, clock: str | None = None
-    ) -> None:
+    async def configure(self, settings: Settings) -> None:
+        """Take the settings of a driver's ``workflow.init`` (sent also to a manager that
+        already ran): its limits (those it gives), clock and placement knobs. The lease
+        ttl and ``auto_resume`` stay as this manager started with them."""
+        if settings.storage != self.settings.storage:
+            raise ValueError(
+                f"Settings for storage {settings.storage!r} sent to the manager of "
+                f"{self.settings.storage!r}"
+            )
+        max_running, max_pending = settings.max_running_workflows, settings.max_pending_workflows
         if max_running is not None or max_pending is not None:
             self.engine.admission.configure(max_running, max_pending)
-        if clock is not None and clock != self._clock:
-            self.engine.executor.clock = load_clock(clock)
-            self._clock = clock
+        if settings.clock != self.settings.clock:
+            self.engine.executor.clock = load_clock(settings.clock)
+        # What is fixed when a manager starts stays, and so do limits not given.
+        before = self.settings
+        kept: dict[str, Any] = {"lease_ttl": before.lease_ttl, "auto_resume": before.auto_resume}
+        for name in ("max_running_workflows", "max_pending_workflows"):
+            if getattr(settings, name) is None:
+                kept[name] = getattr(before, name)
+        settings = dataclasses.replace(settings, **kept)
+        self.engine.executor.use(settings)
+        self.settings = settings
 
     async def send_event(
         self, workflow_id: str, key: str, payload: Any, event_id: str | None
@@ -200,7 +218,7 @@ class WorkflowManager:
         )
 
     async def describe(self) -> dict[str, Any]:
-        """What a caller needs to store new workflows itself (see ``aio.run_async``):
+        """What a caller needs to store new workflows itself (see ``client.start``):
         the lease owner and ttl to grant, whether it may (a shared storage, and no
         pending-queue limit that could refuse a workflow), and a probe record the
         caller must read back from its own view of the storage before it does."""
@@ -222,12 +240,14 @@ class WorkflowManager:
             "probe": probe,
             # A hosted workflow is not counted by the running limit: only without one.
             "hosting": caller_stores and admission.max_running == -1,
+            # What this manager runs with (see configure).
+            "settings": self.settings,
         }
 
     async def run(self, call: bytes) -> ResolvingRef | InlineOutput:
         """Run a workflow its caller has stored as started; reply with its output.
         ``call`` is the pickled (workflow id, plan, meta, lease record or None): one
-        argument costs Ray about half of what four do (see ``aio.run_call``)."""
+        argument costs Ray about half of what four do (see ``client.run_call``)."""
         workflow_id, plan, meta, lease = pickle.loads(call)
         decoded = WorkflowStore.decode_plan(plan, f"the plan of {workflow_id!r}")
         await self.engine.adopt(workflow_id, decoded, meta, lease)

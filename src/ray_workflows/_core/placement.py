@@ -22,22 +22,18 @@ The placements:
 
 A task whose shared Ray task (a pair, a batch) died is placed alone from then on, so
 that the next death is charged to the task that died (``GraphView.alone``).
-``RAY_WORKFLOWS_SUBMIT_AHEAD=0``, ``RAY_WORKFLOWS_FUSE=0`` and
-``RAY_WORKFLOWS_BATCH=0`` turn placements off.
+The driver's settings turn placements off (``submit_ahead``, ``fuse`` and ``batch``
+of :class:`~ray_workflows._core.settings.Settings`: ``RAY_WORKFLOWS_SUBMIT_AHEAD=0``,
+``RAY_WORKFLOWS_FUSE=0`` and ``RAY_WORKFLOWS_BATCH=0`` in the driver).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from ray_workflows._core.plan import TaskSpec
-
-# Submit a task as soon as its inputs' producers are submitted. Off: "0".
-SUBMIT_AHEAD = os.environ.get("RAY_WORKFLOWS_SUBMIT_AHEAD", "1") != "0"
-# Fuse a task's only consumer into its Ray task; needs SUBMIT_AHEAD. Off: "0".
-FUSE = SUBMIT_AHEAD and os.environ.get("RAY_WORKFLOWS_FUSE", "1") != "0"
+from ray_workflows._core.settings import Settings
 
 
 class GraphView(Protocol):
@@ -62,15 +58,16 @@ class GraphView(Protocol):
 class Placement:
     """The placement policy of one workflow's run; ``quick(func_key)`` says whether a
     function's last attempt ran quickly (``Executor.quick``), ``continues(func_key)``
-    whether it returned a continuation (``Executor.continues``)."""
+    whether it returned a continuation (``Executor.continues``); ``settings`` says which
+    placements are on (the executor's, as the run starts)."""
 
     def __init__(
         self,
         graph: GraphView,
         quick: Callable[[str], bool],
         continues: Callable[[str], bool],
+        settings: Settings,
         *,
-        batching: bool,
         here: bool,
     ) -> None:
         self.graph = graph
@@ -79,9 +76,10 @@ class Placement:
         # A hosted runner runs tasks in place, one after another: nothing to submit
         # ahead, fuse or batch.
         self.here = here
-        self.submit_ahead = SUBMIT_AHEAD and not here
-        self.fuse = FUSE and not here
-        self.batching = batching and not here
+        self.submit_ahead = settings.submit_ahead and not here
+        # Fusing submits the consumer with its producer: it needs submitting ahead.
+        self.fuse = settings.fuse and self.submit_ahead
+        self.batching = settings.batch and not here
         self._indirect: dict[str, frozenset[str]] = {}  # inputs a task needs as refs
 
     def ahead(self, tid: str) -> bool:
@@ -179,4 +177,4 @@ class Placement:
         self._indirect.pop(tid, None)
 
 
-__all__ = ["FUSE", "SUBMIT_AHEAD", "GraphView", "Placement"]
+__all__ = ["GraphView", "Placement"]

@@ -37,8 +37,7 @@ from typing import Any
 import ray
 from ray import cloudpickle
 
-from ray_workflows import aio
-from ray_workflows._core import bridge, config
+from ray_workflows._core import bridge, client, config
 from ray_workflows._core.actor_methods import READONLY as _READONLY
 from ray_workflows._core.actor_methods import has_own
 from ray_workflows._core.ids import check_id
@@ -97,7 +96,7 @@ class VirtualActor:
         # The first call waits for get_or_create: the manager may start calls of one
         # caller in any order, so a call could otherwise find no actor yet.
         if not self._created:
-            bridge.run(aio.get(self._ready))
+            bridge.run(client.get(self._ready))
             self._created = True
 
     def __getattr__(self, name: str) -> ActorMethod:
@@ -148,7 +147,7 @@ class ActorMethod:
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         """Call the method and return its result (or raise its exception)."""
-        return bridge.run(aio.get(self.run_async(*args, **kwargs)))
+        return bridge.run(client.get(self.run_async(*args, **kwargs)))
 
 
 def _manager() -> Any:
@@ -159,7 +158,7 @@ def get_actor(actor_id: str) -> VirtualActor:
     """A handle of the stored virtual actor ``actor_id``, from any process."""
     check_id(actor_id)
     ready = _manager().actor_class.remote(actor_id)  # resolves once the actor is loaded
-    actor = VirtualActor(actor_id, cloudpickle.loads(bridge.run(aio.get(ready))), ready)
+    actor = VirtualActor(actor_id, cloudpickle.loads(bridge.run(client.get(ready))), ready)
     actor._created = True
     return actor
 
