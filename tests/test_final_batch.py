@@ -13,13 +13,13 @@ import pytest
 import ray
 from ray_workflows.backends.filesystem import FileStorage
 
+from ray_workflows._core.client import prepare
 from ray_workflows._core.compiler import compile_dag
 from ray_workflows._core.engine import Engine
 from ray_workflows._core.keys import lease_key
 from ray_workflows._core.lease import grant
 from ray_workflows._core.status import WorkflowStatus
 from ray_workflows._core.store import PackWriter, WorkflowStore
-from ray_workflows.aio import prepare
 from ray_workflows.exceptions import StorageError, WorkflowError
 
 
