@@ -17,7 +17,7 @@ import collections
 import dataclasses
 import functools
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -29,7 +29,7 @@ from ray_workflows._core.executor import Executor, Submission
 from ray_workflows._core.graph import TaskGraph
 from ray_workflows._core.log import get_logger
 from ray_workflows._core.placement import Placement
-from ray_workflows._core.plan import TaskSpec
+from ray_workflows._core.run_tasks import RunTasks
 from ray_workflows._core.store import WorkflowStore
 from ray_workflows._core.wire import Receipt
 
@@ -56,10 +56,7 @@ class Dispatch:
         self.funcs: dict[str, Any] = {}  # func key -> the pickled function, or its ref
         # task -> (the coroutine dealing with its attempt, if any; its receipt's ref)
         self.running: dict[str, tuple[anyio.CancelScope | None, Any]] = {}
-        # The run's task group (see WorkflowRun.run), and what was started before it.
-        self._group: anyio.abc.TaskGroup | None = None
-        self._early: list[tuple[anyio.CancelScope, Awaitable[None]]] = []
-        self._ended = False  # the run is over: nothing starts any more
+        self.tasks = RunTasks()  # the run's coroutines (see WorkflowRun.run)
         self.attempts: collections.Counter[str] = collections.Counter()
         self.started: dict[str, float] = {}  # first submit time of tasks still live
         self.result: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -94,25 +91,8 @@ class Dispatch:
             lambda: self.epoch,
         )
         self.placement = Placement(
-            self, executor.quick, executor.continues, executor.settings, here=executor.here
+            graph, self, executor.quick, executor.continues, executor.settings, here=executor.here
         )
-
-    # What the placement policy reads (GraphView).
-    @property
-    def specs(self) -> Mapping[str, TaskSpec]:
-        return self.graph.specs
-
-    @property
-    def waiting(self) -> Mapping[str, set[str]]:
-        return self.graph.waiting
-
-    @property
-    def consumers(self) -> Mapping[str, list[str]]:
-        return self.graph.consumers
-
-    @property
-    def root_of(self) -> Mapping[str, str]:
-        return self.graph.root_of
 
     def retake(self, lease: Any) -> None:
         """Go on under ``lease``, taken again after the old one ran out: new records
@@ -196,8 +176,7 @@ class Dispatch:
             return None
         if spec.kind in ("event", "wait"):
             self.started.setdefault(tid, time.time())
-            runner = self._run_event(tid) if spec.kind == "event" else self._run_wait(tid)
-            self.running[tid] = (self._spawn(runner), None)
+            self.running[tid] = (self._spawn(self._run_in_loop(tid)), None)
             return None
         values, header, refs, ahead = self.calls.inputs(tid, spec)
         then = self.placement.fused_consumer(tid, spec)
@@ -280,24 +259,8 @@ class Dispatch:
                 "task.submitted", task_id=tid, attempt=self.attempts[tid], ahead=bool(ahead)
             )
 
-    def _open(self, group: anyio.abc.TaskGroup) -> None:
-        """The run's task group is open: what was started before it runs in it now."""
-        self._group = group
-        for scope, coro in self._early:
-            group.start_soon(_within, scope, coro)
-        self._early.clear()
-
     def _spawn(self, coro: Awaitable[None]) -> anyio.CancelScope:
-        """Start ``coro`` in the run's task group (once the run has one); the scope
-        returned cancels it alone. After the run, nothing starts."""
-        scope = anyio.CancelScope()
-        if self._ended:
-            _close(coro)
-        elif self._group is None:
-            self._early.append((scope, coro))
-        else:
-            self._group.start_soon(_within, scope, coro)
-        return scope
+        return self.tasks.spawn(coro)
 
     # -- attempts that ended ---------------------------------------------------------
     def _settle(self, tid: str, value_ref: Any) -> None:
@@ -421,22 +384,9 @@ class Dispatch:
         """What to do if ``tid``'s attempt could not be submitted at all."""
         raise NotImplementedError
 
-    async def _run_event(self, tid: str) -> None:
+    async def _run_in_loop(self, tid: str) -> None:
+        """Run event or wait task ``tid`` on the event loop, not in Ray."""
         raise NotImplementedError
-
-    async def _run_wait(self, tid: str) -> None:
-        raise NotImplementedError
-
-
-async def _within(scope: anyio.CancelScope, coro: Awaitable[None]) -> None:
-    with scope:
-        await coro
-
-
-def _close(coro: Awaitable[None]) -> None:
-    close = getattr(coro, "close", None)
-    if close is not None:
-        close()  # never awaited, and says nothing of it
 
 
 def _debug(log: Any) -> bool:

@@ -184,7 +184,7 @@ class RunDriver:
         else:
             await self.leases.release(lease)
         if isinstance(outcome, BaseException):
-            run.fail_waiters(outcome)
+            run.graph.fail_waiters(outcome)
             finished.set_exception(outcome)
         else:
             finished.set_result(outcome)

@@ -295,7 +295,7 @@ class Engine:
         meta.update(status=WorkflowStatus.RUNNING.value, start_time=time.time())
         meta.pop("end_time", None)
         meta.pop("error", None)
-        log.info("workflow.resumed", workflow_id=workflow_id, pending=len(run.specs))
+        log.info("workflow.resumed", workflow_id=workflow_id, pending=len(run.graph.specs))
         return self._driver.launch(run, meta, previous, lease, stored=stored)
 
     def _lease_lost(self, workflow_id: str) -> None:

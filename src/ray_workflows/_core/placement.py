@@ -37,7 +37,7 @@ from ray_workflows._core.settings import Settings
 
 
 class GraphView(Protocol):
-    """What the policy reads of a running workflow (a :class:`WorkflowRun`)."""
+    """What the policy reads of a run's task graph (a :class:`TaskGraph`)."""
 
     @property
     def specs(self) -> Mapping[str, TaskSpec]: ...  # tasks not finished yet
@@ -46,9 +46,14 @@ class GraphView(Protocol):
     @property
     def consumers(self) -> Mapping[str, list[str]]: ...  # output -> tasks waiting for it
     @property
-    def running(self) -> Mapping[str, Any]: ...  # tasks with an attempt under way
-    @property
     def root_of(self) -> Mapping[str, str]: ...  # continuation output -> its task
+
+
+class AttemptsView(Protocol):
+    """What the policy reads of a run's attempts (its :class:`Dispatch`)."""
+
+    @property
+    def running(self) -> Mapping[str, Any]: ...  # tasks with an attempt under way
     @property
     def inflight(self) -> Mapping[str, Any]: ...  # output -> the attempt making it
     @property
@@ -64,6 +69,7 @@ class Placement:
     def __init__(
         self,
         graph: GraphView,
+        attempts: AttemptsView,
         quick: Callable[[str], bool],
         continues: Callable[[str], bool],
         settings: Settings,
@@ -71,6 +77,7 @@ class Placement:
         here: bool,
     ) -> None:
         self.graph = graph
+        self.attempts = attempts
         self.quick = quick
         self.continues = continues
         # A hosted runner runs tasks in place, one after another: nothing to submit
@@ -94,7 +101,7 @@ class Placement:
             not self.submit_ahead
             or spec is None
             or not pending
-            or tid in graph.running
+            or tid in self.attempts.running
             or spec.kind != "function"
         ):
             return False
@@ -107,7 +114,7 @@ class Placement:
                 )
                 if is_nested or not is_direct
             )
-        inflight, specs = graph.inflight, graph.specs
+        inflight, specs = self.attempts.inflight, graph.specs
         # An input whose function returned a continuation last time will likely do so
         # again: its Ray task's value is not the input's output, and a task submitted
         # ahead of it would run for nothing.
@@ -126,7 +133,7 @@ class Placement:
             self.batching
             and not ahead
             and not spec.options.ray_options
-            and tid not in self.graph.alone
+            and tid not in self.attempts.alone
             and self.quick(spec.func_key)
         )
 
@@ -139,7 +146,7 @@ class Placement:
         the consumer's receipt, so it is saved once the consumer ends, or by the worker
         itself if the consumer runs longer than ``worker.FUSED_FLUSH_SECONDS``."""
         graph = self.graph
-        if not self.fuse or tid in graph.alone or self.continues(spec.func_key):
+        if not self.fuse or tid in self.attempts.alone or self.continues(spec.func_key):
             return None
         produced = graph.root_of.get(tid, tid)
         consumers = graph.consumers.get(produced)
@@ -150,8 +157,8 @@ class Placement:
         if (
             then_spec is None
             or then_spec.kind != "function"
-            or then in graph.running
-            or then in graph.alone
+            or then in self.attempts.running
+            or then in self.attempts.alone
             or graph.waiting.get(then) != {produced}
             or then_spec.options.ray_options != spec.options.ray_options
             or not self.quick(then_spec.func_key)
@@ -177,4 +184,4 @@ class Placement:
         self._indirect.pop(tid, None)
 
 
-__all__ = ["GraphView", "Placement"]
+__all__ = ["AttemptsView", "GraphView", "Placement"]

@@ -129,8 +129,8 @@ class Queries:
         if run is not None:
             if task_id is None:
                 return await asyncio.shield(self.finished[workflow_id])
-            if run.knows(task_id):
-                return await run.task_output(task_id)
+            if run.graph.knows(task_id):
+                return await run.graph.task_output(task_id)
             # A task that already continued (its value is its chain's, resolved later) or
             # that does not exist yet: answer from storage once the workflow is done.
             await asyncio.wait([self.finished[workflow_id]])
@@ -195,7 +195,7 @@ class Queries:
 
     async def _task_metadata(self, workflow_id: str, task_id: str) -> dict[str, Any]:
         run = self.runs.get(workflow_id)
-        spec = run.specs.get(task_id) if run is not None else None
+        spec = run.graph.specs.get(task_id) if run is not None else None
         if spec is None:
             spec = await self.recovery.find_spec(workflow_id, task_id)
         if spec is None:

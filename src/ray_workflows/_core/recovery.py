@@ -65,7 +65,7 @@ class Recovery:
                     run, tid, records, output
                 ):
                     continue
-                run.link(output, tid)
+                run.graph.link(output, tid)
                 stack.append(output)
                 continue
             spec = specs.get(tid)
@@ -111,7 +111,7 @@ class Recovery:
             if ref not in records.members:  # a pack is checked (and removed) as a whole
                 await self.store.storage.delete(ref)
             return False
-        run.mark_stored(tid, ref)
+        run.graph.mark_stored(tid, ref)
         await self.executor.preload(ref, data)
         return True
 

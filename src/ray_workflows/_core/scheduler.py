@@ -21,7 +21,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import anyio
 import ray
 
 from ray_workflows._core import serialization
@@ -67,8 +66,6 @@ class WorkflowRun(Dispatch):
         # Recovery: (task, record) -> the key of a record an earlier epoch wrote.
         self.recorded: dict[tuple[str, str], str] = {}
         self.events = EventWaits(workflow_id, store, executor, graph.value_ref, self.recorded)
-        self._acks = 0  # event acknowledgements under way
-        self._acked: anyio.Event | None = None  # set when the last of them ended
 
     # -- building the graph -----------------------------------------------------
     def add_plan(self, plan: Plan) -> None:
@@ -92,13 +89,6 @@ class WorkflowRun(Dispatch):
             if tid in self.graph.specs and tid not in self.running and not self.result.done():
                 self._submit(tid)
 
-    def mark_stored(self, tid: str, ref: str) -> None:
-        """Recovery: ``tid``'s output is the committed record behind ``ref``."""
-        self.graph.mark_stored(tid, ref)
-
-    def link(self, output: str, root: str) -> None:
-        self.graph.link(output, root)
-
     # -- running -----------------------------------------------------------------
     async def run(self, seal: Callable[[], Awaitable[None] | None] | None = None) -> Any:
         """Run until the output task is done and every output it reported is durable;
@@ -110,29 +100,13 @@ class WorkflowRun(Dispatch):
         storage's batches land in order: it is called once the output is done and
         nothing else runs, so that the last checkpoints and the status share one batch
         (it returns ``None`` if it queued nothing)."""
-        error: Exception | None = None
-        output: Any = None
-        try:
-            async with anyio.create_task_group() as group:
-                self._open(group)
-                try:
-                    output = await self._until_durable(seal)
-                except Exception as exc:  # raised below, not wrapped in the group's errors
-                    error = exc
-                finally:
-                    self._stop_attempts()
-                    group.cancel_scope.cancel()
-        finally:
-            self._ended, self._group = True, None
-        if error is not None:
-            raise error
-        return output
+        return await self.tasks.run(lambda: self._until_durable(seal), self._stop_attempts)
 
     async def _until_durable(self, seal: Callable[[], Awaitable[None] | None] | None) -> Any:
         if self.output_task_id in self.graph.done:
             self._resolve_output()
         for spec in self.unacked:
-            self._acknowledging(self.events.reacknowledge(spec))
+            self.tasks.acknowledging(self.events.reacknowledge(spec))
         self._flush_submits()
         try:
             output = await self.result
@@ -148,7 +122,7 @@ class WorkflowRun(Dispatch):
         if (
             seal is not None
             and self.store.storage.ordered_batches
-            and not (self._acks or self.running)
+            and not (self.tasks.acks or self.running)
         ):
             # Nothing left that could add a record or an acknowledgement.
             await self.packs.drain(then=seal)
@@ -156,9 +130,7 @@ class WorkflowRun(Dispatch):
         await self.packs.drain()
         # Acknowledgements finish before the workflow does: a crash before then
         # repeats them on recovery (at least once).
-        while self._acks:
-            self._acked = anyio.Event()
-            await self._acked.wait()
+        await self.tasks.acknowledged()
         return output
 
     def _stop_attempts(self) -> None:
@@ -172,58 +144,37 @@ class WorkflowRun(Dispatch):
             else:
                 cancel_ray_task(ref)
 
-    def _acknowledging(self, coro: Awaitable[None]) -> None:
-        """Run an event's acknowledgement, which the run waits for before it ends."""
-        self._acks += 1
-
-        async def counted() -> None:
-            try:
-                await coro
-            finally:
-                self._acks -= 1
-                if not self._acks and self._acked is not None:
-                    self._acked.set()
-
-        self._spawn(counted())
-
     # -- event and wait tasks: coroutines here, no Ray worker held while they wait --
-    async def _run_event(self, tid: str) -> None:
+    async def _run_in_loop(self, tid: str) -> None:
+        """Run event or wait task ``tid`` here: an event is waited for and committed
+        (it may fail, and is then retried as a task is), a wait's tasks are split."""
+        spec = self.graph.specs[tid]
         try:
-            event, cls, start = await self.events.run_event(self.graph.specs[tid], self.epoch)
+            if spec.kind == "event":
+                value, cls, start = await self.events.run_event(spec, self.epoch)
+                receipt = Receipt("value", start, time.time())
+            else:
+                num_returns, _ = self.graph.waits.pop(tid)
+                value, receipt = await self.events.split(spec, self.graph.done, num_returns)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             self.running.pop(tid, None)
-            await self._failed(
-                tid,
-                TaskFailure(tid, pickled_error(exc), f"{type(exc).__name__}: {exc}"),
-                system=False,
-                retryable=True,
-            )
+            text = f"{type(exc).__name__}: {exc}"
+            if spec.kind != "event":  # a bug: fail the workflow loudly
+                self.log.exception("scheduler.error", task_id=tid)
+                self._fail(TaskFailure(tid, None, text), exc)
+                return
+            failure = TaskFailure(tid, pickled_error(exc), text)
+            await self._failed(tid, failure, system=False, retryable=True)
             self._flush_submits()
             return
         self.running.pop(tid, None)
-        # Committed: consumers go on now; a failing acknowledgement is retried at the
-        # next recovery (the 'unacked' marker stays), never by polling again.
-        self._acknowledging(self.events.acknowledge(tid, cls, event, self.epoch))
-        self._finished(tid, ray.put(event), Receipt("value", start, time.time()))
-        self._flush_submits()
-
-    async def _run_wait(self, tid: str) -> None:
-        """Split a wait task's tasks into (ready values, handles of the others)."""
-        num_returns, _ = self.graph.waits.pop(tid)
-        try:
-            result, receipt = await self.events.split(
-                self.graph.specs[tid], self.graph.done, num_returns
-            )
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self.log.exception("scheduler.error", task_id=tid)
-            self._fail(TaskFailure(tid, None, f"{type(exc).__name__}: {exc}"), exc)
-            return
-        self.running.pop(tid, None)
-        self._finished(tid, ray.put(result), receipt)
+        if spec.kind == "event":
+            # Committed: consumers go on now; a failing acknowledgement is retried at the
+            # next recovery (the 'unacked' marker stays), never by polling again.
+            self.tasks.acknowledging(self.events.acknowledge(tid, cls, value, self.epoch))
+        self._finished(tid, ray.put(value), receipt)
         self._flush_submits()
 
     # -- receipts ------------------------------------------------------------------
@@ -422,16 +373,6 @@ class WorkflowRun(Dispatch):
         if not self.result.done():
             self.output_key = self.graph.stored.get(self.output_task_id)
             self.result.set_result(self.graph.value_ref(self.output_task_id))
-
-    # -- queries -------------------------------------------------------------------
-    def knows(self, tid: str) -> bool:
-        return self.graph.knows(tid)
-
-    def task_output(self, tid: str) -> asyncio.Future[Any]:
-        return self.graph.task_output(tid)
-
-    def fail_waiters(self, exc: BaseException) -> None:
-        self.graph.fail_waiters(exc)
 
 
 def execution_error(workflow_id: str, failure: TaskFailure) -> WorkflowExecutionError:
