@@ -48,7 +48,7 @@ def die_once(marker: str, runs: str) -> str:
 
 async def _engine(cpus: int = 1) -> Engine:
     engine = Engine(open_storage(f"memory://{uuid.uuid4().hex}"))
-    engine.executor.cpus = cpus
+    engine.executor.batcher.cpus = cpus
     # Seen once, so quick from now on: only quick functions are batched.
     for name, dag in [("warm-nap", nap.bind(0)), ("warm-where", where.bind(0))]:
         assert await (await (await engine.start(name, compile_dag(dag)))) is not None
@@ -142,6 +142,6 @@ async def test_a_shared_batch_is_cancelled_only_once_no_workflow_wants_it(tmp_pa
             await cancelled
     await asyncio.sleep(1.8)
     assert not (tmp_path / "d1").exists() and not (tmp_path / "d2").exists()
-    assert not engine.executor._batches
+    assert not engine.executor.batcher._batches
     await (await blocker)
     await engine.close()

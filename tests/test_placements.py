@@ -21,7 +21,7 @@ import ray
 from helpers import count_runs, record_run
 
 import ray_workflows as workflow
-from ray_workflows._core import executor as executor_module
+from ray_workflows._core import batching
 from ray_workflows._core.compiler import compile_dag
 from ray_workflows._core.engine import Engine
 from ray_workflows._core.status import WorkflowStatus
@@ -94,8 +94,8 @@ async def engine(
         )
     )
     if placement == "batched":
-        engine.executor.cpus = 0  # always busy: quick ready tasks wait and go in batches
-        monkeypatch.setattr(executor_module, "HOLD_SECONDS", 0.2)  # time to gather
+        engine.executor.batcher.cpus = 0  # always busy: quick ready tasks wait and go in batches
+        monkeypatch.setattr(batching, "HOLD_SECONDS", 0.2)  # time to gather
     # Every function once, so that it counts as quick (only quick ones fuse or batch).
     warm = str(tmp_path / "warm")
     os.mkdir(warm)

@@ -11,8 +11,8 @@ from ray.dag import DAGNode, FunctionNode
 
 from ray_workflows import aio
 from ray_workflows._core import bridge, client
+from ray_workflows._core.attempts import in_task
 from ray_workflows._core.status import WorkflowStatus
-from ray_workflows._core.worker import in_task
 
 
 def init(

@@ -16,6 +16,7 @@ import ray
 
 from ray_workflows._core import serialization
 from ray_workflows._core.admission import Admission
+from ray_workflows._core.attempts import INLINE_RECORD_BYTES
 from ray_workflows._core.executor import Executor
 from ray_workflows._core.lease import LeaseInfo
 from ray_workflows._core.lease_manager import LeaseManager
@@ -23,7 +24,6 @@ from ray_workflows._core.recovery import Recovery
 from ray_workflows._core.scheduler import WorkflowRun
 from ray_workflows._core.status import WorkflowStatus
 from ray_workflows._core.store import WorkflowStore
-from ray_workflows._core.worker import INLINE_RECORD_BYTES
 from ray_workflows.exceptions import (
     TaskNotFoundError,
     WorkflowError,
