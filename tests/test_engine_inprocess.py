@@ -4,14 +4,17 @@ the engine, not the workers, writes the checkpoints of a per-process storage."""
 from __future__ import annotations
 
 import asyncio
+import json
 import operator
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
 
+from ray_workflows._core import keys
 from ray_workflows._core.admission import EXEMPT
 from ray_workflows._core.compiler import compile_dag
 from ray_workflows._core.engine import Engine
@@ -221,4 +224,35 @@ async def test_an_exempt_workflow_is_exempt_from_admission_when_it_resumes(
     assert await (await resumed) == "done"
     gate.touch()
     assert await (await holder) == "held"
+    await engine.close()
+
+
+@ray.remote
+def fails() -> int:
+    raise ValueError("no")
+
+
+async def test_cancel_goes_on_when_meta_json_changes_under_it(tmp_path: Path) -> None:
+    # cancel() marks a stored workflow CANCELED by compare-and-set; if meta.json changed
+    # between its read and its write (another runner took the workflow up or ended
+    # it), it looks again. It used to look again while still holding the id's lock,
+    # which is not reentrant: it waited for itself for ever.
+    engine = Engine(open_storage(str(tmp_path / "storage")))
+    finished = await engine.start("w", compile_dag(fails.options(max_retries=0).bind()))
+    with pytest.raises(WorkflowExecutionError):
+        await finished
+    swap = engine.store.swap_meta
+    raced = []
+
+    async def another_writer_first(wid: str, meta: Any, old: Any, expected: Any) -> Any:
+        if not raced:  # once: meta.json changes between cancel's read and its write
+            raced.append(True)
+            changed = json.loads(expected)
+            changed["error"] = "rewritten by another runner"
+            await engine.storage.put(keys.meta_key(wid), json.dumps(changed).encode())
+        return await swap(wid, meta, old, expected)
+
+    engine.store.swap_meta = another_writer_first  # type: ignore[method-assign]
+    await asyncio.wait_for(engine.cancel("w"), 10)
+    assert raced and await engine.status("w") == WorkflowStatus.CANCELED
     await engine.close()

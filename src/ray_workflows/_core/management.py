@@ -77,40 +77,49 @@ class Management:
         """Stop a running or pending workflow (its Ray tasks are cancelled; checkpoints
         stay), or mark a failed or resumable one CANCELED. A finished workflow is left
         as it is; an unknown one is ``WorkflowNotFoundError``."""
-        run = self.runs.get(workflow_id)
-        if run is not None:
-            finished = self.finished[workflow_id]
-            self.admission.withdraw(workflow_id, WorkflowCancellationError.of(workflow_id))
-            run.cancel()
-            await asyncio.wait([finished])
-            log.info("workflow.canceled", workflow_id=workflow_id)
-            return
-        async with self.lock(workflow_id):
-            # One being handed over to this engine is canceled before it starts.
-            status = await self.queries.status(workflow_id, handed_over=False)
-            if status in (WorkflowStatus.SUCCESSFUL, WorkflowStatus.CANCELED):
-                log.info("workflow.cancel_ignored", workflow_id=workflow_id, status=status.value)
+        while True:
+            run = self.runs.get(workflow_id)
+            if run is not None:
+                finished = self.finished[workflow_id]
+                self.admission.withdraw(workflow_id, WorkflowCancellationError.of(workflow_id))
+                run.cancel()
+                await asyncio.wait([finished])
+                log.info("workflow.canceled", workflow_id=workflow_id)
                 return
-            if status in (
-                WorkflowStatus.RUNNING,
-                WorkflowStatus.PENDING,
-            ) and await self.queries.held_elsewhere(workflow_id):
-                ended = await self._asked_to_stop(workflow_id)
-                if ended is None:
-                    raise await self.queries.elsewhere(workflow_id)
-                if ended != WorkflowStatus.FAILED.value:
-                    return  # canceled there, or a success that stands
-                # Failed meanwhile: marked CANCELED below, as a cancel after it would.
-            meta, stored = await self.store.read_meta_record(workflow_id)
-            if meta is None:
-                meta = await self.store.started_meta(workflow_id) or {"user_metadata": {}}
-            previous = meta.get("status")
-            meta.update(status=WorkflowStatus.CANCELED.value, end_time=time.time())
-            if await self.store.swap_meta(workflow_id, meta, previous, stored) is None:
-                # A run took it up (or ended it) meanwhile: cancel what it is now.
-                return await self.cancel(workflow_id)
-            self._close(workflow_id)
-            log.info("workflow.canceled", workflow_id=workflow_id, was=status.value)
+            async with self.lock(workflow_id):
+                if await self._cancel_stored(workflow_id):
+                    return
+            # meta.json changed meanwhile (a run took the workflow up, or ended it):
+            # cancel what it is now, with the id's lock released (it is not reentrant).
+
+    async def _cancel_stored(self, workflow_id: str) -> bool:
+        """Cancel a workflow that does not run here (under its id's lock); ``False``
+        if its meta.json changed while this was deciding, so nothing was written."""
+        # One being handed over to this engine is canceled before it starts.
+        status = await self.queries.status(workflow_id, handed_over=False)
+        if status in (WorkflowStatus.SUCCESSFUL, WorkflowStatus.CANCELED):
+            log.info("workflow.cancel_ignored", workflow_id=workflow_id, status=status.value)
+            return True
+        if status in (
+            WorkflowStatus.RUNNING,
+            WorkflowStatus.PENDING,
+        ) and await self.queries.held_elsewhere(workflow_id):
+            ended = await self._asked_to_stop(workflow_id)
+            if ended is None:
+                raise await self.queries.elsewhere(workflow_id)
+            if ended != WorkflowStatus.FAILED.value:
+                return True  # canceled there, or a success that stands
+            # Failed meanwhile: marked CANCELED below, as a cancel after it would.
+        meta, stored = await self.store.read_meta_record(workflow_id)
+        if meta is None:
+            meta = await self.store.started_meta(workflow_id) or {"user_metadata": {}}
+        previous = meta.get("status")
+        meta.update(status=WorkflowStatus.CANCELED.value, end_time=time.time())
+        if await self.store.swap_meta(workflow_id, meta, previous, stored) is None:
+            return False
+        self._close(workflow_id)
+        log.info("workflow.canceled", workflow_id=workflow_id, was=status.value)
+        return True
 
     async def _asked_to_stop(self, workflow_id: str) -> str | None:
         """Ask the runner that holds ``workflow_id``'s lease elsewhere (a host, another
