@@ -256,3 +256,32 @@ async def test_cancel_goes_on_when_meta_json_changes_under_it(tmp_path: Path) ->
     await asyncio.wait_for(engine.cancel("w"), 10)
     assert raced and await engine.status("w") == WorkflowStatus.CANCELED
     await engine.close()
+
+
+async def test_recovery_skips_what_it_cannot_read_and_resumes_the_rest(tmp_path: Path) -> None:
+    # A stray key under status/ (a folder an S3 console made, a file of unknown status)
+    # or one workflow's corrupt meta.json is logged and skipped: the sweep and list_all
+    # go on, and every readable interrupted workflow is resumed.
+    root = tmp_path / "storage"
+    first = Engine(open_storage(str(root)))
+    assert await (await (await first.start("good", compile_dag(add.bind(1, 2))))) == 3
+    await first.close()
+    # "good" now looks interrupted, as after a crash of its manager.
+    meta = root / "workflows" / "good" / "meta.json"
+    meta.write_text(meta.read_text().replace('"SUCCESSFUL"', '"RUNNING"'))
+    (root / "status" / "SUCCESSFUL" / "good").rename(root / "status" / "RUNNING" / "good")
+    (root / "workflows" / "good" / "lease").unlink()  # and its lease ran out
+    (root / "status" / "BOGUS").write_bytes(b"")  # not status/<STATUS>/<wid>
+    (root / "status" / "NOPE").mkdir()
+    (root / "status" / "NOPE" / "w9").write_bytes(b"")  # an unknown status
+    (root / "status" / "FAILED").mkdir(exist_ok=True)
+    for status in ("RUNNING", "FAILED"):  # two markers: settled from a corrupt meta.json
+        (root / "status" / status / "bad").write_bytes(b"")
+    (root / "workflows" / "bad").mkdir()
+    (root / "workflows" / "bad" / "meta.json").write_text("{not json")
+
+    engine = Engine(open_storage(str(root)))
+    assert await engine.resume_all() == ["good"]
+    assert await (await engine.output("good")) == 3
+    assert await engine.list_all() == [("good", WorkflowStatus.SUCCESSFUL)]
+    await engine.close()

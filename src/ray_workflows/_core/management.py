@@ -225,6 +225,9 @@ class Management:
             except WorkflowError as exc:
                 log.warning("workflow.resume_failed", workflow_id=wid, error=str(exc))
                 continue
+            except Exception:  # unreadable records: this one is skipped, never the rest
+                log.exception("workflow.resume_failed", workflow_id=wid)
+                continue
             resumed.append(wid)
         return resumed
 

@@ -58,6 +58,7 @@ from ray_workflows._core.keys import (
     task_key,
     wf_prefix,
 )
+from ray_workflows._core.log import get_logger
 from ray_workflows._core.plan import Plan
 from ray_workflows._core.records import (
     TaskRecords,
@@ -69,6 +70,8 @@ from ray_workflows._core.records import (
 )
 from ray_workflows._core.status import WorkflowStatus
 from ray_workflows.storage import Storage
+
+log = get_logger()
 
 STORED_STATUSES = (
     WorkflowStatus.RUNNING,
@@ -270,19 +273,33 @@ class WorkflowStore:
         return data
 
     async def indexed(self) -> dict[str, str]:
-        """wid -> stored status, from the index (settling duplicates from meta.json)."""
+        """wid -> stored status, from the index (settling duplicates from meta.json).
+        What cannot be read is logged and skipped, never fatal to the scan: a key that
+        is not ``status/<STATUS>/<wid>`` (a folder an S3 console made, a stray file), or
+        a workflow with two markers whose meta.json cannot be read."""
         found: dict[str, set[str]] = {}
+        known = {status.value for status in STORED_STATUSES}
         for key in await self.storage.list(STATUS_PREFIX):
-            status, wid = parse_status_key(key)
+            try:
+                status, wid = parse_status_key(key)
+            except ValueError:
+                status, wid = "", ""
+            if status not in known or not wid or "/" in wid:
+                log.warning("status.stray_key", key=key)
+                continue
             found.setdefault(wid, set()).add(status)
         result = {}
         for wid, statuses in found.items():
             if len(statuses) == 1:
                 result[wid] = statuses.pop()
-            else:
+                continue
+            try:
                 meta = await self.read_meta(wid) or await self.started_meta(wid)
-                if meta is not None:
-                    result[wid] = meta["status"]
+            except Exception as exc:  # a corrupt meta.json: this one is left out
+                log.warning("status.unreadable_meta", workflow_id=wid, error=str(exc))
+                continue
+            if meta is not None:
+                result[wid] = meta["status"]
         return result
 
     # -- task records ----------------------------------------------------------
