@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from ray.dag import InputNode
 import ray_workflows as workflow
 from ray_workflows import plugins
 from ray_workflows._core import config
-from ray_workflows._core.ids import MAX_ID_LENGTH
+from ray_workflows._core.ids import MAX_ID_LENGTH, default_task_name
 from ray_workflows.exceptions import UnknownStorageError
 
 
@@ -115,9 +116,27 @@ def test_num_returns_above_one_is_rejected(storage: str, wid: str) -> None:
         ("..", ".."),
         ("a\nb", "control character"),
         ("a\x00b", "control character"),
-        ("x" * (MAX_ID_LENGTH + 1), f"{MAX_ID_LENGTH + 1} characters"),
+        ("x" * (MAX_ID_LENGTH + 1), f"{MAX_ID_LENGTH + 1} bytes"),
+        # 150 characters, 300 bytes: the limits of file names and S3 keys are in bytes.
+        ("é" * 150, "300 bytes"),
+        ("pay\u200bment", "U+200B"),  # zero-width space
+        ("abc\u202edcba", "U+202E"),  # right-to-left override
+        ("a\u2028b", "U+2028"),  # line separator
     ],
-    ids=["empty", "slash", "backslash", "dotdot", "only-dotdot", "newline", "nul", "too-long"],
+    ids=[
+        "empty",
+        "slash",
+        "backslash",
+        "dotdot",
+        "only-dotdot",
+        "newline",
+        "nul",
+        "too-long",
+        "too-many-bytes",
+        "zero-width",
+        "bidi",
+        "line-separator",
+    ],
 )
 def test_invalid_workflow_ids(storage: str, bad_id: str, problem: str) -> None:
     before = stored_ids()
@@ -140,6 +159,31 @@ def test_longest_allowed_id_works(storage: str) -> None:
     assert workflow.get_status(long_id) == workflow.SUCCESSFUL
     assert workflow.get_output(long_id) == 3
     assert (long_id, workflow.SUCCESSFUL) in workflow.list_all()
+
+
+def test_ids_are_one_whatever_unicode_form_they_were_typed_in(storage: str) -> None:
+    # "é" typed as one code point or as "e" + a combining accent is the same id.
+    composed = "caf\u00e9-" + os.urandom(4).hex()
+    decomposed = unicodedata.normalize("NFD", composed)
+    assert decomposed != composed
+    assert workflow.run(add.bind(1, 2), workflow_id=decomposed) == 3
+    assert workflow.get_status(composed) == workflow.SUCCESSFUL
+    assert workflow.get_output(decomposed) == 3
+    assert (composed, workflow.SUCCESSFUL) in workflow.list_all()
+
+
+def test_a_function_with_a_very_long_name_runs(storage: str, wid: str) -> None:
+    # Its default task id is shortened (its end and a hash of the whole) to fit a file
+    # name; it used to fail the storage write.
+    def long_add(a: int, b: int) -> int:
+        return a + b
+
+    long_add.__qualname__ = "Q" * 300
+    task = ray.remote(long_add)
+    assert workflow.run(task.bind(1, 2), workflow_id=wid) == 3
+    tid = default_task_name(long_add)
+    assert len(tid.encode()) <= MAX_ID_LENGTH and tid.endswith("Q" * 100)
+    assert workflow.get_metadata(wid, task_id=tid)["task_id"] == tid
 
 
 @pytest.mark.parametrize("bad_id", [123, b"bytes-id", ["a"]], ids=["int", "bytes", "list"])

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 import unicodedata
 import uuid
 
+#: The longest id, in UTF-8 bytes: an id is a file name (with a record suffix and a
+#: repeat's ``_<n>``) on file storage, whose names stop at 255 bytes, and a part of an
+#: S3 key, which stops at 1,024.
 MAX_ID_LENGTH = 200
+# Characters an id cannot hold: control and format characters (zero-width, bidi
+# overrides), surrogates, line and paragraph separators. They make ids that look the
+# same and differ, or that print as something else.
+_REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 # Only ids the allocator can generate: a suffix >= 1 without leading zeros.
 _SUFFIXED = re.compile(r"^(.*)_([1-9]\d*)$")
 
@@ -18,24 +26,32 @@ def new_workflow_id() -> str:
 
 
 def check_id(value: object, what: str = "workflow_id") -> str:
-    """Validate a workflow or task id; raise ``TypeError``/``ValueError`` naming the problem."""
+    """Validate a workflow or task id; return it in Unicode normal form C (so that the
+    same visible id is the same id, however it was typed); raise
+    ``TypeError``/``ValueError`` naming the problem."""
     if not isinstance(value, str):
         raise TypeError(f"{what} must be a str, got {type(value).__name__}: {value!r}")
+    value = unicodedata.normalize("NFC", value)
+    size = len(value.encode("utf-8", "surrogatepass"))
+    refused = next((ch for ch in value if unicodedata.category(ch) in _REFUSED_CATEGORIES), None)
     problem = None
     if not value:
         problem = "it is empty"
-    elif len(value) > MAX_ID_LENGTH:
-        problem = f"it is {len(value)} characters long (at most {MAX_ID_LENGTH})"
+    elif size > MAX_ID_LENGTH:
+        problem = f"it is {size} bytes long in UTF-8 (at most {MAX_ID_LENGTH})"
     elif "/" in value or "\\" in value:
         problem = "it contains a path separator ('/' or '\\')"
     elif ".." in value or value == ".":
         problem = "it contains '..' or is '.'"
-    elif any(unicodedata.category(ch) == "Cc" for ch in value):
-        problem = "it contains a control character"
+    elif refused is not None:
+        problem = (
+            f"it contains the invisible or control character U+{ord(refused):04X} "
+            f"({unicodedata.category(refused)})"
+        )
     if problem:
         raise ValueError(
-            f"Invalid {what} {value[:60]!r}: {problem}. Use up to {MAX_ID_LENGTH} printable "
-            "characters without '/', '\\' or '..', e.g. 'order-1234'."
+            f"Invalid {what} {value[:60]!r}: {problem}. Use up to {MAX_ID_LENGTH} bytes of "
+            "printable characters without '/', '\\' or '..', e.g. 'order-1234'."
         )
     return value
 
@@ -48,10 +64,18 @@ def slug(name: str) -> str:
 
 
 def default_task_name(func: object) -> str:
-    """``<module>.<slug(qualname)>`` of a function."""
+    """``<module>.<slug(qualname)>`` of a function; a name too long for an id (with
+    room for a repeat's ``_<n>``) keeps its end and a short hash of the whole."""
     module = getattr(func, "__module__", None) or "unknown"
     qualname = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or "task"
-    return f"{module}.{slug(str(qualname))}"
+    name = f"{module}.{slug(str(qualname))}"
+    if len(name) > _MAX_DEFAULT_NAME:  # ASCII: characters are bytes
+        digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+        name = f"{digest}.{name[-(_MAX_DEFAULT_NAME - 9) :]}"
+    return name
+
+
+_MAX_DEFAULT_NAME = MAX_ID_LENGTH - 20
 
 
 class IdAllocator:

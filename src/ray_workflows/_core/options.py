@@ -118,7 +118,7 @@ class WorkflowOptions(Mapping[str, Any]):
         if "task_id" in options:
             from ray_workflows._core.ids import check_id
 
-            check_id(options["task_id"], "task_id")
+            options["task_id"] = check_id(options["task_id"], "task_id")
         if "metadata" in options:
             options["metadata"] = check_metadata(options["metadata"], "task metadata")
         for flag in ("catch_exceptions", "checkpoint", "allow_inplace"):
