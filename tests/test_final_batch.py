@@ -137,8 +137,10 @@ async def test_a_failed_final_batch_leaves_the_workflow_resumable(tmp_path: Path
     engine = Engine(storage)
     with pytest.raises(WorkflowError, match="could not be stored.*RESUMABLE"):
         await _adopted(storage, engine, "w")
-    assert not (tmp_path / "s" / "workflows" / "w" / "meta.json").exists()  # no status...
-    assert not _packs(await storage.list("workflows/w/tasks/"), "w")  # ...in one batch
+    assert not (tmp_path / "s" / "workflows" / "w" / "meta.json").exists()  # no status
+    assert not await storage.list("status/SUCCESSFUL/")
+    # (The last pack, queued before the status in that batch, may have landed on its
+    # own: a failed batch is written again caller by caller, in order.)
     await engine.close()
 
     # Another engine resumes it once the storage takes writes again.

@@ -59,3 +59,21 @@ async def test_two_callers_starting_one_workflow_id_have_one_winner() -> None:
         )
     )
     assert sum(s is not None for s in starts) == 1
+
+
+async def test_a_key_that_cannot_be_written_fails_only_its_own_caller(tmp_path: Path) -> None:
+    # Three callers share one batch; the file system refuses one name (longer than 255
+    # bytes). The batch fails, and is written again caller by caller: the two others'
+    # writes land and succeed, only the bad one's caller gets the error.
+    storage = FileStorage(str(tmp_path))
+    commit = GroupCommit(storage)
+    bad = "workflows/w2/" + "x" * 300
+    first = asyncio.ensure_future(commit.enqueue_many({"workflows/w1/a": b"1"}))
+    second = asyncio.ensure_future(commit.queue_creates({bad: b"2"}))
+    third = asyncio.ensure_future(commit.queue_creates({"workflows/w3/c": b"3"}))
+    results = await asyncio.gather(first, second, third, return_exceptions=True)
+    assert not isinstance(results[0], BaseException), results
+    assert isinstance(results[1], Exception), results
+    assert results[2] == {"workflows/w3/c": True}, results
+    assert await storage.get("workflows/w1/a") == b"1"
+    assert await storage.get("workflows/w3/c") == b"3"

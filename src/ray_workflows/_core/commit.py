@@ -10,6 +10,7 @@ previous pack was being stored. Why, and what the store writes through them: see
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol
 
@@ -26,13 +27,18 @@ class GroupCommit:
     """Batches writes: one ``put_many``, one ``put_if_absent_many`` (then one
     ``discard_many``) for everything queued while the last batch was being written.
     Batches are written in order; within a batch, keys keep the order in which they
-    were first queued, and its discards follow its puts and creations."""
+    were first queued, and its discards follow its puts and creations.
+
+    A batch that fails is written again caller by caller, in their order, so that a
+    key that cannot be written (say, a name the filesystem refuses) fails only the
+    caller that queued it, never the others sharing its batch."""
 
     def __init__(self, storage: Storage) -> None:
         self._storage = storage
         self._queue: dict[str, bytes | None] = {}  # None: delete the key
         self._creates: dict[str, bytes] = {}  # created only if absent
-        self._waiters: list[asyncio.Future[dict[str, bool]]] = []
+        # Each caller waiting for the batch, with the keys it put and it creates.
+        self._waiters: list[tuple[asyncio.Future[dict[str, bool]], list[str], list[str]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
     async def put(self, key: str, data: bytes) -> None:
@@ -48,7 +54,7 @@ class GroupCommit:
         for key, data in items.items():
             self._queue.pop(key, None)  # a re-queued key takes its new place in the order
             self._queue[key] = data
-        return self._queued()
+        return self._queued(list(items), [])
 
     def discard(self, key: str) -> None:
         """Delete ``key`` with the next batch, after its puts, without waiting and
@@ -70,7 +76,7 @@ class GroupCommit:
         for key, data in items.items():
             if key not in taken:
                 self._creates[key] = data
-        queued = self._queued()
+        queued = self._queued([], [key for key in items if key not in taken])
 
         async def created() -> dict[str, bool]:
             done = await queued
@@ -78,9 +84,9 @@ class GroupCommit:
 
         return created()
 
-    def _queued(self) -> asyncio.Future[dict[str, bool]]:
+    def _queued(self, puts: list[str], creates: list[str]) -> asyncio.Future[dict[str, bool]]:
         waiter: asyncio.Future[dict[str, bool]] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        self._waiters.append((waiter, puts, creates))
         self._kick()
         return asyncio.shield(waiter)
 
@@ -117,18 +123,53 @@ class GroupCommit:
                     created = await self._storage.put_if_absent_many(creates)
                 if deletes:
                     await self._storage.discard_many(deletes)
-            except BaseException as exc:  # every waiter of the batch learns of it
+            except Exception as exc:
                 if deletes and not waiters:  # discards only: nobody waits to hear it
                     log.warning("storage.discard_failed", keys=len(deletes), error=repr(exc))
-                for w in waiters:
+                if len(waiters) > 1:
+                    log.warning("storage.batch_failed", callers=len(waiters), error=repr(exc))
+                    await self._one_by_one(waiters, puts, creates, deletes)
+                else:
+                    for w, _, _ in waiters:
+                        if not w.done():
+                            w.set_exception(exc)
+                continue
+            except BaseException as exc:  # cancelled: every waiter of the batch learns of it
+                for w, _, _ in waiters:
                     if not w.done():
                         w.set_exception(exc)
-                if not isinstance(exc, Exception):
-                    raise
-                continue
-            for w in waiters:
+                raise
+            for w, _, _ in waiters:
                 if not w.done():
                     w.set_result(created)
+
+    async def _one_by_one(
+        self,
+        waiters: list[tuple[asyncio.Future[dict[str, bool]], list[str], list[str]]],
+        puts: dict[str, bytes],
+        creates: dict[str, bytes],
+        deletes: list[str],
+    ) -> None:
+        """A failed batch again, one caller at a time: each learns of its own keys."""
+        for waiter, put_keys, create_keys in waiters:
+            mine = {key: puts[key] for key in put_keys if key in puts}
+            new = {key: creates[key] for key in create_keys if key in creates}
+            try:
+                if mine:
+                    await self._storage.put_many(mine)
+                created = await self._storage.put_if_absent_many(new) if new else {}
+                for key, made in created.items():
+                    if not made and await self._storage.get(key) == new[key]:
+                        created[key] = True  # made by the failed batch, before it failed
+            except Exception as exc:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+                continue
+            if not waiter.done():
+                waiter.set_result(created)
+        if deletes:
+            with contextlib.suppress(Exception):  # readers settle what a discard leaves
+                await self._storage.discard_many(deletes)
 
 
 class Committer(Protocol):
