@@ -20,7 +20,11 @@ from ray_workflows._core.compiler import compile_dag
 from ray_workflows._core.engine import Engine
 from ray_workflows._core.status import WorkflowStatus
 from ray_workflows._core.store import PackWriter
-from ray_workflows.exceptions import WorkflowExecutionError, WorkflowQueueFullError
+from ray_workflows.exceptions import (
+    TaskNotFoundError,
+    WorkflowExecutionError,
+    WorkflowQueueFullError,
+)
 from ray_workflows.storage import open_storage
 
 
@@ -284,4 +288,22 @@ async def test_recovery_skips_what_it_cannot_read_and_resumes_the_rest(tmp_path:
     assert await engine.resume_all() == ["good"]
     assert await (await engine.output("good")) == 3
     assert await engine.list_all() == [("good", WorkflowStatus.SUCCESSFUL)]
+    await engine.close()
+
+
+async def test_readers_leave_a_torn_pack_where_it_is(tmp_path: Path) -> None:
+    # get_metadata and get_output read task records without holding the workflow's
+    # lease: a torn pack they find is skipped, not deleted (only a runner taking the
+    # workflow over repairs it, and then the task runs again).
+    root = tmp_path / "storage"
+    engine = Engine(open_storage(str(root)))
+    assert await (await (await engine.start("w", compile_dag(add.bind(1, 2))))) == 3
+    [pack] = list((root / "workflows" / "w" / "tasks").glob("*/*.pack"))
+    record = pack.read_bytes()
+    pack.write_bytes(record[:-3])  # torn
+    meta = await engine.metadata("w", "test_engine_inprocess.add")
+    assert meta["task_id"] == "test_engine_inprocess.add" and not meta["stats"]
+    with pytest.raises(TaskNotFoundError):  # its only record is torn
+        await engine.output("w", "test_engine_inprocess.add")
+    assert pack.exists() and pack.read_bytes() == record[:-3]
     await engine.close()

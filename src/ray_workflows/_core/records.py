@@ -96,10 +96,12 @@ class TaskRecords(dict[str, set[str]]):
         return packed if packed is not None else self.where[(tid, "out")][1]
 
 
-async def read_records(storage: Storage, wid: str) -> TaskRecords:
+async def read_records(storage: Storage, wid: str, *, repair: bool = False) -> TaskRecords:
     """Every task record of a workflow that counts (see Fencing in
-    :mod:`ray_workflows._core.store`). Packs are read (and checked: a torn pack is
-    deleted, so its tasks run again) to learn which outputs they hold."""
+    :mod:`ray_workflows._core.store`). Packs are read (and checked) to learn which
+    outputs they hold; a torn pack holds none. Only the holder of the workflow's
+    lease (``repair``) deletes it, so that its tasks run again and store their
+    outputs anew; a reader leaves storage as it found it."""
     listed, (sealed, counted) = await asyncio.gather(
         storage.list(tasks_prefix(wid)), _newest_seal(storage, wid)
     )
@@ -129,7 +131,8 @@ async def read_records(storage: Storage, wid: str) -> TaskRecords:
             members = decode_pack(data, key)
         except CheckpointError as exc:
             log.warning("checkpoint.torn", workflow_id=wid, key=key, error=str(exc))
-            await storage.delete(key)
+            if repair:
+                await storage.delete(key)
             continue
         for tid, member in members.items():
             known = records.where.get((tid, "out"))
@@ -159,7 +162,7 @@ async def seal_records(storage: Storage, wid: str, epoch: int) -> TaskRecords:
     """Before a runner that took ``wid`` over at ``epoch`` writes anything: the task
     records that count now, stored as the only ones of earlier epochs that ever
     will (see Fencing in :mod:`ray_workflows._core.store`); returned."""
-    records = await read_records(storage, wid)
+    records = await read_records(storage, wid, repair=True)
     data = json.dumps({"epoch": epoch, "keys": records.counted}).encode()
     # Only the holder of ``epoch`` writes its seal; one that exists is its own.
     await storage.put_if_absent(seal_key(wid, epoch), data)

@@ -304,9 +304,9 @@ class WorkflowStore:
 
     # -- task records ----------------------------------------------------------
     async def task_records(self, wid: str) -> TaskRecords:
-        """Every task record of a workflow that counts (see Fencing above). Packs are
-        read (and checked: a torn pack is deleted, so its tasks run again) to learn
-        which outputs they hold."""
+        """Every task record of a workflow that counts (see Fencing above), for a
+        reader: a torn pack holds no outputs, and stays (only a runner taking the
+        workflow over repairs, in :meth:`seal`)."""
         return await read_records(self.storage, wid)
 
     async def seal(self, wid: str, epoch: int) -> TaskRecords:
