@@ -489,3 +489,19 @@ def test_compiled_options_are_per_node_and_per_workflow_defaults() -> None:
         compile_dag(add.bind(1, 2, 3))
     with pytest.raises(TypeError, match="do not match"):
         compile_dag(add.bind(1, c=2))
+
+
+def test_a_finished_workflow_whose_output_was_not_checkpointed_says_so(
+    storage: str, wid: str
+) -> None:
+    # Its output was never stored: resuming it, or running its id again, cannot return
+    # it. That is an error naming what to do (it used to recurse for ever).
+    dag = add.options(**workflow.options(checkpoint=False)).bind(1, 2)
+    assert workflow.run(dag, workflow_id=wid) == 3
+    assert workflow.get_status(wid) == workflow.SUCCESSFUL
+    for again in (lambda: workflow.resume(wid), lambda: workflow.run(dag, workflow_id=wid)):
+        started = time.monotonic()
+        with pytest.raises(workflow.exceptions.WorkflowError, match="checkpoint=False"):
+            again()
+        assert time.monotonic() - started < 30
+    assert workflow.get_status(wid) == workflow.SUCCESSFUL

@@ -37,6 +37,7 @@ from ray_workflows._core.store import running_meta
 from ray_workflows.clock import Clock
 from ray_workflows.exceptions import (
     WorkflowAlreadyRunningError,
+    WorkflowError,
     WorkflowNotFoundError,
     WorkflowNotResumableError,
 )
@@ -253,11 +254,20 @@ class Engine:
         meta = await self.store.read_meta(workflow_id)
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         output = meta.get("output_key") if meta is not None else None
-        if meta is not None and meta["status"] == WorkflowStatus.SUCCESSFUL.value and output:
+        if meta is not None and meta["status"] == WorkflowStatus.SUCCESSFUL.value:
             # Finished: its (maybe large) plan is not needed, only its output.
             held = self.leases.held.get(workflow_id)
             if held is not None:  # taken by start() for an id that turned out finished
                 self.leases.drop(held)
+            if not output:
+                raise WorkflowError(
+                    f"Workflow {workflow_id!r} finished, but its output task ran with "
+                    "checkpoint=False, so its output was not stored and cannot be returned "
+                    "again. Delete the workflow and run it again to compute it, or give "
+                    "the output task checkpoint=True.",
+                    workflow_id=workflow_id,
+                    status=WorkflowStatus.SUCCESSFUL.value,
+                )
             done.set_result(
                 await self._queries.stored_output(workflow_id, output) if load else None
             )
