@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import ray
+from helpers import count_runs, record_run
 
 from ray_workflows._core import keys
 from ray_workflows._core.admission import EXEMPT
@@ -307,3 +308,35 @@ async def test_readers_leave_a_torn_pack_where_it_is(tmp_path: Path) -> None:
         await engine.output("w", "test_engine_inprocess.add")
     assert pack.exists() and pack.read_bytes() == record[:-3]
     await engine.close()
+
+
+@ray.remote
+def fails_but_the_third(runs: str) -> int:
+    """Attempts 1 and 2 fail; 3 waits (until it is cancelled); any later one fails."""
+    record_run(runs, "try")
+    if count_runs(runs, "try") == 3:
+        time.sleep(60)
+    raise ValueError(f"attempt {count_runs(runs, 'try')}")
+
+
+async def test_failed_attempts_are_counted_across_a_resume(tmp_path: Path) -> None:
+    # max_retries=2: three attempts in all. Two fail, the third is under way when its
+    # engine stops; the engine that resumes the workflow knows of the two failures, so
+    # the task gets one more attempt, not three more (Ray 2.47 started counting again).
+    runs, root = tmp_path / "runs", tmp_path / "storage"
+    runs.mkdir()
+    task = fails_but_the_third.options(max_retries=2, retry_exceptions=True)
+    first = Engine(open_storage(str(root)))
+    finished = await first.start("w", compile_dag(task.bind(str(runs))))
+    for _ in range(600):
+        if count_runs(runs, "try") >= 3:
+            break
+        await asyncio.sleep(0.05)
+    assert count_runs(runs, "try") == 3
+    await first.close()  # as if its manager died: the workflow stays RUNNING
+    finished.cancel()
+    second = Engine(open_storage(str(root)))
+    with pytest.raises(WorkflowExecutionError, match="attempt 4"):
+        await (await second.resume("w"))
+    assert count_runs(runs, "try") == 4
+    await second.close()

@@ -14,6 +14,7 @@ Layout (all keys relative to the storage URI)::
     workflows/<wid>/tasks/<E>/<tid>.cont  the continuation plan the task returned
     workflows/<wid>/tasks/<E>/<tid>.latest  newest continuation of the chain rooted here
     workflows/<wid>/tasks/<E>/<tid>.deadline  an event task's timeout, in epoch seconds
+    workflows/<wid>/tasks/<E>/<tid>.tries  how many attempts of the task failed so far
     workflows/<wid>/tasks/<E>/<tid>.unacked   an event task's committed event, not yet
                                           acknowledged to its listener
     workflows/<wid>/tasks/<E>/ids.json    task-id counters (continuations name their tasks)

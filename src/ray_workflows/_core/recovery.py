@@ -81,6 +81,11 @@ class Recovery:
         run.add_plan(Plan({}, plan.output_task_id, functions))
         for spec in needed.values():
             run.add_task(spec)
+            tries = records.key(spec.task_id, "tries")  # its failed attempts so far
+            if tries is not None:
+                data = await self.store.read(tries)
+                if data is not None:
+                    run.attempts[spec.task_id] = int(data)
         for tid, recs in records.items():
             for record in ("deadline", "unacked"):
                 key = records.key(tid, record)

@@ -331,6 +331,11 @@ class WorkflowRun(Dispatch):
         max_retries = spec.options.max_retries
         if (system or retryable) and (max_retries == -1 or attempts < max_retries):
             self.attempts[tid] += 1
+            # Durable before the retry: a runner that resumes the workflow after a crash
+            # goes on counting, so a task runs at most max_retries + 1 times in all.
+            await self.store.put(
+                task_key(self.workflow_id, tid, "tries", self.epoch), str(attempts + 1).encode()
+            )
             if system:
                 self.graph.from_storage(tid)
             delay = retry_delay(attempts)
