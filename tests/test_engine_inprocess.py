@@ -24,6 +24,7 @@ from ray_workflows._core.store import PackWriter
 from ray_workflows.exceptions import (
     TaskNotFoundError,
     WorkflowExecutionError,
+    WorkflowNotResumableError,
     WorkflowQueueFullError,
 )
 from ray_workflows.storage import open_storage
@@ -340,3 +341,20 @@ async def test_failed_attempts_are_counted_across_a_resume(tmp_path: Path) -> No
         await (await second.resume("w"))
     assert count_runs(runs, "try") == 4
     await second.close()
+
+
+async def test_a_start_that_fails_holds_no_lease(tmp_path: Path) -> None:
+    # Starting an id that is stored as CANCELED fails; the lease the start took (in
+    # parallel with storing the plan) is released, not kept and renewed for ever,
+    # which made the id look running here to every other cluster.
+    engine = Engine(open_storage(str(tmp_path / "storage")))
+    finished = await engine.start("w", compile_dag(fails.options(max_retries=0).bind()))
+    with pytest.raises(WorkflowExecutionError):
+        await finished
+    await engine.cancel("w")
+    assert await engine.status("w") == WorkflowStatus.CANCELED
+    with pytest.raises(WorkflowNotResumableError):
+        await engine.start("w", compile_dag(add.bind(1, 2)))
+    assert "w" not in engine.leases.held
+    assert await engine.leases.holder("w") is None
+    await engine.close()

@@ -169,14 +169,27 @@ class Engine:
             lease, created = await asyncio.gather(
                 self.leases.acquire(workflow_id, fresh=True),
                 self.store.create(workflow_id, stored, record),
+                return_exceptions=True,
             )
-            if not created:
-                log.info(
-                    "workflow.exists_resuming",
-                    workflow_id=workflow_id,
-                    note="a workflow with this id is stored; resuming it, not the new DAG",
-                )
-                return await self._resume(workflow_id, existing_ok=True)
+            try:
+                if isinstance(created, BaseException):
+                    raise created
+                if isinstance(lease, BaseException):
+                    raise lease
+                if not created:
+                    log.info(
+                        "workflow.exists_resuming",
+                        workflow_id=workflow_id,
+                        note="a workflow with this id is stored; resuming it, not the new DAG",
+                    )
+                    return await self._resume(workflow_id, existing_ok=True)
+            except BaseException:
+                # The lease taken for it must not stay held (and renewed) by a start
+                # that failed: another cluster would see the id running here for ever.
+                held = self.leases.held.get(workflow_id)
+                if held is not None and workflow_id not in self.runs:
+                    await self.leases.release(held)
+                raise
             if lease is None:
                 raise await self._queries.elsewhere(workflow_id)
             return self._driver.launch(self._new_run(workflow_id, plan), meta, None, lease)
