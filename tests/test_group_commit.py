@@ -8,10 +8,17 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
+import ray
 from ray_workflows.backends.filesystem import FileStorage
 
+from ray_workflows._core.compiler import compile_dag
 from ray_workflows._core.store import GroupCommit, WorkflowStore
 from ray_workflows.storage import open_storage
+
+
+@ray.remote
+def _inc(x: int) -> int:
+    return x + 1
 
 
 class Counting(FileStorage):
@@ -77,3 +84,21 @@ async def test_a_key_that_cannot_be_written_fails_only_its_own_caller(tmp_path: 
     assert results[2] == {"workflows/w3/c": True}, results
     assert await storage.get("workflows/w1/a") == b"1"
     assert await storage.get("workflows/w3/c") == b"3"
+
+
+async def test_a_stored_workflow_is_in_the_index_before_its_first_status_write(
+    tmp_path: Path,
+) -> None:
+    # A workflow the manager stores (the driver cannot reach the storage) is one batch
+    # with its RUNNING marker: a crash before its first status write leaves a workflow
+    # recovery finds, not one list_all and resume_all never see.
+    store = WorkflowStore(FileStorage(str(tmp_path)))
+    plan = compile_dag(_inc.bind(1))
+    assert await store.create("w", plan)
+    assert await store.indexed() == {"w": "RUNNING"}
+    assert not await store.storage.exists("workflows/w/meta.json")
+    # An id that exists keeps the markers it had: none is added.
+    await store.storage.delete("status/RUNNING/w")
+    await store.storage.put("status/SUCCESSFUL/w", b"")
+    assert not await store.create("w", plan)
+    assert await store.indexed() == {"w": "SUCCESSFUL"}

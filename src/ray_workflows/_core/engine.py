@@ -192,7 +192,9 @@ class Engine:
                 raise
             if lease is None:
                 raise await self._queries.elsewhere(workflow_id)
-            return self._driver.launch(self._new_run(workflow_id, plan), meta, None, lease)
+            # Stored with its RUNNING marker (WorkflowStore.create).
+            running = WorkflowStatus.RUNNING.value
+            return self._driver.launch(self._new_run(workflow_id, plan), meta, running, lease)
 
     async def adopt(
         self,

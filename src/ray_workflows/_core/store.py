@@ -159,10 +159,19 @@ class WorkflowStore:
         return plan
 
     async def create(self, wid: str, plan: Plan, encoded: bytes | None = None) -> bool:
-        """Store the entry plan (``encoded`` already, if given) unless the workflow
-        exists; True if this call created it."""
+        """Store the entry plan (``encoded`` already, if given) and its RUNNING marker,
+        unless the workflow exists; True if this call created it. Plan and marker are
+        one batch, the plan first: the index that recovery scans shows the workflow
+        from the moment it exists, before its first status write."""
         data = encoded if encoded is not None else self.encode_plan(plan)
-        return await self.storage.put_if_absent(plan_key(wid), data)
+        marker = status_key(WorkflowStatus.RUNNING.value, wid)
+        created = await self.commit.create_many({plan_key(wid): data, marker: b""})
+        if not created[plan_key(wid)]:
+            if created[marker]:  # an existing workflow's: it keeps the markers it had
+                with contextlib.suppress(Exception):
+                    await self.storage.delete(marker)
+            return False
+        return True
 
     async def create_started(
         self, wid: str, encoded: bytes, status: str, lease: tuple[str, bytes]
