@@ -8,11 +8,14 @@ the workflow is waiting for it yet.
 
 * ``Idempotency-Key: <id>`` (optional header) is the event id: a retried POST with
   the same key is delivered once.
-* ``Authorization: Bearer <token>`` is required when the app has a token.
-* 400: the body is not JSON, or the workflow id, key or idempotency key is
-  invalid; 401: missing or wrong token; 404: no such workflow; 409: the workflow
-  has finished (SUCCESSFUL or CANCELED) and will never wait again; 413: the body is
-  larger than ``max_body_bytes``; 503: the storage failed (retry).
+* ``Authorization: Bearer <token>``: the app needs a token, and every request must
+  carry it; an app without one is only made when asked for by name
+  (``allow_unauthenticated=True``, which logs a warning).
+* 400: the body is not JSON (or nested too deeply to read), or the workflow id, key
+  or idempotency key is invalid; 401: missing or wrong token; 404: no such workflow;
+  409: the workflow has finished (SUCCESSFUL or CANCELED) and will never wait again;
+  413: the body is larger than ``max_body_bytes``; 503: the storage failed (retry).
+  Error bodies never name the storage (its path or bucket): the details are logged.
 
 Mount it in any Starlette or FastAPI application::
 
@@ -35,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ray_workflows._core.events import EventListener, current_context
 from ray_workflows._core.ids import check_id
+from ray_workflows._core.log import get_logger
 from ray_workflows.exceptions import (
     StorageError,
     WorkflowError,
@@ -46,6 +50,8 @@ if TYPE_CHECKING:
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse
+
+log = get_logger()
 
 #: The environment variable the standalone server reads its bearer token from.
 TOKEN_ENV = "RAY_WORKFLOWS_HTTP_TOKEN"
@@ -94,12 +100,15 @@ def make_app(
     send: SendEvent | None = None,
     token: str | None = None,
     max_body_bytes: int = 1 << 20,
+    allow_unauthenticated: bool = False,
 ) -> Starlette:
     """The ASGI application (Starlette) that stores events sent by HTTP.
 
     ``send`` stores an event (default: ``ray_workflows.aio.send_event``, which
-    needs ``workflow.init`` in this process); ``token``, if given, is the bearer
-    token every request must carry (compared in constant time).
+    needs ``workflow.init`` in this process); ``token`` is the bearer token every
+    request must carry (compared in constant time). Without a token the app is made
+    only if ``allow_unauthenticated`` says so: anyone who reaches it can then send
+    events to any workflow.
     """
     try:
         from starlette.applications import Starlette
@@ -110,7 +119,14 @@ def make_app(
             f"The HTTP event endpoint needs Starlette and uvicorn: {_INSTALL}"
         ) from exc
     if token is not None and not (isinstance(token, str) and token):
-        raise ValueError("token must be a non-empty string, or None for no authentication")
+        raise ValueError("token must be a non-empty string")
+    if token is None and not allow_unauthenticated:
+        raise ValueError(
+            "make_app() needs a bearer token (make_app(token=...)); to accept events from "
+            "anyone who can reach the app, pass allow_unauthenticated=True"
+        )
+    if token is None:
+        log.warning("http.unauthenticated", note="anyone who reaches the app can send events")
     expected = token.encode() if token is not None else None
     sender: SendEvent = send or _default_send
 
@@ -122,16 +138,21 @@ def make_app(
             if event_id is not None:
                 check_id(event_id, "Idempotency-Key")
             stored = await sender(workflow_id, key, payload, event_id=event_id)
-        except WorkflowNotFoundError as exc:
-            return _error(404, str(exc))
+        except WorkflowNotFoundError:
+            # Not its message: that names the storage.
+            return _error(404, f"no workflow {workflow_id!r}")
         except WorkflowFinishedError as exc:
             return _error(409, str(exc))
         except StorageError as exc:
-            return _error(503, str(exc), headers={"Retry-After": "1"})
+            log.warning("http.storage_failed", workflow_id=workflow_id, error=str(exc))
+            return _error(503, "the workflow storage failed; retry", headers={"Retry-After": "1"})
+        except RecursionError:
+            return _error(400, "the payload is nested too deeply")
         except (TypeError, ValueError) as exc:
             return _error(400, str(exc))
         except WorkflowError as exc:
-            return _error(500, str(exc))
+            log.warning("http.event_failed", workflow_id=workflow_id, error=str(exc))
+            return _error(500, "the event could not be stored")
         return JSONResponse({"workflow_id": workflow_id, "key": key, "event_id": stored})
 
     async def post_event(request: Request) -> JSONResponse:
@@ -203,6 +224,8 @@ async def _read_json(request: Request, limit: int) -> _Parsed | JSONResponse:
             return _error(413, f"the body is larger than {limit} bytes")
     try:
         return _Parsed(json.loads(body))
+    except RecursionError:
+        return _error(400, "the body is nested too deeply")
     except ValueError as exc:
         return _error(400, f"the body must be a JSON document (the event payload): {exc}")
 
@@ -219,7 +242,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--storage", help="the workflows' storage URI, as for workflow.init (default: its default)"
     )
+    parser.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help=f"serve without a token ({TOKEN_ENV} unset): anyone who reaches it can send events",
+    )
     args = parser.parse_args(argv)
+    token = os.environ.get(TOKEN_ENV) or None
+    if token is None and not args.allow_unauthenticated:
+        parser.exit(2, f"set {TOKEN_ENV} (the bearer token), or pass --allow-unauthenticated\n")
     try:
         import uvicorn
     except ImportError:
@@ -227,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     import ray_workflows
 
     ray_workflows.init(args.storage)
-    app = make_app(token=os.environ.get(TOKEN_ENV) or None)
+    app = make_app(token=token, allow_unauthenticated=args.allow_unauthenticated)
     uvicorn.run(app, host=args.host, port=args.port)
 
 

@@ -55,7 +55,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
-    with Server(make_app()) as s:
+    with Server(make_app(allow_unauthenticated=True)) as s:
         yield s
 
 

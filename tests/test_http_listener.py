@@ -191,6 +191,8 @@ async def test_unknown_workflow_is_404(client: httpx.AsyncClient, disk: Storage)
     response = await client.post("/workflows/no-such-workflow/events/k", json=1, headers=AUTH)
     assert response.status_code == 404
     assert "no-such-workflow" in response.json()["error"]
+    # The storage's path or bucket is not for whoever can reach the endpoint.
+    assert disk.uri not in response.text and "storage" not in response.text
     assert await disk.list("workflows/no-such-workflow/") == []
 
 
@@ -242,20 +244,36 @@ async def test_wrong_method_and_unknown_path(client: httpx.AsyncClient, wid: str
     assert (await client.post("/nowhere", json=1, headers=AUTH)).status_code == 404
 
 
+def test_an_app_without_a_token_must_be_asked_for_by_name() -> None:
+    with pytest.raises(ValueError, match="allow_unauthenticated=True"):
+        make_app()
+
+
 async def test_app_without_a_token_accepts_anyone(disk: Storage, wid: str) -> None:
-    with Server(make_app(send=storage_sender(disk))) as open_server:
+    with Server(make_app(send=storage_sender(disk), allow_unauthenticated=True)) as open_server:
         async with httpx.AsyncClient(base_url=open_server.url, timeout=10) as c:
             response = await c.post(f"/workflows/{wid}/events/k", json="open")
     assert response.status_code == 200
 
 
 async def test_mounted_in_another_starlette_app(disk: Storage, wid: str) -> None:
-    parent = Starlette(routes=[Mount("/hooks", app=make_app(send=storage_sender(disk)))])
+    app = make_app(send=storage_sender(disk), token=TOKEN)
+    parent = Starlette(routes=[Mount("/hooks", app=app)])
     transport = httpx.ASGITransport(app=parent)
     async with httpx.AsyncClient(transport=transport, base_url="http://app") as c:
-        response = await c.post(f"/hooks/workflows/{wid}/events/mounted", json=[1, 2])
+        response = await c.post(f"/hooks/workflows/{wid}/events/mounted", json=[1, 2], headers=AUTH)
     assert response.status_code == 200, response.text
     assert await Mailbox(disk).pending(wid, "mounted") == [response.json()["event_id"]]
+
+
+async def test_a_deeply_nested_body_is_a_400(
+    client: httpx.AsyncClient, wid: str, disk: Storage
+) -> None:
+    deep = "[" * 20_000 + "]" * 20_000
+    headers = {**AUTH, "content-type": "application/json"}
+    response = await client.post(f"/workflows/{wid}/events/k", content=deep, headers=headers)
+    assert response.status_code == 400, response.text
+    assert "nested" in response.json()["error"]
 
 
 def test_an_empty_token_is_refused() -> None:
