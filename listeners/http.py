@@ -13,7 +13,8 @@ the workflow is waiting for it yet.
   (``allow_unauthenticated=True``, which logs a warning).
 * 400: the body is not JSON (or nested too deeply to read), or the workflow id, key
   or idempotency key is invalid; 401: missing or wrong token; 404: no such workflow;
-  409: the workflow has finished (SUCCESSFUL or CANCELED) and will never wait again;
+  409: the workflow has finished (SUCCESSFUL or CANCELED) and will never wait again,
+  or the ``Idempotency-Key`` was used before with another payload;
   413: the body is larger than ``max_body_bytes``; 503: the storage failed (retry).
   Error bodies never name the storage (its path or bucket): the details are logged.
 
@@ -40,6 +41,7 @@ from ray_workflows._core.events import EventListener, current_context
 from ray_workflows._core.ids import check_id
 from ray_workflows._core.log import get_logger
 from ray_workflows.exceptions import (
+    EventConflictError,
     StorageError,
     WorkflowError,
     WorkflowFinishedError,
@@ -141,7 +143,7 @@ def make_app(
         except WorkflowNotFoundError:
             # Not its message: that names the storage.
             return _error(404, f"no workflow {workflow_id!r}")
-        except WorkflowFinishedError as exc:
+        except (WorkflowFinishedError, EventConflictError) as exc:
             return _error(409, str(exc))
         except StorageError as exc:
             log.warning("http.storage_failed", workflow_id=workflow_id, error=str(exc))

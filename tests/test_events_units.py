@@ -32,7 +32,7 @@ from ray_workflows._core.events import (
 )
 from ray_workflows._core.mailbox import EventPayloadError, Mailbox
 from ray_workflows.clock import Clock
-from ray_workflows.exceptions import WorkflowError
+from ray_workflows.exceptions import EventConflictError, WorkflowError
 from ray_workflows.storage import Storage
 from ray_workflows.testing import ListenerConformance
 
@@ -138,13 +138,16 @@ async def test_notify_from_another_thread(disk: Storage) -> None:
 async def test_same_event_id_is_delivered_once(disk: Storage) -> None:
     mailbox = Mailbox(disk)
     assert await mailbox.send("w", "k", "first", event_id="order-1") == "order-1"
-    assert await mailbox.send("w", "k", "retry", event_id="order-1") == "order-1"
+    assert await mailbox.send("w", "k", "first", event_id="order-1") == "order-1"  # a retry
+    # The same id with another payload is no retry: refused, the first event stands.
+    with pytest.raises(EventConflictError, match="order-1"):
+        await mailbox.send("w", "k", "something else", event_id="order-1")
     assert await mailbox.pending("w", "k") == ["order-1"]
     assert await claim_soon(mailbox, "w", "k", "t1") == ("order-1", "first")
     await assert_waits(mailbox.claim("w", "k", "t2"))
     # A late retry after the event was consumed is not delivered again either.
     assert await mailbox.acknowledge("w", "k", "order-1")
-    await mailbox.send("w", "k", "late retry", event_id="order-1")
+    await mailbox.send("w", "k", "first", event_id="order-1")  # a late retry
     assert await mailbox.pending("w", "k") == []
     await assert_waits(mailbox.claim("w", "k", "t3"))
 

@@ -153,6 +153,9 @@ async def test_idempotency_key_delivers_once(
         response = await client.post(f"/workflows/{wid}/events/paid", json=42, headers=headers)
         assert response.status_code == 200
         assert response.json()["event_id"] == "payment-42"
+    # The same key with another payload: refused (409), the first event stands.
+    response = await client.post(f"/workflows/{wid}/events/paid", json=43, headers=headers)
+    assert response.status_code == 409 and "payment-42" in response.json()["error"]
     assert await Mailbox(disk).pending(wid, "paid") == ["payment-42"]
 
 

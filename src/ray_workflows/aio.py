@@ -16,6 +16,7 @@ workflows and talks to the manager.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable
 from typing import Any
 
@@ -82,10 +83,14 @@ async def send_event(
     """Store an event for ``workflow_id`` under ``key`` and return its id once it is
     durable. A waiting ``wait_for_event("http", event_key=key)`` receives it; an event
     that arrives before anyone waits is kept. The same ``event_id`` twice is stored
-    (and delivered) once. An unknown workflow is ``WorkflowNotFoundError``."""
+    (and delivered) once; with another payload it is ``EventConflictError``. An unknown
+    workflow is ``WorkflowNotFoundError``. Without an ``event_id`` one is made here,
+    before the manager is called: a call Ray replays after a manager restart stores
+    the event once."""
     check_id(workflow_id)
     if not isinstance(key, str) or not key or "/" in key:
         raise ValueError(f"event key must be a non-empty string without '/', got {key!r}")
+    event_id = uuid.uuid4().hex if event_id is None else check_id(event_id, "event_id")
     event: str = await client.call("send_event", workflow_id, key, payload, event_id)
     return event
 

@@ -139,6 +139,11 @@ class WorkflowFinishedError(WorkflowError):
     would never be delivered, so it is not stored."""
 
 
+class EventConflictError(WorkflowError):
+    """An event id (``event_id``, or an HTTP ``Idempotency-Key``) sent again with
+    another payload: the first event stands, the second is refused, not stored."""
+
+
 class WorkflowStillActiveError(WorkflowError):
     """The operation needs a workflow that is not running or pending."""
 
@@ -186,6 +191,7 @@ class UnknownStorageError(StorageError, ValueError):
 
 __all__ = [
     "CheckpointError",
+    "EventConflictError",
     "StorageError",
     "TaskIdCollisionError",
     "TaskNotFoundError",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import threading
 import time
 import uuid
@@ -17,7 +18,7 @@ from typing import Any
 from ray_workflows._core import keys, serialization
 from ray_workflows._core.ids import check_id
 from ray_workflows._core.log import get_logger
-from ray_workflows.exceptions import WorkflowError
+from ray_workflows.exceptions import EventConflictError, WorkflowError
 from ray_workflows.storage import Storage
 
 log = get_logger()
@@ -138,19 +139,20 @@ class Mailbox:
         check_id(key, "event key")
         if event_id is not None:
             check_id(event_id, "event_id")
-        data = _encode(workflow_id, key, payload)
+        data, digest = _encode(workflow_id, key, payload)
         if event_id is None:
             event_id = uuid.uuid4().hex
             await self.storage.put(keys.mailbox_event_key(workflow_id, key, _name(event_id)), data)
         else:
             name = _name(event_id)
             id_key = keys.mailbox_id_key(workflow_id, key, event_id)
-            if await self.storage.put_if_absent(id_key, name.encode()):
+            # The id's record names the event and the digest of its payload.
+            if await self.storage.put_if_absent(id_key, f"{name}\n{digest}".encode()):
                 await self.storage.put_if_absent(
                     keys.mailbox_event_key(workflow_id, key, name), data
                 )
             else:
-                await self._resend(workflow_id, key, event_id, data)
+                await self._resend(workflow_id, key, event_id, data, digest)
         log.debug("event.stored", workflow_id=workflow_id, key=key, event_id=event_id)
         self.notify(workflow_id, key)
         return event_id
@@ -159,13 +161,24 @@ class Mailbox:
         """Whether an event of this id was ever sent to (workflow, key)."""
         return await self.storage.exists(keys.mailbox_id_key(workflow_id, key, event_id))
 
-    async def _resend(self, workflow_id: str, key: str, event_id: str, data: bytes) -> None:
+    async def _resend(
+        self, workflow_id: str, key: str, event_id: str, data: bytes, digest: str
+    ) -> None:
+        # The same id with another payload is not a retry: refused, the first stands.
         # A first send may have died between its dedupe record and its event
         # record. Put the event back unless a task has claimed it: the claim record
         # outlives the acknowledgement, so a consumed event is never revived (and
         # one revived in a race is still claimed, so nobody gets it).
         stored = await self.storage.get(keys.mailbox_id_key(workflow_id, key, event_id))
-        name = stored.decode() if stored is not None else ""
+        name, _, first = (stored.decode() if stored is not None else "").partition("\n")
+        if first and first != digest:
+            raise EventConflictError(
+                f"Event id {event_id!r} was sent to workflow {workflow_id!r} (key {key!r}) "
+                "before with another payload; the first event stands. Use a new id for a "
+                "new event.",
+                workflow_id=workflow_id,
+                key=key,
+            )
         if name and not await self.storage.exists(keys.mailbox_claim_key(workflow_id, key, name)):
             await self.storage.put_if_absent(keys.mailbox_event_key(workflow_id, key, name), data)
 
@@ -281,7 +294,8 @@ def _name(event_id: str) -> str:
     return f"{_arrival_micros():0{_STAMP}d}-{event_id}"
 
 
-def _encode(workflow_id: str, key: str, payload: Any) -> bytes:
+def _encode(workflow_id: str, key: str, payload: Any) -> tuple[bytes, str]:
+    """The event's record, and the digest of its payload (what a resend must match)."""
     where = f"event {key!r} for workflow {workflow_id!r}"
     try:
         data, refs = serialization.dumps(payload)
@@ -299,7 +313,8 @@ def _encode(workflow_id: str, key: str, payload: Any) -> bytes:
             workflow_id=workflow_id,
             key=key,
         )
-    return serialization.encode("event", data, sent_at=time.time())
+    digest = hashlib.sha256(data).hexdigest()
+    return serialization.encode("event", data, sent_at=time.time()), digest
 
 
 __all__ = ["EventPayloadError", "Mailbox"]
