@@ -358,3 +358,45 @@ async def test_a_start_that_fails_holds_no_lease(tmp_path: Path) -> None:
     assert "w" not in engine.leases.held
     assert await engine.leases.holder("w") is None
     await engine.close()
+
+
+@ray.remote
+def tally_down(n: int, runs: str) -> Any:
+    record_run(runs, f"cd{n}")
+    if n == 0:
+        return 0
+    return tally_down.bind(n - 1, runs)  # a bare DAG is a continuation
+
+
+async def test_a_continuation_whose_records_landed_only_in_part_resumes(tmp_path: Path) -> None:
+    # On a storage whose batches do not land in order (S3), a continuation's records
+    # (its plan, the chain's `latest` pointer, the id counters) may land without each
+    # other. Here the newest continuation's plan and every ids.json are lost, its
+    # `latest` pointer stayed: the chain is walked from its root, the task whose plan
+    # was lost runs again, and the ids it takes are new ones.
+    runs, root = tmp_path / "runs", tmp_path / "storage"
+    runs.mkdir()
+    engine = Engine(open_storage(str(root)))
+    assert await (await (await engine.start("c", compile_dag(tally_down.bind(3, str(runs)))))) == 0
+    await engine.close()
+    wf = root / "workflows" / "c"
+    name = "test_engine_inprocess.tally_down"
+    [lost] = list(wf.glob(f"tasks/*/{name}_2.cont"))  # countdown(1)'s continuation
+    assert list(wf.glob(f"tasks/*/{name}.latest"))
+    lost.unlink()
+    for ids in wf.glob("tasks/*/ids.json"):
+        ids.unlink()
+    meta = wf / "meta.json"  # interrupted, as after a crash of its manager
+    meta.write_text(meta.read_text().replace('"SUCCESSFUL"', '"RUNNING"'))
+    (root / "status" / "SUCCESSFUL" / "c").rename(root / "status" / "RUNNING" / "c")
+    (wf / "lease").unlink()
+
+    engine = Engine(open_storage(str(root)))
+    assert await (await (await engine.resume("c"))) == 0
+    await engine.close()
+    counts = [count_runs(runs, f"cd{n}") for n in (3, 2, 1, 0)]
+    assert counts == [1, 1, 2, 2], counts
+    # countdown(0) ran again as a new task, not under an id already used.
+    assert list(wf.glob(f"tasks/*/{name}_4.*")) or any(
+        f"{name}_4" in p.read_bytes().decode("latin-1") for p in wf.glob("tasks/*/*.pack")
+    )

@@ -90,6 +90,19 @@ class IdAllocator:
     def __init__(self, counters: dict[str, int] | None = None) -> None:
         self.counters: dict[str, int] = dict(counters or {})
 
+    @staticmethod
+    def counters_of(task_ids: list[str]) -> dict[str, int]:
+        """Counters under which none of ``task_ids`` would be allocated again: every id
+        is taken as a base used once, and ``b_<n>`` as the n-th repeat of ``b``."""
+        counters: dict[str, int] = {}
+        for tid in task_ids:
+            counters[tid] = max(counters.get(tid, 0), 1)
+            match = _SUFFIXED.match(tid)
+            if match:
+                base, n = match.group(1), int(match.group(2)) + 1
+                counters[base] = max(counters.get(base, 0), n)
+        return counters
+
     def allocate(self, base: str) -> str:
         from ray_workflows.exceptions import TaskIdCollisionError
 

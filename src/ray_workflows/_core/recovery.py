@@ -78,6 +78,12 @@ class Recovery:
                 )
             needed[tid] = spec
             stack.extend(spec.upstream)
+        # Ids already used must never be allocated again, even where ids.json did not
+        # land with the continuation that used them (a crash between concurrent puts).
+        seen = IdAllocator.counters_of(list(records) + list(specs))
+        counters = run.allocator.counters
+        for base, n in seen.items():
+            counters[base] = max(n, counters.get(base, 0))
         run.add_plan(Plan({}, plan.output_task_id, functions))
         for spec in needed.values():
             run.add_task(spec)
@@ -134,7 +140,13 @@ class Recovery:
         if latest is not None:
             data = await self.store.read(latest)
             if data is not None:
-                parent = serialization.peek_header(data, "latest")["task"]
+                pointed = serialization.peek_header(data, "latest")["task"]
+                # Written beside its continuation, not after it: on a storage whose
+                # batches do not land in order it may have landed alone. Then the chain
+                # is walked from its root (each earlier continuation was durable before
+                # its tasks ran).
+                if records.key(pointed, "cont") is not None:
+                    parent = pointed
         while True:
             key = records.key(parent, "cont")
             data = None if key is None else await self.store.read(key)
