@@ -99,18 +99,27 @@ def _started_records(
     return {plan_key(wid): encoded, lease[0]: lease[1], status_key(status, wid): b""}
 
 
+def _taken_back(items: dict[str, bytes], created: dict[str, bool]) -> list[str] | None:
+    """What a start's batch came to, its first key (the plan) being the commit point:
+    ``None`` if this call stored the workflow; else (the plan existed) the other keys
+    this call created, which must be taken back (readers settle a stray marker from
+    meta.json meanwhile). A marker that existed already (left by a deleted workflow of
+    this id) indexes the new workflow as well."""
+    plan, *others = items
+    if created[plan]:
+        return None
+    return [key for key in others if created[key]]
+
+
 def _started_outcome(
     items: dict[str, bytes], created: dict[str, bool]
 ) -> tuple[bool | None, list[str]]:
-    """What a start's batch came to: ``None`` if the plan existed (the workflow is
-    stored already), else whether the lease record was created; and the keys this
-    call created that must be taken back (readers settle a stray marker from
-    meta.json meanwhile)."""
-    plan_key, lease_key, _ = items
-    if not created[plan_key]:
-        return None, [key for key in list(items)[1:] if created[key]]
-    # A marker that existed already (left by a deleted workflow of this id) indexes
-    # the new one as well.
+    """A caller's start (:func:`_started_records`): ``None`` if the workflow is stored
+    already, else whether the lease record was created; and the keys to take back."""
+    taken_back = _taken_back(items, created)
+    if taken_back is not None:
+        return None, taken_back
+    _, lease_key, _ = items
     return created[lease_key], []
 
 
@@ -164,14 +173,15 @@ class WorkflowStore:
         one batch, the plan first: the index that recovery scans shows the workflow
         from the moment it exists, before its first status write."""
         data = encoded if encoded is not None else self.encode_plan(plan)
-        marker = status_key(WorkflowStatus.RUNNING.value, wid)
-        created = await self.commit.create_many({plan_key(wid): data, marker: b""})
-        if not created[plan_key(wid)]:
-            if created[marker]:  # an existing workflow's: it keeps the markers it had
-                with contextlib.suppress(Exception):
-                    await self.storage.delete(marker)
-            return False
-        return True
+        items = {plan_key(wid): data, status_key(WorkflowStatus.RUNNING.value, wid): b""}
+        taken_back = _taken_back(items, await self.commit.create_many(items))
+        await self._take_back(taken_back or [])
+        return taken_back is None
+
+    async def _take_back(self, keys: list[str]) -> None:
+        for key in keys:
+            with contextlib.suppress(Exception):
+                await self.storage.delete(key)
 
     async def create_started(
         self, wid: str, encoded: bytes, status: str, lease: tuple[str, bytes]
@@ -186,9 +196,7 @@ class WorkflowStore:
         # With the starts of other workflows under way: one durable batch for all.
         created = await self.commit.create_many(items)
         outcome, taken_back = _started_outcome(items, created)
-        for key in taken_back:
-            with contextlib.suppress(Exception):
-                await self.storage.delete(key)
+        await self._take_back(taken_back)
         return outcome
 
     def create_started_blocking(
@@ -199,9 +207,9 @@ class WorkflowStore:
         items = _started_records(wid, encoded, status, lease)
         created = self.storage.put_if_absent_many_blocking(items)
         outcome, taken_back = _started_outcome(items, created)
-        for key in taken_back:
+        if taken_back:  # rare: no hop to the bridge's loop otherwise
             with contextlib.suppress(Exception):
-                bridge.run(self.storage.delete(key))
+                bridge.run(self._take_back(taken_back))
         return outcome
 
     async def started_meta(self, wid: str) -> dict[str, Any] | None:
