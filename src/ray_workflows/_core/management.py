@@ -208,10 +208,12 @@ class Management:
     async def resume_all(self, include_failed: bool = False) -> list[str]:
         """Resume every RESUMABLE workflow (and FAILED ones if asked): those that were
         running before those that were pending, so they get the running slots back.
-        One that cannot resume is logged and skipped; the others still resume."""
+        One that cannot resume is logged and skipped; the others still resume. Only
+        the index's markers of those statuses are listed: the sweep's cost does not
+        grow with the number of finished workflows kept."""
         order = {"RUNNING": 0, "PENDING": 1, "FAILED": 2}
         wanted = {"RUNNING", "PENDING"} | ({"FAILED"} if include_failed else set())
-        stored = await self.store.indexed()
+        stored = await self.store.indexed(wanted)
         candidates = sorted(
             (order[s], wid) for wid, s in stored.items() if s in wanted and wid not in self.runs
         )
