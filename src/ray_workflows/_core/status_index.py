@@ -57,6 +57,15 @@ async def listed(storage: Storage, prefix: str) -> dict[str, set[str]]:
     return found
 
 
+async def listed_by_status(storage: Storage, statuses: Collection[str]) -> dict[str, set[str]]:
+    """:func:`listed` for the markers of ``statuses`` only: one listing per status."""
+    found: dict[str, set[str]] = {}
+    for status in dict.fromkeys(statuses):
+        for wid, marks in (await listed(storage, f"{STATUS_PREFIX}{status}/")).items():
+            found.setdefault(wid, set()).update(marks)
+    return found
+
+
 async def _settled(wid: str, meta_of: MetaOf) -> str | None:
     try:
         meta = await meta_of(wid)
@@ -78,11 +87,7 @@ async def read_index(
         unsure = [wid for wid, marks in found.items() if len(marks) > 1]
         result = {wid: next(iter(marks)) for wid, marks in found.items() if len(marks) == 1}
     else:
-        found = {}
-        for status in dict.fromkeys(statuses):
-            for wid, marks in (await listed(storage, f"{STATUS_PREFIX}{status}/")).items():
-                found.setdefault(wid, set()).update(marks)
-        unsure, result = list(found), {}
+        unsure, result = list(await listed_by_status(storage, statuses)), {}
     limit = asyncio.Semaphore(SETTLE_CONCURRENCY)
 
     async def settle(wid: str) -> str | None:
@@ -95,4 +100,4 @@ async def read_index(
     return result
 
 
-__all__ = ["STORED_STATUSES", "listed", "read_index"]
+__all__ = ["STORED_STATUSES", "listed", "listed_by_status", "read_index"]
