@@ -34,6 +34,7 @@ EXPORTED = [
     "continuation",
     "create",
     "delete",
+    "delete_finished",
     "event_listener",
     "exceptions",
     "get_actor",

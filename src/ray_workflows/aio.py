@@ -16,6 +16,7 @@ workflows and talks to the manager.
 
 from __future__ import annotations
 
+import datetime
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 from ray_workflows._core import client
 from ray_workflows._core.client import get
 from ray_workflows._core.ids import check_id
+from ray_workflows._core.settings import duration
 from ray_workflows._core.status import WorkflowStatus
 
 
@@ -100,6 +102,38 @@ async def delete(workflow_id: str) -> None:
     await client.call("delete", check_id(workflow_id))
 
 
+FINISHED = (WorkflowStatus.SUCCESSFUL, WorkflowStatus.FAILED, WorkflowStatus.CANCELED)
+
+
+async def delete_finished(
+    older_than: datetime.timedelta | float,
+    *,
+    statuses: Iterable[WorkflowStatus | str] | WorkflowStatus | str = FINISHED,
+) -> list[str]:
+    """Delete every finished workflow (of ``statuses``: SUCCESSFUL, FAILED, CANCELED)
+    that ended more than ``older_than`` (a timedelta, or seconds) ago, as ``delete``
+    does; return the ids deleted. Running workflows are never touched."""
+    seconds = duration("older_than", older_than)
+    deleted: list[str] = await client.call("delete_finished", seconds, _finished(statuses))
+    return deleted
+
+
+def _finished(value: Any) -> tuple[str, ...]:
+    if isinstance(value, (str, WorkflowStatus)):
+        value = [value]
+    if not isinstance(value, Iterable):
+        raise TypeError(f"statuses must be a status or an iterable of them, got {value!r}")
+    statuses = {s.value if isinstance(s, WorkflowStatus) else s for s in value}
+    wrong = sorted(map(repr, statuses - {s.value for s in FINISHED}))
+    if wrong or not statuses:
+        raise ValueError(
+            "delete_finished deletes only finished workflows: statuses must be some of "
+            f"SUCCESSFUL, FAILED, CANCELED, got {', '.join(wrong) or 'none'}. A running "
+            "workflow is canceled with workflow.cancel first."
+        )
+    return tuple(sorted(statuses))
+
+
 async def get_output_async(
     workflow_id: str, task_id: str | None = None, *, name: str | None = None
 ) -> Any:
@@ -164,6 +198,7 @@ __all__ = [
     "Resumed",
     "cancel",
     "delete",
+    "delete_finished",
     "get",
     "get_metadata",
     "get_output",

@@ -4,6 +4,8 @@ through the bridge loop, but for ``init`` and ``run_async``, which call
 
 from __future__ import annotations
 
+import datetime
+from collections.abc import Iterable
 from typing import Any
 
 import ray
@@ -22,6 +24,7 @@ def init(
     max_pending_workflows: int | None = None,
     auto_resume: bool | None = None,
     clock: str | None = None,
+    retention: datetime.timedelta | float | None = None,
 ) -> None:
     """Choose the storage (a path, ``file://``, ``memory://``, ``s3://...``) and start the
     manager. Optional: the first workflow call initialises with the defaults.
@@ -31,7 +34,10 @@ def init(
     makes a starting manager resume the workflows its storage says were running.
     ``clock`` names the clock plugin for sleeps and timers: ``"system"`` (default, or
     ``RAY_WORKFLOWS_CLOCK``), or ``"virtual"`` for tests, where time jumps ahead
-    whenever every workflow waits on a timer.
+    whenever every workflow waits on a timer. ``retention`` (a timedelta or seconds;
+    default None, or ``RAY_WORKFLOWS_RETENTION`` in seconds) makes the manager delete
+    finished workflows that ended longer ago than that, as ``delete_finished`` does;
+    None keeps them until deleted (and leaves a running manager's retention as it is).
 
     Every other knob (placements, hosting, the lease ttl) comes from its
     ``RAY_WORKFLOWS_*`` environment variable in this process. All are read here once
@@ -46,6 +52,7 @@ def init(
         max_pending_workflows=max_pending_workflows,
         auto_resume=auto_resume,
         clock=clock,
+        retention=retention,
     )
 
 
@@ -157,6 +164,23 @@ def delete(workflow_id: str) -> None:
     bridge.run(aio.delete(workflow_id))
 
 
+def delete_finished(
+    older_than: datetime.timedelta | float,
+    *,
+    statuses: Iterable[WorkflowStatus | str] | WorkflowStatus | str = aio.FINISHED,
+) -> list[str]:
+    """Delete every finished workflow that ended more than ``older_than`` (a timedelta,
+    or seconds) ago, as ``delete`` deletes one: its records, outputs, events, index
+    entry and lease. ``statuses`` narrows it to some of SUCCESSFUL, FAILED and
+    CANCELED. Returns the ids deleted; running workflows are never touched.
+
+    >>> workflow.delete_finished(datetime.timedelta(days=7))
+    ['order-1', 'order-2']
+    """
+    deleted: list[str] = bridge.run(aio.delete_finished(older_than, statuses=statuses))
+    return deleted
+
+
 def continuation(dag_node: Any) -> Any:
     """Return ``dag_node`` from a task to make it the task's result (a dynamic workflow).
 
@@ -241,6 +265,7 @@ def create(dag: Any, *args: Any, **kwargs: Any) -> Workflow:
 __all__ = [
     "continuation",
     "create",
+    "delete_finished",
     "get_metadata",
     "get_output",
     "get_output_async",

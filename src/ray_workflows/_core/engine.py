@@ -9,7 +9,8 @@ This module starts and resumes workflows; the rest is done by parts the Engine
 composes, each given what it needs: a ``RunDriver`` (:mod:`ray_workflows._core.drive`)
 drives each run to its final status, ``Queries`` (:mod:`ray_workflows._core.queries`)
 answer about workflows, ``Management`` (:mod:`ray_workflows._core.management`)
-cancels, deletes and resumes them.
+cancels, deletes and resumes them, and ``Retention`` (:mod:`ray_workflows._core.retention`)
+deletes those finished long enough ago.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ray_workflows._core.options import check_metadata
 from ray_workflows._core.plan import Plan
 from ray_workflows._core.queries import Queries
 from ray_workflows._core.recovery import Recovery
+from ray_workflows._core.retention import Retention
 from ray_workflows._core.scheduler import WorkflowRun
 from ray_workflows._core.status import WorkflowStatus
 from ray_workflows._core.store import running_meta
@@ -129,6 +131,7 @@ class Engine:
             lock=self._lock,
             resume=self.resume,
         )
+        self.retention = Retention(self.store, self._management.delete_ended)
 
     # -- starting ---------------------------------------------------------------
     async def start(
@@ -367,6 +370,7 @@ class Engine:
 
     async def close(self) -> None:
         self._management.stop_watching()
+        self.retention.stop()
         self._driver.stop()
         await self.leases.close()
         await self.storage.close()

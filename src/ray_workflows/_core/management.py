@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -40,6 +41,13 @@ FINAL = (
 )
 
 log = get_logger()
+
+
+def ended_at(meta: dict[str, Any]) -> float:
+    """When a finished workflow ended, from its meta.json: ``end_time`` (its start time
+    if a record lacks one, or infinity: never old enough)."""
+    value = meta.get("end_time", meta.get("start_time"))
+    return float(value) if isinstance(value, (int, float)) else math.inf
 
 
 class Management:
@@ -174,16 +182,44 @@ class Management:
             # Live also while its caller hands it over (a lease of ours, not held yet),
             # as get_status shows it. WorkflowNotFoundError if there is nothing stored.
             status = await self.queries.status(workflow_id, handed_over=True)
-            # Another manager may also be resuming it while its stored status is still
-            # FAILED: its live lease says so.
-            if status in (WorkflowStatus.RUNNING, WorkflowStatus.PENDING) or (
+            if await self._active(workflow_id, status):
+                raise WorkflowStillActiveError.of("delete", workflow_id)
+            await self._remove(workflow_id)
+
+    async def delete_ended(
+        self, workflow_id: str, before: float, statuses: Collection[str]
+    ) -> bool:
+        """:meth:`delete` a workflow if its stored status is one of ``statuses`` and it
+        ended before ``before`` (epoch seconds, its meta.json's ``end_time``), as read
+        under its id's lock; ``False`` (nothing removed) otherwise."""
+        async with self.lock(workflow_id):
+            meta = await self.store.read_meta(workflow_id)
+            if (
+                meta is None
+                or meta.get("status") not in statuses
+                or ended_at(meta) > before
+                or await self._active(workflow_id, WorkflowStatus(meta["status"]))
+            ):
+                return False
+            await self._remove(workflow_id)
+            return True
+
+    async def _active(self, workflow_id: str, status: WorkflowStatus) -> bool:
+        # Another manager may also be resuming it while its stored status is still
+        # FAILED: its live lease says so.
+        return (
+            workflow_id in self.runs
+            or status in (WorkflowStatus.RUNNING, WorkflowStatus.PENDING)
+            or (
                 status != WorkflowStatus.SUCCESSFUL
                 and await self.queries.held_elsewhere(workflow_id)
-            ):
-                raise WorkflowStillActiveError.of("delete", workflow_id)
-            removed = await self.store.delete_workflow(workflow_id)
-            self._close(workflow_id)
-            log.info("workflow.deleted", workflow_id=workflow_id, records=removed)
+            )
+        )
+
+    async def _remove(self, workflow_id: str) -> None:
+        removed = await self.store.delete_workflow(workflow_id)
+        self._close(workflow_id)
+        log.info("workflow.deleted", workflow_id=workflow_id, records=removed)
 
     async def send_event(
         self, workflow_id: str, key: str, payload: Any, event_id: str | None = None
@@ -208,10 +244,12 @@ class Management:
     async def resume_all(self, include_failed: bool = False) -> list[str]:
         """Resume every RESUMABLE workflow (and FAILED ones if asked): those that were
         running before those that were pending, so they get the running slots back.
-        One that cannot resume is logged and skipped; the others still resume."""
+        One that cannot resume is logged and skipped; the others still resume. Only
+        the index's markers of those statuses are listed: the sweep's cost does not
+        grow with the number of finished workflows kept."""
         order = {"RUNNING": 0, "PENDING": 1, "FAILED": 2}
         wanted = {"RUNNING", "PENDING"} | ({"FAILED"} if include_failed else set())
-        stored = await self.store.indexed()
+        stored = await self.store.indexed(wanted)
         candidates = sorted(
             (order[s], wid) for wid, s in stored.items() if s in wanted and wid not in self.runs
         )
@@ -246,4 +284,4 @@ class Management:
             self._watcher.cancel()
 
 
-__all__ = ["CANCEL_WAIT", "Management"]
+__all__ = ["CANCEL_WAIT", "FINAL", "Management", "ended_at"]

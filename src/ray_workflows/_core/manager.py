@@ -128,6 +128,7 @@ class WorkflowManager:
             loop = asyncio.get_running_loop()
             self._recovering = loop.create_task(self._recover())
             self._sweeper = loop.create_task(self._sweep())
+        self.engine.retention.keep(settings.retention)
         _tune_gc()
 
     async def _start_sub(self, workflow_id: str, plan: Plan) -> None:
@@ -163,7 +164,8 @@ class WorkflowManager:
     async def configure(self, settings: Settings) -> None:
         """Take the settings of a driver's ``workflow.init`` (sent also to a manager that
         already ran): its limits (those it gives), clock and placement knobs. The lease
-        ttl and ``auto_resume`` stay as this manager started with them."""
+        ttl and ``auto_resume`` stay as this manager started with them; limits and the
+        retention not given stay as they are."""
         if settings.storage != self.settings.storage:
             raise ValueError(
                 f"Settings for storage {settings.storage!r} sent to the manager of "
@@ -177,10 +179,11 @@ class WorkflowManager:
         # What is fixed when a manager starts stays, and so do limits not given.
         before = self.settings
         kept: dict[str, Any] = {"lease_ttl": before.lease_ttl, "auto_resume": before.auto_resume}
-        for name in ("max_running_workflows", "max_pending_workflows"):
+        for name in ("max_running_workflows", "max_pending_workflows", "retention"):
             if getattr(settings, name) is None:
                 kept[name] = getattr(before, name)
         settings = dataclasses.replace(settings, **kept)
+        self.engine.retention.keep(settings.retention)
         self.engine.executor.use(settings)
         self.settings = settings
 
@@ -196,6 +199,10 @@ class WorkflowManager:
     async def delete(self, workflow_id: str) -> None:
         await self._recovered()
         await self.engine.delete(workflow_id)
+
+    async def delete_finished(self, older_than: float, statuses: tuple[str, ...]) -> list[str]:
+        await self._recovered()
+        return await self.engine.retention.delete_finished(older_than, statuses)
 
     async def resume_all(self, include_failed: bool) -> list[str]:
         await self._recovered()

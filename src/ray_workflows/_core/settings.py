@@ -26,6 +26,7 @@ anything else is an error that names the variable.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 import os
 from collections.abc import Callable
@@ -73,6 +74,10 @@ class Settings:
     batch: bool = True
     #: Report workflow tasks to Ray's state API and dashboard task list.
     task_events: bool = False
+    #: Seconds a finished workflow is kept after it ended before the manager deletes
+    #: it (:mod:`ray_workflows._core.retention`); ``None``: kept until deleted, and a
+    #: running manager's retention is left as it is.
+    retention: float | None = None
 
 
 def _flag(name: str, value: Any) -> bool:
@@ -95,6 +100,18 @@ def _seconds(name: str, value: Any) -> float:
     if not (math.isfinite(seconds) and seconds >= 0):
         raise ValueError(f"{name} must be a number of seconds (0 or more), got {value!r}")
     return seconds
+
+
+def duration(name: str, value: Any) -> float:
+    """Seconds, from a number, a numeric string or a ``datetime.timedelta``."""
+    if isinstance(value, datetime.timedelta):
+        value = value.total_seconds()
+    try:
+        return _seconds(name, value)
+    except ValueError:
+        raise ValueError(
+            f"{name} must be a datetime.timedelta or a number of seconds (0 or more), got {value!r}"
+        ) from None
 
 
 def _clock(name: str, value: Any) -> str:
@@ -122,6 +139,7 @@ ENV: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "fuse": ("RAY_WORKFLOWS_FUSE", _flag),
     "batch": ("RAY_WORKFLOWS_BATCH", _flag),
     "task_events": ("RAY_WORKFLOWS_TASK_EVENTS", _flag),
+    "retention": ("RAY_WORKFLOWS_RETENTION", duration),
 }
 
 
@@ -192,6 +210,7 @@ __all__ = [
     "Settings",
     "build",
     "default_storage",
+    "duration",
     "normalise_storage",
     "resolve_storage",
 ]

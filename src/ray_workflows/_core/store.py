@@ -17,7 +17,8 @@ only by ``compare_and_set`` against the bytes it last saw (:meth:`WorkflowStore.
 
 A status change writes the new marker, then ``meta.json``, then deletes the old
 marker. A crash in between leaves two markers, and readers settle them from
-``meta.json``, so the index is never wrong, only briefly redundant.
+``meta.json``, so the index is never wrong, only briefly redundant (read in
+:mod:`ray_workflows._core.status_index`).
 
 The engine is the single writer of everything here except large ``out`` records
 and objects, which workers write where they run (on a shared storage). Small
@@ -38,19 +39,17 @@ import dataclasses
 import json
 import pickle
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Collection
 from typing import Any
 
 from ray_workflows._core import bridge, serialization
 from ray_workflows._core.commit import GroupCommit, PackWriter
 from ray_workflows._core.keys import (
-    STATUS_PREFIX,
     cancel_key,
     ids_key,
     meta_key,
     objects_prefix,
     pack_ref,
-    parse_status_key,
     plan_key,
     seal_key,
     split_ref,
@@ -58,7 +57,6 @@ from ray_workflows._core.keys import (
     task_key,
     wf_prefix,
 )
-from ray_workflows._core.log import get_logger
 from ray_workflows._core.plan import Plan
 from ray_workflows._core.records import (
     TaskRecords,
@@ -69,17 +67,8 @@ from ray_workflows._core.records import (
     seal_records,
 )
 from ray_workflows._core.status import WorkflowStatus
+from ray_workflows._core.status_index import STORED_STATUSES, read_index
 from ray_workflows.storage import Storage
-
-log = get_logger()
-
-STORED_STATUSES = (
-    WorkflowStatus.RUNNING,
-    WorkflowStatus.PENDING,
-    WorkflowStatus.SUCCESSFUL,
-    WorkflowStatus.FAILED,
-    WorkflowStatus.CANCELED,
-)
 
 
 def running_meta(output_task_id: str, user_metadata: dict[str, Any]) -> dict[str, Any]:
@@ -289,35 +278,14 @@ class WorkflowStore:
             self.commit.discard(status_key(old, wid))
         return data
 
-    async def indexed(self) -> dict[str, str]:
-        """wid -> stored status, from the index (settling duplicates from meta.json).
-        What cannot be read is logged and skipped, never fatal to the scan: a key that
-        is not ``status/<STATUS>/<wid>`` (a folder an S3 console made, a stray file), or
-        a workflow with two markers whose meta.json cannot be read."""
-        found: dict[str, set[str]] = {}
-        known = {status.value for status in STORED_STATUSES}
-        for key in await self.storage.list(STATUS_PREFIX):
-            try:
-                status, wid = parse_status_key(key)
-            except ValueError:
-                status, wid = "", ""
-            if status not in known or not wid or "/" in wid:
-                log.warning("status.stray_key", key=key)
-                continue
-            found.setdefault(wid, set()).add(status)
-        result = {}
-        for wid, statuses in found.items():
-            if len(statuses) == 1:
-                result[wid] = statuses.pop()
-                continue
-            try:
-                meta = await self.read_meta(wid) or await self.started_meta(wid)
-            except Exception as exc:  # a corrupt meta.json: this one is left out
-                log.warning("status.unreadable_meta", workflow_id=wid, error=str(exc))
-                continue
-            if meta is not None:
-                result[wid] = meta["status"]
-        return result
+    async def indexed(self, statuses: Collection[str] | None = None) -> dict[str, str]:
+        """wid -> stored status, from the index: all of it, or (``statuses``) only the
+        workflows with one of these statuses, listing only their part of the index
+        (see :mod:`ray_workflows._core.status_index`)."""
+        return await read_index(self.storage, self._stored_meta, statuses)
+
+    async def _stored_meta(self, wid: str) -> dict[str, Any] | None:
+        return await self.read_meta(wid) or await self.started_meta(wid)
 
     # -- task records ----------------------------------------------------------
     async def task_records(self, wid: str) -> TaskRecords:
