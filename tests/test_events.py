@@ -309,3 +309,28 @@ def test_a_failing_acknowledgement_never_polls_again(
     assert result.startswith("EVENT-0|")  # the committed event, not a second one
     assert count_runs(counter_dir, "poll") == 1
     assert Path(runs, "ack-failed-once").exists()
+
+
+def test_a_full_mailbox_refuses_new_events_but_not_retries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wid: str
+) -> None:
+    # The limit is set in the driver only; the manager enforces it.
+    monkeypatch.setenv("RAY_WORKFLOWS_MAILBOX_LIMIT", "2")
+    uri = str(tmp_path / "storage")
+    workflow.init(uri)
+    try:
+        workflow.run_async(
+            gather.bind(workflow.wait_for_event("http", event_key="go")), workflow_id=wid
+        )
+        workflow.send_event(wid, "unread", 1, event_id="a")
+        workflow.send_event(wid, "unread", 2, event_id="b")
+        with pytest.raises(workflow.exceptions.MailboxFullError, match=wid) as info:
+            workflow.send_event(wid, "go", "now")
+        assert info.value.limit == 2
+        assert workflow.send_event(wid, "unread", 1, event_id="a") == "a"  # a retry
+        with pytest.raises(workflow.exceptions.EventConflictError):
+            workflow.send_event(wid, "unread", 3, event_id="b")
+        assert workflow.get_status(wid) == workflow.WorkflowStatus.RUNNING
+    finally:
+        workflow.cancel(wid)
+        kill_manager(uri)

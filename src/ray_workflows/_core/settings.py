@@ -39,6 +39,8 @@ from ray_workflows.storage import open_storage
 ENV_STORAGE = "RAY_WORKFLOWS_STORAGE"
 LEGACY_ENV_STORAGE = "RAY_WORKFLOW_STORAGE"
 ENV_HOST = "RAY_WORKFLOWS_HOST"
+#: Undelivered events a workflow's mailbox holds before it refuses more.
+DEFAULT_MAILBOX_LIMIT = 10_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +75,9 @@ class Settings:
     batch: bool = True
     #: Report workflow tasks to Ray's state API and dashboard task list.
     task_events: bool = False
+    #: Events a workflow's mailbox may hold that no task has consumed yet; a send past
+    #: it is refused (``MailboxFullError``, HTTP 429) until the workflow takes some.
+    mailbox_limit: int = DEFAULT_MAILBOX_LIMIT
 
 
 def _flag(name: str, value: Any) -> bool:
@@ -104,6 +109,16 @@ def _clock(name: str, value: Any) -> str:
     return str(value)
 
 
+def _count(name: str, value: Any) -> int:
+    try:
+        number = int(value) if not isinstance(value, (bool, float)) else 0
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1:
+        raise ValueError(f"{name} must be a whole number, 1 or more, got {value!r}")
+    return number
+
+
 def _limit(name: str, value: Any, low: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int or None, got {value!r}")
@@ -122,6 +137,7 @@ ENV: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "fuse": ("RAY_WORKFLOWS_FUSE", _flag),
     "batch": ("RAY_WORKFLOWS_BATCH", _flag),
     "task_events": ("RAY_WORKFLOWS_TASK_EVENTS", _flag),
+    "mailbox_limit": ("RAY_WORKFLOWS_MAILBOX_LIMIT", _count),
 }
 
 
@@ -185,6 +201,7 @@ def build(storage: str | None = None, **explicit: Any) -> Settings:
 
 
 __all__ = [
+    "DEFAULT_MAILBOX_LIMIT",
     "ENV",
     "ENV_HOST",
     "ENV_STORAGE",
