@@ -12,7 +12,8 @@ switch faults on and off while workers and the manager run, in any process::
      "tear": "tasks/step_2\\\\.out$",  # such writes store only the first half of the bytes
      "fail_nth": 3,                # the 3rd write in each process raises
      "delay": 0.05,                # every write sleeps this long first
-     "transient": true}            # failures raise TransientStorageError (default: StorageError)
+     "transient": true,            # failures raise TransientStorageError (default: StorageError)
+     "unordered": true}            # put_many writes its keys last first, as S3 may land them
 
 A missing control file means no faults. Reads are never changed.
 """
@@ -86,7 +87,9 @@ class FaultyStorage(Storage):
         await self.inner.put(key, await self._before_write(key, data))
 
     async def put_many(self, items: Mapping[str, bytes]) -> None:
-        for key, data in items.items():
+        rules = await asyncio.to_thread(self._load_rules)
+        ordered = list(items.items())
+        for key, data in reversed(ordered) if rules.get("unordered") else ordered:
             await self.put(key, data)
 
     async def put_if_absent(self, key: str, data: bytes) -> bool:
