@@ -8,7 +8,10 @@ loader of botocore's S3 models, the bulk of a new client's cost.
 
 Requests run inside :meth:`S3Clients.translate`, which turns botocore's errors into
 a :class:`StorageError` that names the storage, the operation and, where it can
-tell, what to fix.
+tell, what to fix. Failures a later retry may get past (throttling, a 5xx, a timeout,
+a lost or refused connection) become a :class:`TransientStorageError`; the rest
+(AccessDenied and other 4xx, no such bucket, no credentials, a certificate that does
+not verify) a plain :class:`StorageError`.
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ from typing import Any
 # "pip install 'ray-workflows[s3]'" at open time.
 import aiobotocore.session
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, SSLError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 from ray_workflows.backends._s3_uri import S3Location
 
-from ray_workflows.exceptions import StorageError
+from ray_workflows.exceptions import StorageError, TransientStorageError
 
 _AUTH_CODES = frozenset(
     {
@@ -42,6 +46,20 @@ _AUTH_CODES = frozenset(
     }
 )
 _WIRE_ERRORS = (BotoCoreError, OSError, asyncio.TimeoutError)
+# Codes S3 (and compatible servers) answer when the same request may pass later.
+_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "TooManyRequests",
+        "RequestLimitExceeded",
+        "RequestTimeout",
+        "InternalError",
+        "ServiceUnavailable",
+        "ConditionalRequestConflict",
+    }
+)
 
 _loader_lock = threading.Lock()
 _loader: Any = None
@@ -76,6 +94,19 @@ def _error_code(exc: ClientError) -> str:
 
 def _http_status(exc: ClientError) -> int:
     return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+def transient(code: str, status: int) -> bool:
+    """Whether an S3 error (its code and HTTP status) may pass if the request is retried."""
+    return code in _TRANSIENT_CODES or status == 429 or status >= 500
+
+
+def _transient_wire(exc: BaseException) -> bool:
+    # A timeout, a refused or dropped connection; not a certificate that fails to
+    # verify, missing credentials or a request botocore refuses to build.
+    if isinstance(exc, SSLError):
+        return False
+    return isinstance(exc, (BotoConnectionError, HTTPClientError, OSError, asyncio.TimeoutError))
 
 
 def was_retried(exc: ClientError) -> bool:
@@ -188,15 +219,18 @@ class S3Clients:
             code, status = _error_code(exc), _http_status(exc)
             message = exc.response.get("Error", {}).get("Message") or ""
             summary = f"{code or 'error'} (HTTP {status})" + (f": {message}" if message else "")
-            raise self._error(op, what, summary, _hint(code, status, self._location)) from exc
+            hint = _hint(code, status, self._location)
+            raise self._error(op, what, summary, hint, transient(code, status)) from exc
         except _WIRE_ERRORS as exc:
             summary = str(exc) or type(exc).__name__
-            raise self._error(
-                op, what, summary, _hint(type(exc).__name__, 0, self._location)
-            ) from exc
+            hint = _hint(type(exc).__name__, 0, self._location)
+            raise self._error(op, what, summary, hint, _transient_wire(exc)) from exc
 
-    def _error(self, op: str, what: str, summary: str, hint: str) -> StorageError:
-        return StorageError(
+    def _error(
+        self, op: str, what: str, summary: str, hint: str, transient: bool = False
+    ) -> StorageError:
+        cls = TransientStorageError if transient else StorageError
+        return cls(
             f"S3 storage {self._uri}: {op} {what} failed: {summary}.{hint}",
             uri=self._uri,
             operation=op,
@@ -235,5 +269,6 @@ __all__ = [
     "is_missing",
     "precondition_failed",
     "preload_models",
+    "transient",
     "was_retried",
 ]

@@ -28,7 +28,7 @@ from ray_workflows.backends._s3_client import (
     was_retried,
 )
 
-from ray_workflows.exceptions import StorageError
+from ray_workflows.exceptions import TransientStorageError
 
 # Our random token on every conditional write: after a retried request answers 412,
 # it tells whether the write that succeeded was ours (its first attempt landed).
@@ -131,7 +131,7 @@ class S3Objects:
                         # was lost; then the precondition failed against our own write.
                         return await self._has_token(client, name, token)
                     return False
-        raise StorageError(
+        raise TransientStorageError(
             f"S3 storage {self._uri}: {op} {key!r} failed: the server answered "
             f"ConditionalRequestConflict {_CONFLICT_RETRIES} times in a row.",
             uri=self._uri,

@@ -31,6 +31,12 @@ take that path (ext2/3/4, xfs, btrfs, f2fs, zfs, tmpfs, decided once per root fr
 ``/proc/self/mountinfo``); on NFS, SMB, FUSE, overlay or an unknown filesystem,
 or for one key, each file and directory is fsynced on its own.
 
+Errors: an ``OSError`` a retry may get past raises :class:`TransientStorageError`
+(a full disk or quota, a timeout, a stale handle or dropped connection of a network
+filesystem, a busy or locked file); every other one (no permission, a read-only
+filesystem, a missing directory, an I/O error of the device, a key that is also a
+directory) a plain :class:`StorageError`.
+
 This module is the plugin class; the blocking work it hands to its threads lives in
 private modules: ``_file_ops`` (one key, a listing, a prefix), ``_file_batches``
 (several keys), ``_file_layout`` (temp files, directories, lock stripes) and
@@ -41,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -50,7 +57,7 @@ from ray_workflows.backends import _file_batches, _file_ops
 from ray_workflows.backends._file_layout import RESERVED, lock_path
 from ray_workflows.backends._file_syncfs import one_syncfs
 
-from ray_workflows.exceptions import StorageError
+from ray_workflows.exceptions import StorageError, TransientStorageError
 from ray_workflows.storage import Storage, check_key, check_prefix
 
 _T = TypeVar("_T")
@@ -71,6 +78,26 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
 
 # Errors that mean "a key is also used as the directory of other keys".
 _LAYOUT_ERRORS = (NotADirectoryError, IsADirectoryError, FileExistsError)
+# Errors that may pass by themselves: space freed, a network filesystem back.
+_TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ENOSPC",
+        "EDQUOT",
+        "EAGAIN",
+        "EBUSY",
+        "EINTR",
+        "ENOLCK",
+        "ESTALE",
+        "ETIMEDOUT",
+        "ECONNRESET",
+        "ECONNREFUSED",
+        "ECONNABORTED",
+        "EHOSTUNREACH",
+        "ENETUNREACH",
+    )
+    if hasattr(errno, name)
+)
 
 
 def _several(keys: list[str]) -> str:
@@ -237,7 +264,8 @@ class FileStorage(Storage):
                     " (in a file storage a key cannot also be a directory of other keys, "
                     "such as 'a' and 'a/b')"
                 )
-            raise StorageError(
+            cls = TransientStorageError if exc.errno in _TRANSIENT_ERRNOS else StorageError
+            raise cls(
                 f"File storage {self._root!r}: {op} {what} failed: {exc}{hint}",
                 uri=self._uri,
                 root=self._root,

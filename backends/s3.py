@@ -26,6 +26,11 @@ One aiobotocore client (and connection pool) per event loop that uses the storag
 created on first use: a client is bound to the loop it was made on, and this
 storage is used from the manager's loop, the sync bridge's thread and workers.
 
+Errors: throttling (``SlowDown``, HTTP 429), a server error (5xx), a timeout or a
+lost connection raise :class:`TransientStorageError` (retry later); ``AccessDenied``,
+``NoSuchBucket``, missing credentials and other refusals a plain
+:class:`StorageError` (fix the cause first).
+
 This module is the plugin class; private modules hold the rest: ``_s3_uri`` (the
 URI), ``_s3_client`` (the clients per loop and the errors) and ``_s3_objects``
 (reads, conditional PUTs, multipart uploads).
@@ -41,11 +46,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from botocore.config import Config
-from ray_workflows.backends._s3_client import S3Clients, preload_models
+from ray_workflows.backends._s3_client import S3Clients, preload_models, transient
 from ray_workflows.backends._s3_objects import S3Objects, as_body, md5_etag
 from ray_workflows.backends._s3_uri import S3Location, parse_uri
 
-from ray_workflows.exceptions import StorageError
+from ray_workflows.exceptions import StorageError, TransientStorageError
 from ray_workflows.storage import Storage, check_key, check_prefix
 
 MiB = 1024 * 1024
@@ -218,7 +223,9 @@ class S3Storage(Storage):
             errors = response.get("Errors") or []
             if errors:
                 first = errors[0]
-                raise StorageError(
+                code = str(first.get("Code", ""))
+                cls = TransientStorageError if transient(code, 0) else StorageError
+                raise cls(
                     f"S3 storage {self._uri}: delete_prefix {prefix!r} failed for "
                     f"{len(errors)} keys, the first {first.get('Key')!r}: "
                     f"{first.get('Code')}: {first.get('Message')}",

@@ -15,7 +15,12 @@ the workflow is waiting for it yet.
   or idempotency key is invalid; 401: missing or wrong token; 404: no such workflow;
   409: the workflow has finished (SUCCESSFUL or CANCELED) and will never wait again,
   or the ``Idempotency-Key`` was used before with another payload;
-  413: the body is larger than ``max_body_bytes``; 503: the storage failed (retry).
+  413: the body is larger than ``max_body_bytes``; 429 with ``Retry-After``: the
+  workflow's mailbox holds ``mailbox_limit`` events it has not consumed yet (a retry
+  of an ``Idempotency-Key`` already stored is still a 200); 503 with ``Retry-After``:
+  the storage failed in a way that may pass (a timeout, throttling, a server error);
+  500: the storage refused (no permission, no such bucket or directory) or another
+  error: retrying will not help until the server's operator fixes it.
   Error bodies never name the storage (its path or bucket): the details are logged.
 
 Mount it in any Starlette or FastAPI application::
@@ -42,7 +47,9 @@ from ray_workflows._core.ids import check_id
 from ray_workflows._core.log import get_logger
 from ray_workflows.exceptions import (
     EventConflictError,
+    MailboxFullError,
     StorageError,
+    TransientStorageError,
     WorkflowError,
     WorkflowFinishedError,
     WorkflowNotFoundError,
@@ -58,6 +65,8 @@ log = get_logger()
 #: The environment variable the standalone server reads its bearer token from.
 TOKEN_ENV = "RAY_WORKFLOWS_HTTP_TOKEN"
 _INSTALL = "pip install 'ray-workflows[http]'"
+#: Seconds a client is asked to wait before it sends again (429 and 503).
+RETRY_AFTER = "1"
 
 
 class HTTPListener(EventListener):
@@ -145,9 +154,24 @@ def make_app(
             return _error(404, f"no workflow {workflow_id!r}")
         except (WorkflowFinishedError, EventConflictError) as exc:
             return _error(409, str(exc))
+        except MailboxFullError:
+            return _error(
+                429,
+                f"workflow {workflow_id!r} has too many events it has not consumed yet; "
+                "retry later",
+                headers={"Retry-After": RETRY_AFTER},
+            )
+        except TransientStorageError as exc:
+            log.warning("http.storage_unavailable", workflow_id=workflow_id, error=str(exc))
+            return _error(
+                503,
+                "the workflow storage is unavailable; retry",
+                headers={"Retry-After": RETRY_AFTER},
+            )
         except StorageError as exc:
-            log.warning("http.storage_failed", workflow_id=workflow_id, error=str(exc))
-            return _error(503, "the workflow storage failed; retry", headers={"Retry-After": "1"})
+            # Permanent (credentials, permissions, a missing bucket): a retry fails the same.
+            log.error("http.storage_failed", workflow_id=workflow_id, error=str(exc))
+            return _error(500, "the workflow storage refused the event; see the server's logs")
         except RecursionError:
             return _error(400, "the payload is nested too deeply")
         except (TypeError, ValueError) as exc:

@@ -3,6 +3,7 @@ run by the real manager on a real local Ray (timers on the virtual clock)."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,9 @@ from helpers import count_runs, record_run, wait_for
 
 import ray_workflows as workflow
 from ray_workflows import aio
+from ray_workflows._core import bridge
+from ray_workflows._core.mailbox import Mailbox
+from ray_workflows.storage import open_storage
 
 
 @pytest.fixture
@@ -309,3 +313,49 @@ def test_a_failing_acknowledgement_never_polls_again(
     assert result.startswith("EVENT-0|")  # the committed event, not a second one
     assert count_runs(counter_dir, "poll") == 1
     assert Path(runs, "ack-failed-once").exists()
+
+
+def test_a_full_mailbox_refuses_new_events_but_not_retries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wid: str
+) -> None:
+    # The limit is set in the driver only; the manager enforces it.
+    monkeypatch.setenv("RAY_WORKFLOWS_MAILBOX_LIMIT", "2")
+    uri = str(tmp_path / "storage")
+    workflow.init(uri)
+    try:
+        workflow.run_async(
+            gather.bind(workflow.wait_for_event("http", event_key="go")), workflow_id=wid
+        )
+        workflow.send_event(wid, "unread", 1, event_id="a")
+        workflow.send_event(wid, "unread", 2, event_id="b")
+        with pytest.raises(workflow.exceptions.MailboxFullError, match=wid) as info:
+            workflow.send_event(wid, "go", "now")
+        assert info.value.limit == 2
+        assert workflow.send_event(wid, "unread", 1, event_id="a") == "a"  # a retry
+        with pytest.raises(workflow.exceptions.EventConflictError):
+            workflow.send_event(wid, "unread", 3, event_id="b")
+        assert workflow.get_status(wid) == workflow.WorkflowStatus.RUNNING
+    finally:
+        workflow.cancel(wid)
+        kill_manager(uri)
+
+
+def test_an_event_output_never_lands_without_its_acknowledgement_marker(
+    faulty: tuple[str, Path], wid: str
+) -> None:
+    # A storage that may land a batch's keys in any order (S3), here the output before
+    # the 'unacked' marker, and the marker's write fails: an output without its marker
+    # would count the event task done and never acknowledge the event.
+    uri, control = faulty
+    control.write_text(json.dumps({"fail": r"\.unacked$", "unordered": True}))
+    ref = workflow.run_async(
+        gather.bind(workflow.wait_for_event("http", event_key="k")), workflow_id=wid
+    )
+    workflow.send_event(wid, "k", "paid", event_id="e1")
+    with pytest.raises(Exception, match="injected write failure"):
+        ray.get(ref, timeout=120)
+    control.unlink()
+    assert ray.get(workflow.resume_async(wid), timeout=120) == ("paid",)
+    # The event was delivered and acknowledged: nothing is left in the mailbox.
+    left = bridge.run(Mailbox(open_storage(uri)).pending(wid, "k"))
+    assert left == []

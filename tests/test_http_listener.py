@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import threading
 import time
@@ -19,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from helpers import faulty_uri
 from ray_workflows.backends.clocks import VirtualClock
 from ray_workflows.listeners.http import HTTPListener, SendEvent, make_app
 from starlette.applications import Starlette
@@ -26,9 +28,10 @@ from starlette.routing import Mount
 
 from ray_workflows import plugins
 from ray_workflows import storage as storage_module
+from ray_workflows._core import mailbox_counts
 from ray_workflows._core.events import EventContext, use_context
 from ray_workflows._core.mailbox import Mailbox
-from ray_workflows.exceptions import WorkflowNotFoundError
+from ray_workflows.exceptions import MailboxFullError, WorkflowNotFoundError
 from ray_workflows.storage import Storage
 from ray_workflows.testing import ListenerConformance
 
@@ -339,3 +342,86 @@ def test_make_app_imports_lazily(tmp_path: Path) -> None:
         "assert 'starlette' not in sys.modules, sorted(m for m in sys.modules if 'starl' in m)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def mailbox_sender(mailbox: Mailbox) -> SendEvent:
+    async def send(workflow_id: str, key: str, payload: Any, *, event_id: str | None = None) -> str:
+        return await mailbox.send(workflow_id, key, payload, event_id=event_id)
+
+    return send
+
+
+async def test_a_full_mailbox_is_429_until_the_workflow_takes_an_event(
+    disk: Storage, wid: str
+) -> None:
+    mailbox = Mailbox(disk, limit=2)
+    transport = httpx.ASGITransport(app=make_app(send=mailbox_sender(mailbox), token=TOKEN))
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as c:
+
+        async def post(key: str, payload: Any, event_id: str) -> httpx.Response:
+            headers = {**AUTH, "Idempotency-Key": event_id}
+            return await c.post(f"/workflows/{wid}/events/{key}", json=payload, headers=headers)
+
+        assert (await post("a", 1, "e1")).status_code == 200
+        assert (await post("b", 2, "e2")).status_code == 200
+        full = await post("a", 3, "e3")
+        assert full.status_code == 429, full.text
+        assert full.headers["Retry-After"] == "1"
+        assert wid in full.json()["error"] and disk.uri not in full.text
+        assert await mailbox.pending(wid, "a") == ["e1"]  # e3 was not stored
+        # A retry of an event already stored is answered as before, full or not.
+        again = await post("a", 1, "e1")
+        assert again.status_code == 200 and again.json()["event_id"] == "e1"
+        assert (await post("a", 99, "e1")).status_code == 409
+        # The workflow consumes one (claimed, checkpointed): there is room again.
+        assert await mailbox.claim(wid, "b", "task-1") == ("e2", 2)
+        assert (await post("a", 3, "e3")).status_code == 429  # claimed is still held
+        assert await mailbox.acknowledge_task(wid, "task-1")
+        assert (await post("a", 3, "e3")).status_code == 200
+        assert await mailbox.pending(wid, "a") == ["e1", "e3"]
+
+
+async def test_a_full_mailbox_is_seen_by_another_process(disk: Storage, wid: str) -> None:
+    # The count starts from the storage: events stored by another sender count.
+    for n in range(3):
+        await Mailbox(disk).send(wid, "k", n, event_id=f"old-{n}")
+    mailbox_counts.counts.forget((disk.uri, wid))  # as in a process that never sent
+    with pytest.raises(MailboxFullError, match="holds 3 events"):
+        await Mailbox(disk, limit=3).send(wid, "k", "new")
+    assert await Mailbox(disk).held(wid) == 3
+
+
+async def test_a_storage_failure_that_may_pass_is_503_and_another_is_500(
+    tmp_path: Path, wid: str
+) -> None:
+    control = tmp_path / "faults.json"
+    faulty = storage_module.open_storage(faulty_uri(tmp_path / "inner", control))
+    await faulty.put(f"workflows/{wid}/meta.json", b'{"status": "RUNNING"}')
+    transport = httpx.ASGITransport(app=make_app(send=storage_sender(faulty), token=TOKEN))
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as c:
+        url = f"/workflows/{wid}/events/k"
+        control.write_text(json.dumps({"fail": "mailbox/", "transient": True}))
+        unavailable = await c.post(url, json=1, headers=AUTH)
+        assert unavailable.status_code == 503, unavailable.text
+        assert unavailable.headers["Retry-After"] == "1"
+        control.write_text(json.dumps({"fail": "mailbox/"}))
+        os.utime(control, (time.time() + 5, time.time() + 5))  # a new mtime, surely
+        refused = await c.post(url, json=1, headers=AUTH)
+        assert refused.status_code == 500, refused.text
+        assert "Retry-After" not in refused.headers
+        assert str(tmp_path) not in refused.text
+        control.unlink()
+        assert (await c.post(url, json=1, headers=AUTH)).status_code == 200
+
+
+async def test_a_file_storage_that_cannot_hold_the_mailbox_is_500_not_503(
+    disk: Storage, wid: str
+) -> None:
+    # A file where the mailbox's directory must be: no retry will get past it.
+    await disk.put(f"workflows/{wid}/mailbox", b"in the way")
+    transport = httpx.ASGITransport(app=make_app(send=storage_sender(disk), token=TOKEN))
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as c:
+        refused = await c.post(f"/workflows/{wid}/events/k", json=1, headers=AUTH)
+    assert refused.status_code == 500, refused.text
+    assert "Retry-After" not in refused.headers
+    assert disk.uri not in refused.text

@@ -27,7 +27,7 @@ from s3server import S3Server
 import ray_workflows as workflow
 from ray_workflows._core import bridge
 from ray_workflows._core.manager import NAMESPACE, manager_name
-from ray_workflows.exceptions import StorageError, UnknownStorageError
+from ray_workflows.exceptions import StorageError, TransientStorageError, UnknownStorageError
 from ray_workflows.storage import Storage, forget_storage, open_storage
 from ray_workflows.testing import StorageConformance
 
@@ -175,7 +175,8 @@ async def expect_check_error(uri: str, *fragments: str) -> StorageError:
 
 async def test_check_unknown_bucket(server: S3Server) -> None:
     uri = server.uri().replace(server.bucket, "no-such-bucket-rwf")
-    await expect_check_error(uri, "NoSuchBucket", "Create the bucket 'no-such-bucket-rwf'")
+    error = await expect_check_error(uri, "NoSuchBucket", "Create the bucket 'no-such-bucket-rwf'")
+    assert not isinstance(error, TransientStorageError)  # retrying will not create it
 
 
 @pytest.mark.parametrize(
@@ -184,7 +185,10 @@ async def test_check_unknown_bucket(server: S3Server) -> None:
 )
 async def test_check_wrong_credentials(seaweedfs: S3Server, profile: str, code: str) -> None:
     # moto accepts any credentials; SeaweedFS checks them.
-    await expect_check_error(seaweedfs.uri(profile=profile), code, "Check the AWS credentials")
+    error = await expect_check_error(
+        seaweedfs.uri(profile=profile), code, "Check the AWS credentials"
+    )
+    assert not isinstance(error, TransientStorageError)
 
 
 async def test_check_unknown_profile(seaweedfs: S3Server) -> None:
@@ -204,7 +208,10 @@ async def test_check_without_credentials(
 async def test_check_unreachable_endpoint() -> None:
     (port,) = s3server.free_ports(1)  # nothing listens there
     uri = f"s3://b/p?endpoint_url=http://127.0.0.1:{port}&region=us-east-1"
-    await expect_check_error(uri, "Could not connect", f"Is http://127.0.0.1:{port} reachable")
+    error = await expect_check_error(
+        uri, "Could not connect", f"Is http://127.0.0.1:{port} reachable"
+    )
+    assert isinstance(error, TransientStorageError)  # the server may come back
 
 
 async def test_check_answers_a_silent_server_in_seconds() -> None:
@@ -378,8 +385,18 @@ async def test_persistent_throttling_is_a_clear_error(proxy: FaultyProxy, moto: 
 
     storage = Impatient(proxied(proxy, moto))
     proxy.errors = [(503, "SlowDown")] * 2
-    with pytest.raises(StorageError, match=r"put 'k' failed: SlowDown \(HTTP 503\)"):
+    with pytest.raises(TransientStorageError, match=r"put 'k' failed: SlowDown \(HTTP 503\)"):
         await storage.put("k", b"v")
+    await storage.close()
+
+
+async def test_access_denied_is_a_permanent_error(proxy: FaultyProxy, moto: S3Server) -> None:
+    storage = S3Storage(proxied(proxy, moto))
+    proxy.errors = [(403, "AccessDenied")]
+    with pytest.raises(StorageError, match=r"put 'k' failed: AccessDenied") as info:
+        await storage.put("k", b"v")
+    assert not isinstance(info.value, TransientStorageError)
+    assert storage.requests["PutObject"] == 1  # botocore did not retry it either
     await storage.close()
 
 

@@ -122,6 +122,8 @@ def test_explicit_over_environment_over_default(
         ("RAY_WORKFLOWS_HOST_EXIT_WAIT", "soon"),
         ("RAY_WORKFLOWS_CLOCK", "sundial"),
         ("RAY_WORKFLOWS_LEASE_TTL", "0"),
+        ("RAY_WORKFLOWS_MAILBOX_LIMIT", "0"),
+        ("RAY_WORKFLOWS_MAILBOX_LIMIT", "lots"),
     ],
 )
 def test_a_bad_variable_is_named(

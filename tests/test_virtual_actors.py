@@ -522,3 +522,28 @@ def test_a_step_calls_until_a_call_succeeds_and_never_after(
     assert attempt() == 2
     assert count_runs(counter_dir, "add") == 2
     assert actor.value.run() == 2
+
+
+def test_a_step_call_whose_log_landed_in_part_calls_again(
+    faulty: tuple[str, Path], wid: str, counter_dir: Path
+) -> None:
+    # A storage that may land a batch's keys in any order (S3): here the call's id
+    # record lands and the call record's write fails. The retry must find no call, not
+    # an id naming a call that was never logged.
+    _, control = faulty
+    actor = Flaky.get_or_create(wid + "-actor", str(counter_dir), 0)
+    ray.get(actor.ready())
+    handle = bridge.run(config.manager())
+    call = ray.cloudpickle.dumps(((5,), {}))
+
+    def attempt() -> Any:
+        ref = handle.actor_call.remote(actor.actor_id, "task", "add", call, False, {}, None, wid)
+        return bridge.run(aio.get(ref))
+
+    control.write_text(json.dumps({"fail": "/calls/", "unordered": True}))
+    with pytest.raises(Exception, match="injected write failure"):
+        attempt()
+    control.unlink()
+    assert attempt() == 5  # the retry calls (it was never logged), once
+    assert attempt() == 5  # and is answered from the log from then on
+    assert count_runs(counter_dir, "add") == 1

@@ -13,11 +13,13 @@ Every error a user can act on has its own class; all of them derive from
     ├── WorkflowAlreadyRunningError     run/resume of a workflow that is live
     │   └── WorkflowRunningElsewhereError  another manager sharing the storage holds its lease
     ├── WorkflowQueueFullError          max_pending_workflows are already waiting
+    ├── MailboxFullError                a workflow's mailbox holds mailbox_limit undelivered events
     ├── TaskNotFoundError               no task with that id in the workflow
     ├── TaskIdCollisionError            two tasks of one workflow would share an id
     ├── CheckpointError                 a stored checkpoint is missing, torn or unreadable
     └── StorageError                    the storage backend failed
-        └── UnknownStorageError         no plugin for that storage URI scheme
+        ├── UnknownStorageError         no plugin for that storage URI scheme
+        └── TransientStorageError       a failure that may pass: retry later
 
 Exceptions cross process boundaries intact: each one pickles with its
 arguments, and the chained ``__cause__`` travels with it.
@@ -189,12 +191,27 @@ class UnknownStorageError(StorageError, ValueError):
     """No storage plugin is registered for a URI scheme."""
 
 
+class TransientStorageError(StorageError):
+    """The storage failed in a way that may pass by itself: a timeout, a lost
+    connection, throttling, a server error (HTTP 5xx), a full disk. The same call may
+    succeed later. Any other :class:`StorageError` is permanent until someone fixes
+    the cause (credentials, permissions, a missing bucket or directory)."""
+
+
+class MailboxFullError(WorkflowError):
+    """The workflow's mailbox already holds ``mailbox_limit`` events that no task has
+    consumed; the event was not stored. Send it again once the workflow has taken
+    some, or raise ``RAY_WORKFLOWS_MAILBOX_LIMIT``."""
+
+
 __all__ = [
     "CheckpointError",
     "EventConflictError",
+    "MailboxFullError",
     "StorageError",
     "TaskIdCollisionError",
     "TaskNotFoundError",
+    "TransientStorageError",
     "UnknownStorageError",
     "WorkflowAlreadyRunningError",
     "WorkflowCancellationError",

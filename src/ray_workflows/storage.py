@@ -24,7 +24,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from ray_workflows.exceptions import UnknownStorageError
+from ray_workflows.exceptions import TransientStorageError, UnknownStorageError
 from ray_workflows.plugins import STORAGE_GROUP, load, storage_scheme
 
 
@@ -42,6 +42,12 @@ class Storage(abc.ABC):
     * ``list(prefix)`` returns every key that starts with ``prefix`` (not only
       direct children), sorted.
     * Instances pickle to their URI, so a storage can be handed to Ray workers.
+    * A failure raises :class:`~ray_workflows.exceptions.StorageError`, or its subclass
+      :class:`~ray_workflows.exceptions.TransientStorageError` when the same call may
+      succeed later without anyone fixing anything (a timeout, a lost connection,
+      throttling, a server's 5xx). Callers retry only those, or tell their own
+      clients to (the HTTP event app answers 503 with ``Retry-After``); a plain
+      ``StorageError`` (no permission, no such bucket) is reported as it is.
     """
 
     #: The URI scheme this class serves, e.g. ``"file"``.
@@ -208,4 +214,11 @@ def check_prefix(prefix: str) -> str:
     return prefix
 
 
-__all__ = ["Storage", "check_key", "check_prefix", "forget_storage", "open_storage"]
+__all__ = [
+    "Storage",
+    "TransientStorageError",
+    "check_key",
+    "check_prefix",
+    "forget_storage",
+    "open_storage",
+]

@@ -145,12 +145,7 @@ class Actors:
             if known is None:
                 seq = actor.seq + 1
                 record = pickle.dumps((call_id, method, call, ray_options), protocol=5)
-                await self.storage.put_many(
-                    {
-                        actor_call_key(actor_id, seq): record,
-                        actor_id_key(actor_id, call_id): str(seq).encode(),
-                    }
-                )
+                await self._log_call(actor_id, seq, call_id, record)
                 outcome = await self._apply(actor_id, actor, seq, method, call, ray_options)
             else:  # a replay, or a step's call that succeeded before: committed by now
                 result = await self.storage.get(actor_result_key(actor_id, int(known)))
@@ -181,6 +176,18 @@ class Actors:
             if cloudpickle.loads(result)[0] != "error":
                 return call_id, seq
             k += 1
+
+    async def _log_call(self, actor_id: str, seq: int, call_id: str, record: bytes) -> None:
+        # The call before its id: an id whose call did not land would answer a retry of
+        # that call with the result of whichever call is logged next at the same seq
+        # (or with none). Where batches may land in any order (S3), two writes.
+        index = str(seq).encode()
+        logged = {actor_call_key(actor_id, seq): record, actor_id_key(actor_id, call_id): index}
+        if self.storage.ordered_batches:
+            await self.storage.put_many(logged)
+        else:
+            for key, data in logged.items():
+                await self.storage.put(key, data)
 
     async def _run_of(self, workflow_id: str) -> str:
         """The nonce of the workflow's run, made by the first call that asks. Read each

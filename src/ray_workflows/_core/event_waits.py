@@ -83,8 +83,15 @@ class EventWaits:
 
         async def commit(event: Any) -> None:
             record = await self.value_record(event, start, time.time())
-            # Marker first: a crash before the acknowledgement repeats it on recovery.
-            await self.store.storage.put_many({unacked: b"", key: record})
+            # Marker first: a crash before the acknowledgement repeats it on recovery. An
+            # output without its marker would never be acknowledged, so where a batch may
+            # land in any order (S3) the marker is made durable before the output.
+            storage = self.store.storage
+            if storage.ordered_batches:
+                await storage.put_many({unacked: b"", key: record})
+            else:
+                await storage.put(unacked, b"")
+                await storage.put(key, record)
 
         async def deadline(seconds: float) -> float:
             stored_key = task_key(self.workflow_id, tid, "deadline", epoch)

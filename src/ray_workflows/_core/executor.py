@@ -50,10 +50,10 @@ class Executor:
         self.storage = storage
         self.store = WorkflowStore(storage)
         self.clock: Clock = clock or SystemClock()
-        self.mailbox = Mailbox(storage)
         # The knobs of task placement and submission (see use()); the defaults until
         # the manager (or a host) passes the driver's.
         self.settings = settings or Settings(storage.uri)
+        self.mailbox = Mailbox(storage, limit=self.settings.mailbox_limit)
         self._execute = ray.remote(max_retries=0)(execute_group)
         self._load = ray.remote(num_cpus=0, max_retries=3)(load_output)
         self._load_many = ray.remote(num_cpus=0, max_retries=3)(load_outputs)
@@ -86,6 +86,7 @@ class Executor:
         if settings.task_events != self.settings.task_events:
             self._remotes.clear()  # the wrappers carry enable_task_events
         self.settings = settings
+        self.mailbox.limit = settings.mailbox_limit
 
     def function_ref(self, key: str, data: bytes) -> Any:
         """What a task is handed for its pickled function: the bytes themselves when

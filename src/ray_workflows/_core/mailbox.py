@@ -18,7 +18,9 @@ from typing import Any
 from ray_workflows._core import keys, serialization
 from ray_workflows._core.ids import check_id
 from ray_workflows._core.log import get_logger
-from ray_workflows.exceptions import EventConflictError, WorkflowError
+from ray_workflows._core.mailbox_counts import counts
+from ray_workflows._core.settings import DEFAULT_MAILBOX_LIMIT
+from ray_workflows.exceptions import EventConflictError, MailboxFullError, WorkflowError
 from ray_workflows.storage import Storage
 
 log = get_logger()
@@ -114,17 +116,28 @@ class Mailbox:
     acknowledged (a tombstone, removed with the workflow), so a late retry of a
     send with the same ``event_id`` can never deliver it twice.
 
+    Limit: the mailbox holds at most ``limit`` events (Settings.mailbox_limit) that no
+    task has consumed (claimed and checkpointed); a send of a new event past it raises
+    :class:`~ray_workflows.exceptions.MailboxFullError` and stores nothing. A send
+    again of an event id already stored is still answered as before. The count is
+    kept per process (see :mod:`ray_workflows._core.mailbox_counts`).
+
     Waiting: a claimer wakes within milliseconds when a send goes through any
     Mailbox on the same storage in this process, or when :meth:`notify` is called
     (the engine does, for events sent elsewhere); otherwise it re-reads the
     storage every ``poll_interval`` seconds.
     """
 
-    def __init__(self, storage: Storage, *, poll_interval: float = 1.0) -> None:
+    def __init__(
+        self, storage: Storage, *, poll_interval: float = 1.0, limit: int = DEFAULT_MAILBOX_LIMIT
+    ) -> None:
         if not poll_interval > 0:
             raise ValueError(f"poll_interval must be positive, got {poll_interval!r}")
+        if not (isinstance(limit, int) and limit >= 1):
+            raise ValueError(f"the mailbox limit must be an int, 1 or more, got {limit!r}")
         self.storage = storage
         self.poll_interval = poll_interval
+        self.limit = limit
 
     async def send(
         self, workflow_id: str, key: str, payload: Any, *, event_id: str | None = None
@@ -140,22 +153,59 @@ class Mailbox:
         if event_id is not None:
             check_id(event_id, "event_id")
         data, digest = _encode(workflow_id, key, payload)
-        if event_id is None:
-            event_id = uuid.uuid4().hex
-            await self.storage.put(keys.mailbox_event_key(workflow_id, key, _name(event_id)), data)
-        else:
-            name = _name(event_id)
-            id_key = keys.mailbox_id_key(workflow_id, key, event_id)
-            # The id's record names the event and the digest of its payload.
-            if await self.storage.put_if_absent(id_key, f"{name}\n{digest}".encode()):
-                await self.storage.put_if_absent(
-                    keys.mailbox_event_key(workflow_id, key, name), data
+        event_id = uuid.uuid4().hex if event_id is None else event_id
+        where = (self.storage.uri, workflow_id)
+        if not await self._reserve(workflow_id):
+            # Full: only a retry of an event already stored goes through.
+            if not await self.known(workflow_id, key, event_id):
+                raise MailboxFullError(
+                    f"The mailbox of workflow {workflow_id!r} holds {self.limit} events no "
+                    f"task has consumed (its limit): the event for key {key!r} was not "
+                    "stored. Send it again once the workflow has taken some, or raise "
+                    "RAY_WORKFLOWS_MAILBOX_LIMIT.",
+                    workflow_id=workflow_id,
+                    key=key,
+                    limit=self.limit,
                 )
-            else:
-                await self._resend(workflow_id, key, event_id, data, digest)
+            await self._resend(workflow_id, key, event_id, data, digest)
+        else:
+            try:
+                if not await self._store(workflow_id, key, data, digest, event_id):
+                    counts.release(where)  # a retry: nothing new is held
+            except BaseException:
+                counts.release(where)
+                raise
         log.debug("event.stored", workflow_id=workflow_id, key=key, event_id=event_id)
         self.notify(workflow_id, key)
         return event_id
+
+    async def _store(
+        self, workflow_id: str, key: str, data: bytes, digest: str, event_id: str
+    ) -> bool:
+        """Store a new event; False if its id was stored before (then answered as a retry)."""
+        name = _name(event_id)
+        id_key = keys.mailbox_id_key(workflow_id, key, event_id)
+        # The id's record names the event and the digest of its payload.
+        if await self.storage.put_if_absent(id_key, f"{name}\n{digest}".encode()):
+            await self.storage.put_if_absent(keys.mailbox_event_key(workflow_id, key, name), data)
+            return True
+        await self._resend(workflow_id, key, event_id, data, digest)
+        return False
+
+    async def _reserve(self, workflow_id: str) -> bool:
+        where = (self.storage.uri, workflow_id)
+        room = counts.take(where, self.limit)
+        if room is None:
+            room = counts.settle(where, await self.held(workflow_id), self.limit)
+        return room
+
+    async def held(self, workflow_id: str) -> int:
+        """How many events the workflow's mailbox holds (every key; claimed ones too
+        until their task's output is checkpointed). Lists the mailbox."""
+        base = keys.mailbox_prefix(workflow_id) + "keys/"
+        return sum(
+            1 for k in await self.storage.list(base) if k[len(base) :].split("/")[1] == "events"
+        )
 
     async def known(self, workflow_id: str, key: str, event_id: str) -> bool:
         """Whether an event of this id was ever sent to (workflow, key)."""
@@ -264,7 +314,10 @@ class Mailbox:
         for stored in await self.storage.list(events):
             if _event_id_of(stored[len(events) :]) == event_id:
                 log.debug("event.acknowledged", workflow_id=workflow_id, key=key, event_id=event_id)
-                return await self.storage.delete(stored)
+                removed = await self.storage.delete(stored)
+                if removed:
+                    counts.release((self.storage.uri, workflow_id))
+                return removed
         return False
 
     async def acknowledge_task(self, workflow_id: str, task_id: str) -> bool:
@@ -276,6 +329,8 @@ class Mailbox:
             return False
         key, _, name = held.decode().rpartition("/")
         removed = await self.storage.delete(keys.mailbox_event_key(workflow_id, key, name))
+        if removed:
+            counts.release((self.storage.uri, workflow_id))
         await self.storage.delete(index)
         log.debug("event.acknowledged", workflow_id=workflow_id, task_id=task_id, key=key)
         return removed
@@ -287,6 +342,7 @@ class Mailbox:
 
     async def delete_all(self, workflow_id: str) -> int:
         """Remove the workflow's whole mailbox; return how many records were removed."""
+        counts.forget((self.storage.uri, workflow_id))
         return await self.storage.delete_prefix(keys.mailbox_prefix(workflow_id))
 
 

@@ -40,6 +40,8 @@ from ray_workflows.storage import open_storage
 ENV_STORAGE = "RAY_WORKFLOWS_STORAGE"
 LEGACY_ENV_STORAGE = "RAY_WORKFLOW_STORAGE"
 ENV_HOST = "RAY_WORKFLOWS_HOST"
+#: Undelivered events a workflow's mailbox holds before it refuses more.
+DEFAULT_MAILBOX_LIMIT = 10_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +80,9 @@ class Settings:
     #: it (:mod:`ray_workflows._core.retention`); ``None``: kept until deleted, and a
     #: running manager's retention is left as it is.
     retention: float | None = None
+    #: Events a workflow's mailbox may hold that no task has consumed yet; a send past
+    #: it is refused (``MailboxFullError``, HTTP 429) until the workflow takes some.
+    mailbox_limit: int = DEFAULT_MAILBOX_LIMIT
 
 
 def _flag(name: str, value: Any) -> bool:
@@ -121,6 +126,16 @@ def _clock(name: str, value: Any) -> str:
     return str(value)
 
 
+def _count(name: str, value: Any) -> int:
+    try:
+        number = int(value) if not isinstance(value, (bool, float)) else 0
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1:
+        raise ValueError(f"{name} must be a whole number, 1 or more, got {value!r}")
+    return number
+
+
 def _limit(name: str, value: Any, low: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int or None, got {value!r}")
@@ -140,6 +155,7 @@ ENV: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "batch": ("RAY_WORKFLOWS_BATCH", _flag),
     "task_events": ("RAY_WORKFLOWS_TASK_EVENTS", _flag),
     "retention": ("RAY_WORKFLOWS_RETENTION", duration),
+    "mailbox_limit": ("RAY_WORKFLOWS_MAILBOX_LIMIT", _count),
 }
 
 
@@ -203,6 +219,7 @@ def build(storage: str | None = None, **explicit: Any) -> Settings:
 
 
 __all__ = [
+    "DEFAULT_MAILBOX_LIMIT",
     "ENV",
     "ENV_HOST",
     "ENV_STORAGE",

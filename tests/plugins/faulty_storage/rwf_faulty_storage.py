@@ -11,7 +11,9 @@ switch faults on and off while workers and the manager run, in any process::
     {"fail": "tasks/.*\\\\.out$",   # writes to keys matching this regex raise StorageError
      "tear": "tasks/step_2\\\\.out$",  # such writes store only the first half of the bytes
      "fail_nth": 3,                # the 3rd write in each process raises
-     "delay": 0.05}                # every write sleeps this long first
+     "delay": 0.05,                # every write sleeps this long first
+     "transient": true,            # failures raise TransientStorageError (default: StorageError)
+     "unordered": true}            # put_many writes its keys last first, as S3 may land them
 
 A missing control file means no faults. Reads are never changed.
 """
@@ -26,7 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from ray_workflows.exceptions import StorageError
+from ray_workflows.exceptions import StorageError, TransientStorageError
 from ray_workflows.storage import Storage, open_storage
 
 
@@ -72,7 +74,8 @@ class FaultyStorage(Storage):
         if rules.get("fail_nth") == self._writes or (
             rules.get("fail") and re.search(rules["fail"], key)
         ):
-            raise StorageError(f"injected write failure for {key!r} (faulty storage)", key=key)
+            cls = TransientStorageError if rules.get("transient") else StorageError
+            raise cls(f"injected write failure for {key!r} (faulty storage)", key=key)
         if rules.get("tear") and re.search(rules["tear"], key):
             return data[: len(data) // 2]
         return data
@@ -84,7 +87,9 @@ class FaultyStorage(Storage):
         await self.inner.put(key, await self._before_write(key, data))
 
     async def put_many(self, items: Mapping[str, bytes]) -> None:
-        for key, data in items.items():
+        rules = await asyncio.to_thread(self._load_rules)
+        ordered = list(items.items())
+        for key, data in reversed(ordered) if rules.get("unordered") else ordered:
             await self.put(key, data)
 
     async def put_if_absent(self, key: str, data: bytes) -> bool:
