@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import blocked_step, count_runs, step, wait_for
+from helpers import blocked_step, count_runs, faulty_uri, step, wait_for
 
 from ray_workflows._core.compiler import compile_dag
 from ray_workflows._core.engine import Engine
@@ -157,6 +157,37 @@ async def test_a_lapsed_lease_nobody_took_is_taken_again_and_the_run_goes_on(
         assert await (await asyncio.wait_for(finished, timeout=30)) == 1
         assert await engine.status("w") == WorkflowStatus.SUCCESSFUL
     finally:
+        Path(gate).touch()
+        await engine.close()
+        forget_storage(storage.uri)
+
+
+async def test_a_lease_lost_while_the_run_is_built_is_taken_again(
+    tmp_path: Path, counter_dir: Path
+) -> None:
+    """A storage slower than the lease's ttl (S3 on a loaded machine): the lease of a
+    workflow being started is lost before its run is registered, and retaking it times
+    out at first. The run keeps trying, takes it again once the storage is fast again
+    and finishes, where it used to hold its tasks back for ever (or give up, saying
+    another manager ran it)."""
+    control = tmp_path / "faults.json"
+    storage = open_storage(faulty_uri(tmp_path / "shared", control))
+    runs, gate = str(counter_dir), str(tmp_path / "gate")
+    engine = Engine(storage, lease_ttl=1)
+    try:
+        # A first workflow keeps the engine's lease keeper renewing.
+        first = await engine.start("w0", compile_dag(blocked_step.bind(0, "w0", runs, gate)))
+        control.write_text(json.dumps({"delay": 1.6}))  # every write takes > ttl
+        starting = asyncio.ensure_future(engine.start("w", compile_dag(_dag("w", runs))))
+        await asyncio.sleep(4)
+        control.write_text("{}")
+        Path(gate).touch()
+        finished = await asyncio.wait_for(starting, timeout=30)
+        assert await (await asyncio.wait_for(finished, timeout=30)) == 3
+        assert await engine.status("w") == WorkflowStatus.SUCCESSFUL
+        first.cancel()  # w0's own renewals were late too: taken again, or abandoned
+    finally:
+        control.write_text("{}")
         Path(gate).touch()
         await engine.close()
         forget_storage(storage.uri)

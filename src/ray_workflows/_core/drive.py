@@ -69,6 +69,12 @@ class RunDriver:
         self.leases.start()
         run.lease, run.epoch = lease, lease.epoch
         self.runs[wid] = run
+        if lease.lost:
+            # Lost while the run was being built (a storage slower than the lease's
+            # ttl): ``on_lost`` found no run then. Without a retake now, the run would
+            # hold back every task and the sweep, which skips ids running here, would
+            # never resume it.
+            self.lease_lost(wid)
         finished: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.finished[wid] = finished
         gate = None if meta.get(EXEMPT) else self.admission.admit(wid)
@@ -220,11 +226,19 @@ class RunDriver:
             task.add_done_callback(self.drivers.discard)
 
     async def _retake(self, workflow_id: str, run: WorkflowRun) -> None:
-        try:
-            # Bounded: a run must not go on without a lease while storage hangs.
-            lease = await asyncio.wait_for(self.leases.acquire(workflow_id), self.leases.ttl / 3)
-        except Exception:  # a storage error or the timeout: treat as taken
-            lease = None
+        lease = None
+        while self.runs.get(workflow_id) is run:
+            try:
+                # Bounded, so that a hanging storage is tried again. Meanwhile the run
+                # starts nothing (its lease is not valid): waiting is safe.
+                lease = await asyncio.wait_for(
+                    self.leases.acquire(workflow_id), self.leases.ttl / 3
+                )
+            except Exception as exc:  # a slow or failing storage: nobody else took it
+                log.info("lease.retake_failed", workflow_id=workflow_id, error=repr(exc))
+                await asyncio.sleep(self.leases.ttl / 3)
+                continue
+            break  # taken again, or held by another manager (None)
         if lease is not None and self.runs.get(workflow_id) is run:
             log.info("lease.retaken", workflow_id=workflow_id, epoch=lease.epoch)
             try:

@@ -242,7 +242,13 @@ class UnreadableRecords:
         if seen != raw:
             since = now
             self._seen[wid] = (raw, now)
-            log.warning("lease.unreadable", workflow_id=wid, note="treated as held for one ttl")
+            log.warning(
+                "lease.unreadable",
+                workflow_id=wid,
+                size=len(raw),
+                head=raw[:40],
+                note="treated as held for one ttl",
+            )
         return LeaseInfo(wid, _UNREADABLE_OWNER, 0, since + self._ttl, self._ttl, since, since)
 
     def forget(self, wid: str) -> None:
