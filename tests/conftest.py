@@ -144,3 +144,12 @@ def counter_dir(tmp_path: Path) -> Path:
     path = tmp_path / "runs"
     path.mkdir()
     return path
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The fault matrix's table (tests/fault_table.py), if its tests ran."""
+    import fault_table
+
+    if fault_table.ROWS:
+        terminalreporter.write_sep("=", "fault matrix")
+        terminalreporter.write_line(fault_table.render(fault_table.ROWS))
