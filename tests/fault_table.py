@@ -56,7 +56,7 @@ def render(rows: list[Row]) -> str:
             r.reruns,
             r.lost,
             r.in_flight_reruns,
-            f"{r.seconds:.1f}",
+            f"{r.seconds:.0f}" if r.seconds else "-",
         )
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)

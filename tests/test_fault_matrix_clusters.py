@@ -94,15 +94,24 @@ class Batch:
     def finish(self, cluster: Cluster) -> dict[str, dict[str, object]]:
         """A driver on ``cluster`` that resumes every workflow and reports its output
         and status (``resume`` of a running one waits for it; of a finished one reads
-        its output)."""
+        its output; of one a dead cluster's lease still holds, says so until the lease
+        runs out, a lease ttl at most)."""
         parts = [
             f"""
             workflow.init(storage={uri!r})
             for wid in {self.wids[kind]!r}:
-                try:
-                    out[wid] = {{"output": workflow.resume(wid)}}
-                except Exception as exc:
-                    out[wid] = {{"error": repr(exc)}}
+                deadline = time.monotonic() + 120
+                while True:
+                    try:
+                        out[wid] = {{"output": workflow.resume(wid)}}
+                    except workflow.WorkflowRunningElsewhereError as exc:
+                        if time.monotonic() < deadline:
+                            time.sleep(0.5)  # a dead cluster's lease runs out first
+                            continue
+                        out[wid] = {{"error": repr(exc)}}
+                    except Exception as exc:
+                        out[wid] = {{"error": repr(exc)}}
+                    break
                 out[wid]["status"] = workflow.get_status(wid).value
             """
             for kind, uri in self.storages.items()

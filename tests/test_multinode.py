@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import fault_table
 import pytest
 from clusters import Cluster, runs_of, write_script
 from helpers import count_runs
@@ -216,6 +217,18 @@ def _finish(killed: Killed, wid: str) -> None:
     assert [r["node_id"] for r in runs_of(runs, "c")] == [node_b2]
     assert [r["node_id"] for r in runs_of(runs, "d")] == [killed.node_c]
     assert count_runs(runs, "name_of") == 1
+    fault_table.add(
+        fault_table.Row(
+            f"SIGKILL of a worker node, a replacement joins ({wid} outputs)",
+            "file",
+            1,
+            finished_tasks=2,
+            reruns=0,
+            lost=0,
+            in_flight_reruns=1,
+            seconds=0.0,
+        )  # fmt: skip
+    )
 
 
 def test_worker_node_killed_mid_workflow_finished_tasks_do_not_rerun(
