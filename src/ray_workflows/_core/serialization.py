@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import collections
+import copyreg
 import hashlib
 import io
 import json
@@ -38,6 +39,15 @@ class ActorHandleError(TypeError):
     """A value to checkpoint holds a Ray actor handle (it does not survive a recovery)."""
 
 
+def _refuse_actor_handle(handle: Any) -> Any:
+    raise ActorHandleError(
+        f"{handle!r} is a Ray actor handle, and a workflow checkpoints every task's "
+        "arguments and output: after a recovery the actor is gone and the handle dead. "
+        "Create the actor inside the task that uses it, or keep the state in a virtual "
+        "actor (@workflow.virtual_actor)."
+    )
+
+
 class _Pickler(cloudpickle.Pickler):
     def __init__(
         self,
@@ -46,20 +56,23 @@ class _Pickler(cloudpickle.Pickler):
         hook: Callable[[Any], Any] | None,
         actors: bool = False,
     ):
+        if not actors:
+            # cloudpickle's reducers over copyreg's, as its ChainMap has them, plus the
+            # refusal: one dict lookup per object, which the C pickler makes anyway.
+            # (Set before __init__, which reads it.)
+            table: dict[Any, Any] = {
+                **copyreg.dispatch_table,
+                **cloudpickle.Pickler._dispatch_table,
+                ActorHandle: _refuse_actor_handle,
+            }
+            # pickle takes any mapping; cloudpickle's declared type is its ChainMap.
+            self.dispatch_table = table  # type: ignore[assignment]
         super().__init__(file, protocol=5)  # type: ignore[no-untyped-call]
         self._refs = refs
-        self._actors = actors
         self._seen: dict[bytes, int] = {}
         self._hook = hook
 
     def persistent_id(self, obj: Any) -> Any:
-        if not self._actors and isinstance(obj, ActorHandle):
-            raise ActorHandleError(
-                f"{obj!r} is a Ray actor handle, and a workflow checkpoints every task's "
-                "arguments and output: after a recovery the actor is gone and the handle "
-                "dead. Create the actor inside the task that uses it, or keep the state "
-                "in a virtual actor (@workflow.virtual_actor)."
-            )
         if isinstance(obj, ray.ObjectRef):
             key = obj.binary()
             index = self._seen.get(key)
