@@ -201,15 +201,17 @@ def handle_errors(result: tuple) -> str:
 def test_example_8_retries_and_caught_exceptions(storage: str, counter_dir: Path) -> None:
     # The seed's random_failure fails at random; this one fails its first attempts.
     runs = str(counter_dir)
-    s1 = flaky.options(max_retries=5, retry_exceptions=True).step(runs, 2)
+    # As the seed writes it: in the step API, max_retries retries the step's exceptions.
+    s1 = flaky.options(max_retries=5).step(runs, 3)
     assert s1.run() == "OK"
-    assert count_runs(runs, "flaky") == 3
+    assert count_runs(runs, "flaky") == 4
     for p in counter_dir.iterdir():
         p.unlink()
-    # `handle_errors` receives a tuple of (result, exception).
-    s2 = flaky.options(catch_exceptions=True).step(runs, 1)
+    # `handle_errors` receives a tuple of (result, exception): the error of the last of
+    # the 1 + 3 attempts (max_retries defaults to 3, retrying the step's exceptions).
+    s2 = flaky.options(catch_exceptions=True).step(runs, 10)
     assert handle_errors.step(s2).run() == "There was an error: Found failure"
-    assert count_runs(runs, "flaky") == 1
+    assert count_runs(runs, "flaky") == 4
 
 
 @workflow.step

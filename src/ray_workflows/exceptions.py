@@ -6,15 +6,16 @@ Every error a user can act on has its own class; all of them derive from
     WorkflowError
     ├── WorkflowExecutionError          the workflow failed (``__cause__`` is the task's error)
     ├── WorkflowCancellationError       the workflow was canceled while it was awaited
-    ├── WorkflowNotFoundError           no workflow with that id in the storage
+    ├── WorkflowNotFoundError           no workflow with that id in the storage (a ValueError)
+    │   └── NothingToResumeError        resume of an unknown id (a WorkflowNotResumableError)
     ├── WorkflowNotResumableError       resume was asked of a workflow that cannot resume
     ├── WorkflowFinishedError           an event was sent to a workflow that will never wait again
     ├── WorkflowStillActiveError        the operation needs a workflow that is not running
     ├── WorkflowAlreadyRunningError     run/resume of a workflow that is live
     │   └── WorkflowRunningElsewhereError  another manager sharing the storage holds its lease
-    ├── WorkflowQueueFullError          max_pending_workflows are already waiting
+    ├── WorkflowQueueFullError          max_pending_workflows are already waiting (a queue.Full)
     ├── MailboxFullError                a workflow's mailbox holds mailbox_limit undelivered events
-    ├── TaskNotFoundError               no task with that id in the workflow
+    ├── TaskNotFoundError               no task with that id in the workflow (a ValueError)
     ├── TaskIdCollisionError            two tasks of one workflow would share an id
     ├── CheckpointError                 a stored checkpoint is missing, torn or unreadable
     └── StorageError                    the storage backend failed
@@ -23,11 +24,15 @@ Every error a user can act on has its own class; all of them derive from
 
 Exceptions cross process boundaries intact: each one pickles with its
 arguments, and the chained ``__cause__`` travels with it.
+
+Where Ray 2.47 raised a built-in exception, ours also derives from it (noted above),
+so an ``except ValueError`` or ``except queue.Full`` written for it still catches.
 """
 
 from __future__ import annotations
 
 import pickle
+import queue
 from typing import Any
 
 
@@ -118,8 +123,11 @@ class WorkflowCancellationError(WorkflowError):
         return cls(f"Workflow {workflow_id!r} was canceled.", workflow_id=workflow_id)
 
 
-class WorkflowNotFoundError(WorkflowError):
-    """No workflow with this id exists in the configured storage."""
+class WorkflowNotFoundError(WorkflowError, ValueError):
+    """No workflow with this id exists in the configured storage.
+
+    Also a ``ValueError``: Ray 2.47 raised one for an unknown id in ``get_output`` and
+    ``get_metadata``, so code that catches it keeps working."""
 
     @classmethod
     def of(cls, workflow_id: str, storage: str = "") -> WorkflowNotFoundError:
@@ -167,12 +175,16 @@ class WorkflowRunningElsewhereError(WorkflowAlreadyRunningError):
     """Another manager (another cluster sharing the storage) holds the workflow's lease."""
 
 
-class WorkflowQueueFullError(WorkflowError):
-    """The pending queue is full; the workflow was not stored."""
+class WorkflowQueueFullError(WorkflowError, queue.Full):
+    """The pending queue is full; the workflow was not stored.
+
+    Also a ``queue.Full``, which Ray 2.47 raised here."""
 
 
-class TaskNotFoundError(WorkflowError):
-    """The workflow has no task with this id."""
+class TaskNotFoundError(WorkflowError, ValueError):
+    """The workflow has no task with this id.
+
+    Also a ``ValueError``, which Ray 2.47 raised for an unknown task id."""
 
 
 class TaskIdCollisionError(WorkflowError, ValueError):
@@ -204,10 +216,16 @@ class MailboxFullError(WorkflowError):
     some, or raise ``RAY_WORKFLOWS_MAILBOX_LIMIT``."""
 
 
+class NothingToResumeError(WorkflowNotFoundError, WorkflowNotResumableError):
+    """``resume`` of an id with nothing stored: a :class:`WorkflowNotFoundError`, and a
+    :class:`WorkflowNotResumableError` as Ray 2.47 raised there."""
+
+
 __all__ = [
     "CheckpointError",
     "EventConflictError",
     "MailboxFullError",
+    "NothingToResumeError",
     "StorageError",
     "TaskIdCollisionError",
     "TaskNotFoundError",

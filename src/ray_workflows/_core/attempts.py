@@ -134,7 +134,8 @@ def execute_attempt(sent: Attempt, values: tuple[Any, ...]) -> tuple[Receipt, An
             # Anything this attempt raised (the user function, arguments that do not
             # load, a continuation that does not compile, an output that cannot be
             # pickled) is an application error of this task, with its cause.
-            retryable = opts.retryable(exc)
+            # A checkpoint refused for holding an actor handle would be refused again.
+            retryable = opts.retryable(exc) and not isinstance(exc, serialization.ActorHandleError)
             final = not retryable or (opts.max_retries != -1 and call.attempt >= opts.max_retries)
             if final and opts.catch_exceptions:
                 try:
@@ -194,7 +195,7 @@ def _commit(
     end = time.time()
     # (When nothing is stored, the value still travels to its consumers through Ray:
     # pickling it here fails as this task's error rather than later as a lost worker.)
-    payload, refs = serialization.dumps(result)
+    payload, refs = serialization.dumps(result, actors=call.options.checkpoint is False)
     receipt = Receipt("value", start, end, writes, pickled=(payload, refs))
     if call.options.checkpoint is not False:
         record = serialization.encode(

@@ -343,6 +343,8 @@ class _Compiler:
                 data = pickle.dumps(payload, protocol=5)
             else:
                 data, refs = serialization.dumps(payload, hook)
+        except serialization.ActorHandleError as exc:
+            raise TypeError(f"Task {name!r}: an argument is not allowed. {exc}") from None
         except Exception as exc:
             raise TypeError(
                 f"Task {name!r}: an argument cannot be pickled ({type(exc).__name__}: {exc}). "

@@ -10,6 +10,7 @@ without anyone taking it takes it again and goes on.
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from collections.abc import Awaitable
 from typing import Any
@@ -38,6 +39,20 @@ def _unstored(wid: str, exc: Exception) -> WorkflowError:
     )
     error.__cause__ = exc
     return error
+
+
+# A task's pickled exception bigger than this is not kept with the status.
+_MAX_STORED_CAUSE = 64 * 1024
+
+
+def _failure(exc: WorkflowExecutionError) -> dict[str, Any]:
+    """What ``get_output`` of the failed workflow raises again: the failed task and its
+    own exception (pickled, base64), beside the status."""
+    cause = exc.details.get("cause_bytes")
+    failure: dict[str, Any] = {"task_id": exc.details.get("task_id")}
+    if isinstance(cause, bytes) and len(cause) <= _MAX_STORED_CAUSE:
+        failure["cause"] = base64.b64encode(cause).decode()
+    return {"failure": failure}
 
 
 class RunDriver:
@@ -156,6 +171,7 @@ class RunDriver:
         except WorkflowExecutionError as exc:
             outcome = exc
             meta.update(status=WorkflowStatus.FAILED.value, end_time=time.time(), error=str(exc))
+            meta.update(_failure(exc))
             log.warning("workflow.failed", workflow_id=wid, error=str(exc))
         except Exception as exc:
             if sealed is not None:  # the batch with the final status failed
@@ -212,6 +228,7 @@ class RunDriver:
             output_key=run.output_key,
         )
         final.pop("error", None)
+        final.pop("failure", None)
         return final
 
     def lease_lost(self, workflow_id: str) -> None:

@@ -38,9 +38,9 @@ from ray_workflows._core.status import WorkflowStatus
 from ray_workflows._core.store import running_meta
 from ray_workflows.clock import Clock
 from ray_workflows.exceptions import (
+    NothingToResumeError,
     WorkflowAlreadyRunningError,
     WorkflowError,
-    WorkflowNotFoundError,
     WorkflowNotResumableError,
 )
 from ray_workflows.storage import Storage
@@ -292,7 +292,7 @@ class Engine:
             return done
         plan = await self.store.load_plan(workflow_id)
         if plan is None:
-            raise WorkflowNotFoundError.of(workflow_id, self.storage.uri)
+            raise NothingToResumeError.of(workflow_id, self.storage.uri)
         if meta is None:  # stored, but not run until its first status write
             meta = await self.store.started_meta(workflow_id) or {}
             meta.update(status=WorkflowStatus.RUNNING.value, output_task_id=plan.output_task_id)
@@ -323,6 +323,7 @@ class Engine:
         meta.update(status=WorkflowStatus.RUNNING.value, start_time=time.time())
         meta.pop("end_time", None)
         meta.pop("error", None)
+        meta.pop("failure", None)
         log.info("workflow.resumed", workflow_id=workflow_id, pending=len(run.graph.specs))
         return self._driver.launch(run, meta, previous, lease, stored=stored)
 

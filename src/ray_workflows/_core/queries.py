@@ -8,6 +8,7 @@ manager runs (its manager died) resumes it here first.
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from collections.abc import Awaitable
 from typing import Any, Protocol
@@ -26,7 +27,9 @@ from ray_workflows._core.status import WorkflowStatus
 from ray_workflows._core.store import WorkflowStore
 from ray_workflows.exceptions import (
     TaskNotFoundError,
+    WorkflowCancellationError,
     WorkflowError,
+    WorkflowExecutionError,
     WorkflowNotFoundError,
     WorkflowRunningElsewhereError,
 )
@@ -153,16 +156,7 @@ class Queries:
                 return await self.stored_output(workflow_id, meta["output_key"])
             task_id = meta["output_task_id"] if meta else None
             if status != WorkflowStatus.SUCCESSFUL:
-                raise WorkflowError(
-                    f"Workflow {workflow_id!r} is {status.value}; it has no output. "
-                    + (
-                        "Resume it with workflow.resume(...) to finish it."
-                        if status == WorkflowStatus.FAILED
-                        else ""
-                    ),
-                    workflow_id=workflow_id,
-                    status=status.value,
-                )
+                raise _no_output(workflow_id, status, meta or {})
         assert task_id is not None
         try:
             key = await self.recovery.locate(workflow_id, task_id)
@@ -303,6 +297,28 @@ class Queries:
         if info.owner != self.leases.owner:
             return True
         return handed_over and workflow_id not in self.leases.held
+
+
+def _no_output(workflow_id: str, status: WorkflowStatus, meta: dict[str, Any]) -> WorkflowError:
+    """What ``get_output`` of a finished workflow without output raises: what waiting
+    for its run raised (the failed task's error as the cause, or the cancellation)."""
+    if status == WorkflowStatus.CANCELED:
+        return WorkflowCancellationError.of(workflow_id)
+    if status == WorkflowStatus.FAILED:
+        failure = meta.get("failure") or {}
+        cause = failure.get("cause")
+        return WorkflowExecutionError(
+            (meta.get("error") or f"Workflow {workflow_id!r} failed.")
+            + " workflow.resume(...) runs its failed tasks again.",
+            workflow_id=workflow_id,
+            task_id=failure.get("task_id"),
+            cause_bytes=base64.b64decode(cause) if cause else None,
+        )
+    return WorkflowError(
+        f"Workflow {workflow_id!r} is {status.value}; it has no output.",
+        workflow_id=workflow_id,
+        status=status.value,
+    )
 
 
 __all__ = ["Queries", "Resume"]

@@ -5,18 +5,17 @@ receipt, and reacts: a value makes its consumers ready, a continuation splices
 a new sub-plan in place of the task, an error is retried (with backoff) or
 fails the workflow. All state changes happen on one event loop, so no locks.
 
-The runner is three parts, by what each does: the task graph
-(:mod:`ray_workflows._core.graph`: what is ready, what is done, where outputs are),
-dispatch (:mod:`ray_workflows._core.dispatch`: getting attempts to Ray and tracking
-them), and this module, which decides what a receipt means. Event and wait tasks
-run as coroutines here (:mod:`ray_workflows._core.event_waits`).
+The runner is three parts: the task graph (:mod:`~ray_workflows._core.graph`: what
+is ready, done, where outputs are), dispatch (:mod:`~ray_workflows._core.dispatch`:
+getting attempts to Ray and tracking them), and this module, which decides what a
+receipt means (and a failure: :mod:`~ray_workflows._core.failures`). Event and wait
+tasks run as coroutines here (:mod:`~ray_workflows._core.event_waits`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -27,6 +26,7 @@ from ray_workflows._core import serialization
 from ray_workflows._core.dispatch import Dispatch, TaskFailure
 from ray_workflows._core.event_waits import EventWaits
 from ray_workflows._core.executor import Executor
+from ray_workflows._core.failures import Catchers, caught, execution_error, retry_delay
 from ray_workflows._core.graph import TaskGraph
 from ray_workflows._core.ids import IdAllocator
 from ray_workflows._core.plan import Plan, TaskSpec
@@ -34,9 +34,6 @@ from ray_workflows._core.receipts import cancel_ray_task
 from ray_workflows._core.store import PackWriter, WorkflowStore, task_key
 from ray_workflows._core.wire import Receipt, pickled_error
 from ray_workflows.exceptions import WorkflowCancellationError, WorkflowExecutionError
-
-# Backoff between retries: 50 ms doubling to at most 5 s, with jitter.
-_BACKOFF_BASE, _BACKOFF_CAP = 0.05, 5.0
 
 
 class WorkflowRun(Dispatch):
@@ -66,6 +63,7 @@ class WorkflowRun(Dispatch):
         # Recovery: (task, record) -> the key of a record an earlier epoch wrote.
         self.recorded: dict[tuple[str, str], str] = {}
         self.events = EventWaits(workflow_id, store, executor, graph.value_ref, self.recorded)
+        self.catchers = Catchers()
 
     # -- building the graph -----------------------------------------------------
     def add_plan(self, plan: Plan) -> None:
@@ -187,6 +185,9 @@ class WorkflowRun(Dispatch):
 
     async def _handle(self, tid: str, result: Any, value_ref: Any) -> None:
         try:
+            if self.catchers.moot_receipt(tid):  # its chain's catcher caught a failure
+                self.running.pop(tid, None)
+                return
             failure = result if isinstance(result, ray.exceptions.RayError) else None
             receipt: Receipt = result
             shared = tid in self.shared
@@ -298,6 +299,7 @@ class WorkflowRun(Dispatch):
     async def _continued(self, tid: str, sub: Plan, receipt: Receipt) -> None:
         plan = sub.renamed(self.allocator, creator=tid)
         spec, root = self.graph.continuing(tid, plan.output_task_id)
+        self.catchers.continued(spec, root)
         self.started.pop(tid, None)
         if spec.checkpoint:
             cont = WorkflowStore.encode_continuation(plan, receipt.start_time, receipt.end_time)
@@ -356,7 +358,22 @@ class WorkflowRun(Dispatch):
             attempts=attempts + 1,
             error=(failure.text.strip().splitlines() or [""])[-1],
         )
-        self._fail(failure, None)
+        if system or failure.error is None or not self._caught(spec, failure.error):
+            self._fail(failure, None)
+
+    def _caught(self, spec: TaskSpec, error: bytes) -> bool:
+        """Whether a catcher up ``spec``'s creators caught its failure (failures.py)."""
+        end = self.catchers.chain_end(spec, self.graph)
+        if end is None:
+            return False
+        self.log.info("task.caught", task_id=spec.task_id, output_of=end)
+        if end in self.running:  # submitted ahead: tasks ahead of it look at the value now
+            self.catchers.moot.add(end)
+            self._settle(end, self.inflight.get(self.graph.target(end), (None,))[0])
+        value, record = caught(error, now := time.time())
+        keep = self.graph.specs[end].checkpoint
+        self._finished(end, value, Receipt("value", now, now, record=record if keep else None))
+        return True  # (its consumers are submitted by the caller, as for any receipt)
 
     def _fail(self, failure: TaskFailure, internal: BaseException | None) -> None:
         if self.result.done():
@@ -380,21 +397,4 @@ class WorkflowRun(Dispatch):
             self.result.set_result(self.graph.value_ref(self.output_task_id))
 
 
-def execution_error(workflow_id: str, failure: TaskFailure) -> WorkflowExecutionError:
-    """What a workflow failed by ``failure`` raises to whoever waits for it."""
-    return WorkflowExecutionError(
-        f"Workflow {workflow_id!r} failed: task {failure.task_id!r} raised "
-        f"{(failure.text.strip().splitlines() or ['an error'])[-1]}",
-        workflow_id=workflow_id,
-        task_id=failure.task_id,
-        cause_bytes=failure.error,
-    )
-
-
-def retry_delay(attempts: int) -> float:
-    """The backoff before the retry that follows ``attempts`` failed attempts."""
-    delay: float = min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempts) * (0.5 + random.random() / 2)
-    return delay
-
-
-__all__ = ["WorkflowRun", "execution_error", "retry_delay"]
+__all__ = ["WorkflowRun"]

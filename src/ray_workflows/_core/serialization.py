@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import collections
+import copyreg
 import hashlib
 import io
 import json
@@ -26,6 +27,7 @@ from typing import Any
 
 import ray
 from ray import cloudpickle
+from ray.actor import ActorHandle
 
 from ray_workflows.exceptions import CheckpointError
 
@@ -33,8 +35,38 @@ MAGIC = b"RWF\x01"
 _HEADER_LEN = struct.Struct(">I")
 
 
+class ActorHandleError(TypeError):
+    """A value to checkpoint holds a Ray actor handle (it does not survive a recovery)."""
+
+
+def _refuse_actor_handle(handle: Any) -> Any:
+    raise ActorHandleError(
+        f"{handle!r} is a Ray actor handle, and a workflow checkpoints every task's "
+        "arguments and output: after a recovery the actor is gone and the handle dead. "
+        "Create the actor inside the task that uses it, or keep the state in a virtual "
+        "actor (@workflow.virtual_actor)."
+    )
+
+
 class _Pickler(cloudpickle.Pickler):
-    def __init__(self, file: io.BytesIO, refs: list[Any], hook: Callable[[Any], Any] | None):
+    def __init__(
+        self,
+        file: io.BytesIO,
+        refs: list[Any],
+        hook: Callable[[Any], Any] | None,
+        actors: bool = False,
+    ):
+        if not actors:
+            # cloudpickle's reducers over copyreg's, as its ChainMap has them, plus the
+            # refusal: one dict lookup per object, which the C pickler makes anyway.
+            # (Set before __init__, which reads it.)
+            table: dict[Any, Any] = {
+                **copyreg.dispatch_table,
+                **cloudpickle.Pickler._dispatch_table,
+                ActorHandle: _refuse_actor_handle,
+            }
+            # pickle takes any mapping; cloudpickle's declared type is its ChainMap.
+            self.dispatch_table = table  # type: ignore[assignment]
         super().__init__(file, protocol=5)  # type: ignore[no-untyped-call]
         self._refs = refs
         self._seen: dict[bytes, int] = {}
@@ -86,17 +118,21 @@ def _plain(value: Any) -> bool:
     return False
 
 
-def dumps(value: Any, hook: Callable[[Any], Any] | None = None) -> tuple[bytes, list[Any]]:
+def dumps(
+    value: Any, hook: Callable[[Any], Any] | None = None, *, actors: bool = False
+) -> tuple[bytes, list[Any]]:
     """Pickle ``value``; return the bytes and the ObjectRefs found in it, in order.
 
     ``hook(obj)`` may return a persistent id for other objects (DAG nodes when
-    compiling a plan); :func:`loads` then needs the matching hook.
+    compiling a plan); :func:`loads` then needs the matching hook. A Ray actor handle
+    in ``value`` raises :class:`ActorHandleError`, unless ``actors`` (a value that is
+    never stored).
     """
     if _plain(value):
         return pickle.dumps(value, protocol=5), []
     buffer = io.BytesIO()
     refs: list[Any] = []
-    _Pickler(buffer, refs, hook).dump(value)
+    _Pickler(buffer, refs, hook, actors).dump(value)
     return buffer.getvalue(), refs
 
 
@@ -211,4 +247,14 @@ class ObjectStore:
         return ref
 
 
-__all__ = ["ATOMS", "MAGIC", "ObjectStore", "decode", "dumps", "encode", "loads", "peek_header"]
+__all__ = [
+    "ATOMS",
+    "MAGIC",
+    "ActorHandleError",
+    "ObjectStore",
+    "decode",
+    "dumps",
+    "encode",
+    "loads",
+    "peek_header",
+]

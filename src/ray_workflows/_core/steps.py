@@ -16,6 +16,10 @@ freely as arguments. Options go to ``@workflow.step(...)`` or ``fn.options(...)`
 the workflow options of :func:`ray_workflows._core.options` (``name``, ``max_retries``,
 ``catch_exceptions``, ``checkpoint``, ``metadata``, ...) and Ray's own
 (``num_cpus``, ``num_gpus``, ``resources``, ...).
+
+Retries follow Ray 1.x: a step that raises is retried up to ``max_retries`` times
+(default 3), where a ``.bind()`` task retries its exceptions only with
+``retry_exceptions``. ``retry_exceptions=False`` (or a list of classes) narrows it.
 """
 
 from __future__ import annotations
@@ -59,10 +63,11 @@ class StepFunction:
         self._options = dict(step_options)
         workflow = {k: v for k, v in step_options.items() if k in WORKFLOW_OPTIONS}
         ray_options = {k: v for k, v in step_options.items() if k not in WORKFLOW_OPTIONS}
+        # Ray 1.x's rule for steps: max_retries retries the step's own exceptions too.
+        # (A .bind() task keeps Ray 2's rule: only with retry_exceptions.)
+        workflow.setdefault("retry_exceptions", True)
         # Ray checks its own options here, at decoration, naming any it does not know.
-        self._remote = ray.remote(func)
-        if ray_options or workflow:
-            self._remote = self._remote.options(**ray_options, **workflow_options(**workflow))
+        self._remote = ray.remote(func).options(**ray_options, **workflow_options(**workflow))
         functools.update_wrapper(self, func)
 
     def options(self, **step_options: Any) -> StepFunction:
