@@ -189,9 +189,17 @@ class UnknownStorageError(StorageError, ValueError):
     """No storage plugin is registered for a URI scheme."""
 
 
+class RecordSignatureError(CheckpointError):
+    """A record in storage fails its signature check (the cluster signs its records:
+    ``RAY_WORKFLOWS_SIGNING_KEY``): it is not signed, signed with another key, changed
+    after it was written, or moved from another storage key. It is never unpickled;
+    the message names the storage key and what to do."""
+
+
 __all__ = [
     "CheckpointError",
     "EventConflictError",
+    "RecordSignatureError",
     "StorageError",
     "TaskIdCollisionError",
     "TaskNotFoundError",

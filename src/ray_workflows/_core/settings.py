@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ray_workflows._core.lease import DEFAULT_TTL, lease_ttl
+from ray_workflows._core.signing import SigningKey, parse_key
 from ray_workflows.exceptions import UnknownStorageError
 from ray_workflows.plugins import CLOCK_GROUP, available, storage_scheme
 from ray_workflows.storage import open_storage
@@ -39,6 +40,7 @@ from ray_workflows.storage import open_storage
 ENV_STORAGE = "RAY_WORKFLOWS_STORAGE"
 LEGACY_ENV_STORAGE = "RAY_WORKFLOW_STORAGE"
 ENV_HOST = "RAY_WORKFLOWS_HOST"
+ENV_SIGNING_KEY = "RAY_WORKFLOWS_SIGNING_KEY"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +75,9 @@ class Settings:
     batch: bool = True
     #: Report workflow tasks to Ray's state API and dashboard task list.
     task_events: bool = False
+    #: Sign every record written and verify every record read with this secret
+    #: (:mod:`ray_workflows._core.signing`); ``None``: records are not signed. Never shown.
+    signing_key: SigningKey | None = dataclasses.field(default=None, repr=False)
 
 
 def _flag(name: str, value: Any) -> bool:
@@ -122,6 +127,7 @@ ENV: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "fuse": ("RAY_WORKFLOWS_FUSE", _flag),
     "batch": ("RAY_WORKFLOWS_BATCH", _flag),
     "task_events": ("RAY_WORKFLOWS_TASK_EVENTS", _flag),
+    "signing_key": (ENV_SIGNING_KEY, parse_key),
 }
 
 
@@ -187,6 +193,7 @@ def build(storage: str | None = None, **explicit: Any) -> Settings:
 __all__ = [
     "ENV",
     "ENV_HOST",
+    "ENV_SIGNING_KEY",
     "ENV_STORAGE",
     "LEGACY_ENV_STORAGE",
     "Settings",
