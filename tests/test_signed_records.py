@@ -103,6 +103,10 @@ def test_signed_workflow_runs_and_resumes(
     )
     first = workflow.run_async(node, workflow_id=wid)
     wait_for(lambda: count_runs(counter_dir, "blocked") == 1)
+    prefix = f"workflows/{wid}/tasks/"  # s0's output is durable before the kill
+    wait_for(
+        lambda: any(k.startswith(prefix + "1/helpers.step") for k in asyncio.run(raw_records(uri)))
+    )
     manager = ray.get_actor(manager_name(uri), namespace=NAMESPACE)
     ray.kill(manager, no_restart=False)  # restarts with no memory; resumes from storage
     gate.touch()
@@ -202,6 +206,11 @@ async def test_moved_foreign_unsigned_and_changed_records_are_refused(tmp_path: 
     await raw.put("workflows/a/plan", signed[:-1] + b"A")
     with pytest.raises(RecordSignatureError, match="fails its signature check"):
         await storage.get("workflows/a/plan")
+    # Without the key, a signed record is refused as such, not taken for a torn one
+    # (whose task would run again and replace it).
+    record = await raw.get("workflows/b/plan") or b""
+    with pytest.raises(RecordSignatureError, match="'workflows/b/plan' is signed.*no signing key"):
+        serialization.decode(record, "'workflows/b/plan'")
     # A conditional write compares the bytes it signs with the stored ones.
     assert await storage.compare_and_set("lease", None, b"1")
     assert not await storage.compare_and_set("lease", b"0", b"2")
