@@ -21,6 +21,7 @@ import asyncio
 import functools
 import os
 import platform
+import secrets
 import shutil
 import statistics
 import subprocess
@@ -562,7 +563,12 @@ def main() -> int:
     )
     parser.add_argument("--keep-storage", action="store_true", help="keep the temp storage")
     parser.add_argument("--log-to-driver", action="store_true", help="show worker/manager logs")
+    parser.add_argument(
+        "--signed", action="store_true", help="sign every record (a fresh signing key)"
+    )
     args = parser.parse_args()
+    if args.signed:  # read once into the settings by workflow.init, like any knob
+        os.environ["RAY_WORKFLOWS_SIGNING_KEY"] = secrets.token_hex(32)
 
     names = ORDER if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in ORDER]
@@ -623,7 +629,7 @@ def run_all(args: argparse.Namespace, names: list[str], sizes: dict[str, int], s
     print(
         f"storage {storage} ({fs_type(storage)}, durable 1 KiB put {durable_put_ms(storage)} "
         f"ms) | sizes {'quick' if args.quick else 'full'} | repeat {args.repeat} (median) "
-        f"| timeout {args.timeout:g}s/measurement"
+        f"| timeout {args.timeout:g}s/measurement | signed records {'on' if args.signed else 'off'}"
     )
     print(
         f"ray.init {t_init:.1f}s, warm-up {t_warm:.1f}s | ratio = workflow / plain Ray | "

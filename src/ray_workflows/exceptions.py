@@ -18,6 +18,7 @@ Every error a user can act on has its own class; all of them derive from
     ├── TaskNotFoundError               no task with that id in the workflow (a ValueError)
     ├── TaskIdCollisionError            two tasks of one workflow would share an id
     ├── CheckpointError                 a stored checkpoint is missing, torn or unreadable
+    │   └── RecordSignatureError        a record fails its signature check (never unpickled)
     └── StorageError                    the storage backend failed
         ├── UnknownStorageError         no plugin for that storage URI scheme
         └── TransientStorageError       a failure that may pass: retry later
@@ -221,11 +222,19 @@ class NothingToResumeError(WorkflowNotFoundError, WorkflowNotResumableError):
     :class:`WorkflowNotResumableError` as Ray 2.47 raised there."""
 
 
+class RecordSignatureError(CheckpointError):
+    """A record in storage fails its signature check (the cluster signs its records:
+    ``RAY_WORKFLOWS_SIGNING_KEY``): it is not signed, signed with another key, changed
+    after it was written, or moved from another storage key. It is never unpickled;
+    the message names the storage key and what to do."""
+
+
 __all__ = [
     "CheckpointError",
     "EventConflictError",
     "MailboxFullError",
     "NothingToResumeError",
+    "RecordSignatureError",
     "StorageError",
     "TaskIdCollisionError",
     "TaskNotFoundError",

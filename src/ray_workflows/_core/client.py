@@ -27,8 +27,8 @@ from ray_workflows._core.lease import grant
 from ray_workflows._core.options import check_metadata
 from ray_workflows._core.plan import EXTERNAL
 from ray_workflows._core.settings import Settings
+from ray_workflows._core.signing import engine_storage
 from ray_workflows._core.store import WorkflowStore, running_meta
-from ray_workflows.storage import open_storage
 
 
 def unwrap(exc: BaseException) -> BaseException:
@@ -116,7 +116,7 @@ _stores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Workflow
 
 
 def _store(uri: str) -> WorkflowStore:
-    storage = open_storage(uri)
+    storage = engine_storage(uri)
     stores = _stores.setdefault(asyncio.get_running_loop(), {})
     store = stores.get(uri)
     if store is None or store.storage is not storage:  # new, or the storage was reopened
@@ -131,7 +131,7 @@ def start_blocking(prepared: Prepared) -> Any:
     write itself. ``None`` where that is not the case: then await :func:`start`."""
     settings = config.current()
     handle, lease = config.known_manager(settings), _caller_lease(settings, prepared)
-    store = WorkflowStore(open_storage(settings.storage))
+    store = WorkflowStore(engine_storage(settings.storage))
     if handle is None or lease is None or not store.storage.blocking_batches:
         return None
     wid, plan, meta, _ = prepared

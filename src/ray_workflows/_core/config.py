@@ -23,7 +23,7 @@ import ray
 from ray_workflows._core.log import get_logger
 from ray_workflows._core.manager import NAMESPACE, actor_class, manager_name
 from ray_workflows._core.settings import Settings, build, normalise_storage
-from ray_workflows.storage import open_storage
+from ray_workflows._core.signing import engine_storage, use
 
 log = get_logger()
 
@@ -40,6 +40,7 @@ def configure(storage: str | None = None, **options: Any) -> Settings:
     of :class:`Settings`; a ``None`` one comes from the environment or its default."""
     global _settings
     settings = build(storage, **options)
+    use(settings.storage, settings.signing_key)
     with _lock:
         _settings = settings
         _managers.pop(settings.storage, None)  # new settings must reach the manager
@@ -125,7 +126,7 @@ async def sees_manager_storage(storage: str, described: dict[str, Any]) -> dict[
     key, token = probe
     try:
         # Bounded: a storage this process cannot reach must not hold up its first call.
-        seen = await asyncio.wait_for(open_storage(storage).get(key), _PROBE_TIMEOUT)
+        seen = await asyncio.wait_for(engine_storage(storage).get(key), _PROBE_TIMEOUT)
     except Exception as exc:  # any failure means: let the manager store them
         seen = None
         log.info("storage.not_reachable_here", storage=storage, error=str(exc))

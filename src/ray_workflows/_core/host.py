@@ -48,12 +48,11 @@ from typing import Any
 
 import ray
 
-from ray_workflows._core import bridge, incarnation
+from ray_workflows._core import bridge, incarnation, signing
 from ray_workflows._core.engine import Engine
 from ray_workflows._core.plan import Plan
 from ray_workflows._core.settings import Settings
 from ray_workflows._core.store import WorkflowStore
-from ray_workflows.storage import open_storage
 
 #: A longer chain goes to the manager: it is rarely all quick, and a plan that size
 #: costs the manager little next to its tasks.
@@ -185,8 +184,9 @@ async def _run(
 def _engine(settings: Settings) -> Engine:
     engine = _engines.get(settings)
     if engine is None:
+        signing.publish(settings.storage, settings.signing_key)
         engine = _engines[settings] = Engine(
-            open_storage(settings.storage),
+            signing.engine_storage(settings.storage),
             lease_ttl=settings.lease_ttl,
             clock=settings.clock,
             here=True,

@@ -18,7 +18,7 @@ from typing import Any
 
 import ray
 
-from ray_workflows._core import host, incarnation, serialization
+from ray_workflows._core import host, incarnation, serialization, signing
 from ray_workflows._core.actors import Actors
 from ray_workflows._core.engine import Engine, load_clock
 from ray_workflows._core.incarnation import NAMESPACE, manager_name
@@ -29,7 +29,6 @@ from ray_workflows._core.settings import Settings
 from ray_workflows._core.status import WorkflowStatus
 from ray_workflows._core.store import WorkflowStore
 from ray_workflows.exceptions import WorkflowError, WorkflowRunningElsewhereError
-from ray_workflows.storage import open_storage
 
 log = get_logger()
 
@@ -103,8 +102,10 @@ class WorkflowManager:
         # The cluster is named by its id (incarnation.cluster_token), never by its address:
         # another cluster at the same address string never matches.
         lineage = incarnation.lineage(manager_name(settings.storage))
+        # Workers find the signing key where the manager publishes it (signing.py).
+        signing.publish(settings.storage, settings.signing_key)
         self.engine = Engine(
-            open_storage(settings.storage),
+            signing.engine_storage(settings.storage),
             owner_prefix=lineage,
             lease_ttl=settings.lease_ttl,
             clock=settings.clock,
@@ -170,6 +171,12 @@ class WorkflowManager:
             raise ValueError(
                 f"Settings for storage {settings.storage!r} sent to the manager of "
                 f"{self.settings.storage!r}"
+            )
+        if settings.signing_key != self.settings.signing_key:
+            theirs, mine = (repr(s.signing_key) for s in (settings, self.settings))
+            raise ValueError(
+                f"The manager of {settings.storage!r} runs with signing key {mine}, this "
+                f"driver has {theirs}: give every driver the same RAY_WORKFLOWS_SIGNING_KEY."
             )
         max_running, max_pending = settings.max_running_workflows, settings.max_pending_workflows
         if max_running is not None or max_pending is not None:

@@ -27,7 +27,7 @@ from ray_workflows._core.keys import (
     tasks_prefix,
 )
 from ray_workflows._core.log import get_logger
-from ray_workflows.exceptions import CheckpointError
+from ray_workflows.exceptions import CheckpointError, RecordSignatureError
 from ray_workflows.storage import Storage
 
 log = get_logger()
@@ -129,6 +129,8 @@ async def read_records(storage: Storage, wid: str, *, repair: bool = False) -> T
             continue
         try:
             members = decode_pack(data, key)
+        except RecordSignatureError:
+            raise
         except CheckpointError as exc:
             log.warning("checkpoint.torn", workflow_id=wid, key=key, error=str(exc))
             if repair:

@@ -19,6 +19,7 @@ from ray_workflows._core.scheduler import WorkflowRun
 from ray_workflows._core.store import TaskRecords, WorkflowStore
 from ray_workflows.exceptions import (
     CheckpointError,
+    RecordSignatureError,
     TaskNotFoundError,
     WorkflowNotFoundError,
     WorkflowNotResumableError,
@@ -115,6 +116,8 @@ class Recovery:
             data = await self.store.storage.get(ref)
         try:
             serialization.decode(data or b"", ref)
+        except RecordSignatureError:
+            raise
         except CheckpointError as exc:
             log.warning(
                 "checkpoint.torn", workflow_id=run.workflow_id, task_id=record_tid, error=str(exc)

@@ -29,7 +29,8 @@ import ray
 from ray import cloudpickle
 from ray.actor import ActorHandle
 
-from ray_workflows.exceptions import CheckpointError
+from ray_workflows._core.signing import MAGIC as SIGNED_MAGIC
+from ray_workflows.exceptions import CheckpointError, RecordSignatureError
 
 MAGIC = b"RWF\x01"
 _HEADER_LEN = struct.Struct(">I")
@@ -155,6 +156,7 @@ def decode(data: bytes, where: str = "") -> tuple[dict[str, Any], bytes]:
     """Check an envelope; return (header, payload). Raises ``CheckpointError`` if torn."""
     try:
         if data[:4] != MAGIC:
+            _not_signed_here(data, where)
             raise ValueError("bad magic")
         (head_len,) = _HEADER_LEN.unpack_from(data, 4)
         header: dict[str, Any] = json.loads(data[8 : 8 + head_len])
@@ -168,6 +170,18 @@ def decode(data: bytes, where: str = "") -> tuple[dict[str, Any], bytes]:
             key=where,
         ) from None
     return header, payload
+
+
+def _not_signed_here(data: bytes, where: str) -> None:
+    # A signed record read without the key is not torn: were it taken for torn, the
+    # task that wrote it would run again and the record be replaced.
+    if data[: len(SIGNED_MAGIC)] == SIGNED_MAGIC:
+        raise RecordSignatureError(
+            f"Record {where or '(record)'} is signed, but this process has no signing key: "
+            "set RAY_WORKFLOWS_SIGNING_KEY to the key this storage was written with. It "
+            "was not read.",
+            key=where,
+        )
 
 
 def peek_header(data: bytes, where: str = "") -> dict[str, Any]:

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ray_workflows._core.lease import DEFAULT_TTL, lease_ttl
+from ray_workflows._core.signing import SigningKey, parse_key
 from ray_workflows.exceptions import UnknownStorageError
 from ray_workflows.plugins import CLOCK_GROUP, available, storage_scheme
 from ray_workflows.storage import open_storage
@@ -42,6 +43,7 @@ LEGACY_ENV_STORAGE = "RAY_WORKFLOW_STORAGE"
 ENV_HOST = "RAY_WORKFLOWS_HOST"
 #: Undelivered events a workflow's mailbox holds before it refuses more.
 DEFAULT_MAILBOX_LIMIT = 10_000
+ENV_SIGNING_KEY = "RAY_WORKFLOWS_SIGNING_KEY"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +85,9 @@ class Settings:
     #: Events a workflow's mailbox may hold that no task has consumed yet; a send past
     #: it is refused (``MailboxFullError``, HTTP 429) until the workflow takes some.
     mailbox_limit: int = DEFAULT_MAILBOX_LIMIT
+    #: Sign every record written and verify every record read with this secret
+    #: (:mod:`ray_workflows._core.signing`); ``None``: records are not signed. Never shown.
+    signing_key: SigningKey | None = dataclasses.field(default=None, repr=False)
 
 
 def _flag(name: str, value: Any) -> bool:
@@ -156,6 +161,7 @@ ENV: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "task_events": ("RAY_WORKFLOWS_TASK_EVENTS", _flag),
     "retention": ("RAY_WORKFLOWS_RETENTION", duration),
     "mailbox_limit": ("RAY_WORKFLOWS_MAILBOX_LIMIT", _count),
+    "signing_key": (ENV_SIGNING_KEY, parse_key),
 }
 
 
@@ -222,6 +228,7 @@ __all__ = [
     "DEFAULT_MAILBOX_LIMIT",
     "ENV",
     "ENV_HOST",
+    "ENV_SIGNING_KEY",
     "ENV_STORAGE",
     "LEGACY_ENV_STORAGE",
     "Settings",

@@ -29,7 +29,8 @@ from ray import cloudpickle
 
 from ray_workflows._core.options import TaskOptions
 from ray_workflows._core.plan import Plan, TaskSpec
-from ray_workflows.storage import Storage, open_storage
+from ray_workflows._core.signing import open_ref, ref_of
+from ray_workflows.storage import Storage
 
 #: What an attempt's fields may be to travel pickled with others (no ObjectRefs).
 PLAIN = (bytes, int, type(None))
@@ -88,7 +89,7 @@ def task_header(
     fields = (
         workflow_id,
         spec.task_id,
-        storage.uri,
+        ref_of(storage),
         spec.func_key,
         spec.args,
         keys,
@@ -110,7 +111,7 @@ def call_of(header: bytes, attempt: int, refs: tuple[Any, Any] | None) -> TaskCa
     return TaskCall(
         workflow_id=wid,
         task_id=tid,
-        storage=open_storage(uri),
+        storage=open_ref(uri),
         func_key=func_key,
         args=args,
         arg_refs=keys if arg_refs is None else arg_refs,

@@ -27,9 +27,9 @@ from typing import Any
 
 from ray_workflows._core import bridge, serialization
 from ray_workflows._core.attempts import execute_attempt
+from ray_workflows._core.signing import open_ref
 from ray_workflows._core.store import task_key
 from ray_workflows._core.wire import UNAVAILABLE, Attempt, Receipt, Unit
-from ray_workflows.storage import open_storage
 
 #: In a fused pair (see :func:`_pair`), the producer's small output travels with
 #: the consumer's receipt; if the consumer is still running this long after the
@@ -106,7 +106,7 @@ class _Flush:
     def __init__(self, header: bytes, receipt: Receipt) -> None:
         fields = pickle.loads(header)
         wid, tid, uri, epoch = fields[0], fields[1], fields[2], fields[-1]
-        self.storage, self.receipt = open_storage(uri), receipt
+        self.storage, self.receipt = open_ref(uri), receipt
         self.key = task_key(wid, tid, "out", epoch)
         self.lock = threading.Lock()
         self.cancelled = False
