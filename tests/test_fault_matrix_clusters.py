@@ -121,6 +121,16 @@ class Batch:
         )
         return cluster.run(script, env=ENV, timeout=400)
 
+    def run_on(self, cluster: Cluster) -> None:
+        """Start every workflow from a driver on ``cluster`` that then exits, and wait
+        until they are in flight."""
+        assert cluster.run(self.submit("emit(submitted=True)"), env=ENV)
+        self.wait_in_flight()
+
+    def open_gates(self) -> None:
+        self.go.touch()
+        self.go2.touch()
+
     def wait_in_flight(self) -> None:
         for kind, uri in self.storages.items():
             for wid in self.wids[kind]:
@@ -201,8 +211,7 @@ def test_1_driver_sigkill_right_after_run_async(
     driver.wait_file(submitted)
     driver.kill()  # SIGKILL, right after the last run_async returned
     batch.wait_in_flight()  # the workflows go on without their driver
-    batch.go.touch()
-    batch.go2.touch()
+    batch.open_gates()
     results = batch.finish(a)
     _assert_rows(batch.rows("SIGKILL of the driver right after run_async", results), results)
 
@@ -212,15 +221,13 @@ def test_2_manager_sigstop_past_its_lease_while_another_cluster_takes_over(
 ) -> None:
     a, b = clusters
     batch = Batch.make(tmp_path / "stall", seaweedfs)
-    assert a.run(batch.submit("emit(submitted=True)"), env=ENV)
-    batch.wait_in_flight()
+    batch.run_on(a)
     stopped = _managers(a)
     assert len(stopped) >= 2, stopped  # one per storage
     for pid in stopped:
         os.kill(pid, signal.SIGSTOP)
     try:
-        batch.go.touch()
-        batch.go2.touch()
+        batch.open_gates()
         time.sleep(TTL * 2)  # past the stopped managers' leases
         results = batch.finish(b)  # B takes every workflow over and finishes it
     finally:
@@ -240,10 +247,8 @@ def test_3_whole_cluster_sigkill(
 ) -> None:
     a, b = clusters
     batch = Batch.make(tmp_path / "cluster", seaweedfs)
-    assert a.run(batch.submit("emit(submitted=True)"), env=ENV)
-    batch.wait_in_flight()
+    batch.run_on(a)
     a.kill()  # every process of cluster A at once
-    batch.go.touch()
-    batch.go2.touch()
+    batch.open_gates()
     results = batch.finish(b)
     _assert_rows(batch.rows("SIGKILL of the whole cluster, another recovers", results), results)
