@@ -236,7 +236,7 @@ def test_bad_input_is_refused_with_a_clear_error(storage: str, wid: str) -> None
     with pytest.raises(AttributeError, match="no method 'nothing'"):
         ledger.nothing  # noqa: B018
     with pytest.raises(ValueError, match="Unknown option"):
-        ledger.add.options(max_retries=3)
+        ledger.add.options(metadata={})
     with pytest.raises(WorkflowNotFoundError, match="get_or_create"):
         workflow.get_actor("no-such-actor-" + uuid.uuid4().hex[:6])
     with pytest.raises(ValueError):

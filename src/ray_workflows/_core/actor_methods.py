@@ -2,7 +2,7 @@
 
 A call (or ``__init__``) runs in a Ray worker (:func:`run_method`): it restores the
 state into an instance made without ``__init__``, calls the method and captures the
-state again as JSON (:func:`capture`). Its outcome comes back pickled,
+state again (:mod:`ray_workflows._core.actor_state`). Its outcome comes back pickled,
 ``("ok", value)`` or ``("error", exception)``, with the plan of the sub-workflow the
 method returned, if it returned a step or DAG. The manager's side, which logs, orders
 and commits the calls, is :mod:`ray_workflows._core.actors`.
@@ -15,7 +15,6 @@ manager to call ``other`` on this actor (how often it calls is in
 from __future__ import annotations
 
 import inspect
-import json
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +24,7 @@ from ray import cloudpickle
 from ray.dag import DAGNode
 
 from ray_workflows._core import context
+from ray_workflows._core.actor_state import Captured, capture, has_own, restore
 from ray_workflows._core.compiler import compile_dag
 from ray_workflows._core.incarnation import NAMESPACE, manager_name
 from ray_workflows._core.plan import Plan
@@ -32,36 +32,21 @@ from ray_workflows._core.plan import Plan
 READONLY = "__ray_workflows_readonly__"  # set on a method by @virtual_actor.readonly
 
 
-def capture(obj: Any) -> Any:
-    """The JSON-serialisable state of a virtual actor instance."""
-    cls = type(obj)
-    state = obj.__getstate__() if has_own(cls, "__getstate__") else dict(vars(obj))
-    try:
-        json.dumps(state)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(
-            f"The state of virtual actor class {cls.__qualname__} must be JSON "
-            f"serializable ({exc}); define __getstate__ and __setstate__ to convert it."
-        ) from exc
-    return state
-
-
-def has_own(cls: type, name: str) -> bool:
-    """Whether ``cls`` defines ``name`` itself (``object`` has a ``__getstate__``)."""
-    return getattr(cls, name, None) is not getattr(object, name, None)
-
-
 def run_method(
     cls_bytes: bytes,
-    state: Any,
+    record: bytes | None,
     method: str | None,
     call: bytes,
     actor_id: str = "",
     storage_uri: str = "",
-) -> tuple[Any, bytes, Plan | None]:
-    """In a Ray worker: the new state, the pickled ``("ok", value)`` or
-    ``("error", exception)`` of one method call (or of ``__init__``), and the plan of
-    the sub-workflow the method returned, if it returned a step or DAG."""
+    storage_ref: Any = None,
+    objects: dict[str, bytes] | None = None,
+) -> tuple[Captured | None, bytes, Plan | None]:
+    """In a Ray worker: the new state (None: unchanged), the pickled ``("ok", value)``
+    or ``("error", exception)`` of one method call (or of ``__init__``), and the plan
+    of the sub-workflow the method returned, if it returned a step or DAG. ``record``
+    is the stored state record (see :func:`restore`); ``objects`` the object records
+    it refers to when the worker cannot read the storage itself."""
     cls = _stepping(cloudpickle.loads(cls_bytes), actor_id, storage_uri)
     args, kwargs = cloudpickle.loads(call)
     try:
@@ -69,6 +54,8 @@ def run_method(
             obj = cls(*args, **kwargs)
             value = None
         else:
+            assert record is not None, "a method runs on a committed state"
+            state = restore(record, actor_id, storage_ref or storage_uri, dict(objects or {}))
             obj = cls.__new__(cls)
             if has_own(cls, "__setstate__"):
                 obj.__setstate__(state)
@@ -76,10 +63,10 @@ def run_method(
                 obj.__dict__.update(state)
             value = getattr(obj, method)(*args, **kwargs)
             if isinstance(value, DAGNode):
-                return capture(obj), pickle_outcome("ok", None), compile_dag(value)
-        return capture(obj), pickle_outcome("ok", value), None
+                return capture(obj, actor_id), pickle_outcome("ok", None), compile_dag(value)
+        return capture(obj, actor_id), pickle_outcome("ok", value), None
     except Exception as exc:
-        return state, pickle_outcome("error", exc), None
+        return None, pickle_outcome("error", exc), None
 
 
 def _stepping(cls: Any, actor_id: str, storage_uri: str) -> Any:
@@ -153,4 +140,4 @@ def pickle_outcome(kind: str, value: Any) -> bytes:
         return bytes(cloudpickle.dumps(("error", TypeError(f"cannot store {value!r}: {exc}"))))
 
 
-__all__ = ["READONLY", "capture", "has_own", "pickle_outcome", "run_method"]
+__all__ = ["READONLY", "has_own", "pickle_outcome", "run_method"]

@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import json
 import pickle
 import uuid
 from collections.abc import Awaitable, Callable
@@ -46,6 +45,7 @@ import ray
 from ray import cloudpickle
 
 from ray_workflows._core.actor_methods import pickle_outcome, run_method
+from ray_workflows._core.actor_state import Captured, object_records, reseq, seq_of, state_record
 from ray_workflows._core.keys import (
     actor_call_key,
     actor_call_seq,
@@ -58,6 +58,7 @@ from ray_workflows._core.keys import (
 )
 from ray_workflows._core.log import get_logger
 from ray_workflows._core.plan import Plan
+from ray_workflows._core.signing import ref_of
 from ray_workflows.exceptions import WorkflowNotFoundError
 from ray_workflows.storage import Storage
 
@@ -67,8 +68,10 @@ log = get_logger()
 @dataclasses.dataclass
 class _Actor:
     cls_bytes: bytes
+    # Options given to Cls.options(...) at creation: defaults for every call's options.
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
     seq: int = 0  # the number of the last committed writer call
-    state: Any = None
+    state: bytes = b""  # the committed state record (see actor_methods), without signature
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
     # Writer calls reach the lock in each caller's order: the last order admitted per
     # caller, and the calls waiting for their predecessor.
@@ -93,9 +96,12 @@ class Actors:
         self._loading: dict[str, asyncio.Task[_Actor]] = {}
         self._task = ray.remote(num_cpus=1, max_retries=3)(run_method)
 
-    async def create(self, actor_id: str, cls_bytes: bytes, init: bytes) -> None:
-        """Store a new actor and run its ``__init__``; an existing one is kept as it is."""
-        record = pickle.dumps((cls_bytes, init), protocol=5)
+    async def create(
+        self, actor_id: str, cls_bytes: bytes, init: bytes, options: dict[str, Any] | None = None
+    ) -> None:
+        """Store a new actor and run its ``__init__``; an existing one is kept as it is
+        (``options``, the defaults of its calls, with it)."""
+        record = pickle.dumps((cls_bytes, init, options or {}), protocol=5)
         await self.storage.put_if_absent(actor_class_key(actor_id), record)
         await self._get(actor_id)
 
@@ -238,17 +244,16 @@ class Actors:
                 "Cls.get_or_create(actor_id, ...).",
                 workflow_id=actor_id,
             )
-        cls_bytes, init = pickle.loads(record)
-        actor = _Actor(cls_bytes)
+        cls_bytes, init, *rest = pickle.loads(record)
+        actor = _Actor(cls_bytes, rest[0] if rest else {})
         stored = await self.storage.get(actor_state_key(actor_id))
         if stored is None:  # __init__ has not committed: run it (again)
-            state, outcome, _ = await self._run(actor_id, actor, None, None, init, {})
+            captured, outcome, _ = await self._run(actor_id, actor, None, None, init, {})
             await self._resolve(outcome)  # raises what __init__ raised
-            await self.storage.put(actor_state_key(actor_id), _state(0, state))
-            actor.state = state
+            assert captured is not None, "an __init__ that returned captured its state"
+            await self._commit_state(actor_id, actor, 0, captured)
         else:
-            committed = json.loads(stored)
-            actor.state, actor.seq = committed["state"], committed["seq"]
+            actor.state, actor.seq = stored, seq_of(stored, actor_id)
         # Writer calls logged but not committed when the last manager stopped.
         for key in await self.storage.list(actor_calls_prefix(actor_id)):
             seq = actor_call_seq(actor_id, key)
@@ -269,31 +274,68 @@ class Actors:
         call: bytes,
         ray_options: dict[str, Any],
     ) -> bytes:
-        state, outcome, plan = await self._run(
+        captured, outcome, plan = await self._run(
             actor_id, actor, actor.state, method, call, ray_options
         )
         if plan is not None:  # stored before the call commits; a replay finds it stored
             outcome = await self._sub_workflow(_sub_workflow_id(actor_id, seq), plan)
         await self.storage.put(actor_result_key(actor_id, seq), outcome)
-        await self.storage.put(actor_state_key(actor_id), _state(seq, state))
-        actor.state, actor.seq = state, seq
+        await self._commit_state(actor_id, actor, seq, captured)
         log.debug("actor.call_committed", workflow_id=actor_id, seq=seq, method=method)
         return outcome
+
+    async def _commit_state(
+        self, actor_id: str, actor: _Actor, seq: int, captured: Captured | None
+    ) -> None:
+        """Store the state after call ``seq`` (``None``: the state is unchanged), the
+        objects its ObjectRefs hold first: the state record is the commit point."""
+        if captured is None:
+            record = reseq(actor.state, seq, actor_id)
+        else:
+            for key, data in captured.objects.items():
+                await self.storage.put_if_absent(key, data)
+            record = state_record(seq, captured)
+        await self.storage.put(actor_state_key(actor_id), record)
+        actor.state, actor.seq = record, seq
 
     async def _run(
         self,
         actor_id: str,
         actor: _Actor,
-        state: Any,
+        record: bytes | None,
         method: str | None,
         call: bytes,
         options: dict[str, Any],
-    ) -> tuple[Any, bytes, Plan | None]:
-        task = self._task.options(**options) if options else self._task
-        new_state, outcome, plan = await task.remote(
-            actor.cls_bytes, state, method, call, actor_id, self.storage.uri
-        )
-        return new_state, outcome, plan
+    ) -> tuple[Captured | None, bytes, Plan | None]:
+        """Run a method (``__init__``: ``None``) as a Ray task, retrying a method that
+        raised ``max_retries`` times; with ``catch_exceptions`` its outcome is the
+        ``(result, None)`` or ``(None, exception)`` pair."""
+        options = {**actor.options, **options}
+        retries = int(options.pop("max_retries", 0))
+        catch = bool(options.pop("catch_exceptions", False))
+        ray_options = dict(options, max_retries=max(retries, 3) if retries >= 0 else -1)
+        task = self._task.options(**ray_options)
+        objects = await object_records(self.storage, record, actor_id)
+        attempt = 0
+        while True:
+            captured, outcome, plan = await task.remote(
+                actor.cls_bytes,
+                record,
+                method,
+                call,
+                actor_id,
+                self.storage.uri,
+                ref_of(self.storage),
+                objects,
+            )
+            kind, value = cloudpickle.loads(outcome)
+            if kind != "error" or method is None or (0 <= retries <= attempt):
+                break
+            attempt += 1
+            log.info("actor.call_retried", workflow_id=actor_id, method=method, attempt=attempt)
+        if catch and plan is None and method is not None:
+            outcome = pickle_outcome("ok", (None, value) if kind == "error" else (value, None))
+        return captured, outcome, plan
 
 
 # How long a writer call waits for its caller's previous one to arrive: after a manager
@@ -336,10 +378,6 @@ def _step_call_id(workflow_id: str, run: str, task_id: str, k: int) -> str:
     if len(scoped) > 200:  # a storage key's last part: keep it short enough for a file name
         scoped = "step:" + hashlib.sha1(scoped.encode()).hexdigest()
     return scoped
-
-
-def _state(seq: int, state: Any) -> bytes:
-    return json.dumps({"seq": seq, "state": state}).encode()
 
 
 __all__ = ["Actors"]

@@ -30,10 +30,12 @@ Layout (all keys relative to the storage URI)::
     cancels/<wid>                         a request to stop the workflow, for the runner
                                           that holds its lease (engine.Engine.cancel)
     actors/<id>/class                     a virtual actor's class and __init__ arguments
-    actors/<id>/state                     {"seq": n, "state": ...}: the state after n writer calls
+    actors/<id>/state                     the state after n writer calls: {"seq": n, "state": ...}
+                                          (JSON), or a pickled envelope with seq (actor_state.py)
     actors/<id>/calls/<seq>               writer call number seq, logged before it runs
     actors/<id>/ids/<call>                the seq of a call id (a replayed call runs once)
     actors/<id>/results/<seq>             the call's result, written before the state
+    actors/<id>/objects/<sha256>          checkpointed ObjectRef values of a pickled state
     managers/<lineage>probe               a token a manager wrote, which a caller reads back
                                           to learn that it sees the same storage
 
@@ -202,6 +204,10 @@ def actor_state_key(actor_id: str) -> str:
     return f"actors/{actor_id}/state"
 
 
+def actor_objects_prefix(actor_id: str) -> str:
+    return f"actors/{actor_id}/objects/"
+
+
 def actor_calls_prefix(actor_id: str) -> str:
     return f"actors/{actor_id}/calls/"
 
@@ -241,6 +247,7 @@ __all__ = [
     "actor_calls_prefix",
     "actor_class_key",
     "actor_id_key",
+    "actor_objects_prefix",
     "actor_result_key",
     "actor_run_key",
     "actor_state_key",

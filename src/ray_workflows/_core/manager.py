@@ -267,8 +267,10 @@ class WorkflowManager:
         await self.engine.adopt(workflow_id, decoded, meta, lease)
         return await self.result(workflow_id)
 
-    async def actor_create(self, actor_id: str, cls: bytes, init: bytes) -> None:
-        await self.actors.create(actor_id, cls, init)
+    async def actor_create(
+        self, actor_id: str, cls: bytes, init: bytes, options: dict[str, Any] | None = None
+    ) -> None:
+        await self.actors.create(actor_id, cls, init, options)
 
     async def actor_class(self, actor_id: str) -> bytes:
         return await self.actors.class_of(actor_id)

@@ -20,8 +20,10 @@
     assert ray.get(counter.value.run_async()) == 2
     assert workflow.get_actor("counter-1").value.run() == 2
 
-The state is JSON: the instance's ``__dict__``, or what ``__getstate__`` returns
-(then ``__setstate__`` restores it; define both or neither). Writer methods run one
+The state is the instance's ``__dict__``, which must be JSON, or what
+``__getstate__`` returns (then ``__setstate__`` restores it; define both or neither),
+which may be anything picklable: ObjectRefs in it are checkpointed as a task
+output's are. Writer methods run one
 at a time and each one's effect on the state is durable before its result returns;
 readonly methods run concurrently on the last committed state. See
 :mod:`ray_workflows._core.actors` for how calls are logged and recovered.
@@ -42,24 +44,63 @@ from ray_workflows._core.actor_methods import READONLY as _READONLY
 from ray_workflows._core.actor_methods import has_own
 from ray_workflows._core.ids import check_id
 
-# Ray options a method call may carry (the engine owns retries).
-_CALL_OPTIONS = ("num_cpus", "num_gpus", "resources", "memory", "accelerator_type")
+# Ray options for the task of a call (``name``: only for one method).
+_RAY_OPTIONS = ("num_cpus", "num_gpus", "resources", "memory", "accelerator_type")
+# max_retries: how often a call that raised runs again (Ray 1.x's rule for steps);
+# catch_exceptions: the call returns (result, None) or (None, exception).
+_ENGINE_OPTIONS = ("max_retries", "catch_exceptions")
+_CLASS_OPTIONS = _RAY_OPTIONS + _ENGINE_OPTIONS
+_CALL_OPTIONS = _CLASS_OPTIONS + ("name",)
+
+
+def _checked(options: dict[str, Any], valid: tuple[str, ...], what: str) -> dict[str, Any]:
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"Unknown option(s) {unknown} for {what}; valid: {list(valid)}.")
+    retries = options.get("max_retries", 0)
+    if type(retries) is not int or retries < -1:
+        raise ValueError(
+            f"max_retries for {what} must be an int >= 0 (or -1 for unlimited), got {retries!r}."
+        )
+    if type(options.get("catch_exceptions", False)) is not bool:
+        raise ValueError(
+            f"catch_exceptions for {what} must be True or False, "
+            f"got {options['catch_exceptions']!r}."
+        )
+    return options
 
 
 class VirtualActorClass:
     """A class decorated with ``@workflow.virtual_actor``."""
 
-    def __init__(self, cls: type) -> None:
+    def __init__(self, cls: type, options: dict[str, Any] | None = None) -> None:
         if not isinstance(cls, type):
             raise TypeError(f"@workflow.virtual_actor decorates a class, got {cls!r}")
         if has_own(cls, "__getstate__") != has_own(cls, "__setstate__"):
             raise ValueError(
                 f"Virtual actor class {cls.__qualname__} defines only one of __getstate__ "
-                "and __setstate__; define both (the state they exchange must be JSON) "
-                "or neither (the instance's __dict__ is the state)."
+                "and __setstate__; define both (the state they exchange may be anything "
+                "picklable) or neither (the instance's __dict__, which must be JSON, is "
+                "the state)."
             )
         self._cls = cls
         self._bytes = bytes(cloudpickle.dumps(cls))
+        self._options = options or {}
+
+    def options(self, **options: Any) -> VirtualActorClass:
+        """The class with options for the actors it creates: Ray resource options
+        (``num_cpus``, ``num_gpus``, ``resources``, ``memory``, ``accelerator_type``) for
+        the tasks of ``__init__`` and of every call, and the defaults of every call's
+        ``max_retries`` and ``catch_exceptions``. Like ``__init__``'s arguments, they are
+        stored with a new actor and ignored for an existing one.
+
+        >>> Counter.options(num_cpus=0.5, max_retries=2).get_or_create("c1", 0)
+        """
+        what = f"{self._cls.__qualname__}.options(...)"
+        merged = {**self._options, **_checked(options, _CLASS_OPTIONS, what)}
+        copy = VirtualActorClass.__new__(VirtualActorClass)
+        copy._cls, copy._bytes, copy._options = self._cls, self._bytes, merged
+        return copy
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(
@@ -72,7 +113,7 @@ class VirtualActorClass:
         ``__init__(*args, **kwargs)`` (the arguments are ignored for an existing one)."""
         check_id(actor_id)
         init = cloudpickle.dumps((args, kwargs))
-        ready = _manager().actor_create.remote(actor_id, self._bytes, init)
+        ready = _manager().actor_create.remote(actor_id, self._bytes, init, self._options)
         return VirtualActor(actor_id, self._cls, ready)
 
 
@@ -119,14 +160,17 @@ class ActorMethod:
         self._actor, self._name, self._readonly, self._options = actor, name, readonly, options
 
     def options(self, **options: Any) -> ActorMethod:
-        """The same method with Ray resource options for its task (``num_cpus``, ...)."""
-        unknown = sorted(set(options) - set(_CALL_OPTIONS))
-        if unknown:
-            raise ValueError(
-                f"Unknown option(s) {unknown} for a virtual actor method; "
-                f"valid: {list(_CALL_OPTIONS)}."
-            )
-        return ActorMethod(self._actor, self._name, self._readonly, {**self._options, **options})
+        """The same method with options for its calls: Ray resource options for its task
+        (``num_cpus``, ``num_gpus``, ``resources``, ``memory``, ``accelerator_type``,
+        ``name``), ``max_retries`` (how often a call that raised runs again, on the
+        state it started from; default 0) and ``catch_exceptions`` (the call returns
+        ``(result, None)`` or ``(None, exception)``).
+
+        >>> counter.incr.options(max_retries=3).run()
+        """
+        what = f"virtual actor method {self._name!r}"
+        checked = _checked(options, _CALL_OPTIONS, what)
+        return ActorMethod(self._actor, self._name, self._readonly, {**self._options, **checked})
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(
