@@ -4,6 +4,7 @@ it; a task or actor that asks for another storage is refused with a clear error.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from clusters import Cluster, write_script
 from conftest import kill_manager
 
 import ray_workflows as workflow
-from ray_workflows._core import config
+from ray_workflows._core import cluster_storage, config
 from ray_workflows.exceptions import ClusterStorageError
 
 
@@ -169,4 +170,27 @@ def test_a_second_driver_and_its_tasks_use_the_clusters_storage(
         "second": 11,
         "task": 22,
     }
+    _nothing_in_default(tmp_path)
+
+
+def test_a_driver_naming_no_storage_takes_the_clusters_and_another_is_logged(
+    fresh_storage: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    for name in ("RAY_WORKFLOWS_STORAGE", "RAY_WORKFLOW_STORAGE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    cluster = cluster_storage.shared(False)
+    assert cluster is not None  # the first storage chosen in this Ray
+    try:
+        assert config.configure().storage == cluster.settings.storage
+        other = str(tmp_path / "other")
+        with caplog.at_level(logging.WARNING, logger="ray_workflows"):
+            assert config.configure(other).storage == other
+        assert "storage.second_in_cluster" in caplog.text
+        assert cluster_storage.shared(False) == cluster  # the cluster's stays
+    finally:
+        workflow.init(fresh_storage)
     _nothing_in_default(tmp_path)
