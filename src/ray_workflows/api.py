@@ -29,6 +29,11 @@ def init(
     """Choose the storage (a path, ``file://``, ``memory://``, ``s3://...``) and start the
     manager. Optional: the first workflow call initialises with the defaults.
 
+    Without ``storage`` (and ``RAY_WORKFLOWS_STORAGE``), a driver joining a Ray cluster
+    uses the storage the cluster's workflows use already. A Ray task or actor needs no
+    ``init``: it uses its driver's storage and settings, and asking it for another
+    storage raises ``ClusterStorageError`` (choose a second storage in a driver).
+
     ``max_running_workflows``/``max_pending_workflows`` limit how many workflows run and
     wait (-1: unlimited). ``auto_resume`` (default True, or ``RAY_WORKFLOWS_AUTO_RESUME``)
     makes a starting manager resume the workflows its storage says were running.

@@ -21,6 +21,7 @@ Every error a user can act on has its own class; all of them derive from
     │   └── RecordSignatureError        a record fails its signature check (never unpickled)
     └── StorageError                    the storage backend failed
         ├── UnknownStorageError         no plugin for that storage URI scheme
+        ├── ClusterStorageError         a Ray task or actor chose another storage than its cluster's
         └── TransientStorageError       a failure that may pass: retry later
 
 Exceptions cross process boundaries intact: each one pickles with its
@@ -204,6 +205,12 @@ class UnknownStorageError(StorageError, ValueError):
     """No storage plugin is registered for a URI scheme."""
 
 
+class ClusterStorageError(StorageError, ValueError):
+    """A Ray task or actor asked for another storage than the one its cluster's
+    workflows use (``workflow.init`` in the driver chose it). A task or actor uses
+    the cluster's storage without being told; a second storage is chosen in a driver."""
+
+
 class TransientStorageError(StorageError):
     """The storage failed in a way that may pass by itself: a timeout, a lost
     connection, throttling, a server error (HTTP 5xx), a full disk. The same call may
@@ -231,6 +238,7 @@ class RecordSignatureError(CheckpointError):
 
 __all__ = [
     "CheckpointError",
+    "ClusterStorageError",
     "EventConflictError",
     "MailboxFullError",
     "NothingToResumeError",

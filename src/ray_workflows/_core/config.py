@@ -4,7 +4,10 @@
 :class:`~ray_workflows._core.settings.Settings` once (:func:`configure`); later calls
 read them (:func:`current`) and never the environment. The manager of a storage is
 created on first use with those settings (:func:`manager`), and a later
-``workflow.init`` sends the new ones to a manager that already runs.
+``workflow.init`` sends the new ones to a manager that already runs. Which storage a
+process uses when it names none follows :mod:`ray_workflows._core.cluster_storage`
+(a Ray task or actor takes its driver's settings, and takes them again when the
+driver chooses new ones).
 
 If Ray is not initialised, the first call starts a local Ray
 (``ray.init(address="local")``), or joins ``RAY_ADDRESS`` when that is set.
@@ -20,10 +23,18 @@ from typing import Any
 
 import ray
 
+from ray_workflows._core import cluster_storage
 from ray_workflows._core.log import get_logger
 from ray_workflows._core.manager import NAMESPACE, actor_class, manager_name
-from ray_workflows._core.settings import Settings, build, normalise_storage
-from ray_workflows._core.signing import engine_storage, use
+from ray_workflows._core.settings import (
+    Settings,
+    build,
+    environment_storage,
+    normalise_storage,
+    resolve_storage,
+)
+from ray_workflows._core.signing import engine_storage, published_key, use
+from ray_workflows.exceptions import ClusterStorageError
 
 log = get_logger()
 
@@ -31,28 +42,79 @@ _PROBE_TIMEOUT = 2.0  # seconds for a caller to read the manager's probe record
 
 _lock = threading.Lock()
 _settings: Settings | None = None
+_source: bytes | None = None  # the cluster's record _settings were published as (see current)
+_checked: str | None = None  # the Ray task during which a worker last checked _source
 _managers: dict[str, Any] = {}
 _described: dict[str, dict[str, Any]] = {}  # storage -> the manager's describe() reply
 
 
 def configure(storage: str | None = None, **options: Any) -> Settings:
     """Build and set this process's settings (``workflow.init``): ``options`` are knobs
-    of :class:`Settings`; a ``None`` one comes from the environment or its default."""
-    global _settings
-    settings = build(storage, **options)
+    of :class:`Settings`; a ``None`` one comes from the environment or its default.
+    The storage follows the cluster's rules (:mod:`ray_workflows._core.cluster_storage`):
+    a driver's own choice, else the cluster's; in a Ray task or actor, its driver's."""
+    global _settings, _source
+    ensure_ray()
+    worker = cluster_storage.in_worker()
+    found = cluster_storage.shared(worker)
+    if worker and found is not None:
+        settings = _adopt(found.settings, storage, options)
+    else:
+        if storage is None and environment_storage() is None and found is not None:
+            storage = found.settings.storage  # a driver's knobs stay its own
+        settings = build(storage, **options)
+    published = cluster_storage.publish(settings, worker)
+    if worker and published.settings.storage != settings.storage:  # lost a race to choose
+        settings = _adopt(published.settings, storage, options)
     use(settings.storage, settings.signing_key)
     with _lock:
-        _settings = settings
+        _settings, _source = settings, published.raw
         _managers.pop(settings.storage, None)  # new settings must reach the manager
         _described.pop(settings.storage, None)
         return settings
 
 
+def _adopt(shared: Settings, storage: str | None, options: Any) -> Settings:
+    """For a Ray task or actor: its cluster's ``shared`` settings, with the knobs given
+    in ``options``; a ``storage`` other than the cluster's is refused."""
+    if storage is not None and resolve_storage(storage) != shared.storage:
+        raise ClusterStorageError(
+            f"This Ray task or actor asked for workflow storage {resolve_storage(storage)!r}, "
+            f"but the workflows of its Ray cluster use {shared.storage!r} (chosen by the "
+            "driver's workflow.init). Inside a task or actor, call workflow.init() "
+            "without a storage (or not at all) to use the cluster's; to use a second "
+            "storage, call workflow.init(storage=...) in a driver."
+        )
+    given = build(shared.storage, **options)
+    changes = {name: getattr(given, name) for name, value in options.items() if value is not None}
+    # The key the cluster's manager published comes before one in this worker's
+    # environment (a worker's environment is not its driver's).
+    key = published_key(shared.storage) or given.signing_key
+    return dataclasses.replace(shared, signing_key=key, **changes)
+
+
 def current() -> Settings:
-    """This process's settings; built from the environment on first use."""
+    """This process's settings; built on first use (see :func:`configure`). In a Ray
+    task or actor, built again when its driver chose other settings since: checked
+    once per task (or actor call), as the KV costs a round trip to the head."""
+    global _checked
     with _lock:
-        settings = _settings
-    return settings if settings is not None else configure()
+        settings, source, checked = _settings, _source, _checked
+    if settings is not None and not cluster_storage.in_worker():
+        return settings
+    task = ray.get_runtime_context().get_task_id()
+    if settings is not None and (task == checked and task is not None):
+        return settings
+    if settings is not None:
+        found = cluster_storage.shared(True)
+        if found is None or found.raw == source:
+            with _lock:
+                _checked = task
+            return settings
+    settings = configure()
+    with _lock:
+        _checked = task
+    return settings
 
 
 def override(**changes: Any) -> Settings | None:

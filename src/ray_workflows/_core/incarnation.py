@@ -39,6 +39,7 @@ from typing import Any
 
 import ray
 
+from ray_workflows._core import cluster_kv
 from ray_workflows._core.log import get_logger
 
 #: Ray's own record of the cluster id in the GCS KV (written by the GCS at its first start).
@@ -105,28 +106,16 @@ def _connected_cluster_id() -> str | None:
     return token if isinstance(token, str) and token else None
 
 
-def _kv() -> Any:
-    from ray.experimental import internal_kv
-
-    return internal_kv
-
-
 def _stored_cluster_id() -> str | None:
-    raw = _kv()._internal_kv_get(RAY_CLUSTER_ID_KEY, namespace=RAY_CLUSTER_ID_NAMESPACE)
-    if not isinstance(raw, bytes) or not raw.strip(b"\0"):
+    raw = cluster_kv.read(RAY_CLUSTER_ID_NAMESPACE, RAY_CLUSTER_ID_KEY)
+    if raw is None or not raw.strip(b"\0"):
         return None
     return raw.hex()
 
 
 def _own_token() -> str:
-    kv = _kv()
-    # Put-if-absent, then read: of racing processes the first write wins and all read it.
-    created = not kv._internal_kv_put(
-        TOKEN_KEY, secrets.token_bytes(16), overwrite=False, namespace=TOKEN_NAMESPACE
-    )
-    raw = kv._internal_kv_get(TOKEN_KEY, namespace=TOKEN_NAMESPACE)
-    if not isinstance(raw, bytes) or not raw:
-        raise RuntimeError("Ray's internal KV lost the cluster token just written")
+    # Of racing processes the first write wins and all read it.
+    raw, created = cluster_kv.claim(TOKEN_NAMESPACE, TOKEN_KEY, secrets.token_bytes(16))
     if created:
         log.info("incarnation.token_created", note="Ray keeps no cluster id: own token stored")
     return raw.hex()

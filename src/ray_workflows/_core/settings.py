@@ -12,7 +12,10 @@ environment variable in the driver, else its default. The storage is:
 
 1. ``workflow.init(storage=...)``;
 2. else ``RAY_WORKFLOWS_STORAGE`` (or the older ``RAY_WORKFLOW_STORAGE``);
-3. else the local default, ``$XDG_DATA_HOME/ray-workflows`` (usually
+3. else the storage the Ray cluster's workflows use already, if any
+   (:mod:`ray_workflows._core.cluster_storage`; in a Ray task or actor, that one
+   comes first, before the environment);
+4. else the local default, ``$XDG_DATA_HOME/ray-workflows`` (usually
    ``~/.local/share/ray-workflows``): a directory that survives reboots, unlike
    ``/tmp``. It only works on one machine; a multi-node cluster needs a shared
    directory or S3.
@@ -192,10 +195,13 @@ def resolve_storage(storage: str | None) -> str:
             "'memory://' or 's3://bucket/prefix', or None for the default."
         )
     if storage is None:
-        storage = (
-            os.environ.get(ENV_STORAGE) or os.environ.get(LEGACY_ENV_STORAGE) or default_storage()
-        )
+        storage = environment_storage() or default_storage()
     return normalise_storage(storage)
+
+
+def environment_storage() -> str | None:
+    """The storage this process's environment names, if it names one."""
+    return os.environ.get(ENV_STORAGE) or os.environ.get(LEGACY_ENV_STORAGE) or None
 
 
 def build(storage: str | None = None, **explicit: Any) -> Settings:
@@ -235,6 +241,7 @@ __all__ = [
     "build",
     "default_storage",
     "duration",
+    "environment_storage",
     "normalise_storage",
     "resolve_storage",
 ]

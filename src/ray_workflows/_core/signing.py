@@ -30,8 +30,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import ray
-from ray.experimental import internal_kv
 
+from ray_workflows._core import cluster_kv
 from ray_workflows.exceptions import RecordSignatureError
 from ray_workflows.storage import Storage, check_key, open_storage
 
@@ -231,7 +231,7 @@ def use(uri: str, key: SigningKey | None) -> None:
 
 
 def _kv_name(uri: str) -> bytes:
-    return b"key-" + hashlib.sha256(uri.encode()).hexdigest()[:32].encode()
+    return cluster_kv.digest_key(b"key-", uri)
 
 
 def publish(uri: str, key: SigningKey | None) -> None:
@@ -240,16 +240,20 @@ def publish(uri: str, key: SigningKey | None) -> None:
     use(uri, key)
     if key is None:
         return
-    name = _kv_name(uri)
-    internal_kv._internal_kv_put(name, key._secret, overwrite=False, namespace=_KV_NAMESPACE)
-    stored = internal_kv._internal_kv_get(name, namespace=_KV_NAMESPACE)
-    if not isinstance(stored, bytes) or not hmac.compare_digest(stored, key._secret):
-        other = SigningKey(stored).key_id if isinstance(stored, bytes) else "none"
+    stored, _ = cluster_kv.claim(_KV_NAMESPACE, _kv_name(uri), key._secret)
+    if not hmac.compare_digest(stored, key._secret):
+        other = SigningKey(stored).key_id
         raise ValueError(
             f"Storage {uri} is signed in this Ray cluster with key id {other}, but this "
             f"process was given key id {key.key_id}: give every driver the same "
             "RAY_WORKFLOWS_SIGNING_KEY, or use another storage."
         )
+
+
+def published_key(uri: str) -> SigningKey | None:
+    """The key the cluster's manager of ``uri`` published, asked now (not cached)."""
+    stored = cluster_kv.read(_KV_NAMESPACE, _kv_name(uri))
+    return None if stored is None else SigningKey(stored)
 
 
 def _key_for(uri: str) -> SigningKey | None:
@@ -260,8 +264,7 @@ def _key_for(uri: str) -> SigningKey | None:
         return _asked[uri]
     if not ray.is_initialized():
         return None  # asked again once Ray runs
-    stored = internal_kv._internal_kv_get(_kv_name(uri), namespace=_KV_NAMESPACE)
-    found = SigningKey(stored) if isinstance(stored, bytes) and stored else None
+    found = published_key(uri)
     with _lock:
         _asked[uri] = found
     return found
@@ -315,6 +318,7 @@ __all__ = [
     "open_ref",
     "parse_key",
     "publish",
+    "published_key",
     "ref_of",
     "use",
 ]
