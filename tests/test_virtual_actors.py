@@ -547,3 +547,31 @@ def test_a_step_call_whose_log_landed_in_part_calls_again(
     assert attempt() == 5  # the retry calls (it was never logged), once
     assert attempt() == 5  # and is answered from the log from then on
     assert count_runs(counter_dir, "add") == 1
+
+
+def test_actors_are_listed_as_workflows(storage: str, tmp_path: Path) -> None:
+    """Seed 004 / Ray 1.x: ``list_all`` shows each virtual actor as a workflow whose id
+    is the actor's: RUNNING while a writer call runs, SUCCESSFUL when idle."""
+
+    @workflow.virtual_actor
+    class Gate:
+        def __init__(self) -> None:
+            self.n = 0
+
+        def wait(self, path: str) -> int:
+            while not Path(path).exists():
+                time.sleep(0.02)
+            self.n += 1
+            return self.n
+
+    actor_id = f"listed-{uuid.uuid4().hex[:6]}"
+    actor = Gate.get_or_create(actor_id)
+    ray.get(actor.ready())
+    assert (actor_id, workflow.SUCCESSFUL) in workflow.list_all()
+    assert actor_id not in dict(workflow.list_all(workflow.RUNNING))
+    gate = tmp_path / "gate"
+    ref = actor.wait.run_async(str(gate))
+    wait_for(lambda: dict(workflow.list_all(workflow.RUNNING)).get(actor_id) == workflow.RUNNING)
+    gate.touch()
+    assert ray.get(ref, timeout=60) == 1
+    assert dict(workflow.list_all({workflow.SUCCESSFUL}))[actor_id] == workflow.SUCCESSFUL

@@ -105,6 +105,11 @@ class Actors:
         await self.storage.put_if_absent(actor_class_key(actor_id), record)
         await self._get(actor_id)
 
+    async def running(self) -> dict[str, bool]:
+        """Every actor of the storage, and whether a writer call runs (here) now."""
+        ids = {k.split("/")[1] for k in await self.storage.list("actors/") if k.endswith("/class")}
+        return {i: (a := self._actors.get(i)) is not None and a.lock.locked() for i in ids}
+
     async def class_of(self, actor_id: str) -> bytes:
         return (await self._get(actor_id)).cls_bytes
 

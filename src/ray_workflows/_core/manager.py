@@ -341,7 +341,15 @@ class WorkflowManager:
         self, statuses: set[WorkflowStatus] | None
     ) -> list[tuple[str, WorkflowStatus]]:
         await self._recovered()
-        return await self.engine.list_all(statuses)
+        found = await self.engine.list_all(statuses)
+        # Virtual actors are listed as Ray 1.x listed them, each as a workflow whose id
+        # is the actor's: RUNNING while a writer call runs, SUCCESSFUL otherwise.
+        known = {wid for wid, _ in found}
+        for actor_id, busy in sorted((await self.actors.running()).items()):
+            status = WorkflowStatus.RUNNING if busy else WorkflowStatus.SUCCESSFUL
+            if actor_id not in known and (statuses is None or status in statuses):
+                found.append((actor_id, status))
+        return found
 
     async def get_metadata(self, workflow_id: str, task_id: str | None) -> dict[str, Any]:
         return await self.engine.metadata(workflow_id, task_id)
