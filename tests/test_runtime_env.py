@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import shutil
 import uuid
@@ -62,6 +61,41 @@ def test_get_metadata_shows_the_recorded_runtime_env(storage: str, wid: str) -> 
     assert Path(storage, "packages", f"{digest}.zip").read_bytes() == data
 
 
+@ray.remote
+def fail_first(name: str, marker: str) -> str:
+    import importlib
+
+    version: str = importlib.import_module(name).VERSION
+    if not os.path.exists(marker):
+        Path(marker).touch()
+        raise RuntimeError("first attempt")
+    return version
+
+
+def test_a_resume_puts_a_lost_package_back_from_storage(
+    storage: str, wid: str, tmp_path: Path
+) -> None:
+    module = f"rwf_pkg_{uuid.uuid4().hex[:8]}"
+    uri, data = _package(module, "v1")
+    internal_kv._internal_kv_put(uri, data)
+    task = fail_first.options(runtime_env={"py_modules": [uri]}, **workflow.options(max_retries=0))
+    with pytest.raises(workflow.WorkflowExecutionError):
+        workflow.run(task.bind(module, str(tmp_path / "failed")), workflow_id=wid)
+    kept = Path(storage, "packages", f"{hashlib.sha256(data).hexdigest()}.zip")
+    assert kept.read_bytes() == data
+
+    # The package leaves the cluster (as it does with the cluster) and the storage.
+    internal_kv._internal_kv_del(uri)
+    kept.unlink()
+    with pytest.raises(workflow.exceptions.WorkflowNotResumableError, match=uri):
+        workflow.resume(wid)
+    assert not internal_kv._internal_kv_exists(uri)
+
+    kept.write_bytes(data)  # only the storage has it: enough
+    assert workflow.resume(wid) == "v1"
+    assert internal_kv._internal_kv_get(uri) == data
+
+
 def test_pip_is_recorded_and_shown_as_given(storage: str) -> None:
     # Not run: this machine cannot install packages. What a new cluster would install
     # is what the record says, as given (pin versions to get the same code).
@@ -88,6 +122,7 @@ def test_a_bad_runtime_env_setting_names_the_choices(monkeypatch: pytest.MonkeyP
 
 
 # -- a new cluster ------------------------------------------------------------------
+MODES = ("recorded", "current")
 GATE = 1  # step 0 finishes on the first cluster, step 1 is in flight when it dies
 STEPS = 3
 
@@ -100,7 +135,7 @@ def step(x, i, runs, go):
     import shipped
 
     record(runs, f"seen{{i}}", module=shipped.VERSION, job=os.environ.get("RWF_JOB_VAR"),
-           task=os.environ.get("RWF_TASK_VAR"))
+           task=os.environ.get("RWF_TASK_VAR"), time=time.time())
     if i == GATE:
         wait_file(go)
     return x + 1
@@ -124,10 +159,13 @@ def _code(directory: Path, version: str) -> Path:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_resumed_workflow_runs_with_its_recorded_env_on_a_new_cluster(tmp_path: Path) -> None:
-    storage, runs, go = tmp_path / "storage", tmp_path / "runs", tmp_path / "go"
-    runs.mkdir()
+    # Two workflows, each on a storage of its own (so a manager of its own): resumed
+    # with the recorded environment (the default), and with the cluster's ("current").
+    cases = {mode: (tmp_path / mode / "storage", tmp_path / mode / "runs") for mode in MODES}
+    for _, runs in cases.values():
+        runs.mkdir(parents=True)
+    go, wid = tmp_path / "go", "runtime-env"
     first_code = _code(tmp_path / "code-v1", "v1")
-    wid = "runtime-env"
     old, new = Cluster("old"), Cluster("new")
     try:
         old.start_head(num_cpus=2)
@@ -138,9 +176,10 @@ def test_a_resumed_workflow_runs_with_its_recorded_env_on_a_new_cluster(tmp_path
             f"""
             ray.init(address=ADDRESS, log_to_driver=False, runtime_env={{
                 "working_dir": {str(first_code)!r}, "env_vars": {{"RWF_JOB_VAR": "job"}}}})
-            workflow.init(storage={str(storage)!r})
-            workflow.run_async(chain({str(runs)!r}, {str(go)!r}), workflow_id={wid!r})
-            wait_started({str(runs)!r}, f"seen{{GATE}}")
+            for storage, runs in {[(str(s), str(r)) for s, r in cases.values()]!r}:
+                workflow.init(storage=storage)
+                workflow.run_async(chain(runs, {str(go)!r}), workflow_id={wid!r})
+                wait_started(runs, f"seen{{GATE}}")
             emit(started=True)
             """,
         )
@@ -159,33 +198,43 @@ def test_a_resumed_workflow_runs_with_its_recorded_env_on_a_new_cluster(tmp_path
             f"""
             ray.init(address=ADDRESS, log_to_driver=False, runtime_env={{
                 "working_dir": {str(later_code)!r}}})
-            workflow.init(storage={str(storage)!r})
-            # The manager resumes it (once the dead cluster's lease has expired).
-            deadline = time.monotonic() + 240
-            while workflow.get_status({wid!r}).value not in ("SUCCESSFUL", "FAILED"):
-                assert time.monotonic() < deadline, "not done after 240 s"
-                time.sleep(0.2)
-            meta = workflow.get_metadata({wid!r})
-            emit(status=meta["status"], error=meta.get("error"), env=meta.get("runtime_env"),
-                 output=workflow.get_output({wid!r}) if meta["status"] == "SUCCESSFUL" else None)
+            results = {{}}
+            for mode, storage in {[(m, str(s)) for m, (s, _) in cases.items()]!r}:
+                # Its manager resumes it (once the dead cluster's lease has expired).
+                workflow.init(storage=storage, runtime_env=mode)
+                deadline = time.monotonic() + 240
+                while workflow.get_status({wid!r}).value not in ("SUCCESSFUL", "FAILED"):
+                    assert time.monotonic() < deadline, "not done after 240 s"
+                    time.sleep(0.2)
+                meta = workflow.get_metadata({wid!r})
+                output = workflow.get_output({wid!r}) if meta["status"] == "SUCCESSFUL" else None
+                results[mode] = dict(status=meta["status"], error=meta.get("error"),
+                                     env=meta.get("runtime_env"), output=output)
+            emit(**results)
             """,
         )
         result = new.run(resume, timeout=420)
     finally:
         old.shutdown()
         new.shutdown()
-    assert result["status"] == "SUCCESSFUL", result
-    assert result["output"] == STEPS, result
-    seen = {i: runs_of(runs, f"seen{i}") for i in range(STEPS)}
-    # Step 0 ran once, on the first cluster; step 1 there and again on the new one.
-    assert [len(seen[i]) for i in range(STEPS)] == [1, 2, 1], seen
-    for i, records in seen.items():
-        for found in records:
-            # The recorded module, job variable and task variable, never the new job's.
+    for mode, (storage, runs) in cases.items():
+        assert result[mode]["status"] == "SUCCESSFUL", result
+        assert result[mode]["output"] == STEPS, result
+        seen = {i: runs_of(runs, f"seen{i}") for i in range(STEPS)}
+        # Step 0 ran once, on the first cluster; step 1 there and again on the new one.
+        assert [len(seen[i]) for i in range(STEPS)] == [1, 2, 1], seen
+        first = [(0, seen[0][0]), (1, min(seen[1], key=lambda r: r["time"]))]
+        again = [(1, max(seen[1], key=lambda r: r["time"])), (2, seen[2][0])]
+        for i, found in first:  # on the first cluster
             assert (found["module"], found["job"], found["task"]) == ("v1", "job", f"t{i}")
-    (uri, digest), *more = result["env"]["packages"].items()
-    assert not more and uri.startswith("gcs://_ray_pkg_"), result
-    assert result["env"]["job"] == {"working_dir": uri, "env_vars": {"RWF_JOB_VAR": "job"}}
-    archive = (storage / "packages" / f"{digest}.zip").read_bytes()
-    assert hashlib.sha256(archive).hexdigest() == digest
-    assert json.loads(json.dumps(result["env"])) == result["env"]
+        for i, found in again:  # resumed on the new cluster
+            if mode == "recorded":  # the recorded module and variables, not the new job's
+                assert (found["module"], found["job"], found["task"]) == ("v1", "job", f"t{i}")
+            else:  # the new job's module; only the task's own option applies
+                assert (found["module"], found["job"], found["task"]) == ("v2", None, f"t{i}")
+        env = result[mode]["env"]  # recorded either way
+        (uri, digest), *more = env["packages"].items()
+        assert not more and uri.startswith("gcs://_ray_pkg_"), result
+        assert env["job"] == {"working_dir": uri, "env_vars": {"RWF_JOB_VAR": "job"}}
+        archive = (storage / "packages" / f"{digest}.zip").read_bytes()
+        assert hashlib.sha256(archive).hexdigest() == digest
