@@ -25,6 +25,7 @@ def init(
     auto_resume: bool | None = None,
     clock: str | None = None,
     retention: datetime.timedelta | float | None = None,
+    runtime_env: str | None = None,
 ) -> None:
     """Choose the storage (a path, ``file://``, ``memory://``, ``s3://...``) and start the
     manager. Optional: the first workflow call initialises with the defaults.
@@ -43,6 +44,9 @@ def init(
     default None, or ``RAY_WORKFLOWS_RETENTION`` in seconds) makes the manager delete
     finished workflows that ended longer ago than that, as ``delete_finished`` does;
     None keeps them until deleted (and leaves a running manager's retention as it is).
+    ``runtime_env`` says which environment tasks run with: ``"recorded"`` (default, or
+    ``RAY_WORKFLOWS_RUNTIME_ENV``), the one recorded when their workflow was submitted,
+    or ``"current"``, the cluster's (see the guide's "Dependencies").
 
     Every other knob (placements, hosting, the lease ttl) comes from its
     ``RAY_WORKFLOWS_*`` environment variable in this process. All are read here once
@@ -58,6 +62,7 @@ def init(
         auto_resume=auto_resume,
         clock=clock,
         retention=retention,
+        runtime_env=runtime_env,
     )
 
 

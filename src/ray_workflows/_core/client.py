@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import ray
 from ray.exceptions import RayTaskError
 
-from ray_workflows._core import bridge, config, host
+from ray_workflows._core import bridge, config, environment, host
 from ray_workflows._core.compiler import compile_dag
 from ray_workflows._core.ids import check_id, new_workflow_id
 from ray_workflows._core.keys import lease_key
@@ -102,7 +102,7 @@ def prepare(
                 "names a task of the workflow that returned it, so it can only be used in "
                 "that workflow's continuations, not in a new workflow."
             )
-    meta = running_meta(plan.output_task_id, check_metadata(metadata))
+    meta = running_meta(plan.output_task_id, check_metadata(metadata), environment.record(plan))
     if not any(spec.arg_refs for spec in plan.tasks.values()):
         encoded = WorkflowStore.encode_plan(plan, meta=meta)
         return Prepared(wid, encoded, meta, config.current().host and host.eligible(plan))
@@ -134,6 +134,8 @@ def start_blocking(prepared: Prepared) -> Any:
     store = WorkflowStore(engine_storage(settings.storage))
     if handle is None or lease is None or not store.storage.blocking_batches:
         return None
+    if not environment.kept(store.storage, prepared.meta.get("runtime_env")):
+        return None  # its packages are stored first, by start()
     wid, plan, meta, _ = prepared
     leased = store.create_started_blocking(wid, plan, meta["status"], lease[:2])
     return None if leased is None else _hand_over(settings, handle, prepared, lease, leased)
@@ -205,6 +207,8 @@ async def start(prepared: Prepared) -> Any:
     wid, plan, meta, _ = prepared
     lease = _caller_lease(settings, prepared)
     if lease is not None:
+        # The packages its runtime_env needs are durable before the workflow is.
+        await environment.keep(_store(settings.storage).storage, meta.get("runtime_env"))
         leased = await _store(settings.storage).create_started(wid, plan, meta["status"], lease[:2])
         if leased is not None:
             return _hand_over(settings, handle, prepared, lease, leased)

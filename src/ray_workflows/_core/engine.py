@@ -20,6 +20,7 @@ import dataclasses
 import time
 from typing import Any
 
+from ray_workflows._core import environment
 from ray_workflows._core.admission import EXEMPT, Admission
 from ray_workflows._core.drive import RunDriver
 from ray_workflows._core.executor import Executor
@@ -154,11 +155,12 @@ class Engine:
             if workflow_id in self.runs:
                 log.info("workflow.already_running", workflow_id=workflow_id)
                 return self._finished[workflow_id]
-            meta = running_meta(plan.output_task_id, check_metadata(metadata))
+            meta = running_meta(plan.output_task_id, check_metadata(metadata), plan.environment)
             if exempt:
                 meta[EXEMPT] = True
             else:
                 self.admission.check(workflow_id)
+            await environment.keep(self.storage, plan.environment)  # before the plan
             stored = plan
             if any(spec.arg_refs for spec in plan.tasks.values()):
                 stored = await self._checkpoint_args(workflow_id, plan)
@@ -231,6 +233,7 @@ class Engine:
         run = WorkflowRun(
             workflow_id, self.store, self.executor, plan.output_task_id, IdAllocator(plan.counters)
         )
+        run.graph.dress = environment.dresser(plan, self.executor.settings.runtime_env)
         run.add_plan(plan)
         log.info("workflow.started", workflow_id=workflow_id, tasks=len(plan.tasks))
         return run
@@ -315,6 +318,9 @@ class Engine:
             if meta["status"] in (WorkflowStatus.SUCCESSFUL.value, WorkflowStatus.CANCELED.value):
                 await self.leases.release(lease)
                 return await self._resume(workflow_id, existing_ok=existing_ok)
+            await environment.restore(
+                self.storage, workflow_id, plan, self.executor.settings.runtime_env
+            )
             run = await self.recovery.rebuild(workflow_id, plan, lease.epoch)
         except BaseException:
             await self.leases.release(lease)

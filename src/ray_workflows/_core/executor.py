@@ -210,7 +210,7 @@ class Executor:
         # The Ray task is named after the user's function, so the dashboard, `ray list
         # tasks` and worker log prefixes show what runs (the task id is in the logs).
         try:
-            key: Any = (id(execute), name, *sorted(ray_options.items()), *extra.items())
+            key: Any = (id(execute), name, *sorted(_frozen(ray_options)), *extra.items())
             remote = self._remotes.get(key)
         except TypeError:  # an unhashable option value
             key, remote = None, None
@@ -280,6 +280,15 @@ class Executor:
         if writes:
             await self.storage.put_many(writes)
         return list(keys)
+
+
+def _frozen(value: Any) -> Any:
+    """``value`` with its dicts and lists made hashable (a runtime_env is a dict)."""
+    if type(value) is dict:
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    if type(value) is list:
+        return ("list", *map(_frozen, value))
+    return value
 
 
 def _arguments(subs: list[Submission]) -> tuple[tuple[Unit, ...], bytes, list[Any]]:

@@ -52,10 +52,15 @@ class TaskGraph:
         self.roots: set[str] = set()  # roots of the chains still running
         self.waits: dict[str, tuple[int, float | None]] = {}  # wait task -> its limits
         self._waiters: dict[str, list[asyncio.Future[Any]]] = collections.defaultdict(list)
+        # What every task added is given first: the recorded runtime_env, merged into
+        # its Ray options (ray_workflows._core.environment.Dresser), else nothing.
+        self.dress: Callable[[TaskSpec], TaskSpec] | None = None
 
     # -- building ------------------------------------------------------------------
     def add(self, spec: TaskSpec) -> bool:
         """Add a task; return whether it can be submitted now."""
+        if self.dress is not None:
+            spec = self.dress(spec)
         tid = spec.task_id
         self.specs[tid] = spec
         pending = {u for u in spec.upstream if u not in self.done}

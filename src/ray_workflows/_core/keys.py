@@ -36,6 +36,9 @@ Layout (all keys relative to the storage URI)::
     actors/<id>/ids/<call>                the seq of a call id (a replayed call runs once)
     actors/<id>/results/<seq>             the call's result, written before the state
     actors/<id>/objects/<sha256>          checkpointed ObjectRef values of a pickled state
+    packages/<sha256>.zip                 a runtime_env code package (working_dir, py_modules)
+                                          its workflows recorded, named after its content
+                                          (environment.py); shared, never deleted
     managers/<lineage>probe               a token a manager wrote, which a caller reads back
                                           to learn that it sees the same storage
 
@@ -232,6 +235,14 @@ def actor_result_key(actor_id: str, seq: int) -> str:
 # -- managers ----------------------------------------------------------------------
 
 
+PACKAGES_PREFIX = "packages/"
+
+
+def package_key(digest: str) -> str:
+    """Where a runtime_env package whose SHA-256 is ``digest`` is kept."""
+    return check_key(f"{PACKAGES_PREFIX}{digest}.zip")
+
+
 def manager_probe_key(lineage: str) -> str:
     """One key per cluster and manager: each incarnation Ray restarts overwrites its
     predecessor's (another cluster sharing the storage has its own lineage)."""
@@ -241,6 +252,7 @@ def manager_probe_key(lineage: str) -> str:
 __all__ = [
     "CANCELS_PREFIX",
     "IDS",
+    "PACKAGES_PREFIX",
     "STATUS_PREFIX",
     "actor_call_key",
     "actor_call_seq",
@@ -264,6 +276,7 @@ __all__ = [
     "meta_key",
     "objects_prefix",
     "pack_ref",
+    "package_key",
     "parse_status_key",
     "parse_task_key",
     "plan_key",

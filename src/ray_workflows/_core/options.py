@@ -193,6 +193,12 @@ class TaskOptions:
         plain = {k: v for k, v in ray_options.items() if k not in _ENGINE_RAY_OPTIONS}
         if labels:
             plain["_labels"] = labels
+        if isinstance(plain.get("runtime_env"), dict):
+            # Ray's RuntimeEnv (a dict subclass) as a plain dict: it is recorded with the
+            # workflow and shown by get_metadata (see ray_workflows._core.environment).
+            # Ray's own keys ("_ray_commit") describe the Ray that built the DAG only.
+            env = _plain(plain["runtime_env"])
+            plain["runtime_env"] = {k: v for k, v in env.items() if not k.startswith("_")}
         if ray_options.get("num_returns", 1) not in (1, None):
             raise ValueError("A workflow task can only have one return value (num_returns=1).")
         max_retries = wf.get("max_retries", ray_options.get("max_retries", 3))
@@ -227,6 +233,14 @@ class TaskOptions:
         data["ray_options"] = {k: _json_safe(v) for k, v in self.ray_options.items()}
         data.pop("metadata")
         return data
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _json_safe(value: Any) -> Any:

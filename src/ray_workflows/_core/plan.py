@@ -95,6 +95,9 @@ class Plan:
     output_task_id: str
     functions: dict[str, bytes]
     counters: dict[str, int] = dataclasses.field(default_factory=dict)  # id allocator state
+    # The runtime_env recorded at submission (ray_workflows._core.environment); only
+    # the entry plan has one.
+    environment: dict[str, Any] | None = None
 
     def renamed(self, allocator: IdAllocator, creator: str) -> Plan:
         """The same plan with ids from the workflow's allocator (continuations are

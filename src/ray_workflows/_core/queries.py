@@ -184,6 +184,8 @@ class Queries:
             }
             if "error" in meta:
                 result["error"] = meta["error"]
+            if "runtime_env" in meta:  # recorded at submission (environment.py)
+                result["runtime_env"] = meta["runtime_env"]
             return result
         return await self._task_metadata(workflow_id, task_id)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ray_workflows._core import serialization
+from ray_workflows._core.environment import dresser
 from ray_workflows._core.ids import IdAllocator
 from ray_workflows._core.log import get_logger
 from ray_workflows._core.plan import Plan, TaskSpec
@@ -47,6 +48,7 @@ class Recovery:
             workflow_id, self.store, self.executor, plan.output_task_id, IdAllocator(counters)
         )
         run.epoch = epoch
+        run.graph.dress = dresser(plan, self.executor.settings.runtime_env)
         specs: dict[str, TaskSpec] = dict(plan.tasks)
         functions = dict(plan.functions)
         needed: dict[str, TaskSpec] = {}

@@ -35,6 +35,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from ray_workflows._core.environment import MODES, RECORDED
 from ray_workflows._core.lease import DEFAULT_TTL, lease_ttl
 from ray_workflows._core.signing import SigningKey, parse_key
 from ray_workflows.exceptions import UnknownStorageError
@@ -91,6 +92,10 @@ class Settings:
     #: Sign every record written and verify every record read with this secret
     #: (:mod:`ray_workflows._core.signing`); ``None``: records are not signed. Never shown.
     signing_key: SigningKey | None = dataclasses.field(default=None, repr=False)
+    #: Which runtime_env tasks run with: ``recorded`` (the one recorded when their
+    #: workflow was submitted) or ``current`` (the cluster's; see
+    #: :mod:`ray_workflows._core.environment`).
+    runtime_env: str = RECORDED
 
 
 def _flag(name: str, value: Any) -> bool:
@@ -152,6 +157,15 @@ def _limit(name: str, value: Any, low: int) -> int:
     return value
 
 
+def _runtime_env(name: str, value: Any) -> str:
+    if value not in MODES:
+        raise ValueError(
+            f"{name} must be one of {', '.join(map(repr, MODES))}, got {value!r}: "
+            + "; ".join(f"{mode!r}: {what}" for mode, what in MODES.items())
+        )
+    return str(value)
+
+
 #: The knobs read from the environment: field -> (variable, parser).
 ENV: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "auto_resume": ("RAY_WORKFLOWS_AUTO_RESUME", _flag),
@@ -165,6 +179,7 @@ ENV: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "retention": ("RAY_WORKFLOWS_RETENTION", duration),
     "mailbox_limit": ("RAY_WORKFLOWS_MAILBOX_LIMIT", _count),
     "signing_key": (ENV_SIGNING_KEY, parse_key),
+    "runtime_env": ("RAY_WORKFLOWS_RUNTIME_ENV", _runtime_env),
 }
 
 

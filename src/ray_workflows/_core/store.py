@@ -71,14 +71,20 @@ from ray_workflows._core.status_index import STORED_STATUSES, read_index
 from ray_workflows.storage import Storage
 
 
-def running_meta(output_task_id: str, user_metadata: dict[str, Any]) -> dict[str, Any]:
-    """``meta.json`` of a workflow that starts now."""
-    return {
+def running_meta(
+    output_task_id: str, user_metadata: dict[str, Any], runtime_env: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``meta.json`` of a workflow that starts now (with the runtime_env recorded for
+    it, if there is one: see ray_workflows._core.environment)."""
+    meta = {
         "status": WorkflowStatus.RUNNING.value,
         "user_metadata": user_metadata,
         "output_task_id": output_task_id,
         "start_time": time.time(),
     }
+    if runtime_env is not None:
+        meta["runtime_env"] = runtime_env
+    return meta
 
 
 def _started_records(
