@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import pickle
 import uuid
 from collections.abc import Awaitable, Callable
@@ -55,11 +54,13 @@ from ray_workflows._core.keys import (
     actor_result_key,
     actor_run_key,
     actor_state_key,
+    actor_step_call_id,
+    actor_sub_workflow_id,
 )
 from ray_workflows._core.log import get_logger
 from ray_workflows._core.plan import Plan
 from ray_workflows._core.signing import ref_of
-from ray_workflows.exceptions import WorkflowNotFoundError
+from ray_workflows.exceptions import WorkflowError, WorkflowNotFoundError
 from ray_workflows.storage import Storage
 
 log = get_logger()
@@ -131,9 +132,10 @@ class Actors:
         (``self.m.step``), whose task id is ``call_id``: see :meth:`_step_call`."""
         actor = await self._get(actor_id)
         if readonly:
-            _, outcome, plan = await self._run(
-                actor_id, actor, actor.state, method, call, ray_options
-            )
+            # The last committed state, which another manager sharing the storage may
+            # have written (the cache is changed only under the lock, by writers).
+            state = await self.storage.get(actor_state_key(actor_id)) or actor.state
+            _, outcome, plan = await self._run(actor_id, actor, state, method, call, ray_options)
             if plan is not None:
                 # A readonly call is not logged, so a sub-workflow it started could not be
                 # found again after a crash (and its steps could change the state twice).
@@ -153,11 +155,17 @@ class Actors:
                 call_id, known = await self._step_call(actor_id, step, run, call_id)
             else:
                 known = await self.storage.get(actor_id_key(actor_id, call_id))
-            if known is None:
+            record = pickle.dumps((call_id, method, call, ray_options), protocol=5)
+            while known is None:
                 seq = actor.seq + 1
-                record = pickle.dumps((call_id, method, call, ray_options), protocol=5)
-                await self._log_call(actor_id, seq, call_id, record)
-                outcome = await self._apply(actor_id, actor, seq, method, call, ray_options)
+                if await self._log_call(actor_id, seq, call_id, record):
+                    outcome = await self._apply(actor_id, actor, seq, method, call, ray_options)
+                    break
+                # Another manager sharing the storage logged call seq first: commit what
+                # it logged (its calls run here too, at least once, as after a crash),
+                # then take the next seq, unless the call was this one, replayed there.
+                await self._catch_up(actor_id, actor)
+                known = await self.storage.get(actor_id_key(actor_id, call_id))
             else:  # a replay, or a step's call that succeeded before: committed by now
                 result = await self.storage.get(actor_result_key(actor_id, int(known)))
                 assert result is not None, "a logged call is committed before new ones run"
@@ -178,7 +186,7 @@ class Actors:
         committed."""
         k = 0
         while True:
-            call_id = _step_call_id(workflow_id, run, task_id, k)
+            call_id = actor_step_call_id(workflow_id, run, task_id, k)
             seq = await self.storage.get(actor_id_key(actor_id, call_id))
             if seq is None:
                 return call_id, None
@@ -188,17 +196,15 @@ class Actors:
                 return call_id, seq
             k += 1
 
-    async def _log_call(self, actor_id: str, seq: int, call_id: str, record: bytes) -> None:
-        # The call before its id: an id whose call did not land would answer a retry of
-        # that call with the result of whichever call is logged next at the same seq
-        # (or with none). Where batches may land in any order (S3), two writes.
-        index = str(seq).encode()
-        logged = {actor_call_key(actor_id, seq): record, actor_id_key(actor_id, call_id): index}
-        if self.storage.ordered_batches:
-            await self.storage.put_many(logged)
-        else:
-            for key, data in logged.items():
-                await self.storage.put(key, data)
+    async def _log_call(self, actor_id: str, seq: int, call_id: str, record: bytes) -> bool:
+        """Log the call as number ``seq``; False if another manager sharing the storage
+        logged its own call there first (nothing is written then). The call before its
+        id: an id whose call did not land would answer a retry of that call with the
+        result of whichever call is logged next at the same seq (or with none)."""
+        if not await self.storage.put_if_absent(actor_call_key(actor_id, seq), record):
+            return False
+        await self.storage.put(actor_id_key(actor_id, call_id), str(seq).encode())
+        return True
 
     async def _run_of(self, workflow_id: str) -> str:
         """The nonce of the workflow's run, made by the first call that asks. Read each
@@ -251,24 +257,29 @@ class Actors:
             )
         cls_bytes, init, *rest = pickle.loads(record)
         actor = _Actor(cls_bytes, rest[0] if rest else {})
-        stored = await self.storage.get(actor_state_key(actor_id))
-        if stored is None:  # __init__ has not committed: run it (again)
+        if await self.storage.get(actor_state_key(actor_id)) is None:
+            # __init__ has not committed: run it (again)
             captured, outcome, _ = await self._run(actor_id, actor, None, None, init, {})
             await self._resolve(outcome)  # raises what __init__ raised
             assert captured is not None, "an __init__ that returned captured its state"
             await self._commit_state(actor_id, actor, 0, captured)
-        else:
+        await self._catch_up(actor_id, actor)
+        self._actors[actor_id] = actor
+        return actor
+
+    async def _catch_up(self, actor_id: str, actor: _Actor) -> None:
+        """Take the committed state from storage, then commit the writer calls logged
+        after it: those of a manager that stopped, or of one sharing the storage."""
+        stored = await self.storage.get(actor_state_key(actor_id))
+        if stored is not None:
             actor.state, actor.seq = stored, seq_of(stored, actor_id)
-        # Writer calls logged but not committed when the last manager stopped.
         for key in await self.storage.list(actor_calls_prefix(actor_id)):
             seq = actor_call_seq(actor_id, key)
-            if seq > actor.seq:
+            if seq == actor.seq + 1:
                 data = await self.storage.get(key)
                 assert data is not None
                 _, method, call, ray_options = pickle.loads(data)
                 await self._apply(actor_id, actor, seq, method, call, ray_options)
-        self._actors[actor_id] = actor
-        return actor
 
     async def _apply(
         self,
@@ -283,8 +294,12 @@ class Actors:
             actor_id, actor, actor.state, method, call, ray_options
         )
         if plan is not None:  # stored before the call commits; a replay finds it stored
-            outcome = await self._sub_workflow(_sub_workflow_id(actor_id, seq), plan)
-        await self.storage.put(actor_result_key(actor_id, seq), outcome)
+            outcome = await self._sub_workflow(actor_sub_workflow_id(actor_id, seq), plan)
+        # The first result of call seq stands: another manager sharing the storage may
+        # have run the same logged call (each call runs at least once).
+        key = actor_result_key(actor_id, seq)
+        if not await self.storage.put_if_absent(key, outcome):
+            outcome = await self.storage.get(key) or outcome
         await self._commit_state(actor_id, actor, seq, captured)
         log.debug("actor.call_committed", workflow_id=actor_id, seq=seq, method=method)
         return outcome
@@ -300,7 +315,20 @@ class Actors:
             for key, data in captured.objects.items():
                 await self.storage.put_if_absent(key, data)
             record = state_record(seq, captured)
-        await self.storage.put(actor_state_key(actor_id), record)
+        # Against the state this call ran on: if another manager sharing the storage
+        # committed call seq first, its state stands and is taken instead.
+        key = actor_state_key(actor_id)
+        before = actor.state if seq > 0 else None
+        if not await self.storage.compare_and_set(key, before, record):
+            stored = await self.storage.get(key)
+            if stored is None or seq_of(stored, actor_id) < seq:
+                raise WorkflowError(
+                    f"The state of virtual actor {actor_id!r} changed under call {seq} "
+                    "in a way no manager writes: is a second program writing its storage?",
+                    workflow_id=actor_id,
+                )
+            record = stored
+            seq = seq_of(stored, actor_id)
         actor.state, actor.seq = record, seq
 
     async def _run(
@@ -366,23 +394,6 @@ async def _admit(actor: _Actor, caller: str, n: int) -> None:
     done = actor.turns.get((caller, n))
     if done is not None and not done.done():
         done.set_result(None)
-
-
-def _sub_workflow_id(actor_id: str, seq: int) -> str:
-    wid = f"{actor_id}.call-{seq}"
-    if len(wid) > 200 or actor_id.endswith("."):
-        # Too long for a workflow id, or ".." at the seam (no id may hold ".."): the
-        # actor is named by its digest instead.
-        digest = hashlib.sha1(actor_id.encode()).hexdigest()[:16]
-        wid = f"{actor_id[:150].rstrip('.')}.{digest}.call-{seq}"
-    return wid
-
-
-def _step_call_id(workflow_id: str, run: str, task_id: str, k: int) -> str:
-    scoped = f"step:{workflow_id}:{run}:{task_id}:{k}"
-    if len(scoped) > 200:  # a storage key's last part: keep it short enough for a file name
-        scoped = "step:" + hashlib.sha1(scoped.encode()).hexdigest()
-    return scoped
 
 
 __all__ = ["Actors"]

@@ -57,6 +57,8 @@ every other module can use it.
 
 from __future__ import annotations
 
+import hashlib
+
 from ray_workflows.storage import check_key
 
 # -- workflows ---------------------------------------------------------------------
@@ -249,7 +251,29 @@ def manager_probe_key(lineage: str) -> str:
     return f"managers/{lineage}probe"
 
 
+def actor_sub_workflow_id(actor_id: str, seq: int) -> str:
+    """The id of the sub-workflow that writer call ``seq`` of ``actor_id`` started."""
+    wid = f"{actor_id}.call-{seq}"
+    if len(wid) > 200 or actor_id.endswith("."):
+        # Too long for a workflow id, or ".." at the seam (no id may hold ".."): the
+        # actor is named by its digest instead.
+        digest = hashlib.sha1(actor_id.encode()).hexdigest()[:16]
+        wid = f"{actor_id[:150].rstrip('.')}.{digest}.call-{seq}"
+    return wid
+
+
+def actor_step_call_id(workflow_id: str, run: str, task_id: str, k: int) -> str:
+    """The call id of attempt ``k`` of a workflow step's call to a virtual actor (the
+    last part of its ``actors/<id>/ids/<call>`` key)."""
+    scoped = f"step:{workflow_id}:{run}:{task_id}:{k}"
+    if len(scoped) > 200:  # a storage key's last part: keep it short enough for a file name
+        scoped = "step:" + hashlib.sha1(scoped.encode()).hexdigest()
+    return scoped
+
+
 __all__ = [
+    "actor_step_call_id",
+    "actor_sub_workflow_id",
     "CANCELS_PREFIX",
     "IDS",
     "PACKAGES_PREFIX",
