@@ -39,8 +39,7 @@ async def test_two_managers_calling_one_actor_lose_no_update(tmp_path: Path) -> 
 
     async def incr(actors: Actors, n: int) -> list[int]:
         return [
-            await actors.call(actor_id, uuid.uuid4().hex, "incr", call, False, {})
-            for _ in range(n)
+            await actors.call(actor_id, uuid.uuid4().hex, "incr", call, False, {}) for _ in range(n)
         ]
 
     a, b = await asyncio.gather(incr(first, 50), incr(second, 50))
