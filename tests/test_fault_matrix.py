@@ -1,8 +1,9 @@
 """The fault matrix, part one (issue 22): every fault we can cause inside one Ray, each
 against file storage and S3, with many workflows in flight, counted through files.
 
-Every workflow is the same small graph, ``a -> (b, c) -> j -> g -> z``: ``g`` waits for
-a "go" file and ``z`` for a second one, so a fault always hits with ``a b c j``
+Every workflow is the same small graph, ``a -> (b, c) -> j -> g -> z``, and ``z``
+continues as ``zz`` (a continuation to commit): ``g`` waits for a "go" file and ``z``
+for a second one, so a fault always hits with ``a b c j``
 durable (the test waits until their records are in storage) and ``g`` in flight.
 Every task records its start and its end as files. Afterwards each row asserts: every
 workflow SUCCESSFUL with the right output (none lost), and no task that was durable
@@ -42,12 +43,16 @@ pytestmark = [pytest.mark.faultmatrix, pytest.mark.timeout(600)]
 
 WORKFLOWS = 8
 BEFORE = ("a", "b", "c", "j")  # durable when a fault hits
-TASKS = (*BEFORE, "g", "z")
-OUTPUT = 7  # a=1, b=c=2, j=5, g=6, z=7
+TASKS = (*BEFORE, "g", "z", "zz")
+OUTPUT = 8  # a=1, b=c=2, j=5, g=6; z continues as zz(7) = 8
 
 
 @ray.remote
-def task(*inputs: int, name: str, runs: str, gate: str = "", pids: str = "") -> int:
+def task(
+    *inputs: int, name: str, runs: str, gate: str = "", pids: str = "", then: str = ""
+) -> object:
+    """``sum(inputs) + 1``, once ``gate`` exists; with ``then``, continues as task
+    ``then`` of that value (a continuation record to commit)."""
     record_run(runs, f"{name}.start")
     if gate:
         if pids:
@@ -55,6 +60,11 @@ def task(*inputs: int, name: str, runs: str, gate: str = "", pids: str = "") -> 
         while not Path(gate).exists():
             time.sleep(0.02)
     record_run(runs, f"{name}.done")
+    if then:
+        opts = workflow.options(task_id="zz")
+        return workflow.continuation(
+            task.options(num_cpus=0, **opts).bind(sum(inputs) + 1, name=then, runs=runs)
+        )
     return sum(inputs) + 1
 
 
@@ -73,7 +83,7 @@ class Load:
     started: float = dataclasses.field(default_factory=time.monotonic)
 
     def dag(self, wid: str) -> object:
-        def t(tid: str, *inputs: object, gate: Path | None = None) -> object:
+        def t(tid: str, *inputs: object, gate: Path | None = None, then: str = "") -> object:
             # No CPU: eight waiting gates must not starve the session's four CPUs.
             opts = workflow.options(task_id=tid)
             return task.options(num_cpus=0, **opts).bind(
@@ -82,11 +92,12 @@ class Load:
                 runs=str(self.runs),
                 gate=str(gate or ""),
                 pids=str(self.pids) if gate == self.go else "",
+                then=then,
             )
 
         a = t("a")
         j = t("j", t("b", a), t("c", a))
-        return t("z", t("g", j, gate=self.go), gate=self.go2)
+        return t("z", t("g", j, gate=self.go), gate=self.go2, then=f"{wid}.zz")
 
     def start(self) -> None:
         self.refs = [workflow.run_async(self.dag(w), workflow_id=w) for w in self.wids]
@@ -216,6 +227,7 @@ def _fail_then_resume(load: Load, control: Path, rules: dict[str, str]) -> list[
     [
         ("task outputs", r"/tasks/\d+/[gz]\.(pack|out)$"),
         ("workflow status", r"/meta\.json$"),
+        ("continuation records", r"/tasks/\d+/[^/]+\.(cont|latest)$|/ids\.json$"),
     ],
 )
 def test_storage_error_at_commit(
