@@ -33,6 +33,7 @@ from typing import Any
 
 import ray
 
+from ray_workflows._core import cluster_kv
 from ray_workflows._core.keys import package_key
 from ray_workflows._core.log import get_logger
 from ray_workflows._core.options import TaskOptions
@@ -207,25 +208,18 @@ class Dresser:
         return dataclasses.replace(spec, options=found[1])
 
 
-# Ray keeps runtime_env packages in the GCS key/value store, under their URI; its
-# experimental internal_kv module is the one way in from Python.
+# Ray keeps runtime_env packages in the GCS key/value store, under their URI and
+# outside any namespace.
 def _gcs_get(uri: str) -> bytes | None:
-    from ray.experimental import internal_kv
-
-    data = internal_kv._internal_kv_get(uri)
-    return data if isinstance(data, bytes) else None
+    return cluster_kv.read(None, uri.encode())
 
 
 def _gcs_exists(uri: str) -> bool:
-    from ray.experimental import internal_kv
-
-    return bool(internal_kv._internal_kv_exists(uri))
+    return cluster_kv.exists(None, uri.encode())
 
 
 def _gcs_put(uri: str, data: bytes) -> None:
-    from ray.experimental import internal_kv
-
-    internal_kv._internal_kv_put(uri, data, overwrite=False)
+    cluster_kv.create(None, uri.encode(), data)
 
 
 __all__ = [
