@@ -257,20 +257,21 @@ class Actors:
             )
         cls_bytes, init, *rest = pickle.loads(record)
         actor = _Actor(cls_bytes, rest[0] if rest else {})
-        if await self.storage.get(actor_state_key(actor_id)) is None:
-            # __init__ has not committed: run it (again)
+        stored = await self.storage.get(actor_state_key(actor_id))
+        if stored is None:  # __init__ has not committed: run it (again)
             captured, outcome, _ = await self._run(actor_id, actor, None, None, init, {})
             await self._resolve(outcome)  # raises what __init__ raised
             assert captured is not None, "an __init__ that returned captured its state"
             await self._commit_state(actor_id, actor, 0, captured)
-        await self._catch_up(actor_id, actor)
+        await self._catch_up(actor_id, actor, stored or actor.state)
         self._actors[actor_id] = actor
         return actor
 
-    async def _catch_up(self, actor_id: str, actor: _Actor) -> None:
-        """Take the committed state from storage, then commit the writer calls logged
-        after it: those of a manager that stopped, or of one sharing the storage."""
-        stored = await self.storage.get(actor_state_key(actor_id))
+    async def _catch_up(self, actor_id: str, actor: _Actor, stored: bytes | None = None) -> None:
+        """Take the committed state (``stored``, else read), then commit the writer calls
+        logged after it: by a manager that stopped, or by one sharing the storage."""
+        if stored is None:
+            stored = await self.storage.get(actor_state_key(actor_id))
         if stored is not None:
             actor.state, actor.seq = stored, seq_of(stored, actor_id)
         for key in await self.storage.list(actor_calls_prefix(actor_id)):
